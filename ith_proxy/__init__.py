@@ -1,0 +1,3 @@
+"""ith-proxy: an edge DICOM proxy."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,81 @@
+"""The HTTP API: a Bottle app made by ``make_app`` and served by waitress.
+
+Only the public health route lives here for now.  Health is reported by a
+callable the service passes in, which inspects worker threads, the catalog
+and the disk; it never connects to the DICOM port.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from typing import Callable
+
+import bottle
+from waitress.server import create_server
+
+from .config import ApiConfig
+
+log = logging.getLogger("ith_proxy.api")
+
+HealthFn = Callable[[], list[str]]
+
+
+def _json(status: int, body: dict) -> bottle.HTTPResponse:
+    return bottle.HTTPResponse(status=status, body=json.dumps(body),
+                               headers={"Content-Type": "application/json"})
+
+
+def make_app(health: HealthFn) -> bottle.Bottle:
+    app = bottle.Bottle()
+
+    @app.get("/api/health/")
+    def get_health() -> bottle.HTTPResponse:
+        problems = health()
+        if problems:
+            return _json(503, {"status": "degraded", "problems": problems})
+        return _json(200, {"status": "ok"})
+
+    @app.error(404)
+    def not_found(_err: bottle.HTTPError) -> str:
+        bottle.response.content_type = "application/json"
+        return json.dumps({"error": "not found"})
+
+    @app.error(405)
+    def not_allowed(_err: bottle.HTTPError) -> str:
+        bottle.response.content_type = "application/json"
+        return json.dumps({"error": "method not allowed"})
+
+    @app.error(500)
+    def server_error(_err: bottle.HTTPError) -> str:
+        bottle.response.content_type = "application/json"
+        return json.dumps({"error": "internal error"})
+
+    return app
+
+
+class ApiServer:
+    """waitress in a thread, with a clean shutdown."""
+
+    def __init__(self, cfg: ApiConfig, app: bottle.Bottle) -> None:
+        self.server = create_server(app, host=cfg.bind_address, port=cfg.port,
+                                    threads=4, ident="ith-proxy")
+        self._thread = threading.Thread(target=self._serve, name="api-server", daemon=True)
+
+    def _serve(self) -> None:
+        try:
+            self.server.run()
+        except OSError:
+            pass  # closed by stop()
+
+    def start(self) -> None:
+        self._thread.start()
+        log.info("API listening on %s:%s", self.server.effective_host,
+                 self.server.effective_port)
+
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def stop(self) -> None:
+        self.server.close()

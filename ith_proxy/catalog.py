@@ -1,0 +1,281 @@
+"""The catalog: an APSW/SQLite index of the spool.  All SQL lives here.
+
+Connections follow apsw's best practice (WAL, busy timeout, foreign keys).
+Each thread opens its own ``Catalog``; there is no shared connection.
+Schema changes are ``user_version`` steps, one transaction each; a database
+newer than this code is refused.
+
+Only anonymized values are stored here.  The filesystem is the truth:
+``indexer.reindex`` can rebuild every row from ``studies/`` plus the vault.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+import apsw
+
+STATES = ("receiving", "complete", "forwarding", "forwarded", "failed")
+
+_MIGRATIONS: tuple[str, ...] = (
+    # 1: the ingest core
+    """
+    CREATE TABLE patients(
+        pseudo_id TEXT PRIMARY KEY,
+        pseudo_name TEXT NOT NULL,
+        created_at REAL NOT NULL
+    );
+    CREATE TABLE studies(
+        study_uid TEXT PRIMARY KEY,
+        patient_id TEXT NOT NULL REFERENCES patients(pseudo_id),
+        state TEXT NOT NULL DEFAULT 'receiving'
+            CHECK (state IN ('receiving','complete','forwarding','forwarded','failed')),
+        first_received REAL NOT NULL,
+        last_received REAL NOT NULL,
+        completed_at REAL,
+        reopened INTEGER NOT NULL DEFAULT 0,
+        version INTEGER NOT NULL DEFAULT 1,
+        json_version INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE INDEX studies_state ON studies(state, last_received);
+    CREATE TABLE series(
+        series_uid TEXT PRIMARY KEY,
+        study_uid TEXT NOT NULL REFERENCES studies(study_uid) ON DELETE CASCADE,
+        modality TEXT NOT NULL DEFAULT ''
+    );
+    CREATE INDEX series_study ON series(study_uid);
+    CREATE TABLE instances(
+        sop_uid TEXT PRIMARY KEY,
+        series_uid TEXT NOT NULL REFERENCES series(series_uid) ON DELETE CASCADE,
+        study_uid TEXT NOT NULL REFERENCES studies(study_uid) ON DELETE CASCADE,
+        sop_class_uid TEXT NOT NULL,
+        transfer_syntax TEXT NOT NULL,
+        size INTEGER NOT NULL,
+        vault_offset INTEGER,
+        received_at REAL NOT NULL
+    );
+    CREATE INDEX instances_study ON instances(study_uid);
+    CREATE INDEX instances_series ON instances(series_uid);
+    CREATE TABLE study_events(
+        id INTEGER PRIMARY KEY,
+        study_uid TEXT NOT NULL REFERENCES studies(study_uid) ON DELETE CASCADE,
+        ts REAL NOT NULL,
+        event TEXT NOT NULL
+    );
+    CREATE INDEX study_events_study ON study_events(study_uid, ts);
+    """,
+)
+
+
+@dataclass(frozen=True)
+class InstanceRow:
+    """One de-identified instance as the indexer hands it to the catalog."""
+    patient_id: str
+    patient_name: str
+    study_uid: str
+    series_uid: str
+    sop_uid: str
+    sop_class_uid: str
+    modality: str
+    transfer_syntax: str
+    size: int
+    vault_offset: int | None
+    received_at: float
+
+
+def _best_practice(conn: apsw.Connection) -> None:
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=FULL")
+    conn.execute("PRAGMA foreign_keys=ON")
+    conn.setbusytimeout(15000)
+    conn.config(apsw.SQLITE_DBCONFIG_DQS_DML, 0)
+    conn.config(apsw.SQLITE_DBCONFIG_DQS_DDL, 0)
+
+
+class Catalog:
+    def __init__(self, path: Path, readonly: bool = False) -> None:
+        flags = apsw.SQLITE_OPEN_READONLY if readonly else (
+            apsw.SQLITE_OPEN_READWRITE | apsw.SQLITE_OPEN_CREATE)
+        self.path = Path(path)
+        self.conn = apsw.Connection(str(self.path), flags=flags)
+        _best_practice(self.conn)
+        if not readonly:
+            self.migrate()
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def migrate(self) -> None:
+        with self.conn:
+            version = self.conn.execute("PRAGMA user_version").get
+            if version > len(_MIGRATIONS):
+                raise RuntimeError(
+                    f"catalog schema {version} is newer than this code ({len(_MIGRATIONS)})")
+        for step in range(version, len(_MIGRATIONS)):
+            with self.conn:
+                self.conn.execute(_MIGRATIONS[step])
+                self.conn.execute(f"PRAGMA user_version = {step + 1}")
+
+    def schema_version(self) -> int:
+        return self.conn.execute("PRAGMA user_version").get
+
+    def ping(self) -> bool:
+        return self.conn.execute("SELECT 1").get == 1
+
+    # --- indexer ---
+
+    def has_instance(self, sop_uid: str) -> bool:
+        return self.conn.execute(
+            "SELECT 1 FROM instances WHERE sop_uid = ?", (sop_uid,)).get is not None
+
+    def instance_vault_offset(self, sop_uid: str) -> int | None:
+        return self.conn.execute(
+            "SELECT vault_offset FROM instances WHERE sop_uid = ?", (sop_uid,)).get
+
+    def record_instances(self, rows: Iterable[InstanceRow]) -> int:
+        """Upsert a batch in one transaction; return how many were new.
+
+        A new instance in a study that is no longer receiving reopens it.
+        A re-sent instance only refreshes the study's quiet timer.
+        """
+        new = 0
+        with self.conn:
+            for r in rows:
+                c = self.conn
+                c.execute(
+                    "INSERT INTO patients(pseudo_id, pseudo_name, created_at) VALUES (?,?,?) "
+                    "ON CONFLICT(pseudo_id) DO NOTHING",
+                    (r.patient_id, r.patient_name, r.received_at))
+                state = c.execute("SELECT state FROM studies WHERE study_uid = ?",
+                                  (r.study_uid,)).get
+                if state is None:
+                    c.execute(
+                        "INSERT INTO studies(study_uid, patient_id, first_received, last_received)"
+                        " VALUES (?,?,?,?)",
+                        (r.study_uid, r.patient_id, r.received_at, r.received_at))
+                    self._event(r.study_uid, r.received_at, "first-received")
+                c.execute(
+                    "INSERT INTO series(series_uid, study_uid, modality) VALUES (?,?,?) "
+                    "ON CONFLICT(series_uid) DO NOTHING",
+                    (r.series_uid, r.study_uid, r.modality))
+                existed = c.execute("SELECT 1 FROM instances WHERE sop_uid = ?",
+                                    (r.sop_uid,)).get is not None
+                c.execute(
+                    "INSERT INTO instances(sop_uid, series_uid, study_uid, sop_class_uid,"
+                    " transfer_syntax, size, vault_offset, received_at) VALUES (?,?,?,?,?,?,?,?)"
+                    " ON CONFLICT(sop_uid) DO UPDATE SET size = excluded.size,"
+                    " transfer_syntax = excluded.transfer_syntax,"
+                    " vault_offset = COALESCE(excluded.vault_offset, vault_offset)",
+                    (r.sop_uid, r.series_uid, r.study_uid, r.sop_class_uid,
+                     r.transfer_syntax, r.size, r.vault_offset, r.received_at))
+                if not existed:
+                    new += 1
+                if state not in (None, "receiving") and not existed:
+                    c.execute("UPDATE studies SET state = 'receiving', completed_at = NULL,"
+                              " reopened = reopened + 1 WHERE study_uid = ?", (r.study_uid,))
+                    self._event(r.study_uid, r.received_at, "reopened")
+                c.execute("UPDATE studies SET last_received = max(last_received, ?),"
+                          " version = version + 1 WHERE study_uid = ?",
+                          (r.received_at, r.study_uid))
+        return new
+
+    def _event(self, study_uid: str, ts: float, event: str) -> None:
+        self.conn.execute("INSERT INTO study_events(study_uid, ts, event) VALUES (?,?,?)",
+                          (study_uid, ts, event))
+
+    # --- scheduler ---
+
+    def quiet_studies(self, now: float, timeout: float) -> list[str]:
+        return [row[0] for row in self.conn.execute(
+            "SELECT study_uid FROM studies WHERE state = 'receiving' AND last_received <= ?"
+            " ORDER BY last_received", (now - timeout,))]
+
+    def complete_study(self, study_uid: str, now: float, timeout: float) -> bool:
+        """Mark a study complete if it is still receiving and still quiet."""
+        with self.conn:
+            changed = self.conn.execute(
+                "UPDATE studies SET state = 'complete', completed_at = ?, version = version + 1"
+                " WHERE study_uid = ? AND state = 'receiving' AND last_received <= ?"
+                " RETURNING 1", (now, study_uid, now - timeout)).get
+            if changed:
+                self._event(study_uid, now, "complete")
+        return bool(changed)
+
+    def stale_summaries(self) -> list[tuple[str, int]]:
+        return list(self.conn.execute(
+            "SELECT study_uid, version FROM studies WHERE json_version != version"))
+
+    def summary_written(self, study_uid: str, version: int) -> None:
+        with self.conn:
+            self.conn.execute("UPDATE studies SET json_version = ? WHERE study_uid = ?",
+                              (version, study_uid))
+
+    # --- queries ---
+
+    def study(self, study_uid: str) -> dict | None:
+        row = self.conn.execute(
+            "SELECT s.study_uid, s.patient_id, p.pseudo_name, s.state, s.first_received,"
+            " s.last_received, s.completed_at, s.reopened, s.version,"
+            " (SELECT count(*) FROM series WHERE study_uid = s.study_uid),"
+            " (SELECT count(*) FROM instances WHERE study_uid = s.study_uid),"
+            " (SELECT coalesce(sum(size), 0) FROM instances WHERE study_uid = s.study_uid),"
+            " (SELECT group_concat(DISTINCT modality) FROM"
+            "   (SELECT modality FROM series WHERE study_uid = s.study_uid ORDER BY modality))"
+            " FROM studies s JOIN patients p ON p.pseudo_id = s.patient_id"
+            " WHERE s.study_uid = ?", (study_uid,)).fetchone()
+        if row is None:
+            return None
+        keys = ("study_instance_uid", "patient_id", "patient_name", "state", "first_received",
+                "last_received", "completed_at", "reopened", "version", "series_count",
+                "instance_count", "bytes", "modalities")
+        out = dict(zip(keys, row))
+        out["modalities"] = [m for m in (out["modalities"] or "").split(",") if m]
+        out["events"] = [{"ts": ts, "event": ev} for ts, ev in self.conn.execute(
+            "SELECT ts, event FROM study_events WHERE study_uid = ? ORDER BY ts, id",
+            (study_uid,))]
+        return out
+
+    def study_uids(self) -> list[str]:
+        return [r[0] for r in self.conn.execute("SELECT study_uid FROM studies ORDER BY 1")]
+
+    def instance_vault_offsets(self, study_uid: str) -> list[int]:
+        return [r[0] for r in self.conn.execute(
+            "SELECT vault_offset FROM instances WHERE study_uid = ? AND vault_offset IS NOT NULL"
+            " ORDER BY received_at", (study_uid,))]
+
+    def counts(self) -> dict:
+        c = self.conn
+        by_state = dict(c.execute("SELECT state, count(*) FROM studies GROUP BY state"))
+        return {
+            "patients": c.execute("SELECT count(*) FROM patients").get,
+            "studies": c.execute("SELECT count(*) FROM studies").get,
+            "series": c.execute("SELECT count(*) FROM series").get,
+            "instances": c.execute("SELECT count(*) FROM instances").get,
+            "bytes": c.execute("SELECT coalesce(sum(size), 0) FROM instances").get,
+            "studies_by_state": {s: by_state.get(s, 0) for s in STATES},
+        }
+
+    # --- reindex ---
+
+    def clear(self) -> None:
+        """Drop every row (reindex rebuilds them from the spool)."""
+        with self.conn:
+            for table in ("study_events", "instances", "series", "studies", "patients"):
+                self.conn.execute(f"DELETE FROM {table}")
+
+    def restore_study_timeline(self, study_uid: str, state: str, first: float, last: float,
+                               completed: float | None, reopened: int,
+                               events: list[tuple[float, str]]) -> None:
+        """Put back the timeline a study.json recorded (reindex)."""
+        if state not in STATES:
+            state = "receiving"
+        with self.conn:
+            self.conn.execute(
+                "UPDATE studies SET state = ?, first_received = ?, last_received = ?,"
+                " completed_at = ?, reopened = ?, version = version + 1 WHERE study_uid = ?",
+                (state, first, last, completed, reopened, study_uid))
+            self.conn.execute("DELETE FROM study_events WHERE study_uid = ?", (study_uid,))
+            for ts, ev in events:
+                self._event(study_uid, ts, ev)

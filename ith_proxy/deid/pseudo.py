@@ -1,0 +1,44 @@
+"""Keyed pseudonyms and UID remapping: HMAC-SHA256 under the site secret.
+
+The same input always gives the same output, across instances, studies and
+restarts, so every instance of a study (and every study of a patient) stays
+consistent without any lookup table.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+
+STANDARD_UID_ROOT = "1.2.840.10008."
+
+
+def _digest(secret: bytes, domain: str, value: str) -> bytes:
+    return hmac.new(secret, f"{domain}\x00{value}".encode("utf-8"), hashlib.sha256).digest()
+
+
+def remap_uid(secret: bytes, uid: str) -> str:
+    """A ``2.25.`` UID derived from 128 bits of HMAC; standard UIDs are kept."""
+    uid = uid.strip().rstrip("\x00")
+    if not uid or uid.startswith(STANDARD_UID_ROOT):
+        return uid
+    return "2.25." + str(int.from_bytes(_digest(secret, "uid", uid)[:16], "big"))
+
+
+def patient_pseudonym(secret: bytes, patient_key: str) -> str:
+    """A stable, opaque patient ID such as ``ITH-5MZQ4X7K2B3D``."""
+    code = base64.b32encode(_digest(secret, "patient", patient_key)[:10]).decode()
+    return "ITH-" + code[:12]
+
+
+def patient_key(patient_id: str, patient_name: str, birth_date: str) -> str:
+    """What identifies a patient for pseudonym purposes.
+
+    PatientID when present; otherwise name plus birth date, so a patient
+    without an ID still maps to one pseudonym.
+    """
+    patient_id = patient_id.strip()
+    if patient_id:
+        return "id:" + patient_id
+    return "name:" + patient_name.strip().upper() + "|" + birth_date.strip()

@@ -1,0 +1,137 @@
+"""Read a DICOM file's header without its pixels, and write a new header
+followed by the original pixel bytes, streamed and byte-identical.
+
+Pixel Data (and Float/Double Float Pixel Data) is never loaded: the reader
+notes where the element starts and ends, and the writer copies that byte
+range in chunks.  Elements after the pixel data (rare: padding, signatures)
+are parsed as a small trailing dataset so they can be de-identified too.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from io import BytesIO
+from pathlib import Path
+from typing import BinaryIO
+
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.filebase import DicomFileLike
+from pydicom.filereader import read_dataset
+from pydicom.filewriter import write_dataset
+
+CHUNK = 1 << 20
+_LONG_VRS = {b"OB", b"OW", b"OF", b"OD", b"OL", b"OV", b"SQ", b"UC", b"UN", b"UR", b"UT", b"SV", b"UV"}
+DEFLATED = {"1.2.840.10008.1.2.1.99", "1.2.840.10008.1.2.4.95"}
+
+
+class DicomFileError(ValueError):
+    """The file is not a DICOM Part 10 file this proxy can process."""
+
+
+@dataclass
+class SplitFile:
+    path: Path
+    header: Dataset              # everything before the pixel data, with file_meta
+    pixel_start: int             # byte offset of the pixel data element (== size if none)
+    pixel_end: int               # byte offset just past it
+    trailer: Dataset | None      # elements after the pixel data, if any
+    size: int
+
+    @property
+    def transfer_syntax(self) -> str:
+        return str(self.header.file_meta.TransferSyntaxUID)
+
+
+def _element_end(fh: BinaryIO, start: int, implicit: bool, little: bool) -> int:
+    """Offset just past the (pixel data) element starting at ``start``."""
+    e = "<" if little else ">"
+    fh.seek(start)
+    head = fh.read(8)
+    if len(head) < 8:
+        raise DicomFileError("truncated pixel data element")
+    if implicit:
+        length = struct.unpack(e + "L", head[4:8])[0]
+        pos = start + 8
+    elif head[4:6] in _LONG_VRS:
+        extra = fh.read(4)
+        if len(extra) < 4:
+            raise DicomFileError("truncated pixel data element")
+        length = struct.unpack(e + "L", extra)[0]
+        pos = start + 12
+    else:
+        length = struct.unpack(e + "H", head[6:8])[0]
+        pos = start + 8
+    if length != 0xFFFFFFFF:
+        return pos + length
+    while True:  # encapsulated: items until the sequence delimiter
+        fh.seek(pos)
+        item = fh.read(8)
+        if len(item) < 8:
+            raise DicomFileError("encapsulated pixel data has no sequence delimiter")
+        group, elem, ilen = struct.unpack(e + "HHL", item)
+        pos += 8
+        if (group, elem) == (0xFFFE, 0xE0DD):
+            return pos
+        if (group, elem) != (0xFFFE, 0xE000) or ilen == 0xFFFFFFFF:
+            raise DicomFileError("malformed encapsulated pixel data")
+        pos += ilen
+
+
+def read_split(path: Path) -> SplitFile:
+    """Parse the header only; locate the pixel data byte range."""
+    path = Path(path)
+    with open(path, "rb") as fh:
+        size = fh.seek(0, 2)
+        fh.seek(0)
+        try:
+            header = pydicom.dcmread(fh, stop_before_pixels=True)
+        except Exception as exc:  # pydicom raises many types on garbage
+            raise DicomFileError(f"unreadable DICOM: {type(exc).__name__}") from None
+        meta = getattr(header, "file_meta", None)
+        if meta is None or "TransferSyntaxUID" not in meta:
+            raise DicomFileError("no file meta / transfer syntax")
+        ts = meta.TransferSyntaxUID
+        if str(ts) in DEFLATED:
+            raise DicomFileError("deflated transfer syntax is not supported")
+        start = fh.tell()
+        if start >= size:
+            return SplitFile(path, header, size, size, None, size)
+        implicit, little = ts.is_implicit_VR, ts.is_little_endian
+        end = _element_end(fh, start, implicit, little)
+        if end > size:
+            raise DicomFileError("pixel data is truncated")
+        trailer = None
+        if end < size:
+            fh.seek(end)
+            try:
+                trailer = read_dataset(fh, implicit, little, size - end)
+            except Exception as exc:
+                raise DicomFileError(f"unreadable elements after pixel data: "
+                                     f"{type(exc).__name__}") from None
+    return SplitFile(path, header, start, end, trailer, size)
+
+
+def write_joined(out: BinaryIO, split: SplitFile) -> None:
+    """Write split.header (as it is now), the original pixel bytes, the trailer."""
+    buf = BytesIO()
+    split.header.preamble = b"\x00" * 128
+    pydicom.dcmwrite(buf, split.header, enforce_file_format=True)
+    out.write(buf.getbuffer())
+    with open(split.path, "rb") as src:
+        src.seek(split.pixel_start)
+        remaining = split.pixel_end - split.pixel_start
+        while remaining > 0:
+            chunk = src.read(min(CHUNK, remaining))
+            if not chunk:
+                raise DicomFileError("source shrank while copying pixel data")
+            out.write(chunk)
+            remaining -= len(chunk)
+    if split.trailer is not None and len(split.trailer):
+        ts = split.header.file_meta.TransferSyntaxUID
+        tail = DicomFileLike(BytesIO())
+        tail.is_little_endian = ts.is_little_endian
+        tail.is_implicit_VR = ts.is_implicit_VR
+        write_dataset(tail, split.trailer)
+        out.write(tail.parent.getvalue())

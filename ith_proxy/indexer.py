@@ -1,0 +1,225 @@
+"""The indexer: incoming/ -> de-identify -> vault -> studies/ -> catalog.
+
+For each raw file in ``incoming/``: parse the header, de-identify it, append
+the original values to the vault, write the de-identified file under its new
+UIDs (pixel bytes streamed unchanged), and record it in the catalog.  Only
+when a whole batch is durable (vault fsynced, files fsynced, catalog
+committed) are the raw files deleted.  A crash at any point leaves the raw
+file in ``incoming/``; re-processing it produces the same names and the same
+rows, so nothing is lost and nothing is duplicated.
+
+Input that cannot be processed goes to ``quarantine/<reason>/``.  An I/O
+error leaves the file where it is for the next pass.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from pathlib import Path
+
+from watchdog.events import FileSystemEvent, FileSystemEventHandler
+from watchdog.observers import Observer
+
+from . import dicomfile
+from .catalog import Catalog, InstanceRow
+from .config import Config
+from .deid import Deidentifier
+from .spool import Spool
+from .vault import Vault, VaultRecordError
+
+log = logging.getLogger("ith_proxy.indexer")
+
+_REQUIRED = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
+
+
+class Inconsistent(ValueError):
+    """Parsed, but the dataset contradicts itself or lacks what we need."""
+
+
+def _check(split: dicomfile.SplitFile) -> None:
+    ds = split.header
+    for kw in _REQUIRED:
+        value = str(ds.get(kw, "") or "").strip()
+        if not value or len(value) > 64 or not all(p.isdigit() for p in value.split(".")):
+            raise Inconsistent(f"missing or invalid {kw}")
+    meta = ds.file_meta
+    if str(meta.get("MediaStorageSOPInstanceUID", ds.SOPInstanceUID)) != str(ds.SOPInstanceUID):
+        raise Inconsistent("file meta SOP Instance UID does not match the dataset")
+    if str(meta.get("MediaStorageSOPClassUID", ds.SOPClassUID)) != str(ds.SOPClassUID):
+        raise Inconsistent("file meta SOP Class UID does not match the dataset")
+    if split.pixel_start >= split.size and "PixelData" not in ds:
+        raise Inconsistent("no pixel data")
+
+
+class Indexer:
+    def __init__(self, cfg: Config, spool: Spool, catalog: Catalog, vault: Vault,
+                 secret: bytes, clock=time.time) -> None:
+        self.cfg = cfg
+        self.spool = spool
+        self.catalog = catalog
+        self.vault = vault
+        self.deid = Deidentifier(secret)
+        self.anonymize = cfg.deid.anonymize
+        self.clock = clock
+        self.wake = threading.Event()
+        self.processed = 0
+        self.quarantined = 0
+
+    # --- one pass ---
+
+    def run_once(self) -> int:
+        """Process up to one batch of incoming files; return how many were handled."""
+        names = self.spool.incoming_names()[: self.cfg.indexer.batch_size]
+        if not names:
+            return 0
+        rows: list[InstanceRow] = []
+        done: list[str] = []
+        quarantined = 0
+        for name in names:
+            try:
+                row = self._process(name)
+            except (dicomfile.DicomFileError, Inconsistent) as exc:
+                reason = "unparseable" if isinstance(exc, dicomfile.DicomFileError) else "inconsistent"
+                quarantined += self._quarantine(name, reason, str(exc))
+                continue
+            except FileNotFoundError:
+                continue  # already handled by an earlier pass
+            except OSError as exc:
+                log.error("I/O error on incoming file %s: %s; will retry", name, exc.strerror)
+                break
+            rows.append(row)
+            done.append(name)
+        if rows:
+            self.vault.sync()
+            new = self.catalog.record_instances(rows)
+            log.info("indexed %d instance(s) (%d new)", len(rows), new)
+        self.spool.remove_incoming(done)
+        self.processed += len(done)
+        return len(done) + quarantined
+
+    def _quarantine(self, name: str, reason: str, why: str) -> int:
+        try:
+            self.spool.quarantine(name, reason, {"error": why})
+        except FileNotFoundError:
+            return 0
+        self.quarantined += 1
+        log.warning("quarantined incoming file %s (%s): %s", name, reason, why)
+        return 1
+
+    def _process(self, name: str) -> InstanceRow:
+        path = self.spool.incoming_path(name)
+        received = path.stat().st_mtime
+        split = dicomfile.read_split(path)
+        _check(split)
+        ds = split.header
+        if self.anonymize:
+            result = self.deid.apply(ds)
+            if split.trailer is not None:
+                self.deid.apply_fragment(split.trailer, result)
+            study, series, sop = result.study_uid, result.series_uid, result.sop_uid
+            patient_id, patient_name = result.patient_id, result.patient_name
+            offset = self._vault_put(sop, {
+                "v": 1, "study": study, "series": series, "sop": sop,
+                "patient": patient_id, "phi": result.phi})
+        else:
+            study, series, sop = (str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID),
+                                  str(ds.SOPInstanceUID))
+            patient_id = str(ds.get("PatientID", "") or "")
+            patient_name = str(ds.get("PatientName", "") or "")
+            offset = None
+        self.spool.put_instance(study, series, sop, lambda out: dicomfile.write_joined(out, split))
+        return InstanceRow(
+            patient_id=patient_id, patient_name=patient_name, study_uid=study,
+            series_uid=series, sop_uid=sop, sop_class_uid=str(ds.SOPClassUID),
+            modality=str(ds.get("Modality", "") or ""), transfer_syntax=split.transfer_syntax,
+            size=self.spool.instance_path(study, series, sop).stat().st_size,
+            vault_offset=offset, received_at=received)
+
+    def _vault_put(self, sop: str, record: dict) -> int:
+        """Append the record unless the same originals are already in the vault."""
+        existing = self.catalog.instance_vault_offset(sop)
+        if existing is not None:
+            try:
+                if self.vault.get(existing) == record:
+                    return existing
+            except VaultRecordError:
+                pass
+        return self.vault.put(record)
+
+    # --- the thread loop: watchdog is a hint, the periodic rescan is the truth ---
+
+    def run(self, stop: threading.Event) -> None:
+        observer = Observer()
+        observer.schedule(_Wake(self.wake), str(self.spool.incoming), recursive=False)
+        observer.daemon = True
+        observer.start()
+        try:
+            while not stop.is_set():
+                try:
+                    handled = self.run_once()
+                except Exception:
+                    log.exception("indexer pass failed; retrying")
+                    handled = 0
+                    stop.wait(1.0)
+                if handled == 0:
+                    self._idle(stop)
+        finally:
+            observer.stop()
+
+
+    def _idle(self, stop: threading.Event) -> None:
+        """Sleep until watchdog wakes us, the rescan interval passes, or stop."""
+        deadline = time.monotonic() + self.cfg.indexer.rescan_interval
+        while not stop.is_set():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or self.wake.wait(min(0.5, remaining)):
+                break
+        self.wake.clear()
+
+
+class _Wake(FileSystemEventHandler):
+    def __init__(self, event: threading.Event) -> None:
+        self.event = event
+
+    def on_any_event(self, event: FileSystemEvent) -> None:
+        if event.event_type in ("created", "moved", "closed"):
+            self.event.set()
+
+
+def reindex(spool: Spool, catalog: Catalog, vault: Vault | None) -> dict:
+    """Rebuild the catalog from studies/ plus the vault; return the new counts."""
+    offsets: dict[str, int] = {}
+    if vault is not None:
+        for offset, record in vault.scan():
+            if isinstance(record, dict) and "sop" in record:
+                offsets[record["sop"]] = offset  # a later record supersedes
+            else:
+                log.error("%s", record)
+    catalog.clear()
+    rows: list[InstanceRow] = []
+    for study, series, sop, path in spool.iter_instances():
+        try:
+            split = dicomfile.read_split(path)
+        except dicomfile.DicomFileError as exc:
+            log.error("reindex: skipping unreadable %s: %s", path, exc)
+            continue
+        ds = split.header
+        rows.append(InstanceRow(
+            patient_id=str(ds.get("PatientID", "") or ""),
+            patient_name=str(ds.get("PatientName", "") or ""),
+            study_uid=study, series_uid=series, sop_uid=sop,
+            sop_class_uid=str(ds.get("SOPClassUID", "")),
+            modality=str(ds.get("Modality", "") or ""), transfer_syntax=split.transfer_syntax,
+            size=split.size, vault_offset=offsets.get(sop), received_at=path.stat().st_mtime))
+    catalog.record_instances(rows)
+    for study in catalog.study_uids():
+        summary = spool.read_study_json(study)
+        if summary:
+            catalog.restore_study_timeline(
+                study, summary.get("state", "receiving"), summary["first_received"],
+                summary["last_received"], summary.get("completed_at"),
+                int(summary.get("reopened", 0)),
+                [(e["ts"], e["event"]) for e in summary.get("events", [])])
+    return catalog.counts()

@@ -1,0 +1,169 @@
+"""The DICOM SCP: pynetdicom AE, C-ECHO and C-STORE into the spool.
+
+The C-STORE handler does no decoding: it writes the bytes as received (file
+meta + dataset) through ``spool.deliver_incoming`` (tmp, fsync, rename, fsync
+dir) and only then answers 0x0000.  Disk below the watermark or any I/O error
+answers 0xA700 and leaves nothing visible in ``incoming/``.
+
+Socket fixes over stock pynetdicom, in ``_Server``:
+
+- TCP_NODELAY on every accepted socket (Nagle + delayed ACK cost ~40 ms per
+  request/response exchange on loopback);
+- a listen backlog of at least the association limit (pynetdicom uses 5);
+- a connection must send its first byte (the A-ASSOCIATE-RQ) within
+  ``artim_timeout`` before an association thread is made for it, so port
+  probes never hold an association slot.
+"""
+
+from __future__ import annotations
+
+import logging
+import select
+import socket
+import threading
+from typing import Any
+
+from pynetdicom.dsutils import encode_file_meta
+from pynetdicom import AE, _config, evt
+from pynetdicom.transport import ThreadedAssociationServer
+
+from .config import Config
+from .spool import Spool
+
+log = logging.getLogger("ith_proxy.dicom")
+
+# Never log identifiers from requests or responses (they are PHI).
+_config.LOG_REQUEST_IDENTIFIERS = False
+_config.LOG_RESPONSE_IDENTIFIERS = False
+_config.LOG_HANDLER_LEVEL = "none"
+
+STORAGE_CLASSES = {
+    "CTImageStorage": "1.2.840.10008.5.1.4.1.1.2",
+    "EnhancedCTImageStorage": "1.2.840.10008.5.1.4.1.1.2.1",
+    "LegacyConvertedEnhancedCTImageStorage": "1.2.840.10008.5.1.4.1.1.2.2",
+    "MRImageStorage": "1.2.840.10008.5.1.4.1.1.4",
+    "EnhancedMRImageStorage": "1.2.840.10008.5.1.4.1.1.4.1",
+    "EnhancedMRColorImageStorage": "1.2.840.10008.5.1.4.1.1.4.3",
+    "LegacyConvertedEnhancedMRImageStorage": "1.2.840.10008.5.1.4.1.1.4.4",
+    "PositronEmissionTomographyImageStorage": "1.2.840.10008.5.1.4.1.1.128",
+    "LegacyConvertedEnhancedPETImageStorage": "1.2.840.10008.5.1.4.1.1.128.1",
+    "EnhancedPETImageStorage": "1.2.840.10008.5.1.4.1.1.130",
+}
+VERIFICATION = "1.2.840.10008.1.1"
+DEFAULT_TRANSFER_SYNTAXES = ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1")
+
+OUT_OF_RESOURCES = 0xA700
+CANNOT_UNDERSTAND = 0xC000
+
+
+class _Server(ThreadedAssociationServer):
+    daemon_threads = True
+    artim_timeout = 5.0
+
+    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
+        client, address = super().get_request()
+        client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return client, address
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        # Wait for the peer's first PDU before making an Association for it.
+        try:
+            ready, _, _ = select.select([request], [], [], self.artim_timeout)
+        except (OSError, ValueError):
+            ready = []
+        if not ready:
+            log.info("closed connection from %s: nothing sent within %.0fs",
+                     client_address[0], self.artim_timeout)
+            self.shutdown_request(request)
+            return
+        super().process_request_thread(request, client_address)
+
+
+def handle_echo(event: evt.Event) -> int:
+    return 0x0000
+
+
+def handle_store(event: evt.Event, spool: Spool, min_free_mb: int) -> int:
+    """Make the received bytes durable in incoming/, then acknowledge."""
+    try:
+        if spool.free_mb() < min_free_mb:
+            log.error("C-STORE refused: free disk below %d MB", min_free_mb)
+            return OUT_OF_RESOURCES
+        stream = event.request.DataSet  # BytesIO with the encoded dataset
+        head = b"\x00" * 128 + b"DICM" + encode_file_meta(event.file_meta)
+        spool.deliver_incoming((head, stream.getbuffer()))
+    except OSError as exc:
+        log.error("C-STORE refused: I/O error (%s)", exc.strerror or type(exc).__name__)
+        return OUT_OF_RESOURCES
+    except Exception as exc:  # never a traceback on the wire
+        log.error("C-STORE failed: %s", type(exc).__name__)
+        return CANNOT_UNDERSTAND
+    return 0x0000
+
+
+def _log_assoc(event: evt.Event, what: str) -> None:
+    assoc = event.assoc
+    log.info("association %s: calling %s from %s:%s", what,
+             assoc.requestor.ae_title, assoc.requestor.address, assoc.requestor.port)
+
+
+def build_ae(cfg: Config) -> AE:
+    scp = cfg.scp
+    ae = AE(ae_title=scp.ae_title)
+    syntaxes = list(DEFAULT_TRANSFER_SYNTAXES) + [t for t in scp.transfer_syntaxes
+                                                 if t not in DEFAULT_TRANSFER_SYNTAXES]
+    ae.add_supported_context(VERIFICATION, list(DEFAULT_TRANSFER_SYNTAXES))
+    for uid in STORAGE_CLASSES.values():
+        ae.add_supported_context(uid, syntaxes)
+    ae.maximum_associations = scp.max_associations
+    ae.maximum_pdu_size = scp.max_pdu_size
+    ae.acse_timeout = scp.acse_timeout
+    ae.dimse_timeout = scp.dimse_timeout
+    ae.network_timeout = scp.network_timeout
+    ae.require_called_aet = True
+    ae.require_calling_aet = list(scp.allowed_calling_aes)
+    return ae
+
+
+class StorageSCP:
+    """Owns the AE and its listening server."""
+
+    def __init__(self, cfg: Config, spool: Spool) -> None:
+        self.cfg = cfg
+        self.spool = spool
+        self.ae = build_ae(cfg)
+        self.server: _Server | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        handlers = [
+            (evt.EVT_C_ECHO, handle_echo),
+            (evt.EVT_C_STORE, handle_store, [self.spool, self.cfg.spool.min_free_mb]),
+            (evt.EVT_ACCEPTED, _log_assoc, ["accepted"]),
+            (evt.EVT_REJECTED, _log_assoc, ["rejected"]),
+            (evt.EVT_ABORTED, _log_assoc, ["aborted"]),
+        ]
+        server_cls = type("Server", (_Server,), {
+            "request_queue_size": max(self.cfg.scp.max_associations * 2, 64),
+            "artim_timeout": self.cfg.scp.artim_timeout,
+        })
+        self.server = self.ae.make_server(
+            (self.cfg.scp.bind_address, self.cfg.scp.port),
+            evt_handlers=handlers, server_class=server_cls)
+        self._thread = threading.Thread(target=self.server.serve_forever,
+                                        name="scp-server", daemon=True)
+        self._thread.start()
+        log.info("SCP %s listening on %s:%d", self.cfg.scp.ae_title,
+                 self.cfg.scp.bind_address, self.cfg.scp.port)
+
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def active_associations(self) -> int:
+        return len(self.ae.active_associations)
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.shutdown()
+            self.server = None
+        self.ae.shutdown()

@@ -1,0 +1,157 @@
+"""Wires and supervises the workers in one process, with a clean shutdown.
+
+Each worker gets its own catalog connection and talks to the others only
+through spool folders and catalog rows.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+from pathlib import Path
+
+from . import logs
+from .api import ApiServer, make_app
+from .catalog import Catalog
+from .config import Config
+from .indexer import Indexer
+from .scheduler import Scheduler
+from .scp import StorageSCP
+from .spool import Spool
+from .vault import Vault, load_site_secret
+
+log = logging.getLogger("ith_proxy.service")
+
+
+class StartupError(RuntimeError):
+    """The service cannot start; the message is one line for the operator."""
+
+
+def catalog_path(cfg: Config) -> Path:
+    return cfg.spool.dir / "catalog.sqlite3"
+
+
+def vault_path(cfg: Config) -> Path:
+    return cfg.spool.dir / "vault.phi"
+
+
+class Service:
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.spool = Spool(cfg.spool.dir)
+        self.stop_event = threading.Event()
+        self.threads: dict[str, threading.Thread] = {}
+        self.scp: StorageSCP | None = None
+        self.api: ApiServer | None = None
+        self._lock_fd: int | None = None
+
+    # --- start-up ---
+
+    def prepare(self) -> None:
+        try:
+            self.spool.ensure()
+        except OSError as exc:
+            raise StartupError(f"cannot create spool {self.spool.root}: {exc.strerror}") from None
+        self._lock_fd = self.spool.lock()
+        if self._lock_fd is None:
+            raise StartupError(f"another ith-proxy is already using {self.spool.root}")
+        logs.setup(self.spool.logs, self.cfg.log)
+        self.secret = load_site_secret(self.cfg.vault.secret_file)
+        Vault(vault_path(self.cfg), self.cfg.vault.key_file).close()  # key check
+        Catalog(catalog_path(self.cfg)).close()  # migrations
+        removed = self.spool.clean_tmp(0)
+        if removed:
+            log.info("removed %d partial file(s) left in tmp/", removed)
+
+    def _worker(self, name: str, target) -> None:
+        thread = threading.Thread(target=target, name=name, daemon=True)
+        self.threads[name] = thread
+        thread.start()
+
+    def _run_indexer(self) -> None:
+        catalog = Catalog(catalog_path(self.cfg))
+        vault = Vault(vault_path(self.cfg), self.cfg.vault.key_file)
+        try:
+            Indexer(self.cfg, self.spool, catalog, vault, self.secret).run(self.stop_event)
+        finally:
+            vault.close()
+            catalog.close()
+
+    def _run_scheduler(self) -> None:
+        catalog = Catalog(catalog_path(self.cfg))
+        try:
+            Scheduler(self.cfg, self.spool, catalog).run(self.stop_event)
+        finally:
+            catalog.close()
+
+    def start(self) -> None:
+        self.prepare()
+        self._worker("indexer", self._run_indexer)
+        self._worker("scheduler", self._run_scheduler)
+        if self.cfg.scp.auto_start:
+            self.scp = StorageSCP(self.cfg, self.spool)
+            try:
+                self.scp.start()
+            except OSError as exc:
+                raise StartupError(f"cannot listen for DICOM on {self.cfg.scp.bind_address}:"
+                                   f"{self.cfg.scp.port}: {exc.strerror}") from None
+        try:
+            self.api = ApiServer(self.cfg.api, make_app(self.health))
+        except OSError as exc:
+            raise StartupError(f"cannot listen for HTTP on {self.cfg.api.bind_address}:"
+                               f"{self.cfg.api.port}: {exc.strerror}") from None
+        self.api.start()
+        mode = "offline" if self.cfg.link.offline else f"backend {self.cfg.link.ith_url}"
+        log.info("ith-proxy running (%s)", mode)
+
+    # --- supervision ---
+
+    def health(self) -> list[str]:
+        problems = []
+        if self.cfg.scp.auto_start and not (self.scp and self.scp.alive()):
+            problems.append("dicom listener is not running")
+        for name in ("indexer", "scheduler"):
+            t = self.threads.get(name)
+            if t is None or not t.is_alive():
+                problems.append(f"{name} is not running")
+        try:
+            if self.spool.free_mb() < self.cfg.spool.min_free_mb:
+                problems.append("free disk is below the minimum; C-STORE is refused")
+        except OSError:
+            problems.append("spool is not accessible")
+        try:
+            cat = Catalog(catalog_path(self.cfg), readonly=True)
+            try:
+                cat.ping()
+            finally:
+                cat.close()
+        except Exception:
+            problems.append("catalog is not accessible")
+        return problems
+
+    def stop(self) -> None:
+        log.info("shutting down")
+        if self.api:
+            self.api.stop()
+        if self.scp:
+            self.scp.stop()
+        self.stop_event.set()
+        for t in self.threads.values():
+            t.join(timeout=30)
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+        log.info("stopped")
+
+    def run_forever(self) -> None:
+        done = threading.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: done.set())
+        self.start()
+        try:
+            while not done.wait(1.0):
+                pass
+        finally:
+            self.stop()

@@ -1,0 +1,228 @@
+"""The spool: a Maildir-style folder state machine.
+
+Only this module creates, renames or deletes spool files.  Every write goes
+to ``tmp/`` under an opaque unique name, is fsynced, renamed into place and
+the target directory is fsynced.  Nothing is ever rewritten in place.
+
+::
+
+    tmp/                      partial writes
+    incoming/                 raw instances as received (PHI), opaque names
+    studies/<S>/<Se>/<I>.dcm  de-identified instances
+    studies/<S>/study.json    non-PHI summary (atomic rewrite)
+    quarantine/<reason>/      input that could not be processed + <name>.json
+    logs/
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import re
+import shutil
+import time
+import uuid
+from pathlib import Path
+from typing import BinaryIO, Callable, Iterable, Iterator
+
+FILE_MODE = 0o600
+DIR_MODE = 0o700
+_UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+_REASON_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,40}$")
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def unique_name() -> str:
+    """Opaque, unique and roughly time-ordered; never parsed."""
+    return f"{time.time_ns()}.{os.getpid()}.{uuid.uuid4().hex[:12]}"
+
+
+def _check_uid(uid: str) -> str:
+    if not uid or len(uid) > 64 or not _UID_RE.match(uid):
+        raise ValueError("not a valid UID for a spool path")
+    return uid
+
+
+class Spool:
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self.tmp = self.root / "tmp"
+        self.incoming = self.root / "incoming"
+        self.studies = self.root / "studies"
+        self.quarantine_dir = self.root / "quarantine"
+        self.logs = self.root / "logs"
+
+    # --- set-up and housekeeping ---
+
+    def ensure(self) -> None:
+        for d in (self.root, self.tmp, self.incoming, self.studies,
+                  self.quarantine_dir, self.logs):
+            d.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+
+    def lock(self) -> int | None:
+        """Take the spool's run lock; return its fd, or None if another process holds it."""
+        fd = os.open(self.root / ".lock", os.O_RDWR | os.O_CREAT, FILE_MODE)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        return fd
+
+    def free_mb(self) -> float:
+        st = os.statvfs(self.root)
+        return st.f_bavail * st.f_frsize / (1024 * 1024)
+
+    def clean_tmp(self, max_age: float, now: float | None = None) -> int:
+        """Remove tmp files older than max_age seconds (left by a crash)."""
+        now = time.time() if now is None else now
+        removed = 0
+        for entry in os.scandir(self.tmp):
+            try:
+                if now - entry.stat().st_mtime > max_age:
+                    os.unlink(entry.path)
+                    removed += 1
+            except FileNotFoundError:
+                continue
+        return removed
+
+    # --- the one write primitive ---
+
+    def _deliver(self, target: Path, write: Callable[[BinaryIO], None],
+                 sync: bool = True) -> Path:
+        """Write through tmp/, fsync, rename to target, fsync its directory."""
+        tmp_path = self.tmp / unique_name()
+        fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                write(fh)
+                fh.flush()
+                if sync:
+                    os.fsync(fh.fileno())
+            os.rename(tmp_path, target)
+        except BaseException:
+            try:
+                os.unlink(tmp_path)
+            except FileNotFoundError:
+                pass
+            raise
+        if sync:
+            fsync_dir(target.parent)
+        return target
+
+    @staticmethod
+    def _writer(chunks: bytes | Iterable[bytes]) -> Callable[[BinaryIO], None]:
+        def write(fh: BinaryIO) -> None:
+            if isinstance(chunks, (bytes, bytearray, memoryview)):
+                fh.write(chunks)
+            else:
+                for chunk in chunks:
+                    fh.write(chunk)
+        return write
+
+    # --- incoming/ : owned by the SCP (writer) and the indexer (consumer) ---
+
+    def deliver_incoming(self, data: bytes | Iterable[bytes]) -> str:
+        """Make raw received bytes durable in incoming/; return the opaque name."""
+        name = unique_name()
+        self._deliver(self.incoming / name, self._writer(data))
+        return name
+
+    def incoming_names(self) -> list[str]:
+        return sorted(e.name for e in os.scandir(self.incoming) if e.is_file())
+
+    def incoming_path(self, name: str) -> Path:
+        return self.incoming / name
+
+    def remove_incoming(self, names: Iterable[str]) -> None:
+        removed = False
+        for name in names:
+            try:
+                os.unlink(self.incoming / name)
+                removed = True
+            except FileNotFoundError:
+                pass
+        if removed:
+            fsync_dir(self.incoming)
+
+    # --- studies/ : owned by the indexer (instances) and scheduler (study.json) ---
+
+    def instance_path(self, study: str, series: str, sop: str) -> Path:
+        return self.studies / _check_uid(study) / _check_uid(series) / f"{_check_uid(sop)}.dcm"
+
+    def put_instance(self, study: str, series: str, sop: str,
+                     write: Callable[[BinaryIO], None], sync: bool = True) -> Path:
+        target = self.instance_path(study, series, sop)
+        made = not target.parent.exists()
+        target.parent.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+        if made and sync:
+            fsync_dir(target.parent.parent)
+            fsync_dir(self.studies)
+        return self._deliver(target, write, sync)
+
+    def study_dir(self, study: str) -> Path:
+        return self.studies / _check_uid(study)
+
+    def write_study_json(self, study: str, summary: dict) -> Path:
+        data = json.dumps(summary, indent=2, sort_keys=True).encode() + b"\n"
+        target = self.study_dir(study) / "study.json"
+        target.parent.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+        return self._deliver(target, self._writer(data))
+
+    def read_study_json(self, study: str) -> dict | None:
+        try:
+            return json.loads((self.study_dir(study) / "study.json").read_text())
+        except (FileNotFoundError, ValueError):
+            return None
+
+    def iter_instances(self) -> Iterator[tuple[str, str, str, Path]]:
+        """Yield (study, series, sop, path) for every stored instance."""
+        for study in sorted(os.scandir(self.studies), key=lambda e: e.name):
+            if not study.is_dir():
+                continue
+            for series in sorted(os.scandir(study.path), key=lambda e: e.name):
+                if not series.is_dir():
+                    continue
+                for inst in sorted(os.scandir(series.path), key=lambda e: e.name):
+                    if inst.name.endswith(".dcm") and inst.is_file():
+                        yield study.name, series.name, inst.name[:-4], Path(inst.path)
+
+    # --- quarantine/ : input the indexer could not process ---
+
+    def quarantine(self, name: str, reason: str, detail: dict) -> Path:
+        """Move incoming/<name> to quarantine/<reason>/ with a .json saying why."""
+        if not _REASON_RE.match(reason):
+            raise ValueError(f"bad quarantine reason {reason!r}")
+        qdir = self.quarantine_dir / reason
+        qdir.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+        info = {"name": name, "reason": reason,
+                "quarantined_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                **detail}
+        data = json.dumps(info, indent=2, sort_keys=True).encode() + b"\n"
+        self._deliver(qdir / f"{name}.json", self._writer(data))
+        os.rename(self.incoming / name, qdir / name)
+        fsync_dir(qdir)
+        fsync_dir(self.incoming)
+        return qdir / name
+
+    def quarantined(self) -> list[dict]:
+        out = []
+        for reason in sorted(p for p in self.quarantine_dir.iterdir() if p.is_dir()):
+            for meta in sorted(reason.glob("*.json")):
+                try:
+                    out.append(json.loads(meta.read_text()))
+                except ValueError:
+                    out.append({"name": meta.stem, "reason": reason.name, "error": "unreadable"})
+        return out
+
+    def disk_usage(self) -> dict:
+        usage = shutil.disk_usage(self.root)
+        return {"total_mb": usage.total // 2**20, "free_mb": usage.free // 2**20}

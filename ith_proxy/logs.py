@@ -23,6 +23,16 @@ from .config import LogConfig
 FORMAT = "%(asctime)s %(levelname)s %(name)s [%(threadName)s] %(message)s"
 
 
+def _silence_pydicom() -> None:
+    """pydicom's log records and warnings can quote element values (PHI)."""
+    pyd = logging.getLogger("pydicom")
+    pyd.setLevel(logging.CRITICAL)
+    pyd.propagate = False
+    if not pyd.handlers:
+        pyd.addHandler(logging.NullHandler())
+    warnings.filterwarnings("ignore", module=r"pydicom(\..*)?")
+
+
 def _rotating(path: Path, cfg: LogConfig, level: int) -> logging.Handler:
     handler = logging.handlers.RotatingFileHandler(
         path, maxBytes=cfg.max_bytes, backupCount=cfg.backups, encoding="utf-8")
@@ -59,12 +69,7 @@ def setup(log_dir: Path, cfg: LogConfig, console: bool = True) -> None:
         pnd.removeHandler(h)
     pnd.addHandler(dicom)
     pnd.addHandler(errors)
-    # pydicom's warnings can quote element values: keep them out of every log.
-    pyd = logging.getLogger("pydicom")
-    pyd.setLevel(logging.CRITICAL)
-    pyd.propagate = False
-    pyd.addHandler(logging.NullHandler())
-    warnings.filterwarnings("ignore", module=r"pydicom(\..*)?")
+    _silence_pydicom()
     api = _rotating(log_dir / "api.log", cfg, logging.DEBUG)
     logging.getLogger("ith_proxy.api").addHandler(api)
     waitress = logging.getLogger("waitress")
@@ -72,3 +77,28 @@ def setup(log_dir: Path, cfg: LogConfig, console: bool = True) -> None:
     waitress.propagate = False
     waitress.addHandler(api)
     waitress.addHandler(errors)
+
+
+class _Dispatch(logging.Handler):
+    """Hand a record from a worker process to the logger of the same name here."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        logging.getLogger(record.name).handle(record)
+
+
+def listen(queue) -> logging.handlers.QueueListener:
+    """In the service: write records that worker processes put on ``queue``."""
+    listener = logging.handlers.QueueListener(queue, _Dispatch())
+    listener.start()
+    return listener
+
+
+def setup_worker(queue, cfg: LogConfig) -> None:
+    """In a worker process: send every record to the service's files via ``queue``."""
+    root = logging.getLogger("ith_proxy")
+    root.setLevel(getattr(logging, cfg.level))
+    root.propagate = False
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    root.addHandler(logging.handlers.QueueHandler(queue))
+    _silence_pydicom()

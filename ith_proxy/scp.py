@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import select
 import socket
+import socketserver
 import threading
 from typing import Any
 
@@ -64,6 +65,11 @@ class _Server(ThreadedAssociationServer):
         client, address = super().get_request()
         client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return client, address
+
+    def shutdown(self) -> None:
+        # pynetdicom's version expects the server in ae._servers (start_server only)
+        socketserver.BaseServer.shutdown(self)
+        self.server_close()
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
         # Wait for the peer's first PDU before making an Association for it.

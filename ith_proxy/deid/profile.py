@@ -8,7 +8,8 @@ Each entry maps a DICOM keyword to its PS3.15 Annex E Basic Profile action:
 - ``K`` keep
 - ``U`` replace the UID with a keyed, consistent ``2.25.`` UID
 
-This is the ingest core's minimum set; the full Table E.1-1 with every
+Private attributes are removed (``X``) by the engine unless a profile says
+otherwise.  This is the ingest core's minimum set; the full Table E.1-1 with every
 option column replaces it (issue 3).
 """
 
@@ -46,6 +47,14 @@ BASIC_PROFILE: dict[str, str] = {
     "InstitutionAddress": "X",
     "InstitutionalDepartmentName": "X",
     "StationName": "X",
+    "DeviceSerialNumber": "X",
+    # requests and procedures
+    "RequestAttributesSequence": "X",
+    "RequestedProcedureID": "X",
+    "ScheduledProcedureStepID": "X",
+    "PerformedProcedureStepID": "X",
+    "RequestedProcedureDescription": "X",
+    "PerformedProcedureStepDescription": "X",
     # UIDs
     "StudyInstanceUID": "U",
     "SeriesInstanceUID": "U",
@@ -73,5 +82,5 @@ STUDY_LEVEL = frozenset({
 })
 SERIES_LEVEL = frozenset({
     "SeriesInstanceUID", "SeriesDescription", "FrameOfReferenceUID", "PerformingPhysicianName",
-    "OperatorsName", "StationName",
+    "OperatorsName", "StationName", "DeviceSerialNumber",
 })

@@ -1,0 +1,89 @@
+"""Shared checks for the end-to-end tests: catalog, vault and spool inspection."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Callable, Iterable
+
+import pydicom
+
+from ith_proxy.catalog import Catalog
+from ith_proxy.vault import Vault
+
+
+def wait_until(predicate: Callable[[], object], timeout: float, what: str,
+               interval: float = 0.1) -> object:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+def catalog_counts(spool: Path) -> dict:
+    path = spool / "catalog.sqlite3"
+    if not path.exists():
+        return {"instances": 0, "studies": 0, "studies_by_state": {}}
+    cat = Catalog(path, readonly=True)
+    try:
+        return cat.counts()
+    finally:
+        cat.close()
+
+
+def catalog_study(spool: Path, study_uid: str) -> dict | None:
+    cat = Catalog(spool / "catalog.sqlite3", readonly=True)
+    try:
+        return cat.study(study_uid)
+    finally:
+        cat.close()
+
+
+def wait_indexed(spool: Path, instances: int, timeout: float = 120) -> dict:
+    """Until the catalog holds ``instances`` rows and incoming/ is empty."""
+    def done() -> dict | None:
+        counts = catalog_counts(spool)
+        if counts["instances"] >= instances and not any((spool / "incoming").iterdir()):
+            return counts
+        return None
+    return wait_until(done, timeout, f"{instances} indexed instances")  # type: ignore[return-value]
+
+
+def stored_files(spool: Path) -> list[Path]:
+    return sorted((spool / "studies").glob("*/*/*.dcm"))
+
+
+def vault_records(workdir: Path) -> list[dict]:
+    vault = Vault(workdir / "spool" / "vault.phi", workdir / "secrets" / "vault.key")
+    return [rec for _, rec in vault.scan() if isinstance(rec, dict)]
+
+
+def original_to_anonymized_sop(workdir: Path) -> dict[str, str]:
+    """From the vault: original SOP Instance UID -> anonymized one."""
+    out = {}
+    for rec in vault_records(workdir):
+        original = rec["phi"].get("instance", {}).get("SOPInstanceUID")
+        if original:
+            out[original] = rec["sop"]
+    return out
+
+
+def find_bytes(root: Path, needles: Iterable[str], skip: Iterable[Path] = ()) -> list[str]:
+    """Every (file, needle) where a needle's bytes appear in a file under root."""
+    skip = {p.resolve() for p in skip}
+    encoded = [(n, n.encode()) for n in needles if n]
+    hits = []
+    for path in sorted(root.rglob("*")):
+        if not path.is_file() or path.resolve() in skip:
+            continue
+        data = path.read_bytes()
+        hits.extend(f"{path.relative_to(root)}: {n}" for n, b in encoded if b in data)
+    return hits
+
+
+def read_header(path: Path) -> pydicom.Dataset:
+    return pydicom.dcmread(path, stop_before_pixels=True)

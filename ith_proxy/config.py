@@ -17,6 +17,10 @@ from typing import Any, Callable, Mapping
 
 DEFAULT_INI = "conf/proxy.ini"
 
+# Our DICOM implementation identity (a UUID-derived UID: no registered root needed).
+IMPLEMENTATION_CLASS_UID = "2.25.147690321735923934756230664937154452785"
+IMPLEMENTATION_VERSION = "ITH_PROXY_01"
+
 
 class ConfigError(ValueError):
     """A setting has an invalid value; the message names the key."""

@@ -9,18 +9,25 @@ are parsed as a small trailing dataset so they can be de-identified too.
 
 from __future__ import annotations
 
+import errno
+import io
 import os
 import struct
 from dataclasses import dataclass
-from io import BytesIO
 from pathlib import Path
 from typing import BinaryIO
 
 import pydicom
+from pydicom import config as pydicom_config
 from pydicom.dataset import Dataset
 from pydicom.filebase import DicomFileLike
 from pydicom.filereader import read_dataset
-from pydicom.filewriter import write_dataset
+from pydicom.filewriter import write_data_element, write_file_meta_info
+
+# Headers are read and written as they are; value validation (regexes per
+# element) only costs time, and its warnings could quote PHI.
+pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
+pydicom_config.settings.writing_validation_mode = pydicom_config.IGNORE
 
 CHUNK = 1 << 20
 _LONG_VRS = {b"OB", b"OW", b"OF", b"OD", b"OL", b"OV", b"SQ", b"UC", b"UN", b"UR", b"UT", b"SV", b"UV"}
@@ -115,6 +122,25 @@ def read_split(path: Path) -> SplitFile:
 
 
 def _copy_range(out: BinaryIO, src: BinaryIO, remaining: int) -> None:
+    """Append ``remaining`` bytes from src's position to out; in the kernel when possible."""
+    offset = src.tell()
+    try:
+        out_fd, src_fd = out.fileno(), src.fileno()
+    except (AttributeError, io.UnsupportedOperation):
+        out_fd = src_fd = -1
+    if out_fd >= 0 and remaining > 0:
+        out.flush()  # the kernel appends at the fd's offset
+        try:
+            while remaining > 0:
+                n = os.copy_file_range(src_fd, out_fd, min(remaining, 1 << 30), offset)
+                if n == 0:
+                    raise DicomFileError("source shrank while copying")
+                offset += n
+                remaining -= n
+        except OSError as exc:
+            if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+                raise
+            src.seek(offset)  # not supported here: finish with plain copies
     while remaining > 0:
         chunk = src.read(min(CHUNK, remaining))
         if not chunk:
@@ -129,19 +155,54 @@ def copy_raw(out: BinaryIO, path: Path) -> None:
         _copy_range(out, src, os.fstat(src.fileno()).st_size)
 
 
+_LONG_VR_NAMES = {vr.decode() for vr in _LONG_VRS}
+
+
+def _encode_dataset(ds: Dataset, implicit: bool, little: bool) -> bytes:
+    """Encode a dataset; untouched raw elements are copied as read.
+
+    Elements the de-identifier never decoded are still RawDataElements
+    holding their original bytes: they are framed with struct and appended,
+    which is several times cheaper than pydicom's per-element writer and
+    keeps retained values byte-identical.  Decoded elements (changed values,
+    sequences) go through pydicom.
+    """
+    order = "<" if little else ">"
+    short, long_ = struct.Struct(order + "HH2sH"), struct.Struct(order + "HH2s2xL")
+    implicit_head = struct.Struct(order + "HHL")
+    encodings = ds.get("SpecificCharacterSet", "iso8859")
+    fp = DicomFileLike(io.BytesIO())
+    fp.is_little_endian, fp.is_implicit_VR = little, implicit
+    for tag in sorted(ds.keys()):
+        if tag.element == 0 and tag.group > 6:
+            continue  # retired group lengths
+        elem = ds.get_item(tag)
+        raw = getattr(elem, "is_raw", False) and elem.value is not None \
+            and elem.length != 0xFFFFFFFF and elem.is_implicit_VR == implicit \
+            and elem.is_little_endian == little and (implicit or elem.VR)
+        if raw and implicit:
+            fp.write(implicit_head.pack(tag.group, tag.element, len(elem.value)) + elem.value)
+        elif raw and elem.VR in _LONG_VR_NAMES:
+            fp.write(long_.pack(tag.group, tag.element, elem.VR.encode(), len(elem.value))
+                     + elem.value)
+        elif raw and len(elem.value) <= 0xFFFF:
+            fp.write(short.pack(tag.group, tag.element, elem.VR.encode(), len(elem.value))
+                     + elem.value)
+        else:
+            write_data_element(fp, ds[tag], encodings)
+    return fp.parent.getvalue()
+
+
 def write_joined(out: BinaryIO, split: SplitFile) -> None:
     """Write split.header (as it is now), the original pixel bytes, the trailer."""
-    buf = BytesIO()
-    split.header.preamble = b"\x00" * 128
-    pydicom.dcmwrite(buf, split.header, enforce_file_format=True)
-    out.write(buf.getbuffer())
+    ts = split.header.file_meta.TransferSyntaxUID
+    implicit, little = ts.is_implicit_VR, ts.is_little_endian
+    head = DicomFileLike(io.BytesIO())
+    head.write(b"\x00" * 128 + b"DICM")  # preamble zeroed (CVE-2019-11687)
+    write_file_meta_info(head, split.header.file_meta, enforce_standard=True)
+    out.write(head.parent.getvalue() + _encode_dataset(split.header, implicit, little))
     with open(split.path, "rb") as src:
         src.seek(split.pixel_start)
         _copy_range(out, src, split.pixel_end - split.pixel_start)
     if split.trailer is not None and len(split.trailer):
-        ts = split.header.file_meta.TransferSyntaxUID
-        tail = DicomFileLike(BytesIO())
-        tail.is_little_endian = ts.is_little_endian
-        tail.is_implicit_VR = ts.is_implicit_VR
-        write_dataset(tail, split.trailer)
-        out.write(tail.parent.getvalue())
+        out.write(_encode_dataset(split.trailer, implicit, little))

@@ -156,7 +156,7 @@ def test_no_phi_outside_the_vault_nor_in_logs(ct_study) -> None:
     for name in ("main.log", "dicom.log", "error.log", "api.log"):
         assert (proxy.spool / "logs" / name).exists()
     assert "association accepted" in (proxy.spool / "logs" / "dicom.log").read_text()
-    assert "indexed" in (proxy.spool / "logs" / "main.log").read_text()
+    assert "listening on" in (proxy.spool / "logs" / "main.log").read_text()
 
 
 def test_files_and_folders_are_private(ct_study) -> None:

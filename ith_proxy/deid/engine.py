@@ -13,16 +13,16 @@ from dataclasses import dataclass, field
 
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.datadict import keyword_for_tag
+from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
+from pydicom.tag import BaseTag, Tag
 from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
 
+from ..config import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION
 from .profile import BASIC_PROFILE, PATIENT_LEVEL, SERIES_LEVEL, STUDY_LEVEL
 from .pseudo import patient_key, patient_pseudonym, remap_uid
 
 METHOD = "ith-proxy PS3.15 E basic (ingest core)"
-IMPLEMENTATION_CLASS_UID = "1.2.826.0.1.3680043.10.1443.1.1"
-IMPLEMENTATION_VERSION = "ITH_PROXY_01"
 
 _DUMMY_BY_VR = {
     "DA": "19000101", "TM": "000000", "DT": "19000101000000", "PN": "ANONYMOUS",
@@ -61,6 +61,19 @@ def _sequence_plain(seq: Sequence) -> list:
     return out
 
 
+def _is_sequence(ds: Dataset, tag: BaseTag) -> bool:
+    """Without decoding the element."""
+    raw = ds.get_item(tag)
+    if raw is None:
+        return False
+    if raw.VR is not None:
+        return raw.VR == "SQ"
+    try:  # implicit VR: ask the dictionary
+        return dictionary_VR(tag) == "SQ"
+    except KeyError:
+        return False
+
+
 def _level(keyword: str) -> str:
     if keyword in PATIENT_LEVEL:
         return "patient"
@@ -75,6 +88,8 @@ class Deidentifier:
     def __init__(self, secret: bytes, profile: dict[str, str] | None = None) -> None:
         self.secret = secret
         self.profile = profile or BASIC_PROFILE
+        self._actions = {Tag(tag_for_keyword(kw)): action for kw, action in self.profile.items()
+                         if tag_for_keyword(kw) is not None}
 
     def apply(self, ds: Dataset) -> DeidResult:
         name = str(ds.get("PatientName", "") or "")
@@ -102,20 +117,24 @@ class Deidentifier:
         result.phi.setdefault(level, {})[path] = value
 
     def _walk(self, ds: Dataset, prefix: str, result: DeidResult, top: bool) -> None:
-        for elem in list(ds):
-            tag = elem.tag
+        # Look at raw elements by tag; only elements that need an action (or are
+        # sequences to descend into) are decoded, the rest are written back raw.
+        for tag in list(ds.keys()):
             if tag.element == 0 and tag.group != 0x0002:
                 del ds[tag]  # group lengths would be stale after any change
                 continue
-            keyword = keyword_for_tag(tag) or ""
-            path = prefix + (keyword or f"({tag.group:04X},{tag.element:04X})")
-            action = "X" if tag.is_private else self.profile.get(keyword, "K")
-            level = _level(keyword) if top else "instance"
+            action = "X" if tag.is_private else self._actions.get(tag, "K")
             if action == "K":
-                if elem.VR == "SQ":
+                if _is_sequence(ds, tag):
+                    elem = ds[tag]
+                    path = prefix + elem.keyword
                     for i, item in enumerate(elem.value):
                         self._walk(item, f"{path}[{i}].", result, top=False)
                 continue
+            elem = ds[tag]
+            keyword = elem.keyword
+            path = prefix + (keyword or f"({tag.group:04X},{tag.element:04X})")
+            level = _level(keyword) if top else "instance"
             original = _sequence_plain(elem.value) if elem.VR == "SQ" else _plain(elem.value)
             if action == "X":
                 self._record(result, level, path, original)

@@ -131,6 +131,23 @@ def _transfer_syntaxes(raw: str) -> tuple[str, ...]:
     return tuple(dict.fromkeys(out))
 
 
+_SAFE_PRIVATE = re.compile(r"^\(?([0-9A-Fa-f]{4}),\s*xx([0-9A-Fa-f]{2})\)?\s+(.+)$")
+
+
+def parse_safe_private(raw: str) -> tuple[tuple[int, str, int], ...]:
+    """'gggg,xxee CREATOR; ...' -> ((group, CREATOR, element low byte), ...)."""
+    out = []
+    for entry in raw.split(";"):
+        entry = entry.strip()
+        if not entry:
+            continue
+        m = _SAFE_PRIVATE.match(entry)
+        if not m or int(m.group(1), 16) % 2 == 0:
+            raise ValueError(f"bad entry {entry!r} (want 'gggg,xxee CREATOR' with an odd group)")
+        out.append((int(m.group(1), 16), m.group(3).strip().upper(), int(m.group(2), 16)))
+    return tuple(out)
+
+
 @dataclass(frozen=True)
 class Setting:
     section: str
@@ -156,11 +173,22 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("spool", "dir", "./spool", _text, "DICOM_STORAGE_DIR"),
     Setting("spool", "min_free_mb", "512", _int(0, 10**9)),
     Setting("spool", "tmp_max_age", "3600", _seconds),
+    Setting("spool", "encrypt_incoming", "false", _bool),
     Setting("indexer", "rescan_interval", "10", _seconds),
     Setting("indexer", "batch_size", "64", _int(1, 10000)),
     Setting("scheduler", "study_timeout", "60", _seconds, "DICOM_STUDY_TIMEOUT"),
     Setting("scheduler", "interval", "1", _seconds),
     Setting("deid", "anonymize", "true", _bool, "DICOM_ANONYMIZE_PATIENTS"),
+    Setting("deid", "retain_long_full_dates", "false", _bool),
+    Setting("deid", "retain_long_modified_dates", "false", _bool),
+    Setting("deid", "retain_patient_characteristics", "false", _bool),
+    Setting("deid", "retain_device_identity", "false", _bool),
+    Setting("deid", "retain_institution_identity", "false", _bool),
+    Setting("deid", "retain_uids", "false", _bool),
+    Setting("deid", "clean_descriptors", "false", _bool),
+    Setting("deid", "retain_safe_private", "false", _bool),
+    Setting("deid", "safe_private", "", parse_safe_private),
+    Setting("deid", "quarantine_burned_in", "true", _bool),
     Setting("vault", "key_file", "", _text, "VAULT_KEY_FILE"),
     Setting("api", "bind_address", "0.0.0.0", _text, "API_BIND_ADDRESS"),
     Setting("api", "port", "8080", _int(1, 65535), "API_PORT"),
@@ -197,6 +225,7 @@ class SpoolConfig:
     dir: Path
     min_free_mb: int
     tmp_max_age: float
+    encrypt_incoming: bool = False
 
 
 @dataclass(frozen=True)
@@ -214,6 +243,24 @@ class SchedulerConfig:
 @dataclass(frozen=True)
 class DeidConfig:
     anonymize: bool
+    retain_long_full_dates: bool = False
+    retain_long_modified_dates: bool = False
+    retain_patient_characteristics: bool = False
+    retain_device_identity: bool = False
+    retain_institution_identity: bool = False
+    retain_uids: bool = False
+    clean_descriptors: bool = False
+    retain_safe_private: bool = False
+    safe_private: tuple[tuple[int, str, int], ...] = ()  # extra (group, creator, elem)
+    quarantine_burned_in: bool = True
+
+    def options(self) -> frozenset[str]:
+        """The active Annex E option names."""
+        names = ("retain_long_full_dates", "retain_long_modified_dates",
+                 "retain_patient_characteristics", "retain_device_identity",
+                 "retain_institution_identity", "retain_uids", "clean_descriptors",
+                 "retain_safe_private")
+        return frozenset(n for n in names if getattr(self, n))
 
 
 @dataclass(frozen=True)
@@ -343,6 +390,9 @@ def load(path: str | None = None, env: Mapping[str, str] | None = None,
             raise ConfigError(f"[{s.section}] {s.key}{where}: {exc}") from None
         values.setdefault(s.section, {})[s.key] = value
 
+    if values["deid"]["retain_long_full_dates"] and values["deid"]["retain_long_modified_dates"]:
+        raise ConfigError("[deid] retain_long_modified_dates: cannot be combined with "
+                          "retain_long_full_dates (choose one)")
     spool_dir = Path(values["spool"]["dir"] or "./spool")
     if not spool_dir.is_absolute():
         spool_dir = (cwd / spool_dir).resolve()
@@ -356,7 +406,8 @@ def load(path: str | None = None, env: Mapping[str, str] | None = None,
     return Config(
         scp=ScpConfig(**values["scp"]),
         spool=SpoolConfig(dir=spool_dir, min_free_mb=values["spool"]["min_free_mb"],
-                          tmp_max_age=values["spool"]["tmp_max_age"]),
+                          tmp_max_age=values["spool"]["tmp_max_age"],
+                          encrypt_incoming=values["spool"]["encrypt_incoming"]),
         indexer=IndexerConfig(**values["indexer"]),
         scheduler=SchedulerConfig(**values["scheduler"]),
         deid=DeidConfig(**values["deid"]),

@@ -63,7 +63,7 @@ class Indexer:
         self.spool = spool
         self.catalog = catalog
         self.vault = vault
-        self.deid = Deidentifier(secret)
+        self.deid = Deidentifier(secret, cfg.deid.options(), cfg.deid.safe_private)
         self.anonymize = cfg.deid.anonymize
         self.clock = clock
         self.wake = threading.Event()

@@ -102,9 +102,10 @@ def test_files_are_anonymized_consistently(ct_study) -> None:
         assert h.PatientIdentityRemoved == "YES"
         assert h.get("PatientBirthDate", "") == "" and h.get("AccessionNumber", "") == ""
         assert h.get("ReferringPhysicianName", "") == ""
-        for gone in ("OtherPatientIDs", "InstitutionName", "PatientAddress", "StudyDescription",
+        for gone in ("OtherPatientIDs", "PatientAddress", "StudyDescription",
                      "RequestAttributesSequence"):
             assert gone not in h
+        assert h.get("InstitutionName", "") == ""  # X/Z/D: emptied
         assert not any(e.tag.is_private for e in h)
         assert h.file_meta.ImplementationClassUID != series.sop_class_uid
         assert h.Modality == "CT" and h.SOPClassUID == series.sop_class_uid

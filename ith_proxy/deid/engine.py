@@ -1,34 +1,37 @@
 """Apply the profile to a pydicom Dataset: pure functions, no I/O.
 
 ``Deidentifier.apply(ds)`` changes the dataset in place (header only: the
-caller streams pixel data separately) and returns what was replaced or
-removed, keyed by an attribute path such as ``PatientName`` or
+caller streams pixel data separately) and returns every value it replaced or
+removed, keyed by level and by an attribute path such as ``PatientName`` or
 ``ReferencedSeriesSequence[0].SeriesInstanceUID``, so the vault can give
-every original value back exactly.
+every original back exactly.  The table applies at every depth of nested
+sequences.  Elements that need no action stay raw (undecoded).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from pydicom.datadict import dictionary_VR
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
-from pydicom.tag import BaseTag, Tag
 from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
+from pydicom.tag import BaseTag
 
 from ..config import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION
-from .profile import BASIC_PROFILE, PATIENT_LEVEL, SERIES_LEVEL, STUDY_LEVEL
+from .dates import clean_text, identifier_fragments, shift_days, shift_value
+from .private import SafePrivate
+from .profile import METHOD_CODES, Profile, level_of
 from .pseudo import patient_key, patient_pseudonym, remap_uid
 
-METHOD = "ith-proxy PS3.15 E basic (ingest core)"
-
 _DUMMY_BY_VR = {
-    "DA": "19000101", "TM": "000000", "DT": "19000101000000", "PN": "ANONYMOUS",
+    "DA": "19000101", "TM": "000000", "DT": "19000101000000", "PN": "ANONYMIZED",
     "AS": "000Y", "IS": "0", "DS": "0", "US": 0, "SS": 0, "UL": 0, "SL": 0,
-    "FL": 0.0, "FD": 0.0,
+    "FL": 0.0, "FD": 0.0, "AE": "ANONYMIZED", "CS": "ANONYMIZED",
 }
+_TEXT_VRS = {"PN", "LO", "SH", "ST", "LT", "UT", "AE", "UC"}
+_PSEUDONYMS = ("PatientName", "PatientID")
 
 
 @dataclass
@@ -39,13 +42,22 @@ class DeidResult:
     series_uid: str
     sop_uid: str
     phi: dict[str, dict[str, object]] = field(default_factory=dict)  # level -> path -> value
+    dates: str = ""  # what happened to dates: REMOVED, MODIFIED or UNMODIFIED
+
+
+@dataclass
+class _Pass:
+    """State of one apply(): the result plus what cleaning and shifting need."""
+    result: DeidResult
+    days: int
+    identifiers: list[str]
 
 
 def _plain(value: object) -> object:
     """A JSON-safe copy of an element value (multi-values joined the DICOM way)."""
     if isinstance(value, (bytes, bytearray)):
         return {"hex": bytes(value).hex()}
-    if isinstance(value, MultiValue) or isinstance(value, list):
+    if isinstance(value, (MultiValue, list)):
         return "\\".join(str(v) for v in value)
     if isinstance(value, (int, float)) or value is None:
         return value
@@ -53,12 +65,13 @@ def _plain(value: object) -> object:
 
 
 def _sequence_plain(seq: Sequence) -> list:
-    out = []
-    for item in seq:
-        out.append({(keyword_for_tag(e.tag) or f"{e.tag:08X}"):
-                    (_sequence_plain(e.value) if e.VR == "SQ" else _plain(e.value))
-                    for e in item})
-    return out
+    return [{(e.keyword or f"({e.tag.group:04X},{e.tag.element:04X})"):
+             (_sequence_plain(e.value) if e.VR == "SQ" else _plain(e.value)) for e in item}
+            for item in seq]
+
+
+def _original(elem: DataElement) -> object:
+    return _sequence_plain(elem.value) if elem.VR == "SQ" else _plain(elem.value)
 
 
 def _is_sequence(ds: Dataset, tag: BaseTag) -> bool:
@@ -74,115 +87,196 @@ def _is_sequence(ds: Dataset, tag: BaseTag) -> bool:
         return False
 
 
-def _level(keyword: str) -> str:
-    if keyword in PATIENT_LEVEL:
-        return "patient"
-    if keyword in STUDY_LEVEL:
-        return "study"
-    if keyword in SERIES_LEVEL:
-        return "series"
-    return "instance"
+def _empty(elem: DataElement) -> bool:
+    return elem.value in ("", None, b"") or (elem.VR == "SQ" and len(elem.value) == 0)
 
 
 class Deidentifier:
-    def __init__(self, secret: bytes, profile: dict[str, str] | None = None) -> None:
+    def __init__(self, secret: bytes, options: frozenset[str] = frozenset(),
+                 safe_private: tuple[tuple[int, str, int], ...] = (),
+                 profile: Profile | None = None) -> None:
         self.secret = secret
-        self.profile = profile or BASIC_PROFILE
-        self._actions = {Tag(tag_for_keyword(kw)): action for kw, action in self.profile.items()
-                         if tag_for_keyword(kw) is not None}
+        self.profile = profile or Profile(frozenset(options))
+        self.options = self.profile.options
+        self.private = SafePrivate(safe_private) if self.profile.retain_private else None
+        if "retain_long_full_dates" in self.options:
+            self.date_mode = "UNMODIFIED"
+        elif "retain_long_modified_dates" in self.options:
+            self.date_mode = "MODIFIED"
+        else:
+            self.date_mode = "REMOVED"
+
+    # --- the public entry points ---
 
     def apply(self, ds: Dataset) -> DeidResult:
         name = str(ds.get("PatientName", "") or "")
         pid = str(ds.get("PatientID", "") or "")
         birth = str(ds.get("PatientBirthDate", "") or "")
-        pseudo_id = patient_pseudonym(self.secret, patient_key(pid, name, birth))
+        key = patient_key(pid, name, birth)
+        pseudo_id = patient_pseudonym(self.secret, key)
         result = DeidResult(
             patient_id=pseudo_id, patient_name=f"ANON^{pseudo_id}",
-            study_uid=remap_uid(self.secret, str(ds.get("StudyInstanceUID", ""))),
-            series_uid=remap_uid(self.secret, str(ds.get("SeriesInstanceUID", ""))),
-            sop_uid=remap_uid(self.secret, str(ds.get("SOPInstanceUID", ""))),
-        )
-        self._walk(ds, "", result, top=True)
-        ds.PatientIdentityRemoved = "YES"
-        ds.DeidentificationMethod = METHOD
+            study_uid=self._uid(str(ds.get("StudyInstanceUID", ""))),
+            series_uid=self._uid(str(ds.get("SeriesInstanceUID", ""))),
+            sop_uid=self._uid(str(ds.get("SOPInstanceUID", ""))),
+            dates=self.date_mode)
+        state = _Pass(result, shift_days(self.secret, key), self._identifiers(ds))
+        self._walk(ds, "", state, top=True)
+        self._mark(ds)
         if hasattr(ds, "file_meta"):
             self.rewrite_meta(ds.file_meta, result.sop_uid, result)
         return result
 
     def apply_fragment(self, ds: Dataset, result: DeidResult) -> None:
         """De-identify elements that follow the pixel data, into the same result."""
-        self._walk(ds, "", result, top=True)
-
-    def _record(self, result: DeidResult, level: str, path: str, value: object) -> None:
-        result.phi.setdefault(level, {})[path] = value
-
-    def _walk(self, ds: Dataset, prefix: str, result: DeidResult, top: bool) -> None:
-        # Look at raw elements by tag; only elements that need an action (or are
-        # sequences to descend into) are decoded, the rest are written back raw.
-        for tag in list(ds.keys()):
-            if tag.element == 0 and tag.group != 0x0002:
-                del ds[tag]  # group lengths would be stale after any change
-                continue
-            action = "X" if tag.is_private else self._actions.get(tag, "K")
-            if action == "K":
-                if _is_sequence(ds, tag):
-                    elem = ds[tag]
-                    path = prefix + elem.keyword
-                    for i, item in enumerate(elem.value):
-                        self._walk(item, f"{path}[{i}].", result, top=False)
-                continue
-            elem = ds[tag]
-            keyword = elem.keyword
-            path = prefix + (keyword or f"({tag.group:04X},{tag.element:04X})")
-            level = _level(keyword) if top else "instance"
-            original = _sequence_plain(elem.value) if elem.VR == "SQ" else _plain(elem.value)
-            if action == "X":
-                self._record(result, level, path, original)
-                del ds[tag]
-            elif action == "Z":
-                if original not in ("", None):
-                    self._record(result, level, path, original)
-                elem.value = [] if elem.VR == "SQ" else None
-            elif action == "U":
-                self._remap(elem, path, level, result)
-            elif action == "D":
-                self._record(result, level, path, original)
-                self._dummy(ds, elem, keyword, result)
-            else:
-                raise ValueError(f"unknown profile action {action!r} for {keyword}")
-
-    def _remap(self, elem: DataElement, path: str, level: str, result: DeidResult) -> None:
-        values = elem.value if isinstance(elem.value, MultiValue) else [elem.value]
-        new = [remap_uid(self.secret, str(v)) for v in values if v is not None]
-        if [str(v) for v in values] != new:
-            self._record(result, level, path, _plain(elem.value))
-        elem.value = new if isinstance(elem.value, MultiValue) else (new[0] if new else "")
-
-    def _dummy(self, ds: Dataset, elem: DataElement, keyword: str, result: DeidResult) -> None:
-        if keyword == "PatientID":
-            elem.value = result.patient_id
-        elif keyword == "PatientName":
-            elem.value = result.patient_name
-        elif elem.VR == "SQ":
-            elem.value = []
-        elif elem.VR == "UI":
-            elem.value = remap_uid(self.secret, str(elem.value))
-        else:
-            elem.value = _DUMMY_BY_VR.get(elem.VR, "ANONYMIZED")
+        self._walk(ds, "", _Pass(result, 0, []), top=True)
 
     def rewrite_meta(self, meta: FileMetaDataset, sop_uid: str,
                      result: DeidResult | None = None) -> None:
         """File meta that matches the de-identified dataset and names us."""
         old = str(meta.get("MediaStorageSOPInstanceUID", ""))
         if result is not None and old and old != sop_uid:
-            self._record(result, "instance", "MediaStorageSOPInstanceUID", old)
+            self._record(result, "instance", "FileMeta.MediaStorageSOPInstanceUID", old)
         meta.MediaStorageSOPInstanceUID = sop_uid
         meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID
         meta.ImplementationVersionName = IMPLEMENTATION_VERSION
-        for kw in ("SourceApplicationEntityTitle", "SendingApplicationEntityTitle",
-                   "ReceivingApplicationEntityTitle", "PrivateInformationCreatorUID",
-                   "PrivateInformation"):
-            if kw in meta:
+        for elem in list(meta):
+            if elem.tag.element >= 0x0016 and elem.keyword not in ("TransferSyntaxUID",):
                 if result is not None:
-                    self._record(result, "instance", f"FileMeta.{kw}", _plain(meta[kw].value))
-                del meta[kw]
+                    self._record(result, "instance", f"FileMeta.{elem.keyword or elem.tag}",
+                                 _original(elem))
+                del meta[elem.tag]
+
+    # --- the walk ---
+
+    def _uid(self, uid: str) -> str:
+        return uid if "retain_uids" in self.options else remap_uid(self.secret, uid)
+
+    @staticmethod
+    def _record(result: DeidResult, level: str, path: str, value: object) -> None:
+        result.phi.setdefault(level, {})[path] = value
+
+    def _identifiers(self, ds: Dataset) -> list[str]:
+        """Identifying text of this instance, for cleaning descriptors."""
+        if "clean_descriptors" not in self.options:
+            return []
+        values = []
+        for tag in ds.keys():
+            rule = self.profile.rule(tag)
+            if rule is None or rule.action in ("K", "C"):
+                continue
+            elem = ds[tag]
+            if elem.VR in _TEXT_VRS | {"DA"} and not _empty(elem):
+                values.append(str(elem.value))
+        return identifier_fragments(values)
+
+    def _walk(self, ds: Dataset, prefix: str, state: _Pass, top: bool) -> None:
+        kept_blocks: set[tuple[int, int]] = set()
+        creators: list[BaseTag] = []
+        for tag in list(ds.keys()):
+            if tag.element == 0 and tag.group != 0x0002:
+                del ds[tag]  # group lengths would be stale after any change
+                continue
+            if tag.is_private:
+                if 0x0010 <= tag.element <= 0x00FF:
+                    creators.append(tag)
+                    continue
+                if self.private is not None and self.private.is_safe(ds, tag):
+                    kept_blocks.add((tag.group, tag.element >> 8))
+                    continue
+                self._remove(ds, tag, prefix, state, top, "X")
+                continue
+            if tag.group & 0xFF00 in (0x5000, 0x6000):  # curves and overlays
+                self._remove(ds, tag, prefix, state, top, "X")
+                continue
+            rule = self.profile.rule(tag)
+            action = rule.action if rule is not None else "K"
+            if action == "K" or (action == "C" and _is_sequence(ds, tag)):
+                if _is_sequence(ds, tag):
+                    elem = ds[tag]
+                    for i, item in enumerate(elem.value):
+                        self._walk(item, f"{prefix}{elem.keyword}[{i}].", state, top=False)
+                continue
+            self._act(ds, tag, action, prefix, state, top)
+        for tag in creators:  # private creators only for blocks that stay
+            if (tag.group, tag.element) not in kept_blocks:
+                self._remove(ds, tag, prefix, state, top, "X")
+
+    def _remove(self, ds: Dataset, tag: BaseTag, prefix: str, state: _Pass, top: bool,
+                _action: str) -> None:
+        elem = ds[tag]
+        path = prefix + (elem.keyword or f"({tag.group:04X},{tag.element:04X})")
+        self._record(state.result, level_of(elem.keyword) if top else "instance", path,
+                     _original(elem))
+        del ds[tag]
+
+    def _act(self, ds: Dataset, tag: BaseTag, action: str, prefix: str, state: _Pass,
+             top: bool) -> None:
+        elem = ds[tag]
+        keyword = elem.keyword
+        path = prefix + (keyword or f"({tag.group:04X},{tag.element:04X})")
+        level = level_of(keyword) if top else "instance"
+        result = state.result
+        if action == "X":
+            self._remove(ds, tag, prefix, state, top, action)
+            return
+        if _empty(elem) and action in ("Z", "D?", "C", "U") and keyword not in _PSEUDONYMS:
+            return  # nothing to hide
+        original = _original(elem)
+        if keyword == "PatientID":
+            elem.value = result.patient_id
+        elif keyword == "PatientName":
+            elem.value = result.patient_name
+        elif action == "Z":
+            elem.value = [] if elem.VR == "SQ" else None
+        elif action in ("D", "D?"):
+            self._dummy(elem)
+        elif action == "U":
+            if elem.VR != "UI":
+                elem.value = [] if elem.VR == "SQ" else None
+            else:
+                values = elem.value if isinstance(elem.value, MultiValue) else [elem.value]
+                new = [self._uid(str(v)) for v in values if v is not None]
+                elem.value = new if isinstance(elem.value, MultiValue) else (new[0] if new else "")
+        elif action == "C":
+            self._clean(elem, state)
+        if _plain(elem.value) != original:
+            self._record(result, level, path, original)
+
+    def _dummy(self, elem: DataElement) -> None:
+        if elem.VR == "SQ":
+            elem.value = []
+        elif elem.VR == "UI":
+            elem.value = remap_uid(self.secret, str(elem.value))
+        else:
+            elem.value = _DUMMY_BY_VR.get(elem.VR, "ANONYMIZED")
+
+    def _clean(self, elem: DataElement, state: _Pass) -> None:
+        if elem.VR in ("DA", "DT"):
+            if self.date_mode == "MODIFIED":
+                elem.value = shift_value(elem.VR, _plain(elem.value) or "", state.days)
+            else:
+                elem.value = None
+        elif elem.VR == "TM":
+            if self.date_mode != "MODIFIED":
+                elem.value = None  # whole-day shifts keep times of day
+        elif elem.VR in _TEXT_VRS and self.options & {"clean_descriptors"}:
+            elem.value = clean_text(str(_plain(elem.value)), state.identifiers)
+        else:
+            elem.value = None  # cannot be cleaned safely: emptied
+
+    def _mark(self, ds: Dataset) -> None:
+        ds.PatientIdentityRemoved = "YES"
+        active = [o for o in METHOD_CODES if o != "basic" and o in self.options]
+        ds.DeidentificationMethod = (f"ith-proxy PS3.15 E.1-1 {self.profile.edition}".strip()
+                                     + (": " + ", ".join(active) if active else ": basic"))[:64]
+        codes = []
+        for key in ["basic", *active]:
+            value, meaning = METHOD_CODES[key]
+            item = Dataset()
+            item.CodeValue = value
+            item.CodingSchemeDesignator = "DCM"
+            item.CodeMeaning = meaning
+            codes.append(item)
+        ds.DeidentificationMethodCodeSequence = Sequence(codes)
+        ds.LongitudinalTemporalInformationModified = self.date_mode

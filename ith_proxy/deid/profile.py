@@ -1,86 +1,184 @@
-"""The de-identification profile, held as data.
+"""The de-identification profile: PS3.15 Annex E Table E.1-1 held as data.
 
-Each entry maps a DICOM keyword to its PS3.15 Annex E Basic Profile action:
+``table_e1_1.json`` (built by ``build_table.py``, see docs/deid-table.md)
+lists every attribute row with its Basic Profile action and its option
+columns.  ``Profile`` resolves, once, the action for each tag under the
+options a site has switched on:
 
-- ``D`` replace with a non-empty dummy (pseudonym for patient identity)
-- ``Z`` replace with a zero-length value
-- ``X`` remove
-- ``K`` keep
-- ``U`` replace the UID with a keyed, consistent ``2.25.`` UID
+- an active option column that says ``K`` keeps the attribute;
+- otherwise one that says ``C`` cleans it (for dates: the keyed shift);
+- otherwise the Basic Profile action applies.
 
-Private attributes are removed (``X``) by the engine unless a profile says
-otherwise.  This is the ingest core's minimum set; the full Table E.1-1 with every
-option column replaces it (issue 3).
+Compound actions are resolved without full per-IOD type tables, with the
+few attributes that are Type 1 in an IOD we accept (``TYPE1``) getting a
+dummy (``D``) so outputs stay valid; the rest take the least revealing
+choice the standard allows: ``X/Z`` -> ``Z`` (empty is valid for Type 2 and
+3), ``Z/D`` and ``X/Z/D`` -> ``Z``, ``X/D`` -> ``X``, ``X/Z/U*`` -> ``U``.
+
+Beyond the table: private attributes are removed unless Retain Safe Private
+allows them, curve (50xx) and overlay (60xx) groups are removed, and group
+lengths are dropped.
 """
 
 from __future__ import annotations
 
-BASIC_PROFILE: dict[str, str] = {
-    # patient identity
-    "PatientName": "D",
-    "PatientID": "D",
-    "PatientBirthDate": "Z",
-    "PatientBirthTime": "X",
-    "OtherPatientIDs": "X",
-    "OtherPatientIDsSequence": "X",
-    "OtherPatientNames": "X",
-    "PatientBirthName": "X",
-    "PatientMotherBirthName": "X",
-    "PatientAddress": "X",
-    "PatientTelephoneNumbers": "X",
-    "IssuerOfPatientID": "X",
-    "MedicalRecordLocator": "X",
-    # study / visit
-    "AccessionNumber": "Z",
-    "StudyID": "Z",
-    "StudyDescription": "X",
-    "SeriesDescription": "X",
-    "ReferringPhysicianName": "Z",
-    "ReferringPhysicianAddress": "X",
-    "ReferringPhysicianTelephoneNumbers": "X",
-    "PerformingPhysicianName": "X",
-    "NameOfPhysiciansReadingStudy": "X",
-    "OperatorsName": "X",
-    "RequestingPhysician": "X",
-    # institution
-    "InstitutionName": "X",
-    "InstitutionAddress": "X",
-    "InstitutionalDepartmentName": "X",
-    "StationName": "X",
-    "DeviceSerialNumber": "X",
-    # requests and procedures
-    "RequestAttributesSequence": "X",
-    "RequestedProcedureID": "X",
-    "ScheduledProcedureStepID": "X",
-    "PerformedProcedureStepID": "X",
-    "RequestedProcedureDescription": "X",
-    "PerformedProcedureStepDescription": "X",
-    # UIDs
-    "StudyInstanceUID": "U",
-    "SeriesInstanceUID": "U",
-    "SOPInstanceUID": "U",
-    "FrameOfReferenceUID": "U",
-    "ReferencedSOPInstanceUID": "U",
-    "ReferencedFrameOfReferenceUID": "U",
-    "RelatedFrameOfReferenceUID": "U",
-    "SynchronizationFrameOfReferenceUID": "U",
-    "MediaStorageSOPInstanceUID": "U",
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydicom.tag import BaseTag
+
+TABLE_FILE = Path(__file__).with_name("table_e1_1.json")
+
+# option name (config) -> option column key in the table file
+OPTION_COLUMNS = {
+    "retain_safe_private": "retain_safe_private",
+    "retain_uids": "retain_uids",
+    "retain_device_identity": "retain_device_identity",
+    "retain_institution_identity": "retain_institution_identity",
+    "retain_patient_characteristics": "retain_patient_characteristics",
+    "retain_long_full_dates": "retain_long_full_dates",
+    "retain_long_modified_dates": "retain_long_modified_dates",
+    "clean_descriptors": "clean_descriptors",
 }
 
-# Which vault level each original value belongs to (default: instance).
+# DICOM CID 7050 codes for DeidentificationMethodCodeSequence
+METHOD_CODES = {
+    "basic": ("113100", "Basic Application Confidentiality Profile"),
+    "clean_descriptors": ("113105", "Clean Descriptors Option"),
+    "retain_long_full_dates": ("113106", "Retain Longitudinal Temporal Information Full Dates Option"),
+    "retain_long_modified_dates": ("113107", "Retain Longitudinal Temporal Information Modified Dates Option"),
+    "retain_patient_characteristics": ("113108", "Retain Patient Characteristics Option"),
+    "retain_device_identity": ("113109", "Retain Device Identity Option"),
+    "retain_uids": ("113110", "Retain UIDs Option"),
+    "retain_safe_private": ("113111", "Retain Safe Private Option"),
+    "retain_institution_identity": ("113112", "Retain Institution Identity Option"),
+}
+
+# Which vault level an original value belongs to (default: instance).
 PATIENT_LEVEL = frozenset({
-    "PatientName", "PatientID", "PatientBirthDate", "PatientBirthTime", "OtherPatientIDs",
-    "OtherPatientIDsSequence", "OtherPatientNames", "PatientBirthName",
-    "PatientMotherBirthName", "PatientAddress", "PatientTelephoneNumbers",
-    "IssuerOfPatientID", "MedicalRecordLocator",
+    "PatientName", "PatientID", "PatientBirthDate", "PatientBirthTime", "PatientSex",
+    "PatientAge", "PatientSize", "PatientWeight", "OtherPatientIDs", "OtherPatientIDsSequence",
+    "OtherPatientNames", "PatientBirthName", "PatientMotherBirthName", "PatientAddress",
+    "PatientTelephoneNumbers", "IssuerOfPatientID", "MedicalRecordLocator", "EthnicGroup",
+    "PatientComments", "MilitaryRank", "BranchOfService", "CountryOfResidence",
+    "RegionOfResidence", "PatientReligiousPreference", "Occupation", "AdditionalPatientHistory",
+    "PatientInsurancePlanCodeSequence", "PatientPrimaryLanguageCodeSequence", "SmokingStatus",
+    "PregnancyStatus", "LastMenstrualDate", "MedicalAlerts", "Allergies",
+    "PatientSexNeutered", "ResponsiblePerson", "ResponsibleOrganization",
 })
 STUDY_LEVEL = frozenset({
-    "AccessionNumber", "StudyID", "StudyDescription", "ReferringPhysicianName",
-    "ReferringPhysicianAddress", "ReferringPhysicianTelephoneNumbers",
-    "NameOfPhysiciansReadingStudy", "RequestingPhysician", "StudyInstanceUID",
-    "InstitutionName", "InstitutionAddress", "InstitutionalDepartmentName",
+    "AccessionNumber", "StudyID", "StudyDate", "StudyTime", "StudyDescription",
+    "ReferringPhysicianName", "ReferringPhysicianAddress", "ReferringPhysicianTelephoneNumbers",
+    "NameOfPhysiciansReadingStudy", "PhysiciansOfRecord", "RequestingPhysician",
+    "StudyInstanceUID", "InstitutionName", "InstitutionAddress", "InstitutionalDepartmentName",
+    "AdmittingDiagnosesDescription", "RequestAttributesSequence", "StudyComments",
+    "IssuerOfAccessionNumberSequence", "ReasonForStudy", "RequestedProcedureDescription",
+    "AdmissionID", "CurrentPatientLocation",
 })
 SERIES_LEVEL = frozenset({
-    "SeriesInstanceUID", "SeriesDescription", "FrameOfReferenceUID", "PerformingPhysicianName",
-    "OperatorsName", "StationName", "DeviceSerialNumber",
+    "SeriesInstanceUID", "SeriesDescription", "SeriesDate", "SeriesTime",
+    "FrameOfReferenceUID", "PerformingPhysicianName", "OperatorsName", "StationName",
+    "DeviceSerialNumber", "ProtocolName", "PerformedProcedureStepDescription",
+    "PerformedProcedureStepID", "PerformedProcedureStepStartDate",
+    "PerformedProcedureStepStartTime",
 })
+
+
+def level_of(keyword: str) -> str:
+    if keyword in PATIENT_LEVEL:
+        return "patient"
+    if keyword in STUDY_LEVEL:
+        return "study"
+    if keyword in SERIES_LEVEL:
+        return "series"
+    return "instance"
+
+
+@dataclass(frozen=True)
+class Rule:
+    action: str       # resolved: D Z X K C U, or "D?" (D when valued, else Z)
+    keyword: str
+    basic: str        # as the standard says, for the record
+
+
+# Type 1 somewhere in the IODs the SCP accepts (PET Series: Series Date and
+# Time; Enhanced CT/MR/PET: Content Date/Time, Acquisition DateTime, and
+# Device Serial Number in Enhanced General Equipment).
+TYPE1 = frozenset({"SeriesDate", "SeriesTime", "ContentDate", "ContentTime",
+                   "AcquisitionDateTime", "DeviceSerialNumber"})
+
+
+def _resolve(basic: str, options: dict[str, str], active: frozenset[str], keyword: str) -> str:
+    columns = {(options.get(OPTION_COLUMNS[o]) or "").strip() for o in active}
+    if "K" in columns:
+        return "K"
+    if "C" in columns:
+        return "C"
+    basic = basic.strip()
+    if basic in ("X/D", "Z/D", "X/Z/D") and keyword in TYPE1:
+        return "D?"
+    if basic in ("X/Z", "Z/D", "X/Z/D"):
+        return "Z"
+    if basic == "X/D":
+        return "X"
+    if basic.startswith("X/Z/U"):
+        return "U"
+    if basic in ("D", "Z", "X", "K", "C", "U"):
+        return basic
+    raise ValueError(f"unknown Annex E action {basic!r}")
+
+
+def _parse_tag(text: str) -> tuple[int, int] | None:
+    """'(gggg,eeee)' -> (group, element); None for a pattern with wildcards."""
+    inner = text.strip().strip("()").replace(" ", "")
+    group, _, elem = inner.partition(",")
+    try:
+        return int(group, 16), int(elem, 16)
+    except ValueError:
+        return None
+
+
+class Profile:
+    """Per-tag actions for one set of active options, resolved once."""
+
+    def __init__(self, options: frozenset[str] = frozenset(), table: Path = TABLE_FILE) -> None:
+        unknown = set(options) - set(OPTION_COLUMNS)
+        if unknown:
+            raise ValueError(f"unknown de-identification options: {sorted(unknown)}")
+        self.options = options
+        data = json.loads(Path(table).read_text(encoding="utf-8"))
+        self.edition = data.get("edition", "")
+        self.rules: dict[int, Rule] = {}
+        self.patterns: list[tuple[int, int, Rule]] = []  # (mask, value, rule)
+        for row in data["rows"]:
+            keyword = row.get("keyword", "")
+            rule = Rule(_resolve(row["basic"], row.get("options", {}), options, keyword),
+                        keyword, row["basic"])
+            parsed = _parse_tag(row["tag"])
+            if parsed is not None:
+                self.rules[(parsed[0] << 16) | parsed[1]] = rule
+            else:
+                mask, value = _pattern(row["tag"])
+                if mask:
+                    self.patterns.append((mask, value, rule))
+        self.retain_private = "retain_safe_private" in options
+
+    def rule(self, tag: BaseTag) -> Rule | None:
+        rule = self.rules.get(int(tag))
+        if rule is not None:
+            return rule
+        for mask, value, pattern_rule in self.patterns:
+            if int(tag) & mask == value:
+                return pattern_rule
+        return None
+
+
+def _pattern(text: str) -> tuple[int, int]:
+    """'(50xx,xxxx)' -> (mask, value) over the 32-bit tag; (0, 0) if not a hex pattern."""
+    inner = text.strip().strip("()").replace(",", "").replace(" ", "").lower()
+    if len(inner) != 8 or any(c not in "0123456789abcdefx" for c in inner):
+        return 0, 0
+    mask = int("".join("0" if c == "x" else "f" for c in inner), 16)
+    value = int(inner.replace("x", "0"), 16)
+    return mask, value

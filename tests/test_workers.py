@@ -143,3 +143,12 @@ def test_rle_is_refused_unless_configured(tmp_path: Path) -> None:
         assert result.returncode != 0
         assert tools.acked_files(result) == []
         assert stored_files(proxy.spool) == []
+
+
+def test_auto_start_off_runs_without_the_dicom_listener(tmp_path: Path) -> None:
+    with tools.ProxyProcess(tmp_path / "p", env={"DICOM_AUTO_START": "false"}) as proxy:
+        assert proxy.health() == (200, {"status": "ok"})
+        assert not tools.port_listening(proxy.dicom_port)
+        series = dicomgen.make_ct_series(tmp_path / "in", 1, rows=32, cols=32)
+        _drop(Spool(proxy.spool), series.files, time.time())  # the indexer still works
+        wait_indexed(proxy.spool, 1)

@@ -191,7 +191,9 @@ class Deidentifier:
                 continue
             rule = self.profile.rule(tag)
             action = rule.action if rule is not None else "K"
-            if action == "K" or (action == "C" and _is_sequence(ds, tag)):
+            # K keeps; on a sequence, C (clean) and U (X/Z/U*: keep with the UIDs
+            # inside replaced) descend so each nested attribute gets its own rule.
+            if action == "K" or (action in ("C", "U") and _is_sequence(ds, tag)):
                 if _is_sequence(ds, tag):
                     elem = ds[tag]
                     for i, item in enumerate(elem.value):

@@ -99,6 +99,9 @@ class Deidentifier:
         self.profile = profile or Profile(frozenset(options))
         self.options = self.profile.options
         self.private = SafePrivate(safe_private) if self.profile.retain_private else None
+        # options whose columns clean (C) text: its identifiers are read first
+        self._cleans_text = bool(self.options & {"clean_descriptors", "retain_device_identity",
+                                                 "retain_patient_characteristics"})
         if "retain_long_full_dates" in self.options:
             self.date_mode = "UNMODIFIED"
         elif "retain_long_modified_dates" in self.options:
@@ -120,7 +123,8 @@ class Deidentifier:
             series_uid=self._uid(str(ds.get("SeriesInstanceUID", ""))),
             sop_uid=self._uid(str(ds.get("SOPInstanceUID", ""))),
             dates=self.date_mode)
-        state = _Pass(result, shift_days(self.secret, key), self._identifiers(ds))
+        state = _Pass(result, shift_days(self.secret, key),
+                      identifiers=self._identifiers(ds) if self._cleans_text else [])
         self._walk(ds, "", state, top=True)
         self._mark(ds)
         if hasattr(ds, "file_meta"):
@@ -157,9 +161,7 @@ class Deidentifier:
         result.phi.setdefault(level, {})[path] = value
 
     def _identifiers(self, ds: Dataset) -> list[str]:
-        """Identifying text of this instance, for cleaning descriptors."""
-        if "clean_descriptors" not in self.options:
-            return []
+        """Identifying text of this instance, for cleaning text (read before any change)."""
         values = []
         for tag in ds.keys():
             rule = self.profile.rule(tag)
@@ -262,7 +264,7 @@ class Deidentifier:
         elif elem.VR == "TM":
             if self.date_mode != "MODIFIED":
                 elem.value = None  # whole-day shifts keep times of day
-        elif elem.VR in _TEXT_VRS and self.options & {"clean_descriptors"}:
+        elif elem.VR in _TEXT_VRS:
             elem.value = clean_text(str(_plain(elem.value)), state.identifiers)
         else:
             elem.value = None  # cannot be cleaned safely: emptied

@@ -30,6 +30,7 @@ _DUMMY_BY_VR = {
     "AS": "000Y", "IS": "0", "DS": "0", "US": 0, "SS": 0, "UL": 0, "SL": 0,
     "FL": 0.0, "FD": 0.0, "AE": "ANONYMIZED", "CS": "ANONYMIZED",
 }
+_BINARY_VRS = {"OB", "OW", "OF", "OD", "OL", "OV", "UN", "SV", "UV"}
 _TEXT_VRS = {"PN", "LO", "SH", "ST", "LT", "UT", "AE", "UC"}
 _PSEUDONYMS = ("PatientName", "PatientID")
 
@@ -250,6 +251,10 @@ class Deidentifier:
     def _dummy(self, elem: DataElement) -> None:
         if elem.VR == "SQ":
             elem.value = []
+        elif elem.VR in _BINARY_VRS:
+            elem.value = b"\x00\x00"
+        elif elem.VR == "AT":
+            elem.value = 0
         elif elem.VR == "UI":
             elem.value = remap_uid(self.secret, str(elem.value))
         else:

@@ -8,15 +8,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import urllib.request
 from datetime import datetime, timezone
+from pathlib import Path
 
 from . import config as config_mod
+from . import vault_stream
 from .catalog import Catalog
 from .config import Config, ConfigError
 from .spool import Spool
-from .vault import Vault, VaultKeyError
+from .vault import Keyring, Vault, VaultKeyError, VaultRecordError
+from .vault_stream import EncryptedFileError
 
 EXIT_CONFIG = 2
 
@@ -34,6 +38,22 @@ def _parser() -> argparse.ArgumentParser:
     st.add_argument("--json", action="store_true", help="machine-readable output")
     sub.add_parser("reindex", parents=[common],
                    help="rebuild the catalog from studies/ and the vault (service stopped)")
+    vault = sub.add_parser("vault", parents=[common], help="vault key management")
+    vsub = vault.add_subparsers(dest="action", metavar="<action>", required=True)
+    vsub.add_parser("rotate-key", parents=[common],
+                    help="re-encrypt the vault and encrypted spool files under a new key "
+                         "and drop the old one (service stopped)")
+    quar = sub.add_parser("quarantine", parents=[common],
+                          help="inspect, export and release quarantined input")
+    qsub = quar.add_subparsers(dest="action", metavar="<action>", required=True)
+    qsub.add_parser("list", parents=[common], help="one line per quarantined item")
+    exp = qsub.add_parser("export", parents=[common],
+                          help="write a readable (decrypted) copy of an item, mode 0600")
+    exp.add_argument("name", metavar="NAME", help="item name, or REASON/NAME")
+    exp.add_argument("--out", metavar="PATH", help="output file (default: ./NAME.dcm)")
+    rel = qsub.add_parser("release", parents=[common],
+                          help="move an item back to incoming/ for another attempt")
+    rel.add_argument("name", metavar="NAME", help="item name, or REASON/NAME")
     return parser
 
 
@@ -124,6 +144,107 @@ def cmd_reindex(cfg: Config) -> int:
     return 0
 
 
+def _locked_spool(cfg: Config, what: str) -> tuple[Spool, int]:
+    spool = Spool(cfg.spool.dir)
+    if not spool.root.is_dir():
+        raise _CliError(f"no spool at {cfg.spool.dir}")
+    lock = spool.lock()
+    if lock is None:
+        raise _CliError(f"the proxy is running on this spool; stop it before {what}")
+    spool.ensure()
+    return spool, lock
+
+
+class _CliError(Exception):
+    """A one-line message for the operator (exit 1)."""
+
+
+def cmd_vault_rotate(cfg: Config) -> int:
+    from .service import vault_path
+    from .vault_rotate import rotate
+    if not cfg.vault.key_file.exists():
+        return _fail(f"no vault key at {cfg.vault.key_file}: nothing to rotate")
+    spool, lock = _locked_spool(cfg, "vault rotate-key")
+    try:
+        rotation = rotate(spool, vault_path(cfg), cfg.vault.key_file)
+    except (VaultRecordError, OSError) as exc:
+        detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        return _fail(f"vault key rotation stopped: {detail}; everything still decrypts "
+                     "with the key file as it is now; fix the cause and run it again")
+    finally:
+        os.close(lock)
+    print(rotation.summary())
+    print(f"back up the new key file {cfg.vault.key_file}; old copies of it can be destroyed",
+          file=sys.stderr)
+    return 0
+
+
+def cmd_quarantine_list(cfg: Config) -> int:
+    spool = Spool(cfg.spool.dir)
+    if not spool.quarantine_dir.is_dir():
+        return _fail(f"no spool at {cfg.spool.dir}")
+    items = spool.quarantined()
+    for it in items:
+        size = it.get("size")
+        size_text = "? bytes" if size is None else f"{size} bytes"
+        state = "" if it.get("present", True) else " [file missing]"
+        if it.get("present", True) and not it.get("encrypted"):
+            state = " [not encrypted]"
+        error = " ".join(str(it.get("error", "")).split())
+        print(f"{it.get('reason', '?')}  {it.get('name', '?')}  {it.get('quarantined_at', '?')}"
+              f"  {size_text}  {error}{state}")
+    if not items:
+        print("quarantine is empty")
+    return 0
+
+
+def _quarantined(spool: Spool, name: str) -> tuple[Path, dict]:
+    try:
+        return spool.quarantined_item(name)
+    except (KeyError, FileNotFoundError):
+        raise _CliError(f"no quarantined item named {name!r} "
+                        "(see: ith-proxy quarantine list)") from None
+
+
+def cmd_quarantine_export(cfg: Config, name: str, out: str | None) -> int:
+    spool = Spool(cfg.spool.dir)
+    data, info = _quarantined(spool, name)
+    dest = Path(out) if out else Path.cwd() / f"{data.name}.dcm"
+    if dest.exists():
+        return _fail(f"{dest} already exists; choose another --out")
+    keyring = Keyring.load(cfg.vault.key_file, create=False)
+    try:
+        written = vault_stream.export_plain(data, dest, keyring, info.get("sha256"))
+    except EncryptedFileError as exc:
+        return _fail(f"cannot export {name}: {exc}")
+    except OSError as exc:
+        return _fail(f"cannot write {dest}: {exc.strerror or exc}")
+    print(f"wrote {dest} ({written['size']} bytes); it holds plaintext PHI: "
+          "delete it when done")
+    return 0
+
+
+def cmd_quarantine_release(cfg: Config, name: str) -> int:
+    spool = Spool(cfg.spool.dir)
+    data, info = _quarantined(spool, name)
+    encrypted = vault_stream.is_encrypted(data)
+    write = None
+    if encrypted != cfg.spool.encrypt_incoming:
+        keyring = Keyring.load(cfg.vault.key_file, create=False)
+        transform = vault_stream.seal if cfg.spool.encrypt_incoming else vault_stream.decrypt_to
+        write = lambda src, out: transform(src, out, keyring)  # noqa: E731
+    try:
+        spool.release(name, write)
+    except EncryptedFileError as exc:
+        return _fail(f"cannot release {name}: {exc}")
+    except FileExistsError as exc:
+        return _fail(f"cannot release {name}: {exc}")
+    state = "encrypted" if cfg.spool.encrypt_incoming else "decrypted"
+    print(f"released {data.parent.name}/{data.name} to incoming/ ({state}); "
+          "a running proxy processes it now, a stopped one at start-up")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -137,7 +258,15 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_status(cfg, args.json)
         if args.command == "reindex":
             return cmd_reindex(cfg)
-    except VaultKeyError as exc:
+        if args.command == "vault":
+            return cmd_vault_rotate(cfg)
+        if args.command == "quarantine":
+            if args.action == "list":
+                return cmd_quarantine_list(cfg)
+            if args.action == "export":
+                return cmd_quarantine_export(cfg, args.name, args.out)
+            return cmd_quarantine_release(cfg, args.name)
+    except (VaultKeyError, _CliError) as exc:
         return _fail(str(exc))
     except KeyboardInterrupt:
         return 130

@@ -5,6 +5,10 @@ Pixel Data (and Float/Double Float Pixel Data) is never loaded: the reader
 notes where the element starts and ends, and the writer copies that byte
 range in chunks.  Elements after the pixel data (rare: padding, signatures)
 are parsed as a small trailing dataset so they can be de-identified too.
+
+The source is a path or any seekable binary file object (the indexer passes
+a decrypting reader for encrypted input).  From a real file the pixel bytes
+are copied in the kernel; from anything else in 1 MiB chunks.
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ class DicomFileError(ValueError):
 
 @dataclass
 class SplitFile:
-    path: Path
+    path: Path | None            # where it was read from, if it was read from a path
     header: Dataset              # everything before the pixel data, with file_meta
     pixel_start: int             # byte offset of the pixel data element (== size if none)
     pixel_end: int               # byte offset just past it
@@ -87,37 +91,46 @@ def _element_end(fh: BinaryIO, start: int, implicit: bool, little: bool) -> int:
         pos += ilen
 
 
-def read_split(path: Path) -> SplitFile:
-    """Parse the header only; locate the pixel data byte range."""
-    path = Path(path)
-    with open(path, "rb") as fh:
-        size = fh.seek(0, 2)
-        fh.seek(0)
+def read_split(source: Path | str | BinaryIO, path: Path | None = None) -> SplitFile:
+    """Parse the header only; locate the pixel data byte range.
+
+    ``source`` is a path, or a seekable binary file object that the caller
+    keeps open for ``write_joined`` (``path`` then only names it).
+    """
+    if isinstance(source, (str, os.PathLike)):
+        with open(source, "rb") as fh:
+            return _read_split(fh, Path(source))
+    return _read_split(source, path)
+
+
+def _read_split(fh: BinaryIO, path: Path | None) -> SplitFile:
+    size = fh.seek(0, 2)
+    fh.seek(0)
+    try:
+        header = pydicom.dcmread(fh, stop_before_pixels=True)
+    except Exception as exc:  # pydicom raises many types on garbage
+        raise DicomFileError(f"unreadable DICOM: {type(exc).__name__}") from None
+    meta = getattr(header, "file_meta", None)
+    if meta is None or "TransferSyntaxUID" not in meta:
+        raise DicomFileError("no file meta / transfer syntax")
+    ts = meta.TransferSyntaxUID
+    if str(ts) in DEFLATED:
+        raise DicomFileError("deflated transfer syntax is not supported")
+    start = fh.tell()
+    if start >= size:
+        return SplitFile(path, header, size, size, None, size)
+    implicit, little = ts.is_implicit_VR, ts.is_little_endian
+    end = _element_end(fh, start, implicit, little)
+    if end > size:
+        raise DicomFileError("pixel data is truncated")
+    trailer = None
+    if end < size:
+        fh.seek(end)
         try:
-            header = pydicom.dcmread(fh, stop_before_pixels=True)
-        except Exception as exc:  # pydicom raises many types on garbage
-            raise DicomFileError(f"unreadable DICOM: {type(exc).__name__}") from None
-        meta = getattr(header, "file_meta", None)
-        if meta is None or "TransferSyntaxUID" not in meta:
-            raise DicomFileError("no file meta / transfer syntax")
-        ts = meta.TransferSyntaxUID
-        if str(ts) in DEFLATED:
-            raise DicomFileError("deflated transfer syntax is not supported")
-        start = fh.tell()
-        if start >= size:
-            return SplitFile(path, header, size, size, None, size)
-        implicit, little = ts.is_implicit_VR, ts.is_little_endian
-        end = _element_end(fh, start, implicit, little)
-        if end > size:
-            raise DicomFileError("pixel data is truncated")
-        trailer = None
-        if end < size:
-            fh.seek(end)
-            try:
-                trailer = read_dataset(fh, implicit, little, size - end)
-            except Exception as exc:
-                raise DicomFileError(f"unreadable elements after pixel data: "
-                                     f"{type(exc).__name__}") from None
+            trailer = read_dataset(fh, implicit, little, size - end)
+        except Exception as exc:
+            raise DicomFileError(f"unreadable elements after pixel data: "
+                                 f"{type(exc).__name__}") from None
     return SplitFile(path, header, start, end, trailer, size)
 
 
@@ -149,10 +162,15 @@ def _copy_range(out: BinaryIO, src: BinaryIO, remaining: int) -> None:
         remaining -= len(chunk)
 
 
-def copy_raw(out: BinaryIO, path: Path) -> None:
-    """Copy a file unchanged, in chunks."""
-    with open(path, "rb") as src:
-        _copy_range(out, src, os.fstat(src.fileno()).st_size)
+def copy_raw(out: BinaryIO, source: Path | BinaryIO) -> None:
+    """Copy a file (a path or a seekable file object) unchanged, in chunks."""
+    if isinstance(source, (str, os.PathLike)):
+        with open(source, "rb") as src:
+            _copy_range(out, src, os.fstat(src.fileno()).st_size)
+        return
+    size = source.seek(0, 2)
+    source.seek(0)
+    _copy_range(out, source, size)
 
 
 _LONG_VR_NAMES = {vr.decode() for vr in _LONG_VRS}
@@ -193,16 +211,24 @@ def _encode_dataset(ds: Dataset, implicit: bool, little: bool) -> bytes:
     return fp.parent.getvalue()
 
 
-def write_joined(out: BinaryIO, split: SplitFile) -> None:
-    """Write split.header (as it is now), the original pixel bytes, the trailer."""
+def write_joined(out: BinaryIO, split: SplitFile, src: BinaryIO | None = None) -> None:
+    """Write split.header (as it is now), the original pixel bytes, the trailer.
+
+    The pixel bytes come from ``src`` (the file object read_split parsed), or
+    from ``split.path`` reopened.
+    """
+    if src is None:
+        if split.path is None:
+            raise ValueError("write_joined needs the source file object")
+        with open(split.path, "rb") as fh:
+            return write_joined(out, split, fh)
     ts = split.header.file_meta.TransferSyntaxUID
     implicit, little = ts.is_implicit_VR, ts.is_little_endian
     head = DicomFileLike(io.BytesIO())
     head.write(b"\x00" * 128 + b"DICM")  # preamble zeroed (CVE-2019-11687)
     write_file_meta_info(head, split.header.file_meta, enforce_standard=True)
     out.write(head.parent.getvalue() + _encode_dataset(split.header, implicit, little))
-    with open(split.path, "rb") as src:
-        src.seek(split.pixel_start)
-        _copy_range(out, src, split.pixel_end - split.pixel_start)
+    src.seek(split.pixel_start)
+    _copy_range(out, src, split.pixel_end - split.pixel_start)
     if split.trailer is not None and len(split.trailer):
         out.write(_encode_dataset(split.trailer, implicit, little))

@@ -9,8 +9,16 @@ vault records and output files durable together.  A crash at any point leaves th
 file in ``incoming/``; re-processing it produces the same names and the same
 rows, so nothing is lost and nothing is duplicated.
 
-Input that cannot be processed goes to ``quarantine/<reason>/``.  An I/O
-error leaves the file where it is for the next pass.
+Input that cannot be processed goes to ``quarantine/<reason>/``, always
+encrypted under the vault key (it may hold PHI); so does input that is a
+PHI risk for de-identification (burned-in annotation), and input that hit
+an unexpected error (``failed``: one bad file never stops the others).  An
+I/O error leaves the file where it is for the next pass.
+
+A raw file may be plaintext or encrypted (``[spool] encrypt_incoming``); it
+is told by its first line, so both kinds are handled whatever the setting.
+Encrypted input is read through a seekable decrypting reader, one chunk at
+a time.
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import traceback
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,12 +34,13 @@ from pathlib import Path
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
-from . import dicomfile
+from . import dicomfile, vault_stream
 from .catalog import Catalog, InstanceRow
 from .config import Config
 from .deid import Deidentifier
 from .spool import Spool
 from .vault import Vault, VaultRecordError
+from .vault_stream import EncryptedFileError
 
 log = logging.getLogger("ith_proxy.indexer")
 
@@ -39,6 +49,38 @@ _REQUIRED = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanc
 
 class Inconsistent(ValueError):
     """Parsed, but the dataset contradicts itself or lacks what we need."""
+
+
+class PhiRisk(ValueError):
+    """De-identifying the header would not remove all PHI (e.g. text in the pixels)."""
+
+
+# Error texts in quarantine .json files and logs are fixed phrases naming
+# attributes, never DICOM values.
+_REASONS = ((dicomfile.DicomFileError, "unparseable"), (Inconsistent, "inconsistent"),
+            (PhiRisk, "phi-risk"), (EncryptedFileError, "undecryptable"))
+SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"  # and its .1 to .4 variants
+
+
+def _phi_risk(ds) -> str | None:
+    """Why the pixels may carry identifying text, or None."""
+    if str(ds.get("BurnedInAnnotation", "") or "").strip().upper() == "YES":
+        return "BurnedInAnnotation is YES (identifying text in the pixels)"
+    sop_class = str(ds.get("SOPClassUID", ""))
+    if sop_class == SECONDARY_CAPTURE or sop_class.startswith(SECONDARY_CAPTURE + "."):
+        return "Secondary Capture instance (may carry burned-in text)"
+    return None
+
+
+def _internal_error(exc: Exception) -> str:
+    """A PHI-free description of an unexpected error: its type and where it
+    happened.  The message is left out (it may quote a value); the frames
+    (code only) go to the log."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    where = f" at {Path(frames[-1].filename).name}:{frames[-1].lineno}" if frames else ""
+    log.error("unexpected %s while processing an incoming file; traceback without "
+              "the message:\n%s", type(exc).__name__, "".join(traceback.format_list(frames)))
+    return f"internal error: {type(exc).__name__}{where}"
 
 
 def _check(split: dicomfile.SplitFile) -> None:
@@ -71,6 +113,11 @@ class Indexer:
         self.quarantined = 0
         self._inflight: set[str] = set()  # names in a batch not yet committed
         self._lock = threading.Lock()
+        # One APSW connection, used by the processing thread (vault-record
+        # lookups) and the commit thread: APSW refuses concurrent use
+        # (ThreadingViolationError, which failed whole batches and duplicated
+        # their vault records on the retry).
+        self._db_lock = threading.Lock()
 
     # --- one pass ---
 
@@ -102,8 +149,8 @@ class Indexer:
         for name in names:
             try:
                 row = self._process(name)
-            except (dicomfile.DicomFileError, Inconsistent) as exc:
-                reason = "unparseable" if isinstance(exc, dicomfile.DicomFileError) else "inconsistent"
+            except (dicomfile.DicomFileError, Inconsistent, PhiRisk, EncryptedFileError) as exc:
+                reason = next(r for cls, r in _REASONS if isinstance(exc, cls))
                 batch.handled += self._quarantine(name, reason, str(exc))
                 continue
             except FileNotFoundError:
@@ -111,6 +158,9 @@ class Indexer:
             except OSError as exc:
                 log.error("I/O error on incoming file %s: %s; will retry", name, exc.strerror)
                 break
+            except Exception as exc:  # a bug, not bad input: isolate this file, keep ingesting
+                batch.handled += self._quarantine(name, "failed", _internal_error(exc))
+                continue
             batch.rows.append(row)
             batch.done.append(name)
         batch.handled += len(batch.done)
@@ -121,7 +171,8 @@ class Indexer:
         try:
             if batch.rows:
                 self.spool.sync_all()  # output files, their directories and the vault
-                new = self.catalog.record_instances(batch.rows)
+                with self._db_lock:
+                    new = self.catalog.record_instances(batch.rows)
                 log.debug("indexed %d instance(s) (%d new)", len(batch.rows), new)
             self.spool.remove_incoming(batch.done)
             self.processed += len(batch.done)
@@ -130,8 +181,20 @@ class Indexer:
                 self._inflight.difference_update(batch.names)
 
     def _quarantine(self, name: str, reason: str, why: str) -> int:
+        """Quarantine encrypted: plaintext input is sealed on the way, encrypted
+        input moves as it is.  The .json gets the plaintext's size and sha256."""
+        path = self.spool.incoming_path(name)
+        keyring = self.vault.keyring
         try:
-            self.spool.quarantine(name, reason, {"error": why})
+            if vault_stream.is_encrypted(path):
+                try:
+                    info = vault_stream.digest(path, keyring)
+                except EncryptedFileError:
+                    info = {"size": None, "sha256": None}
+                self.spool.quarantine(name, reason, {"error": why, "encrypted": True, **info})
+            else:
+                self.spool.quarantine(name, reason, {"error": why, "encrypted": True},
+                                      seal=lambda src, out: vault_stream.seal(src, out, keyring))
         except FileNotFoundError:
             return 0
         self.quarantined += 1
@@ -141,9 +204,17 @@ class Indexer:
     def _process(self, name: str) -> InstanceRow:
         path = self.spool.incoming_path(name)
         received = path.stat().st_mtime
-        split = dicomfile.read_split(path)
+        with vault_stream.open_source(path, self.vault.keyring) as src:
+            return self._process_open(path, src, received)
+
+    def _process_open(self, path: Path, src, received: float) -> InstanceRow:
+        split = dicomfile.read_split(src, path)
         _check(split)
         ds = split.header
+        if self.anonymize and self.cfg.deid.quarantine_burned_in:
+            risk = _phi_risk(ds)
+            if risk:
+                raise PhiRisk(risk)
         if self.anonymize:
             result = self.deid.apply(ds)
             if split.trailer is not None:
@@ -161,9 +232,10 @@ class Indexer:
             offset = None
         if self.anonymize:
             self.spool.put_instance(study, series, sop,
-                                    lambda out: dicomfile.write_joined(out, split), sync=False)
-        else:  # stored exactly as received
-            self.spool.put_instance(study, series, sop, lambda out: dicomfile.copy_raw(out, path),
+                                    lambda out: dicomfile.write_joined(out, split, src),
+                                    sync=False)
+        else:  # stored exactly as received (decrypted)
+            self.spool.put_instance(study, series, sop, lambda out: dicomfile.copy_raw(out, src),
                                     sync=False)
         return InstanceRow(
             patient_id=patient_id, patient_name=patient_name, study_uid=study,
@@ -174,7 +246,8 @@ class Indexer:
 
     def _vault_put(self, sop: str, record: dict) -> int:
         """Append the record unless the same originals are already in the vault."""
-        existing = self.catalog.instance_vault_offset(sop)
+        with self._db_lock:
+            existing = self.catalog.instance_vault_offset(sop)
         if existing is not None:
             try:
                 if self.vault.get(existing) == record:

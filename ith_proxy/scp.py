@@ -2,8 +2,11 @@
 
 The C-STORE handler does no decoding: it writes the bytes as received (file
 meta + dataset) through ``spool.deliver_incoming`` (tmp, fsync, rename, fsync
-dir) and only then answers 0x0000.  Disk below the watermark or any I/O error
-answers 0xA700 and leaves nothing visible in ``incoming/``.
+dir) and only then answers 0x0000.  With ``[spool] encrypt_incoming`` the
+bytes are encrypted under the vault key on their way to ``tmp/`` (chunked
+Fernet, ``vault_stream``), so no plaintext PHI touches the disk.  Disk below
+the watermark or any I/O error answers 0xA700 and leaves nothing visible in
+``incoming/``.
 
 Socket fixes over stock pynetdicom, in ``_Server``:
 
@@ -31,6 +34,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from .config import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION, Config
 from .spool import Spool
+from .vault_stream import Keyring, encrypt_stream
 
 log = logging.getLogger("ith_proxy.dicom")
 
@@ -123,8 +127,10 @@ def handle_echo(event: evt.Event) -> int:
     return 0x0000
 
 
-def handle_store(event: evt.Event, spool: Spool, min_free_mb: int) -> int:
-    """Make the received bytes durable in incoming/, then acknowledge."""
+def handle_store(event: evt.Event, spool: Spool, min_free_mb: int,
+                 keyring: Keyring | None = None) -> int:
+    """Make the received bytes (encrypted when a keyring is given) durable in
+    incoming/, then acknowledge."""
     try:
         if spool.free_mb() < min_free_mb:
             log.error("C-STORE refused: free disk below %d MB", min_free_mb)
@@ -134,7 +140,8 @@ def handle_store(event: evt.Event, spool: Spool, min_free_mb: int) -> int:
                            str(request.AffectedSOPInstanceUID),
                            str(event.context.transfer_syntax),
                            event.assoc.requestor.ae_title)
-        spool.deliver_incoming((head, request.DataSet.getbuffer()))
+        pieces = (head, request.DataSet.getbuffer())
+        spool.deliver_incoming(pieces if keyring is None else encrypt_stream(keyring, pieces))
     except OSError as exc:
         log.error("C-STORE refused: I/O error (%s)", exc.strerror or type(exc).__name__)
         return OUT_OF_RESOURCES
@@ -173,9 +180,10 @@ def build_ae(cfg: Config) -> AE:
 class StorageSCP:
     """Owns the AE and its listening server."""
 
-    def __init__(self, cfg: Config, spool: Spool) -> None:
+    def __init__(self, cfg: Config, spool: Spool, keyring: Keyring | None = None) -> None:
         self.cfg = cfg
         self.spool = spool
+        self.keyring = keyring  # given: encrypt received instances before they reach disk
         self.ae = build_ae(cfg)
         self.server: _Server | None = None
         self._thread: threading.Thread | None = None
@@ -183,7 +191,8 @@ class StorageSCP:
     def start(self) -> None:
         handlers = [
             (evt.EVT_C_ECHO, handle_echo),
-            (evt.EVT_C_STORE, handle_store, [self.spool, self.cfg.spool.min_free_mb]),
+            (evt.EVT_C_STORE, handle_store,
+             [self.spool, self.cfg.spool.min_free_mb, self.keyring]),
             (evt.EVT_ACCEPTED, _log_assoc, ["accepted"]),
             (evt.EVT_REJECTED, _log_assoc, ["rejected"]),
             (evt.EVT_ABORTED, _log_assoc, ["aborted"]),

@@ -27,7 +27,7 @@ from .indexer import Indexer
 from .scheduler import Scheduler
 from .scp import StorageSCP
 from .spool import Spool
-from .vault import Vault, load_site_secret
+from .vault import Keyring, Vault, load_site_secret
 
 log = logging.getLogger("ith_proxy.service")
 
@@ -112,7 +112,11 @@ class Service:
         self._start_indexer()
         self._worker("scheduler", self._run_scheduler_thread)
         if self.cfg.scp.auto_start:
-            self.scp = StorageSCP(self.cfg, self.spool)
+            keyring = None
+            if self.cfg.spool.encrypt_incoming:
+                keyring = Keyring.load(self.cfg.vault.key_file)
+                log.info("received instances are encrypted under the vault key in incoming/")
+            self.scp = StorageSCP(self.cfg, self.spool, keyring)
             try:
                 self.scp.start()
             except OSError as exc:

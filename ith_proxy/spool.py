@@ -12,6 +12,9 @@ the target directory is fsynced.  Nothing is ever rewritten in place.
     studies/<S>/study.json    non-PHI summary (atomic rewrite)
     quarantine/<reason>/      input that could not be processed + <name>.json
     logs/
+
+What is inside a raw input file (plaintext, or encrypted by ``vault_stream``)
+is not this module's business: writers and transforms are passed in.
 """
 
 from __future__ import annotations
@@ -62,6 +65,20 @@ def _load_syncfs():
 def unique_name() -> str:
     """Opaque, unique and roughly time-ordered; never parsed."""
     return f"{time.time_ns()}.{os.getpid()}.{os.urandom(6).hex()}"
+
+
+def _keeping_times(src: Path, write: Callable[[BinaryIO], object]
+                   ) -> tuple[Callable[[BinaryIO], None], list]:
+    """Wrap a writer so the new file keeps src's times (the mtime of a raw
+    file is when it was received); the writer's result lands in the list."""
+    st = os.stat(src)
+    result: list = [None]
+
+    def wrapped(out: BinaryIO) -> None:
+        result[0] = write(out)
+        out.flush()
+        os.utime(out.fileno(), ns=(st.st_atime_ns, st.st_mtime_ns))
+    return wrapped, result
 
 
 def _check_uid(uid: str) -> str:
@@ -136,15 +153,20 @@ class Spool:
         """Write through tmp/, fsync, rename to target, fsync its directory.
 
         Either ``write(fh)`` fills a buffered file, or ``chunks`` (bytes or
-        memoryviews) go straight to the descriptor with writev.  Paths are
-        plain strings here: this is the SCP's per-instance hot path.
+        memoryviews; a list, or an iterator consumed piece by piece) go
+        straight to the descriptor with writev.  Paths are plain strings
+        here: this is the SCP's per-instance hot path.
         """
         tmp_path = os.path.join(self._tmp_s, unique_name())
         fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
         try:
             if chunks is not None:
                 try:
-                    _writev_all(fd, list(chunks))
+                    if isinstance(chunks, (list, tuple)):
+                        _writev_all(fd, list(chunks))
+                    else:  # a generator (e.g. encrypting): one piece at a time
+                        for chunk in chunks:
+                            _writev_all(fd, [chunk])
                     if sync:
                         os.fsync(fd)
                 finally:
@@ -169,7 +191,11 @@ class Spool:
     # --- incoming/ : owned by the SCP (writer) and the indexer (consumer) ---
 
     def deliver_incoming(self, data: bytes | Iterable[bytes]) -> str:
-        """Make raw received bytes durable in incoming/; return the opaque name."""
+        """Make raw received bytes durable in incoming/; return the opaque name.
+
+        ``data`` is the file's content: bytes, a list of pieces, or an
+        iterator of pieces (the SCP's encrypting stream).
+        """
         name = unique_name()
         chunks = [data] if isinstance(data, (bytes, bytearray, memoryview)) else data
         self._deliver(os.path.join(self._incoming_s, name), chunks=chunks)
@@ -238,31 +264,121 @@ class Spool:
 
     # --- quarantine/ : input the indexer could not process ---
 
-    def quarantine(self, name: str, reason: str, detail: dict) -> Path:
-        """Move incoming/<name> to quarantine/<reason>/ with a .json saying why."""
+    def quarantine(self, name: str, reason: str, detail: dict,
+                   seal: Callable[[Path, BinaryIO], dict] | None = None) -> Path:
+        """Move incoming/<name> to quarantine/<reason>/ with a .json saying why.
+
+        Without ``seal`` the file is renamed as it is (it is already
+        encrypted): the .json goes first, then the rename, so a crash leaves
+        the file in incoming/ (processed again) or both in place.  With
+        ``seal(src, out) -> dict`` an encrypted copy is written through tmp/
+        (its result, e.g. size and sha256, goes into the .json), then the
+        .json, and only then is the raw file removed.
+        """
         if not _REASON_RE.match(reason):
             raise ValueError(f"bad quarantine reason {reason!r}")
         qdir = self.quarantine_dir / reason
-        qdir.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+        if not qdir.is_dir():
+            qdir.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+            fsync_dir(self.quarantine_dir)
+        src, target = self.incoming / name, qdir / name
         info = {"name": name, "reason": reason,
                 "quarantined_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 **detail}
-        data = json.dumps(info, indent=2, sort_keys=True).encode() + b"\n"
-        self._deliver(qdir / f"{name}.json", chunks=[data])
-        os.rename(self.incoming / name, qdir / name)
-        fsync_dir(qdir)
+        if seal is None:
+            if not src.exists():
+                raise FileNotFoundError(src)
+            self._write_json(qdir / f"{name}.json", info)
+            os.rename(src, target)
+            fsync_dir(qdir)
+        else:
+            write, result = _keeping_times(src, lambda out: seal(src, out))
+            self._deliver(target, write)
+            info.update(result[0] or {})
+            self._write_json(qdir / f"{name}.json", info)
+            os.unlink(src)
         fsync_dir(self.incoming)
-        return qdir / name
+        return target
+
+    def _write_json(self, path: Path, info: dict) -> None:
+        data = json.dumps(info, indent=2, sort_keys=True).encode() + b"\n"
+        self._deliver(path, chunks=[data])
 
     def quarantined(self) -> list[dict]:
         out = []
         for reason in sorted(p for p in self.quarantine_dir.iterdir() if p.is_dir()):
             for meta in sorted(reason.glob("*.json")):
                 try:
-                    out.append(json.loads(meta.read_text()))
+                    info = json.loads(meta.read_text())
                 except ValueError:
-                    out.append({"name": meta.stem, "reason": reason.name, "error": "unreadable"})
+                    info = {"name": meta.stem, "reason": reason.name, "error": "unreadable"}
+                info["present"] = (reason / meta.stem).is_file()
+                out.append(info)
         return out
+
+    def quarantined_item(self, name: str) -> tuple[Path, dict]:
+        """(data file, .json content) of a quarantined item named NAME or REASON/NAME.
+
+        Raises KeyError when there is no such item (names are checked, so
+        nothing outside quarantine/ can be reached).
+        """
+        reason, _, base = name.rpartition("/")
+        if base in ("", ".", "..") or "\0" in name or base.endswith(".json") \
+                or (reason and not _REASON_RE.match(reason)):
+            raise KeyError(name)
+        dirs = [self.quarantine_dir / reason] if reason else \
+            sorted(p for p in self.quarantine_dir.iterdir() if p.is_dir())
+        for qdir in dirs:
+            data = qdir / base
+            if data.is_file():
+                try:
+                    info = json.loads((qdir / f"{base}.json").read_text())
+                except (FileNotFoundError, ValueError):
+                    info = {"name": base, "reason": qdir.name}
+                return data, info
+        raise KeyError(name)
+
+    def release(self, name: str, write: Callable[[Path, BinaryIO], object] | None = None
+                ) -> Path:
+        """Move a quarantined item back to incoming/ under its name, for another try.
+
+        Without ``write`` it is renamed as it is; with ``write(src, out)`` a
+        transformed copy (decrypted or encrypted) is made durable in
+        incoming/ first.  The quarantine files are removed last.
+        """
+        data, _ = self.quarantined_item(name)
+        target = self.incoming / data.name
+        if target.exists():
+            raise FileExistsError(f"incoming/{data.name} already exists")
+        if write is None:
+            os.rename(data, target)
+        else:
+            self._deliver(target, _keeping_times(data, lambda out: write(data, out))[0])
+            os.unlink(data)
+        fsync_dir(self.incoming)
+        (data.parent / f"{data.name}.json").unlink(missing_ok=True)
+        fsync_dir(data.parent)
+        return target
+
+    # --- raw input at rest: key rotation rewrites these ---
+
+    def raw_input_files(self) -> list[Path]:
+        """Every raw input file: incoming/ and quarantine/<reason>/ (not the .json)."""
+        files = [self.incoming / n for n in self.incoming_names()]
+        for qdir in sorted(p for p in self.quarantine_dir.iterdir() if p.is_dir()):
+            files.extend(sorted(p for p in qdir.iterdir()
+                                if p.is_file() and p.suffix != ".json"))
+        return files
+
+    def rewrite(self, path: Path, write: Callable[[BinaryIO], object]) -> None:
+        """Replace vault.phi or a raw input file with a new version: tmp, fsync,
+        rename over it, fsync dir (never in place).  Its times are kept."""
+        path = Path(path)
+        allowed = path == self.root / "vault.phi" or path.parent == self.incoming \
+            or path.parent.parent == self.quarantine_dir
+        if not allowed or not path.is_file():
+            raise ValueError(f"not a rewritable spool file: {path}")
+        self._deliver(path, _keeping_times(path, write)[0])
 
     def disk_usage(self) -> dict:
         usage = shutil.disk_usage(self.root)

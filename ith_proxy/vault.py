@@ -1,14 +1,18 @@
-"""The PHI vault: an append-only file of Fernet-encrypted JSON records.
+"""The PHI vault: an append-only file of Fernet-encrypted JSON records, and
+the vault keys.
 
 ``spool/vault.phi`` holds one record per line (a Fernet token).  A record's
-id is its byte offset, which the catalog keeps.  Records are never rewritten;
-a torn last line left by a crash is sealed with a newline and reads as one
-corrupt record, while every other record still decrypts.
+id is its byte offset, which the catalog keeps.  Records are never rewritten
+in place; a torn last line left by a crash is sealed with a newline and reads
+as one corrupt record, while every other record still decrypts.
 
 The key file lives outside the spool, is created 0600 on first run, and is
 refused when group or others can read it.  It may hold several keys, one per
-line: the first encrypts, all decrypt (MultiFernet), which is what key
-rotation builds on.  A second secret beside it keys the pseudonyms.
+line: the first encrypts, all decrypt (``Keyring``, a MultiFernet).  Key
+rotation (``vault_rotate``) adds a new first key, re-encrypts, then drops the
+old ones; the helpers for the key file and for re-encrypting the record file
+live here, with the only ``cryptography`` import of the project.  A second
+secret beside the key keys the pseudonyms.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import secrets
 import stat
 import threading
 from pathlib import Path
-from typing import Iterator
+from typing import BinaryIO, Callable, Iterator
 
 from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 
@@ -35,16 +39,41 @@ class VaultRecordError(RuntimeError):
     """One record cannot be read; the others are unaffected."""
 
 
-def _load_secret_file(path: Path, make: "callable", what: str) -> bytes:
-    """Read a 0600 secret file, creating it (and its 0700 folder) on first use."""
-    if not path.exists():
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+class DecryptError(ValueError):
+    """A token is corrupt or was made under a key that is not in the key file."""
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_private(path: Path, data: bytes) -> Path:
+    """Write a 0600 file beside ``path`` under a unique name, fsynced; return it."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
         with os.fdopen(fd, "wb") as fh:
-            fh.write(make())
+            fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return tmp
+
+
+def _load_secret_file(path: Path, make: Callable[[], bytes], what: str,
+                      create: bool = True) -> bytes:
+    """Read a 0600 secret file, creating it (and its 0700 folder) on first use."""
+    if not path.exists():
+        if not create:
+            raise VaultKeyError(f"{what} {path} does not exist")
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        tmp = _write_private(path, make())
         try:
             os.link(tmp, path)  # never overwrite a key another process just made
             log.warning("generated a new %s at %s; back it up, it cannot be recovered", what, path)
@@ -63,8 +92,9 @@ def _load_secret_file(path: Path, make: "callable", what: str) -> bytes:
         raise VaultKeyError(f"cannot read {what} {path}: {exc.strerror}") from None
 
 
-def load_keys(key_file: Path) -> list[bytes]:
-    raw = _load_secret_file(key_file, lambda: Fernet.generate_key() + b"\n", "vault key")
+def load_keys(key_file: Path, create: bool = True) -> list[bytes]:
+    raw = _load_secret_file(Path(key_file), lambda: Fernet.generate_key() + b"\n",
+                            "vault key", create)
     keys = [line.strip() for line in raw.splitlines() if line.strip()]
     if not keys:
         raise VaultKeyError(f"vault key {key_file} is empty")
@@ -74,6 +104,36 @@ def load_keys(key_file: Path) -> list[bytes]:
         except (ValueError, TypeError):
             raise VaultKeyError(f"vault key {key_file} holds a malformed key") from None
     return keys
+
+
+def write_keys(key_file: Path, keys: list[bytes]) -> None:
+    """Replace the key file atomically: tmp beside it (0600), fsync, rename, fsync dir."""
+    key_file = Path(key_file)
+    for k in keys:
+        Fernet(k)  # never write a key file that would not load
+    tmp = _write_private(key_file, b"".join(k + b"\n" for k in keys))
+    try:
+        os.rename(tmp, key_file)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(key_file.parent)
+
+
+def add_new_key(key_file: Path) -> bytes:
+    """Rotation step (a): put a fresh key first, keep every existing key after it."""
+    keys = load_keys(key_file, create=False)
+    new = Keyring.generate_key()
+    write_keys(key_file, [new, *[k for k in keys if k != new]])
+    return new
+
+
+def drop_old_keys(key_file: Path) -> int:
+    """Rotation step (c): keep only the first (encrypting) key; return how many went."""
+    keys = load_keys(key_file, create=False)
+    if len(keys) > 1:
+        write_keys(key_file, keys[:1])
+    return len(keys) - 1
 
 
 def load_site_secret(secret_file: Path) -> bytes:
@@ -86,11 +146,73 @@ def load_site_secret(secret_file: Path) -> bytes:
     return value
 
 
+class Keyring:
+    """The vault keys: the first encrypts, every one decrypts."""
+
+    def __init__(self, keys: list[bytes]) -> None:
+        if not keys:
+            raise VaultKeyError("no vault key")
+        self.count = len(keys)
+        self._primary = Fernet(keys[0])
+        self._all = MultiFernet([Fernet(k) for k in keys])
+
+    @staticmethod
+    def generate_key() -> bytes:
+        return Fernet.generate_key()
+
+    @classmethod
+    def load(cls, key_file: Path, create: bool = True) -> "Keyring":
+        return cls(load_keys(key_file, create))
+
+    def encrypt(self, data: bytes) -> bytes:
+        """A Fernet token; its length depends only on len(data)."""
+        return self._primary.encrypt(data)
+
+    def decrypt(self, token: bytes) -> bytes:
+        try:
+            return self._all.decrypt(token)
+        except (InvalidToken, TypeError, ValueError):
+            raise DecryptError("corrupt, or encrypted under a key that is not in "
+                               "the key file") from None
+
+
+def reencrypt_records(src: BinaryIO, out: BinaryIO, keyring: Keyring) -> tuple[int, list[int]]:
+    """Rotation step (b) for vault.phi: copy every record line to ``out`` under
+    the keyring's first key; return (records re-encrypted, offsets kept as they were).
+
+    Every re-encrypted line has the length of the original (a Fernet token's
+    length depends only on the plaintext's), so every record keeps its byte
+    offset and the catalog stays valid; this is checked for each line, and a
+    mismatch aborts before anything is replaced.  A line that does not
+    decrypt (torn by a crash, corrupt) is copied unchanged.
+    """
+    offset, done, kept = 0, 0, []
+    for line in src:
+        token = line.strip()
+        if token:
+            try:
+                plain = keyring.decrypt(token)
+            except DecryptError:
+                kept.append(offset)
+            else:
+                at = line.index(token)
+                new = line[:at] + keyring.encrypt(plain) + line[at + len(token):]
+                if len(new) != len(line):
+                    raise VaultRecordError(
+                        f"re-encrypting the vault record at offset {offset} would move it "
+                        f"({len(line)} -> {len(new)} bytes); the vault was not changed")
+                line = new
+                done += 1
+        out.write(line)
+        offset += len(line)
+    return done, kept
+
+
 class Vault:
     def __init__(self, path: Path, key_file: Path) -> None:
         self.path = Path(path)
         self.key_file = Path(key_file)
-        self._fernet = MultiFernet([Fernet(k) for k in load_keys(self.key_file)])
+        self.keyring = Keyring.load(self.key_file)
         self._lock = threading.Lock()
         self._fd: int | None = None
 
@@ -105,7 +227,7 @@ class Vault:
 
     def put(self, record: dict) -> int:
         """Append one record; return its offset.  Call sync() before relying on it."""
-        token = self._fernet.encrypt(json.dumps(record, sort_keys=True).encode())
+        token = self.keyring.encrypt(json.dumps(record, sort_keys=True).encode())
         with self._lock:
             fd = self._open_append()
             offset = os.fstat(fd).st_size
@@ -125,8 +247,8 @@ class Vault:
 
     def _decrypt(self, offset: int, line: bytes) -> dict:
         try:
-            return json.loads(self._fernet.decrypt(line.strip()))
-        except (InvalidToken, ValueError):
+            return json.loads(self.keyring.decrypt(line.strip()))
+        except (DecryptError, ValueError):
             raise VaultRecordError(f"vault record at offset {offset} is corrupt "
                                    "or was written under an unknown key") from None
 

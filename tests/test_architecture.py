@@ -21,12 +21,18 @@ ALLOWED_ROOMS: dict[str, set[str]] = {
     "spool": {"config"},
     "catalog": {"config"},
     "vault": {"config"},
+    # chunked Fernet files for raw input at rest (keys from vault.Keyring)
+    "vault_stream": {"config", "vault"},
+    # key rotation: the key file, vault.phi and the encrypted spool files
+    "vault_rotate": {"config", "spool", "vault", "vault_stream"},
     "deid": {"config", "deid"},
     "dicomfile": {"config"},
     "audit": {"config"},
-    "scp": {"spool", "catalog", "config"},
+    # scp -> vault_stream: with [spool] encrypt_incoming the SCP encrypts the raw
+    # bytes before they reach the disk (docs/architecture.md, Departures)
+    "scp": {"spool", "catalog", "config", "vault_stream"},
     "qr": {"spool", "catalog", "config", "dicomfile"},
-    "indexer": {"spool", "catalog", "vault", "deid", "dicomfile", "config"},
+    "indexer": {"spool", "catalog", "vault", "vault_stream", "deid", "dicomfile", "config"},
     "scheduler": {"spool", "catalog", "config"},
     "forwarder": {"spool", "catalog", "config", "dicomfile"},
     "api": {"catalog", "vault", "audit", "config", "auth"},

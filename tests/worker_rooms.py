@@ -1,0 +1,54 @@
+"""The rooms of one site on real spool folders, wired by hand: config (from an
+INI text and environment), spool, catalog, vault and an Indexer to drive with
+run_once(), plus the CLI run against the same site."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import tools
+from ith_proxy import config
+from ith_proxy.catalog import Catalog
+from ith_proxy.indexer import Indexer
+from ith_proxy.spool import Spool
+from ith_proxy.vault import Vault, load_site_secret
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+class Rooms:
+    def __init__(self, root: Path, ini: str = "", env: dict | None = None) -> None:
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True)
+        self.ini = root / "proxy.ini"
+        self.ini.write_text(ini)
+        self.env = {"DICOM_STORAGE_DIR": str(root / "spool"),
+                    "VAULT_KEY_FILE": str(root / "secrets" / "vault.key"),
+                    "ITH_PROXY_CONFIG": str(self.ini), **(env or {})}
+        self.cfg = config.load(env=self.env, cwd=root)
+        self.spool = Spool(self.cfg.spool.dir)
+        self.spool.ensure()
+        self.catalog = Catalog(self.cfg.spool.dir / "catalog.sqlite3")
+        self.vault = Vault(self.cfg.spool.dir / "vault.phi", self.cfg.vault.key_file)
+        self.indexer = Indexer(self.cfg, self.spool, self.catalog, self.vault,
+                               load_site_secret(self.cfg.vault.secret_file))
+
+    def close(self) -> None:
+        self.vault.close()
+        self.catalog.close()
+
+    def drop(self, name: str, data: bytes) -> Path:
+        path = self.spool.incoming / name
+        path.write_bytes(data)
+        return path
+
+    def cli(self, *args: str, ini: str | None = None) -> subprocess.CompletedProcess:
+        if ini is not None:
+            self.ini.write_text(ini)
+        env = {k: v for k, v in os.environ.items() if not k.startswith(tools.PROXY_ENV_PREFIXES)}
+        env.update(self.env, PYTHONPATH=str(REPO))
+        return subprocess.run([sys.executable, "-m", "ith_proxy.cli", *args], cwd=self.root,
+                              env=env, capture_output=True, text=True, timeout=120)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from pydicom.datadict import dictionary_VR
+from pydicom.datadict import dictionary_VR, keyword_for_tag
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.multival import MultiValue
@@ -23,6 +23,7 @@ from ..config import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION
 from .dates import clean_text, identifier_fragments, shift_days, shift_value
 from .private import SafePrivate
 from .profile import METHOD_CODES, Profile, level_of
+from .raw import encode_raw, read_text, replace_text
 from .pseudo import patient_key, patient_pseudonym, remap_uid
 
 _DUMMY_BY_VR = {
@@ -88,6 +89,15 @@ def _is_sequence(ds: Dataset, tag: BaseTag) -> bool:
         return False
 
 
+def _text(ds: Dataset, tag: int) -> str:
+    """A top-level text value, read raw when possible (so it stays undecoded)."""
+    found = read_text(ds, BaseTag(tag))
+    if found is not None:
+        return found[2]
+    elem = ds.get(tag)
+    return "" if elem is None or elem.value is None else str(elem.value)
+
+
 def _empty(elem: DataElement) -> bool:
     return elem.value in ("", None, b"") or (elem.VR == "SQ" and len(elem.value) == 0)
 
@@ -100,6 +110,7 @@ class Deidentifier:
         self.profile = profile or Profile(frozenset(options))
         self.options = self.profile.options
         self.private = SafePrivate(safe_private) if self.profile.retain_private else None
+        self._marks: dict[tuple[bool, bool], list] = {}
         # options whose columns clean (C) text: its identifiers are read first
         self._cleans_text = bool(self.options & {"clean_descriptors", "retain_device_identity",
                                                  "retain_patient_characteristics"})
@@ -113,16 +124,13 @@ class Deidentifier:
     # --- the public entry points ---
 
     def apply(self, ds: Dataset) -> DeidResult:
-        name = str(ds.get("PatientName", "") or "")
-        pid = str(ds.get("PatientID", "") or "")
-        birth = str(ds.get("PatientBirthDate", "") or "")
-        key = patient_key(pid, name, birth)
+        key = patient_key(_text(ds, 0x00100020), _text(ds, 0x00100010), _text(ds, 0x00100030))
         pseudo_id = patient_pseudonym(self.secret, key)
         result = DeidResult(
             patient_id=pseudo_id, patient_name=f"ANON^{pseudo_id}",
-            study_uid=self._uid(str(ds.get("StudyInstanceUID", ""))),
-            series_uid=self._uid(str(ds.get("SeriesInstanceUID", ""))),
-            sop_uid=self._uid(str(ds.get("SOPInstanceUID", ""))),
+            study_uid=self._uid(_text(ds, 0x0020000D)),
+            series_uid=self._uid(_text(ds, 0x0020000E)),
+            sop_uid=self._uid(_text(ds, 0x00080018)),
             dates=self.date_mode)
         state = _Pass(result, shift_days(self.secret, key),
                       identifiers=self._identifiers(ds) if self._cleans_text else [])
@@ -217,6 +225,8 @@ class Deidentifier:
 
     def _act(self, ds: Dataset, tag: BaseTag, action: str, prefix: str, state: _Pass,
              top: bool) -> None:
+        if action != "C" and self._act_raw(ds, tag, action, prefix, state, top):
+            return
         elem = ds[tag]
         keyword = elem.keyword
         path = prefix + (keyword or f"({tag.group:04X},{tag.element:04X})")
@@ -240,13 +250,51 @@ class Deidentifier:
             if elem.VR != "UI":
                 elem.value = [] if elem.VR == "SQ" else None
             else:
+                # the rule says U, so remap even under Retain UIDs (its column
+                # says K for the UIDs it keeps, and those never get here)
                 values = elem.value if isinstance(elem.value, MultiValue) else [elem.value]
-                new = [self._uid(str(v)) for v in values if v is not None]
+                new = [remap_uid(self.secret, str(v)) for v in values if v is not None]
                 elem.value = new if isinstance(elem.value, MultiValue) else (new[0] if new else "")
         elif action == "C":
             self._clean(elem, state)
         if _plain(elem.value) != original:
             self._record(result, level, path, original)
+
+    def _act_raw(self, ds: Dataset, tag: BaseTag, action: str, prefix: str, state: _Pass,
+                 top: bool) -> bool:
+        """The fast path for undecoded text elements; False if it does not apply."""
+        found = read_text(ds, tag)
+        if found is None:
+            return False
+        raw, vr, text = found
+        keyword = keyword_for_tag(tag)
+        path = prefix + (keyword or f"({tag.group:04X},{tag.element:04X})")
+        level = level_of(keyword) if top else "instance"
+        result = state.result
+        if action == "X":
+            self._record(result, level, path, text)
+            del ds[tag]
+            return True
+        if keyword == "PatientID":
+            new = result.patient_id
+        elif keyword == "PatientName":
+            new = result.patient_name
+        elif not text:
+            return True  # nothing to hide
+        elif action == "Z":
+            new = ""
+        elif action in ("D", "D?"):
+            new = remap_uid(self.secret, text) if vr == "UI" else str(_DUMMY_BY_VR.get(vr, "ANONYMIZED"))
+        elif action == "U" and vr == "UI":
+            new = "\\".join(remap_uid(self.secret, v) for v in text.split("\\"))
+        elif action == "U":
+            new = ""
+        else:
+            return False
+        if new != text:
+            self._record(result, level, path, text)
+            replace_text(ds, raw, vr, new)
+        return True
 
     def _dummy(self, elem: DataElement) -> None:
         if elem.VR == "SQ":
@@ -275,10 +323,25 @@ class Deidentifier:
             elem.value = None  # cannot be cleaned safely: emptied
 
     def _mark(self, ds: Dataset) -> None:
-        ds.PatientIdentityRemoved = "YES"
+        """PatientIdentityRemoved, DeidentificationMethod(+CodeSequence) and
+        LongitudinalTemporalInformationModified: constant per options and
+        encoding, so encoded once and added as raw elements."""
+        meta = getattr(ds, "file_meta", None)
+        ts = meta.get("TransferSyntaxUID") if meta is not None else None
+        if ts is None or not ts.is_transfer_syntax:
+            for elem in self._marker_elements():
+                ds[elem.tag] = elem
+            return
+        key = (ts.is_implicit_VR, ts.is_little_endian)
+        if key not in self._marks:
+            self._marks[key] = encode_raw(self._marker_elements(), *key)
+        for raw in self._marks[key]:
+            ds[raw.tag] = raw
+
+    def _marker_elements(self) -> list[DataElement]:
         active = [o for o in METHOD_CODES if o != "basic" and o in self.options]
-        ds.DeidentificationMethod = (f"ith-proxy PS3.15 E.1-1 {self.profile.edition}".strip()
-                                     + (": " + ", ".join(active) if active else ": basic"))[:64]
+        method = (f"ith-proxy PS3.15 E.1-1 {self.profile.edition}".strip()
+                  + (": " + ", ".join(active) if active else ": basic"))[:64]
         codes = []
         for key in ["basic", *active]:
             value, meaning = METHOD_CODES[key]
@@ -287,5 +350,9 @@ class Deidentifier:
             item.CodingSchemeDesignator = "DCM"
             item.CodeMeaning = meaning
             codes.append(item)
-        ds.DeidentificationMethodCodeSequence = Sequence(codes)
-        ds.LongitudinalTemporalInformationModified = self.date_mode
+        marks = Dataset()
+        marks.PatientIdentityRemoved = "YES"
+        marks.DeidentificationMethod = method
+        marks.DeidentificationMethodCodeSequence = Sequence(codes)
+        marks.LongitudinalTemporalInformationModified = self.date_mode
+        return list(marks)

@@ -1,0 +1,93 @@
+"""Read and replace text elements without decoding them through pydicom.
+
+Most of what the profile touches is short text (names, IDs, dates, UIDs).
+Converting each one to a pydicom DataElement and back costs more than all the
+rest of de-identification together, so text elements are read straight from
+their raw bytes and replaced by new raw elements, which the writer frames
+and copies as they are.  Anything else (sequences, binary and numeric
+values, cleaning) takes the general path in the engine.
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+
+from pydicom.charset import decode_bytes
+from pydicom.datadict import dictionary_VR
+from pydicom.dataelem import RawDataElement
+from pydicom.dataset import Dataset
+from pydicom.filebase import DicomFileLike
+from pydicom.filewriter import write_data_element, write_dataset
+from pydicom.tag import BaseTag
+
+TEXT_VRS = frozenset("AE AS CS DA DS DT IS LO LT PN SH ST TM UC UI UR UT".split())
+_CHARSET_VRS = frozenset({"PN", "LO", "SH", "ST", "LT", "UT", "UC"})
+_DELIMITERS = {0x5C, 0x3D, 0x5E}
+_LONG = frozenset({"OB", "OW", "OF", "OD", "OL", "OV", "SQ", "UC", "UN", "UR", "UT", "SV", "UV"})  # backslash, '=', '^' reset the character set
+
+
+def vr_of(raw: RawDataElement, tag: BaseTag) -> str | None:
+    if raw.VR is not None:
+        return raw.VR
+    try:
+        return dictionary_VR(tag)
+    except KeyError:
+        return None
+
+
+def read_text(ds: Dataset, tag: BaseTag) -> tuple[RawDataElement, str, str] | None:
+    """(raw element, VR, text) for an undecoded text element, else None."""
+    raw = ds.get_item(tag)
+    if not getattr(raw, "is_raw", False) or raw.value is None or raw.length == 0xFFFFFFFF:
+        return None
+    vr = vr_of(raw, tag)
+    if vr not in TEXT_VRS:
+        return None
+    if vr in _CHARSET_VRS:
+        text = decode_bytes(raw.value, ds._character_set, _DELIMITERS)
+    else:
+        text = raw.value.decode("ascii", "replace")
+    return raw, vr, text.rstrip(" \x00")
+
+
+def replace_text(ds: Dataset, raw: RawDataElement, vr: str, text: str) -> None:
+    """Put an ASCII value in place of ``raw``, padded the DICOM way."""
+    data = text.encode("ascii")
+    if len(data) % 2:
+        data += b"\x00" if vr == "UI" else b" "
+    ds[raw.tag] = RawDataElement(raw.tag, raw.VR, len(data), data, 0,
+                                 raw.is_implicit_VR, raw.is_little_endian)
+
+
+def _writer(implicit: bool, little: bool) -> DicomFileLike:
+    fp = DicomFileLike(io.BytesIO())
+    fp.is_implicit_VR, fp.is_little_endian = implicit, little
+    return fp
+
+
+def _value_bytes(elem, implicit: bool, little: bool) -> bytes:
+    """The encoded value of one element (its header cut off)."""
+    if elem.VR == "SQ":  # items with defined lengths
+        order = "<" if little else ">"
+        items = []
+        for item in elem.value:
+            fp = _writer(implicit, little)
+            write_dataset(fp, item)
+            content = fp.parent.getvalue()
+            items.append(struct.pack(order + "HHL", 0xFFFE, 0xE000, len(content)) + content)
+        return b"".join(items)
+    fp = _writer(implicit, little)
+    write_data_element(fp, elem)
+    head = 8 if implicit or elem.VR not in _LONG else 12
+    return fp.parent.getvalue()[head:]
+
+
+def encode_raw(elements: list, implicit: bool, little: bool) -> list[RawDataElement]:
+    """Encode elements once into raw elements, to be added to many datasets."""
+    out = []
+    for elem in elements:
+        value = _value_bytes(elem, implicit, little)
+        out.append(RawDataElement(elem.tag, None if implicit else elem.VR, len(value), value, 0,
+                                  implicit, little))
+    return out

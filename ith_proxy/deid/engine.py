@@ -195,17 +195,18 @@ class Deidentifier:
                 if self.private is not None and self.private.is_safe(ds, tag):
                     kept_blocks.add((tag.group, tag.element >> 8))
                     continue
-                self._remove(ds, tag, prefix, state, top, "X")
+                self._remove(ds, tag, prefix, state, top)
                 continue
             if tag.group & 0xFF00 in (0x5000, 0x6000):  # curves and overlays
-                self._remove(ds, tag, prefix, state, top, "X")
+                self._remove(ds, tag, prefix, state, top)
                 continue
             rule = self.profile.rule(tag)
             action = rule.action if rule is not None else "K"
             # K keeps; on a sequence, C (clean) and U (X/Z/U*: keep with the UIDs
             # inside replaced) descend so each nested attribute gets its own rule.
-            if action == "K" or (action in ("C", "U") and _is_sequence(ds, tag)):
-                if _is_sequence(ds, tag):
+            sequence = _is_sequence(ds, tag)
+            if action == "K" or (action in ("C", "U") and sequence):
+                if sequence:
                     elem = ds[tag]
                     for i, item in enumerate(elem.value):
                         self._walk(item, f"{prefix}{elem.keyword}[{i}].", state, top=False)
@@ -213,10 +214,9 @@ class Deidentifier:
             self._act(ds, tag, action, prefix, state, top)
         for tag in creators:  # private creators only for blocks that stay
             if (tag.group, tag.element) not in kept_blocks:
-                self._remove(ds, tag, prefix, state, top, "X")
+                self._remove(ds, tag, prefix, state, top)
 
-    def _remove(self, ds: Dataset, tag: BaseTag, prefix: str, state: _Pass, top: bool,
-                _action: str) -> None:
+    def _remove(self, ds: Dataset, tag: BaseTag, prefix: str, state: _Pass, top: bool) -> None:
         elem = ds[tag]
         path = prefix + (elem.keyword or f"({tag.group:04X},{tag.element:04X})")
         self._record(state.result, level_of(elem.keyword) if top else "instance", path,
@@ -233,7 +233,7 @@ class Deidentifier:
         level = level_of(keyword) if top else "instance"
         result = state.result
         if action == "X":
-            self._remove(ds, tag, prefix, state, top, action)
+            self._remove(ds, tag, prefix, state, top)
             return
         if _empty(elem) and action in ("Z", "D?", "C", "U") and keyword not in _PSEUDONYMS:
             return  # nothing to hide

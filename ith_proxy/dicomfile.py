@@ -8,7 +8,9 @@ are parsed as a small trailing dataset so they can be de-identified too.
 
 The source is a path or any seekable binary file object (the indexer passes
 a decrypting reader for encrypted input).  From a real file the pixel bytes
-are copied in the kernel; from anything else in 1 MiB chunks.
+are copied in the kernel; from a source with ``copy_to(out, n)`` (the
+decrypting reader) by that method, chunk by chunk straight into ``out``;
+from anything else in 1 MiB chunks.
 """
 
 from __future__ import annotations
@@ -135,7 +137,12 @@ def _read_split(fh: BinaryIO, path: Path | None) -> SplitFile:
 
 
 def _copy_range(out: BinaryIO, src: BinaryIO, remaining: int) -> None:
-    """Append ``remaining`` bytes from src's position to out; in the kernel when possible."""
+    """Append ``remaining`` bytes from src's position to out; in the kernel when
+    possible, or by the source's own bulk ``copy_to`` (a decrypting reader)."""
+    copy_to = getattr(src, "copy_to", None)
+    if copy_to is not None:
+        copy_to(out, remaining)
+        return
     offset = src.tell()
     try:
         out_fd, src_fd = out.fileno(), src.fileno()

@@ -4,7 +4,7 @@ The C-STORE handler does no decoding: it writes the bytes as received (file
 meta + dataset) through ``spool.deliver_incoming`` (tmp, fsync, rename, fsync
 dir) and only then answers 0x0000.  With ``[spool] encrypt_incoming`` the
 bytes are encrypted under the vault key on their way to ``tmp/`` (chunked
-Fernet, ``vault_stream``), so no plaintext PHI touches the disk.  Disk below
+AES-256-GCM, ``vault_stream``), so no plaintext PHI touches the disk.  Disk below
 the watermark or any I/O error answers 0xA700 and leaves nothing visible in
 ``incoming/``.
 

@@ -13,10 +13,19 @@ rotation (``vault_rotate``) adds a new first key, re-encrypts, then drops the
 old ones; the helpers for the key file and for re-encrypting the record file
 live here, with the only ``cryptography`` import of the project.  A second
 secret beside the key keys the pseudonyms.
+
+Bulk data (raw input at rest, ``vault_stream``) is not Fernet-encrypted: the
+keyring also holds, per vault key, an AES-256-GCM key derived from it with
+HKDF-SHA256 (its own info string, so it is never the Fernet key itself) and
+named by a key id (the first 8 bytes of SHA-256 over the derived key), and
+seals and opens single chunks with it.  The chunk layout, its associated
+data and the file format belong to ``vault_stream``.
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import logging
 import os
@@ -24,9 +33,14 @@ import secrets
 import stat
 import threading
 from pathlib import Path
-from typing import BinaryIO, Callable, Iterator
+from typing import BinaryIO, Callable, Iterator, Sequence
 
+from cryptography.exceptions import InvalidTag
 from cryptography.fernet import Fernet, InvalidToken, MultiFernet
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 log = logging.getLogger("ith_proxy.vault")
 
@@ -41,6 +55,19 @@ class VaultRecordError(RuntimeError):
 
 class DecryptError(ValueError):
     """A token is corrupt or was made under a key that is not in the key file."""
+
+
+STREAM_INFO = b"ith-proxy stream v2"  # HKDF info: the AES-GCM key is for this use only
+STREAM_NONCE, STREAM_TAG = 12, 16     # a sealed chunk is nonce || ciphertext || tag
+STREAM_OVERHEAD = STREAM_NONCE + STREAM_TAG
+STREAM_KEY_ID = 8                     # bytes of SHA-256(derived key) naming it in a header
+
+
+def _stream_key(key: bytes) -> tuple[bytes, bytes]:
+    """(key id, AES-256 key) derived from one Fernet key with HKDF-SHA256."""
+    derived = HKDF(algorithm=hashes.SHA256(), length=32, salt=None,
+                   info=STREAM_INFO).derive(base64.urlsafe_b64decode(key))
+    return hashlib.sha256(derived).digest()[:STREAM_KEY_ID], derived
 
 
 def _fsync_dir(path: Path) -> None:
@@ -155,6 +182,9 @@ class Keyring:
         self.count = len(keys)
         self._primary = Fernet(keys[0])
         self._all = MultiFernet([Fernet(k) for k in keys])
+        streams = [_stream_key(k) for k in keys]
+        self.stream_key_id, self._stream_secret = streams[0]  # new files are written under it
+        self._streams = {kid: AESGCM(secret) for kid, secret in reversed(streams)}
 
     @staticmethod
     def generate_key() -> bytes:
@@ -174,6 +204,44 @@ class Keyring:
         except (InvalidToken, TypeError, ValueError):
             raise DecryptError("corrupt, or encrypted under a key that is not in "
                                "the key file") from None
+
+    def has_stream_key(self, key_id: bytes) -> bool:
+        return key_id in self._streams
+
+    def seal_chunk(self, parts: Sequence[bytes | bytearray | memoryview],
+                   aad: bytes) -> bytearray:
+        """nonce || AES-256-GCM(concatenated parts, aad) || tag under the first
+        key's stream key, with a fresh random 96-bit nonce.  GCM runs over the
+        parts in turn, so they are never joined into one buffer first."""
+        out = bytearray(STREAM_OVERHEAD + sum(len(p) for p in parts))
+        nonce = os.urandom(STREAM_NONCE)
+        out[:STREAM_NONCE] = nonce
+        enc = Cipher(algorithms.AES(self._stream_secret), modes.GCM(nonce)).encryptor()
+        enc.authenticate_additional_data(aad)
+        with memoryview(out) as view:
+            at = STREAM_NONCE
+            for part in parts:  # GCM is a stream mode: n bytes in, n bytes out
+                # (the 15 bytes of slack update_into asks for fall in what follows)
+                at += enc.update_into(part, view[at:at + len(part) + 15])
+            enc.finalize()
+            view[at:] = enc.tag
+        return out
+
+    def open_chunk(self, key_id: bytes, sealed: bytes | memoryview, aad: bytes,
+                   out: bytearray | memoryview) -> None:
+        """Decrypt and authenticate a sealed chunk into ``out`` (exactly
+        ``len(sealed) - STREAM_OVERHEAD`` bytes) under the key named ``key_id``."""
+        aead = self._streams.get(bytes(key_id))
+        if aead is None:
+            raise DecryptError("encrypted under a key that is not in the key file")
+        if len(sealed) < STREAM_OVERHEAD:
+            raise DecryptError("corrupt (too short)")
+        sealed = memoryview(sealed)
+        try:
+            aead.decrypt_into(sealed[:STREAM_NONCE], sealed[STREAM_NONCE:], aad, out)
+        except InvalidTag:
+            raise DecryptError("corrupt, or not the chunk that belongs here "
+                               "(authentication failed)") from None
 
 
 def reencrypt_records(src: BinaryIO, out: BinaryIO, keyring: Keyring) -> tuple[int, list[int]]:

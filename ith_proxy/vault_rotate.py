@@ -9,7 +9,9 @@ a. ``step_add_key``: the key file is replaced atomically by [new, old...].
 b. ``step_reencrypt``: ``vault.phi`` is re-encrypted line by line into
    ``tmp/`` and renamed over the old file (fsync file and directory); then
    every encrypted raw input file (``incoming/``, ``quarantine/``) the same
-   way, one at a time.  Every re-encrypted vault line has the length of the
+   way, one at a time, written in the current format (v2, AES-GCM) whatever
+   format it was in (a v1 Fernet file is read with the Fernet keys, a v2
+   file with the AES-GCM key its header names).  Every re-encrypted vault line has the length of the
    old one, so record offsets (which the catalog stores) do not move; this
    is checked per line.  Records and files that do not decrypt are kept
    unchanged and reported, never dropped.

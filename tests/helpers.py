@@ -87,3 +87,16 @@ def find_bytes(root: Path, needles: Iterable[str], skip: Iterable[Path] = ()) ->
 
 def read_header(path: Path) -> pydicom.Dataset:
     return pydicom.dcmread(path, stop_before_pixels=True)
+
+
+def encrypt_v1(keyring, data: bytes, chunk: int = 1 << 20) -> bytes:
+    """A raw input file in the legacy v1 format (``vault_stream`` reads it but
+    writes v2 only): a magic line, then per chunk one Fernet token holding an
+    8-byte index, a last-chunk flag and the chunk."""
+    import struct
+    pieces = [data[i:i + chunk] for i in range(0, len(data), chunk)] or [b""]
+    lines = [f"ITH-PROXY-ENCRYPTED v1 chunk={chunk}\n".encode()]
+    for i, piece in enumerate(pieces):
+        token = keyring.encrypt(struct.pack(">QB", i, i == len(pieces) - 1) + piece)
+        lines.append(token + b"\n")
+    return b"".join(lines)

@@ -14,7 +14,7 @@ import pytest
 
 import dicomgen
 import tools
-from helpers import vault_records, wait_indexed, wait_until
+from helpers import encrypt_v1, vault_records, wait_indexed, wait_until
 from ith_proxy import vault_stream
 from ith_proxy.catalog import Catalog
 from ith_proxy.spool import Spool
@@ -26,7 +26,8 @@ from ith_proxy.vault_rotate import (rotate, step_add_key, step_drop_old_keys,
 @pytest.fixture
 def site(tmp_path: Path):
     """A spool with 40 vault records of varied sizes, one encrypted quarantine
-    file (3.5 chunks) and one encrypted incoming file."""
+    file (3.5 chunks), one encrypted incoming file and one incoming file in
+    the legacy v1 format (2.5 chunks)."""
     spool = Spool(tmp_path / "spool")
     spool.ensure()
     key_file = tmp_path / "secrets" / "vault.key"
@@ -46,6 +47,9 @@ def site(tmp_path: Path):
         path.parent.mkdir(mode=0o700, exist_ok=True)
         with open(path, "wb") as fh:
             fh.writelines(vault_stream.encrypt_stream(keyring, [data]))
+    blobs["incoming/legacy-v1"] = os.urandom(2 * vault_stream.CHUNK + 777)
+    (spool.root / "incoming/legacy-v1").write_bytes(encrypt_v1(keyring,
+                                                               blobs["incoming/legacy-v1"]))
     return spool, vault_path, key_file, records, blobs
 
 
@@ -80,7 +84,7 @@ def test_rotation_keeps_every_record_and_offset(site) -> None:
     before = vault_path.read_bytes()
     rotation = rotate(spool, vault_path, key_file)
     assert (rotation.records, rotation.corrupt_records) == (40, [])
-    assert (rotation.files, rotation.corrupt_files, rotation.keys_removed) == (2, [], 1)
+    assert (rotation.files, rotation.corrupt_files, rotation.keys_removed) == (3, [], 1)
     new_keys = load_keys(key_file)
     assert len(new_keys) == 1 and new_keys[0] not in old_keys
     after = vault_path.read_bytes()
@@ -94,6 +98,58 @@ def test_rotation_keeps_every_record_and_offset(site) -> None:
     assert not list(spool.tmp.iterdir())
     assert not [p for p in key_file.parent.iterdir() if p.name != key_file.name
                 and p.name != "site.secret"]
+    new_id = Keyring(new_keys).stream_key_id
+    assert all(_key_id(spool.root / rel) == new_id for rel in blobs)  # all v2, new key
+
+
+def _key_id(path: Path) -> bytes:
+    """The key id in a v2 file's header."""
+    raw = path.read_bytes()
+    assert raw.startswith(vault_stream.MAGIC_V2)
+    return raw[27:35]
+
+
+def test_v1_files_are_rotated_to_v2(site) -> None:
+    spool, vault_path, key_file, records, blobs = site
+    legacy = spool.root / "incoming" / "legacy-v1"
+    assert legacy.read_bytes().startswith(vault_stream.MAGIC_V1)
+    os.utime(legacy, (1_600_000_000, 1_600_000_000))  # the quiet timer of a waiting instance
+    rotate(spool, vault_path, key_file)
+    raw = legacy.read_bytes()
+    assert raw.startswith(vault_stream.MAGIC_V2)
+    assert len(raw) == vault_stream.HEADER_V2 + len(blobs["incoming/legacy-v1"]) + 3 * 28
+    assert legacy.stat().st_mtime == 1_600_000_000
+    assert _plain(legacy, Keyring.load(key_file)) == blobs["incoming/legacy-v1"]
+
+
+def test_the_key_id_selects_the_key_after_rotation(site, tmp_path: Path) -> None:
+    """First key writes, every key reads: each v2 file names its key by id."""
+    spool, vault_path, key_file, records, blobs = site
+    old_key = load_keys(key_file)[0]
+    old = Keyring([old_key])
+    v2_files = [spool.root / rel for rel in blobs if rel != "incoming/legacy-v1"]
+    assert {_key_id(p) for p in v2_files} == {old.stream_key_id}
+    step_add_key(key_file)
+    ring = Keyring.load(key_file)
+    new_key = load_keys(key_file)[0]
+    new = Keyring([new_key])
+    assert ring.count == 2 and ring.stream_key_id == new.stream_key_id != old.stream_key_id
+    fresh = tmp_path / "fresh"
+    data = os.urandom(vault_stream.CHUNK + 3)
+    fresh.write_bytes(b"".join(vault_stream.encrypt_stream(ring, [data])))
+    assert _key_id(fresh) == new.stream_key_id  # written under the first key
+    for keyring in (ring, Keyring([old_key, new_key])):  # found by id, whatever the order
+        assert _plain(fresh, keyring) == data
+        assert all(_plain(p, keyring) == blobs[str(p.relative_to(spool.root))]
+                   for p in v2_files)
+    with pytest.raises(vault_stream.EncryptedFileError,
+                       match=f"not in the key file \\(key id {new.stream_key_id.hex()}\\)"):
+        _plain(fresh, old)
+    with pytest.raises(vault_stream.EncryptedFileError, match="not in the key file"):
+        _plain(v2_files[0], new)
+    step_reencrypt(spool, vault_path, key_file)
+    assert all(_key_id(spool.root / rel) == new.stream_key_id for rel in blobs)
+    assert all(_plain(spool.root / rel, new) == data for rel, data in blobs.items())
 
 
 def test_old_key_alone_no_longer_decrypts(site, tmp_path: Path) -> None:
@@ -193,13 +249,13 @@ def test_corrupt_record_stays_corrupt_and_the_others_rotate(site) -> None:
     # a damaged quarantine file is kept as it is too
     qfile = spool.root / "quarantine" / "unparseable" / "q1"
     damaged = bytearray(qfile.read_bytes())
-    damaged[len(vault_stream.header_line()) + 500] ^= 1
+    damaged[vault_stream.HEADER_V2 + 500] ^= 1
     qfile.write_bytes(bytes(damaged))
     blobs.pop("quarantine/unparseable/q1")
 
     rotation = rotate(spool, vault_path, key_file)
     assert rotation.records == 39 and rotation.corrupt_records == [bad]
-    assert rotation.corrupt_files == ["quarantine/unparseable/q1"] and rotation.files == 1
+    assert rotation.corrupt_files == ["quarantine/unparseable/q1"] and rotation.files == 2
     assert "1 corrupt record kept unchanged (offsets " + str(bad) + ")" in rotation.summary()
     after = vault_path.read_bytes()
     assert after[bad:offsets[8]] == bad_line

@@ -173,7 +173,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("spool", "dir", "./spool", _text, "DICOM_STORAGE_DIR"),
     Setting("spool", "min_free_mb", "512", _int(0, 10**9)),
     Setting("spool", "tmp_max_age", "3600", _seconds),
-    Setting("spool", "encrypt_incoming", "false", _bool),
+    Setting("spool", "encrypt_incoming", "true", _bool),
     Setting("indexer", "rescan_interval", "10", _seconds),
     Setting("indexer", "batch_size", "64", _int(1, 10000)),
     Setting("scheduler", "study_timeout", "60", _seconds, "DICOM_STUDY_TIMEOUT"),
@@ -225,7 +225,7 @@ class SpoolConfig:
     dir: Path
     min_free_mb: int
     tmp_max_age: float
-    encrypt_incoming: bool = False
+    encrypt_incoming: bool = True
 
 
 @dataclass(frozen=True)

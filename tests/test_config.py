@@ -39,6 +39,8 @@ def test_defaults_match_the_design(tmp_path: Path) -> None:
     assert cfg.api.port == 8080 and cfg.api.bind_address == "0.0.0.0"
     assert cfg.vault.key_file == tmp_path / "secrets" / "vault.key"
     assert cfg.scp.transfer_syntaxes == ()
+    assert cfg.spool.encrypt_incoming is True   # measured under 10% (docs/deid.md)
+    assert cfg.deid.options() == frozenset() and cfg.deid.quarantine_burned_in is True
 
 
 def test_every_design_environment_variable_works(tmp_path: Path) -> None:

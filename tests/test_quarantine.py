@@ -117,16 +117,16 @@ def test_quarantine_commands(rooms, tmp_path: Path) -> None:
                                     "(see: ith-proxy quarantine list)\n"
 
     # release, encrypt_incoming off: back to incoming/ in plaintext
-    released = rooms.cli("quarantine", "release", "garbage-1")
+    released = rooms.cli("quarantine", "release", "garbage-1",
+                         ini="[spool]\nencrypt_incoming = false\n")
     assert released.returncode == 0, released.stderr
     assert (rooms.spool.incoming / "garbage-1").read_bytes() == garbage
     assert not list(rooms.spool.quarantine_dir.glob("*/garbage-1*"))
     assert rooms.indexer.run_once() == 1  # still garbage: quarantined again
     assert (rooms.spool.quarantine_dir / "unparseable" / "garbage-1.json").exists()
 
-    # release, encrypt_incoming on: back to incoming/ encrypted
-    released = rooms.cli("quarantine", "release", "nouid-2",
-                         ini="[spool]\nencrypt_incoming = true\n")
+    # release, encrypt_incoming on (the default): back to incoming/ encrypted
+    released = rooms.cli("quarantine", "release", "nouid-2", ini="")
     assert released.returncode == 0, released.stderr
     back = rooms.spool.incoming / "nouid-2"
     assert vault_stream.is_encrypted(back)

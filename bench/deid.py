@@ -38,8 +38,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 TARGET_RATIO = 1.30
 
 
-def build_deidentifier(work: Path):
-    """The Deidentifier exactly as the indexer builds it (default config)."""
+def build_indexer(work: Path):
+    """An Indexer on a fresh spool under ``work``, built as the service builds it
+    (default configuration); returns (indexer, vault, catalog)."""
     from ith_proxy import config
     from ith_proxy.catalog import Catalog
     from ith_proxy.indexer import Indexer
@@ -52,6 +53,12 @@ def build_deidentifier(work: Path):
     catalog = Catalog(cfg.spool.dir / "catalog.sqlite3")
     vault = Vault(cfg.spool.dir / "vault.phi", cfg.vault.key_file)
     indexer = Indexer(cfg, spool, catalog, vault, load_site_secret(cfg.vault.secret_file))
+    return indexer, vault, catalog
+
+
+def build_deidentifier(work: Path):
+    """The Deidentifier exactly as the indexer builds it (default config)."""
+    indexer, vault, catalog = build_indexer(work)
     return indexer.deid, vault, catalog
 
 

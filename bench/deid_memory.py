@@ -44,18 +44,10 @@ def vmhwm_kb():
             return int(line.split()[1])
     return -1
 
-from ith_proxy import config
-from ith_proxy.catalog import Catalog
-from ith_proxy.indexer import Indexer
-from ith_proxy.spool import Spool
-from ith_proxy.vault import Vault, load_site_secret
+sys.path.insert(0, sys.argv[2])  # bench/: the same Indexer set-up as bench/deid.py
+from deid import build_indexer
 
-cfg = config.load(env={"DICOM_STORAGE_DIR": str(work / "spool")}, cwd=work)
-spool = Spool(cfg.spool.dir)
-spool.ensure()
-catalog = Catalog(cfg.spool.dir / "catalog.sqlite3")
-vault = Vault(cfg.spool.dir / "vault.phi", cfg.vault.key_file)
-indexer = Indexer(cfg, spool, catalog, vault, load_site_secret(cfg.vault.secret_file))
+indexer, vault, catalog = build_indexer(work)
 before_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 t0 = time.perf_counter()
 handled = indexer.run_once()
@@ -203,7 +195,7 @@ def main() -> int:
         env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         for k in [k for k in env if k.startswith(("DICOM_", "ITH_", "API_", "JWT_", "VAULT_"))]:
             del env[k]
-        proc = subprocess.run([sys.executable, "-c", CHILD, str(tmp)], cwd=tmp, env=env,
+        proc = subprocess.run([sys.executable, "-c", CHILD, str(tmp), str(Path(__file__).resolve().parent)], cwd=tmp, env=env,
                               capture_output=True, text=True)
         if proc.returncode != 0:
             print(proc.stderr[-3000:], file=sys.stderr)

@@ -193,7 +193,7 @@ def test_port_probes_do_not_hold_association_slots(tmp_path: Path) -> None:
 def test_accepted_sockets_have_nodelay_and_listen_backlog_is_raised(tmp_path: Path) -> None:
     ini = "[scp]\nmax_associations = 40\n"
     with tools.ProxyProcess(tmp_path / "p", config_text=ini) as proxy:
-        listing = subprocess.run(["ss", "-Hltn", f"sport = :{proxy.dicom_port}"],
+        listing = subprocess.run([tools.require_tool("ss"), "-Hltn", f"sport = :{proxy.dicom_port}"],
                                  capture_output=True, text=True, check=True).stdout.split()
         backlog = int(listing[2])  # Send-Q of a listening socket is its backlog
         assert backlog >= 40
@@ -203,7 +203,7 @@ def test_accepted_sockets_have_nodelay_and_listen_backlog_is_raised(tmp_path: Pa
         assert assoc.is_established
         try:
             local_port = assoc.dul.socket.socket.getsockname()[1]
-            info = subprocess.run(["ss", "-Htni", "-p", f"dport = :{local_port}"],
+            info = subprocess.run([tools.require_tool("ss"), "-Htni", "-p", f"dport = :{local_port}"],
                                   capture_output=True, text=True, check=True).stdout
             assert f"pid={pid}" in info, info
             # ss shows no nodelay flag; read it from the proxy side via /proc instead
@@ -216,7 +216,7 @@ def _server_socket_nodelay(pid: int, server_port: int, peer_port: int) -> bool:
     """TCP_NODELAY of the proxy's accepted socket, read through a pidfd dup."""
     import os
     target = f"127.0.0.1:{peer_port}"
-    listing = subprocess.run(["ss", "-Htnp", f"sport = :{server_port}"],
+    listing = subprocess.run([tools.require_tool("ss"), "-Htnp", f"sport = :{server_port}"],
                              capture_output=True, text=True, check=True).stdout
     line = next((ln for ln in listing.splitlines() if target in ln), "")
     fd = int(line.split("fd=")[1].split(")")[0])

@@ -47,6 +47,7 @@ TOOL_PACKAGES: dict[str, str] = {
     "dcmdrle": "dcmtk",
     "Orthanc": "orthanc",
     "dciodvfy": "dicom3tools",
+    "ss": "iproute2",
 }
 
 #: Environment prefixes that configure the proxy; never inherited by ProxyProcess.

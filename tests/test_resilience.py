@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import socket
 import subprocess
 import threading
@@ -239,3 +241,19 @@ def _pidfd_getfd(pidfd: int, fd: int) -> int:
     if new < 0:
         raise OSError(ctypes.get_errno(), "pidfd_getfd failed")
     return new
+
+
+def test_a_killed_indexer_process_is_restarted(tmp_path: Path) -> None:
+    series = dicomgen.make_ct_series(tmp_path / "in", 3, rows=32, cols=32)
+    with tools.ProxyProcess(tmp_path / "p") as proxy:
+        children = Path(f"/proc/{proxy.pid}/task/{proxy.pid}/children").read_text().split()
+        indexers = [c for c in children
+                    if b"resource_tracker" not in Path(f"/proc/{c}/cmdline").read_bytes()]
+        assert len(indexers) == 1
+        os.kill(int(indexers[0]), signal.SIGKILL)
+        wait_until(lambda: proxy.health()[0] == 503, 10, "health reports the dead indexer")
+        assert "indexer is not running" in proxy.health()[1]["problems"]
+        assert tools.storescu(proxy.dicom_port, series.files).returncode == 0  # still acked
+        wait_until(lambda: proxy.health()[0] == 200, 30, "indexer restarted")
+        wait_indexed(proxy.spool, 3)
+        assert "restarting" in (proxy.spool / "logs" / "error.log").read_text()

@@ -70,7 +70,7 @@ def _stream_key(key: bytes) -> tuple[bytes, bytes]:
     return hashlib.sha256(derived).digest()[:STREAM_KEY_ID], derived
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
@@ -78,13 +78,20 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _write_private(path: Path, data: bytes) -> Path:
-    """Write a 0600 file beside ``path`` under a unique name, fsynced; return it."""
+def write_private(path: Path, data: bytes | Callable[[BinaryIO], object]) -> Path:
+    """Write a 0600 file beside ``path`` under a unique name, fsynced; return it.
+
+    ``data`` is the content, or a writer that fills the open file.  The caller
+    renames or links the result into place and fsyncs the directory.
+    """
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
         with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
+            if callable(data):
+                data(fh)
+            else:
+                fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
     except BaseException:
@@ -100,7 +107,7 @@ def _load_secret_file(path: Path, make: Callable[[], bytes], what: str,
         if not create:
             raise VaultKeyError(f"{what} {path} does not exist")
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        tmp = _write_private(path, make())
+        tmp = write_private(path, make())
         try:
             os.link(tmp, path)  # never overwrite a key another process just made
             log.warning("generated a new %s at %s; back it up, it cannot be recovered", what, path)
@@ -138,13 +145,13 @@ def write_keys(key_file: Path, keys: list[bytes]) -> None:
     key_file = Path(key_file)
     for k in keys:
         Fernet(k)  # never write a key file that would not load
-    tmp = _write_private(key_file, b"".join(k + b"\n" for k in keys))
+    tmp = write_private(key_file, b"".join(k + b"\n" for k in keys))
     try:
         os.rename(tmp, key_file)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_dir(key_file.parent)
+    fsync_dir(key_file.parent)
 
 
 def add_new_key(key_file: Path) -> bytes:

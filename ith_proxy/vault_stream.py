@@ -39,7 +39,8 @@ import struct
 from pathlib import Path
 from typing import BinaryIO, Iterable, Iterator
 
-from .vault import STREAM_KEY_ID, STREAM_OVERHEAD, DecryptError, Keyring
+from .vault import (STREAM_KEY_ID, STREAM_OVERHEAD, DecryptError, Keyring, fsync_dir,
+                    write_private)
 
 __all__ = ["CHUNK", "EncryptedFileError", "Keyring", "DecryptingReader", "decrypt_to",
            "digest", "encrypt_stream", "export_plain", "is_encrypted", "open_source",
@@ -375,22 +376,14 @@ def export_plain(src: Path, dest: Path, keyring: Keyring, sha256: str | None = N
     """Write a readable copy of ``src`` to ``dest`` (0600, never over an
     existing file): tmp beside it, fsync, checked against ``sha256``, link."""
     dest = Path(dest)
-    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    info: dict = {}
+    tmp = write_private(dest, lambda fh: info.update(decrypt_to(src, fh, keyring)))
     try:
-        with os.fdopen(fd, "wb") as fh:
-            info = decrypt_to(src, fh, keyring)
-            fh.flush()
-            os.fsync(fh.fileno())
         if sha256 and info["sha256"] != sha256:
             raise EncryptedFileError("the decrypted copy does not match the sha256 "
                                      "recorded at quarantine time")
         os.link(tmp, dest)
     finally:
         tmp.unlink(missing_ok=True)
-    dir_fd = os.open(dest.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    fsync_dir(dest.parent)
     return info

@@ -97,6 +97,7 @@ class Spool:
         self.logs = self.root / "logs"
         self._tmp_s = str(self.tmp)
         self._incoming_s = str(self.incoming)
+        self._syncfs = False  # libc syncfs, looked up on first use (None: unavailable)
 
     # --- set-up and housekeeping ---
 
@@ -121,10 +122,11 @@ class Spool:
         The indexer writes a batch of files without per-file fsyncs and then
         calls this once, before it commits the catalog and deletes raw files.
         """
-        syncfs = _load_syncfs()
+        if self._syncfs is False:
+            self._syncfs = _load_syncfs()  # once; ctypes lookup, not per batch
         fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
         try:
-            if syncfs is None or syncfs(fd) != 0:
+            if self._syncfs is None or self._syncfs(fd) != 0:
                 os.sync()
         finally:
             os.close(fd)

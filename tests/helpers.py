@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Callable, Iterable
@@ -22,6 +23,14 @@ def wait_until(predicate: Callable[[], object], timeout: float, what: str,
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(interval)
+
+
+def study_summary(spool: Path, study_uid: str) -> dict:
+    """studies/<uid>/study.json, or {} before the scheduler has first written it."""
+    try:
+        return json.loads((spool / "studies" / study_uid / "study.json").read_text())
+    except FileNotFoundError:
+        return {}
 
 
 def catalog_counts(spool: Path) -> dict:

@@ -18,7 +18,8 @@ import pytest
 import dicomgen
 import tools
 from helpers import (catalog_counts, catalog_study, find_bytes, original_to_anonymized_sop,
-                     read_header, stored_files, vault_records, wait_indexed, wait_until)
+                     read_header, stored_files, study_summary, vault_records, wait_indexed,
+                     wait_until)
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -65,7 +66,7 @@ def test_ct_study_is_stored_finalized_and_counted(ct_study) -> None:
     assert len(files) == 200
     assert {f.parent.parent for f in files} == {study_dir}
     assert len({f.parent for f in files}) == 1
-    summary = wait_until(lambda: (s := json.loads((study_dir / "study.json").read_text()))
+    summary = wait_until(lambda: (s := study_summary(proxy.spool, study_dir.name))
                          and s["state"] == "complete" and s, 30, "study complete")
     assert summary["instance_count"] == 200 and summary["series_count"] == 1
     assert summary["modalities"] == ["CT"]

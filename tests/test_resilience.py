@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
@@ -17,7 +16,7 @@ from pynetdicom import AE
 import dicomgen
 import tools
 from helpers import (catalog_counts, catalog_study, original_to_anonymized_sop, read_header,
-                     stored_files, vault_records, wait_indexed, wait_until)
+                     stored_files, study_summary, vault_records, wait_indexed, wait_until)
 
 
 def _only_study(spool: Path) -> str:
@@ -100,9 +99,8 @@ def test_restart_keeps_states_and_timers(tmp_path: Path) -> None:
     assert done["last_received"] == last
     # neither lost (it completed) nor restarted from the restart time (not later)
     assert last + timeout <= done["completed_at"] < last + timeout + 3
-    summary = json.loads((proxy.spool / "studies" / second / "study.json").read_text())
-    wait_until(lambda: json.loads((proxy.spool / "studies" / second / "study.json")
-                                  .read_text())["state"] == "complete", 10, "study.json")
+    summary = wait_until(lambda: (s := study_summary(proxy.spool, second))
+                         and s["state"] == "complete" and s, 10, "study.json")
     assert summary["instance_count"] == 3
     proxy.stop()
 
@@ -131,7 +129,7 @@ def test_late_instance_reopens_the_study_under_the_same_pseudonyms(tmp_path: Pat
         wait_until(lambda: catalog_study(proxy.spool, study)["state"] == "complete", 15,
                    "complete again")
         summary = wait_until(
-            lambda: (s := json.loads((proxy.spool / "studies" / study / "study.json").read_text()))
+            lambda: (s := study_summary(proxy.spool, study))
             and s["state"] == "complete" and s["instance_count"] == 4 and s, 10, "summary")
         assert [e["event"] for e in summary["events"]] == \
             ["first-received", "complete", "reopened", "complete"]

@@ -16,10 +16,11 @@ from pathlib import Path
 
 from . import config as config_mod
 from . import vault_stream
+from .audit import AuditBroken, AuditError, AuditLog, audit_key, cli_actor
 from .catalog import Catalog
 from .config import Config, ConfigError
 from .spool import Spool
-from .vault import Keyring, Vault, VaultKeyError, VaultRecordError
+from .vault import Keyring, Vault, VaultKeyError, VaultRecordError, load_site_secret
 from .vault_stream import EncryptedFileError
 
 EXIT_CONFIG = 2
@@ -54,6 +55,10 @@ def _parser() -> argparse.ArgumentParser:
     rel = qsub.add_parser("release", parents=[common],
                           help="move an item back to incoming/ for another attempt")
     rel.add_argument("name", metavar="NAME", help="item name, or REASON/NAME")
+    aud = sub.add_parser("audit", parents=[common], help="the audit log of PHI access")
+    asub = aud.add_subparsers(dest="action", metavar="<action>", required=True)
+    asub.add_parser("verify", parents=[common],
+                    help="check every record's MAC and the hash chain of logs/audit.log")
     return parser
 
 
@@ -159,6 +164,37 @@ class _CliError(Exception):
     """A one-line message for the operator (exit 1)."""
 
 
+def _audit_log(cfg: Config) -> AuditLog:
+    from .service import audit_path
+    return AuditLog(audit_path(cfg), audit_key(load_site_secret(cfg.vault.secret_file,
+                                                                create=False)))
+
+
+def _audit(cfg: Config, action: str, target: str, **detail: object) -> None:
+    """Record the access before it happens; no record, no access."""
+    try:
+        _audit_log(cfg).record(cli_actor(), action, target, **detail)
+    except AuditError as exc:
+        raise _CliError(f"refused: the audit record could not be written ({exc})") from None
+
+
+def cmd_audit_verify(cfg: Config) -> int:
+    log = _audit_log(cfg)
+    if not log.path.exists():
+        print(f"{log.path}: no audit records yet")
+        return 0
+    try:
+        summary = log.verify()
+    except AuditBroken as exc:
+        return _fail(f"audit log {log.path} is broken at {exc}")
+    except OSError as exc:
+        return _fail(f"cannot read audit log {log.path}: {exc.strerror or exc}")
+    torn = f"; {summary.torn} torn line(s) from interrupted writes" if summary.torn else ""
+    print(f"{log.path}: {summary.records} records intact, chain unbroken "
+          f"({summary.first or '-'} .. {summary.last or '-'}){torn}")
+    return 0
+
+
 def cmd_vault_rotate(cfg: Config) -> int:
     from .service import vault_path
     from .vault_rotate import rotate
@@ -166,6 +202,7 @@ def cmd_vault_rotate(cfg: Config) -> int:
         return _fail(f"no vault key at {cfg.vault.key_file}: nothing to rotate")
     spool, lock = _locked_spool(cfg, "vault rotate-key")
     try:
+        _audit(cfg, "vault.rotate-key", str(cfg.vault.key_file))
         rotation = rotate(spool, vault_path(cfg), cfg.vault.key_file)
     except (VaultRecordError, OSError) as exc:
         detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
@@ -213,6 +250,7 @@ def cmd_quarantine_export(cfg: Config, name: str, out: str | None) -> int:
     if dest.exists():
         return _fail(f"{dest} already exists; choose another --out")
     keyring = Keyring.load(cfg.vault.key_file, create=False)
+    _audit(cfg, "quarantine.export", f"{data.parent.name}/{data.name}", out=str(dest.resolve()))
     try:
         written = vault_stream.export_plain(data, dest, keyring, info.get("sha256"))
     except EncryptedFileError as exc:
@@ -233,6 +271,7 @@ def cmd_quarantine_release(cfg: Config, name: str) -> int:
         keyring = Keyring.load(cfg.vault.key_file, create=False)
         transform = vault_stream.seal if cfg.spool.encrypt_incoming else vault_stream.decrypt_to
         write = lambda src, out: transform(src, out, keyring)  # noqa: E731
+    _audit(cfg, "quarantine.release", f"{data.parent.name}/{data.name}")
     try:
         spool.release(name, write)
     except EncryptedFileError as exc:
@@ -266,6 +305,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.action == "export":
                 return cmd_quarantine_export(cfg, args.name, args.out)
             return cmd_quarantine_release(cfg, args.name)
+        if args.command == "audit":
+            return cmd_audit_verify(cfg)
     except (VaultKeyError, _CliError) as exc:
         return _fail(str(exc))
     except KeyboardInterrupt:

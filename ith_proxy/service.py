@@ -44,6 +44,10 @@ def vault_path(cfg: Config) -> Path:
     return cfg.spool.dir / "vault.phi"
 
 
+def audit_path(cfg: Config) -> Path:
+    return cfg.spool.dir / "logs" / "audit.log"
+
+
 class Service:
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg

@@ -170,10 +170,11 @@ def drop_old_keys(key_file: Path) -> int:
     return len(keys) - 1
 
 
-def load_site_secret(secret_file: Path) -> bytes:
-    """The HMAC key behind pseudonyms and UID remapping (stable for the site's life)."""
+def load_site_secret(secret_file: Path, create: bool = True) -> bytes:
+    """The HMAC key behind pseudonyms, UID remapping and the audit log's MACs
+    (stable for the site's life)."""
     raw = _load_secret_file(secret_file, lambda: secrets.token_hex(32).encode() + b"\n",
-                            "site secret")
+                            "site secret", create)
     value = raw.strip()
     if len(value) < 32:
         raise VaultKeyError(f"site secret {secret_file} is too short")

@@ -15,7 +15,9 @@ Socket fixes over stock pynetdicom, in ``_Server``:
 - a listen backlog of at least the association limit (pynetdicom uses 5);
 - a connection must send its first byte (the A-ASSOCIATE-RQ) within
   ``artim_timeout`` before an association thread is made for it, so port
-  probes never hold an association slot.
+  probes never hold an association slot;
+- the association's reactor threads wake on work instead of polling every
+  1 ms (``assoc_wake.py``).
 """
 
 from __future__ import annotations
@@ -30,8 +32,9 @@ from typing import Any
 
 from pydicom import config as pydicom_config
 from pynetdicom import AE, _config, evt
-from pynetdicom.transport import ThreadedAssociationServer
+from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
+from .assoc_wake import wake_on_work
 from .config import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION, Config
 from .spool import Spool
 from .vault_stream import Keyring, encrypt_stream
@@ -64,6 +67,13 @@ DEFAULT_TRANSFER_SYNTAXES = ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1")
 
 OUT_OF_RESOURCES = 0xA700
 CANNOT_UNDERSTAND = 0xC000
+
+
+class _RequestHandler(RequestHandler):
+    def _create_association(self) -> Any:
+        assoc = super()._create_association()
+        wake_on_work(assoc)  # event-driven instead of 1 ms polling (assoc_wake.py)
+        return assoc
 
 
 class _Server(ThreadedAssociationServer):
@@ -203,7 +213,7 @@ class StorageSCP:
         })
         self.server = self.ae.make_server(
             (self.cfg.scp.bind_address, self.cfg.scp.port),
-            evt_handlers=handlers, server_class=server_cls)
+            evt_handlers=handlers, server_class=server_cls, request_handler=_RequestHandler)
         self._thread = threading.Thread(target=self.server.serve_forever,
                                         name="scp-server", daemon=True)
         self._thread.start()

@@ -27,14 +27,16 @@ ALLOWED_ROOMS: dict[str, set[str]] = {
     "vault_rotate": {"config", "spool", "vault", "vault_stream"},
     "deid": {"config", "deid"},
     "dicomfile": {"config"},
+    # pynetdicom reactor wake-ups, for every room that makes associations
+    "assoc_wake": set(),
     "audit": {"config"},
     # scp -> vault_stream: with [spool] encrypt_incoming the SCP encrypts the raw
     # bytes before they reach the disk (docs/architecture.md, Departures)
-    "scp": {"spool", "catalog", "config", "vault_stream"},
-    "qr": {"spool", "catalog", "config", "dicomfile"},
+    "scp": {"spool", "catalog", "config", "vault_stream", "assoc_wake"},
+    "qr": {"spool", "catalog", "config", "dicomfile", "assoc_wake"},
     "indexer": {"spool", "catalog", "vault", "vault_stream", "deid", "dicomfile", "config"},
     "scheduler": {"spool", "catalog", "config"},
-    "forwarder": {"spool", "catalog", "config", "dicomfile"},
+    "forwarder": {"spool", "catalog", "config", "dicomfile", "assoc_wake"},
     "api": {"catalog", "vault", "audit", "config", "auth"},
     "auth": {"config"},
     "link": {"catalog", "config"},
@@ -48,7 +50,7 @@ WORKERS = {"scp", "qr", "indexer", "scheduler", "forwarder", "api", "link"}
 
 # third-party package -> rooms allowed to import it
 THIRD_PARTY: dict[str, set[str]] = {
-    "pynetdicom": {"scp", "qr", "forwarder"},
+    "pynetdicom": {"scp", "qr", "forwarder", "assoc_wake"},
     "apsw": {"catalog"},
     "cryptography": {"vault"},
     "bottle": {"api", "auth"},

@@ -20,6 +20,7 @@ names, the operator's account): the log itself must hold no PHI.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import getpass
 import hashlib
@@ -140,9 +141,19 @@ class AuditLog:
         if torn:
             body["after_torn"] = True
         body["mac"] = _mac(self._key, body)
-        data = json.dumps(body, sort_keys=True, separators=(",", ":")).encode() + b"\n"
-        os.write(fd, (b"\n" if needs_newline else b"") + data)
-        os.fsync(fd)
+        data = (b"\n" if needs_newline else b"") + \
+            json.dumps(body, sort_keys=True, separators=(",", ":")).encode() + b"\n"
+        size = os.fstat(fd).st_size
+        try:
+            if os.write(fd, data) != len(data):  # a full disk gives a short write
+                raise OSError(errno.ENOSPC, "short write")
+            os.fsync(fd)
+        except OSError:
+            try:  # leave no torn record behind (we hold the lock: nobody appended since)
+                os.ftruncate(fd, size)
+            except OSError:
+                pass
+            raise
         if created:
             dfd = os.open(self.path.parent, os.O_RDONLY)
             try:

@@ -25,6 +25,7 @@ data and the file format belong to ``vault_stream``.
 from __future__ import annotations
 
 import base64
+import errno
 import hashlib
 import json
 import logging
@@ -303,11 +304,21 @@ class Vault:
 
     def put(self, record: dict) -> int:
         """Append one record; return its offset.  Call sync() before relying on it."""
-        token = self.keyring.encrypt(json.dumps(record, sort_keys=True).encode())
+        line = self.keyring.encrypt(json.dumps(record, sort_keys=True).encode()) + b"\n"
         with self._lock:
             fd = self._open_append()
             offset = os.fstat(fd).st_size
-            os.write(fd, token + b"\n")
+            try:
+                if os.write(fd, line) != len(line):  # a full disk gives a short write
+                    raise OSError(errno.ENOSPC, "short write to the vault")
+            except OSError:
+                try:  # drop the torn tail so the vault stays whole records
+                    os.ftruncate(fd, offset)
+                except OSError:
+                    pass
+                os.close(fd)  # a reopen seals whatever tail is left with a newline
+                self._fd = None
+                raise
         return offset
 
     def sync(self) -> None:

@@ -176,6 +176,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("spool", "encrypt_incoming", "true", _bool),
     Setting("indexer", "rescan_interval", "10", _seconds),
     Setting("indexer", "batch_size", "64", _int(1, 10000)),
+    Setting("indexer", "stuck_after", "300", _seconds),
     Setting("scheduler", "study_timeout", "60", _seconds, "DICOM_STUDY_TIMEOUT"),
     Setting("scheduler", "interval", "1", _seconds),
     Setting("deid", "anonymize", "true", _bool, "DICOM_ANONYMIZE_PATIENTS"),
@@ -232,6 +233,7 @@ class SpoolConfig:
 class IndexerConfig:
     rescan_interval: float
     batch_size: int
+    stuck_after: float
 
 
 @dataclass(frozen=True)

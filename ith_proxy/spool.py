@@ -206,6 +206,19 @@ class Spool:
     def incoming_names(self) -> list[str]:
         return sorted(e.name for e in os.scandir(self.incoming) if e.is_file())
 
+    def oldest_incoming(self) -> tuple[int, float | None]:
+        """(how many files wait in incoming/, the oldest one's mtime)."""
+        count, oldest = 0, None
+        with os.scandir(self.incoming) as it:
+            for entry in it:
+                try:
+                    mtime = entry.stat().st_mtime
+                except FileNotFoundError:
+                    continue  # the indexer just took it
+                count += 1
+                oldest = mtime if oldest is None else min(oldest, mtime)
+        return count, oldest
+
     def incoming_path(self, name: str) -> Path:
         return self.incoming / name
 

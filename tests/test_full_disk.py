@@ -89,6 +89,28 @@ def test_full_disk_loses_no_acknowledged_instance(tmp_path: Path, small_disk) ->
         assert proxy.health()[0] == 200
 
 
+def test_health_reports_an_indexer_that_cannot_write(tmp_path: Path) -> None:
+    series = dicomgen.make_ct_series(tmp_path / "in", 2, rows=64, cols=64)
+    ini = "[indexer]\nrescan_interval = 1\nstuck_after = 2\n"
+    with tools.ProxyProcess(tmp_path / "p", config_text=ini) as proxy:
+        studies = proxy.spool / "studies"
+        aside = proxy.spool / "studies.aside"
+        studies.rename(aside)
+        studies.write_bytes(b"")  # every output write now fails with ENOTDIR
+        try:
+            result = tools.storescu(proxy.dicom_port, series.files)
+            assert len(tools.acked_files(result)) == 2  # the SCP does not depend on it
+            status, body = wait_until(lambda: (h := proxy.health())[0] == 503 and h, 20,
+                                      "health reports the stuck indexer")
+            stuck = [p for p in body["problems"] if p.startswith("indexer is stuck")]
+            assert stuck and "2 file(s) in incoming/" in stuck[0], body
+        finally:
+            studies.unlink()
+            aside.rename(studies)
+        wait_indexed(proxy.spool, 2, timeout=30)
+        wait_until(lambda: proxy.health()[0] == 200, 20, "healthy again")
+
+
 def test_vault_and_audit_log_stay_whole_on_a_full_disk(tmp_path: Path, small_disk) -> None:
     disk = small_disk(tmp_path / "disk", 1)
     vault = Vault(disk / "vault.phi", tmp_path / "secrets" / "vault.key")

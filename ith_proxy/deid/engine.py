@@ -192,7 +192,8 @@ class Deidentifier:
                 if 0x0010 <= tag.element <= 0x00FF:
                     creators.append(tag)
                     continue
-                if self.private is not None and self.private.is_safe(ds, tag):
+                listed = self.private.safe_vr(ds, tag) if self.private is not None else None
+                if listed is not None and self._keep_private(ds, tag, listed, prefix, state, top):
                     kept_blocks.add((tag.group, tag.element >> 8))
                     continue
                 self._remove(ds, tag, prefix, state, top)
@@ -215,6 +216,27 @@ class Deidentifier:
         for tag in creators:  # private creators only for blocks that stay
             if (tag.group, tag.element) not in kept_blocks:
                 self._remove(ds, tag, prefix, state, top)
+
+    def _keep_private(self, ds: Dataset, tag: BaseTag, listed: str, prefix: str, state: _Pass,
+                      top: bool) -> bool:
+        """A safe private element stays, but not blindly: a sequence's items get the
+        whole walk (standard attributes nested in it get their rules), a UID is
+        remapped like any other, and an element the parser could not type (UN,
+        implicit VR with an unknown creator) that the table lists as a sequence or
+        UID, or with no VR, is removed since what it holds cannot be checked.
+        Returns whether it stays."""
+        path = f"{prefix}({tag.group:04X},{tag.element:04X})"
+        if _is_sequence(ds, tag):
+            for i, item in enumerate(ds[tag].value):
+                self._walk(item, f"{path}[{i}].", state, top=False)
+            return True
+        vr = ds.get_item(tag).VR or ds[tag].VR
+        if vr == "UI":
+            self._act(ds, tag, "U", prefix, state, top)
+            return True
+        if vr == "UN" and listed in ("SQ", "UI", ""):
+            return False
+        return True
 
     def _remove(self, ds: Dataset, tag: BaseTag, prefix: str, state: _Pass, top: bool) -> None:
         elem = ds[tag]

@@ -4,38 +4,51 @@ A private attribute is identified by its group, its private creator string
 and the low byte of its element (``gggg,xxee`` in PS3.15 notation), never by
 its raw element number, which depends on the block the creator was given.
 
-The built-in list holds quantitative vendor attributes that carry no
-identity and that downstream tools need (PET SUV scaling, MR diffusion
-encoding).  Sites add their own in ``[deid] safe_private``.
+The built-in list is PS3.15 Table E.3.10-1 "Safe Private Attributes"
+(edition 2026d, all 479 rows, held as data in ``safe_private_e3_10.json``;
+provenance in docs/deid.md).  Sites add their own in ``[deid] safe_private``.
+A listed element still has what it carries checked by the engine: a
+sequence's items are walked, a UID is remapped (see ``Deidentifier``).
 """
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 from pydicom.dataset import Dataset
 from pydicom.tag import BaseTag
 
-from ..config import parse_safe_private
+TABLE_FILE = Path(__file__).with_name("safe_private_e3_10.json")
 
-BUILT_IN = (
-    "7053,xx00 Philips PET Private Group",   # SUV factor
-    "7053,xx09 Philips PET Private Group",   # activity concentration scale factor
-    "0019,xx0A SIEMENS MR HEADER",           # number of images in mosaic
-    "0019,xx0B SIEMENS MR HEADER",           # slice measurement duration
-    "0019,xx0C SIEMENS MR HEADER",           # b value
-    "0019,xx0D SIEMENS MR HEADER",           # diffusion directionality
-    "0019,xx0E SIEMENS MR HEADER",           # diffusion gradient direction
-    "0019,xx27 SIEMENS MR HEADER",           # b matrix
-)
+Key = tuple[int, str, int]  # (group, CREATOR upper-cased, element low byte)
+
+
+def load_table(path: Path = TABLE_FILE) -> dict[Key, str]:
+    """Table E.3.10-1 as {(group, CREATOR, low byte): VR as listed ("" if blank)}."""
+    out: dict[Key, str] = {}
+    for row in json.loads(path.read_text(encoding="utf-8"))["rows"]:
+        key = (int(row["group"], 16), row["creator"].strip().upper(),
+               int(row["element"][-2:], 16))
+        out[key] = row["vr"].strip()
+    return out
+
 
 class SafePrivate:
-    def __init__(self, extra: tuple[tuple[int, str, int], ...] = ()) -> None:
-        self.safe = set(parse_safe_private(";".join(BUILT_IN))) | set(extra)
+    def __init__(self, extra: tuple[Key, ...] = (), table: dict[Key, str] | None = None) -> None:
+        self.listed = load_table() if table is None else table
+        self.site = frozenset(extra)
 
-    def is_safe(self, ds: Dataset, tag: BaseTag) -> bool:
+    def safe_vr(self, ds: Dataset, tag: BaseTag) -> str | None:
+        """None if ``tag`` is not safe; else the VR the standard lists for it
+        ("" when the table leaves it blank), or "*" for a site-configured entry."""
         block = tag.element >> 8
         if block < 0x10:
-            return False
+            return None
         creator = ds.get((tag.group, block))
         if creator is None or not isinstance(creator.value, str):
-            return False
-        return (tag.group, creator.value.strip().upper(), tag.element & 0xFF) in self.safe
+            return None
+        key = (tag.group, creator.value.strip().upper(), tag.element & 0xFF)
+        if key in self.site:
+            return "*"
+        return self.listed.get(key)

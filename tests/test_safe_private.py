@@ -100,6 +100,13 @@ def test_listed_elements_stay_and_what_they_carry_is_checked() -> None:
         assert original in leaves, original
 
 
+def test_under_retain_uids_a_listed_uid_stays_with_the_uids_it_names() -> None:
+    ds = _dataset()
+    Deidentifier(SECRET, frozenset({"retain_safe_private", "retain_uids"})).apply(ds)
+    analyzed = str(ds.private_block(0x0099, "NQHeader")[0x02].value)
+    assert analyzed == ORIGINAL_SERIES == str(ds.SeriesInstanceUID)
+
+
 def test_without_the_option_every_private_element_goes() -> None:
     ds = _dataset()
     Deidentifier(SECRET).apply(ds)

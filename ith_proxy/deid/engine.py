@@ -221,7 +221,7 @@ class Deidentifier:
                       top: bool) -> bool:
         """A safe private element stays, but not blindly: a sequence's items get the
         whole walk (standard attributes nested in it get their rules), a UID is
-        remapped like any other, and an element the parser could not type (UN,
+        remapped like the study's own UIDs (kept under Retain UIDs), and an element the parser could not type (UN,
         implicit VR with an unknown creator) that the table lists as a sequence or
         UID, or with no VR, is removed since what it holds cannot be checked.
         Returns whether it stays."""
@@ -231,8 +231,9 @@ class Deidentifier:
                 self._walk(item, f"{path}[{i}].", state, top=False)
             return True
         vr = ds.get_item(tag).VR or ds[tag].VR
-        if vr == "UI":
-            self._act(ds, tag, "U", prefix, state, top)
+        if vr == "UI":  # remapped exactly when the UIDs it may name are (Retain UIDs)
+            if "retain_uids" not in self.options:
+                self._act(ds, tag, "U", prefix, state, top)
             return True
         if vr == "UN" and listed in ("SQ", "UI", ""):
             return False

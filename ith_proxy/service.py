@@ -151,7 +151,7 @@ class Service:
                 problems.append("free disk is below the minimum; C-STORE is refused")
             waiting, oldest = self.spool.oldest_incoming()
             if oldest is not None and time.time() - oldest > self.cfg.indexer.stuck_after:
-                problems.append(f"indexer is stuck: {waiting} file(s) in incoming/, the oldest "
+                problems.append(f"indexer is behind or stuck: {waiting} file(s) in incoming/, the oldest "
                                 f"for {time.time() - oldest:.0f} s (see error.log)")
         except OSError:
             problems.append("spool is not accessible")

@@ -102,7 +102,7 @@ def test_health_reports_an_indexer_that_cannot_write(tmp_path: Path) -> None:
             assert len(tools.acked_files(result)) == 2  # the SCP does not depend on it
             status, body = wait_until(lambda: (h := proxy.health())[0] == 503 and h, 20,
                                       "health reports the stuck indexer")
-            stuck = [p for p in body["problems"] if p.startswith("indexer is stuck")]
+            stuck = [p for p in body["problems"] if p.startswith("indexer is behind or stuck")]
             assert stuck and "2 file(s) in incoming/" in stuck[0], body
         finally:
             studies.unlink()

@@ -124,17 +124,18 @@ def wake_on_work(assoc: Any) -> None:
     bell = _Doorbell()
     poller = select.poll()  # not select(): fds above 1024 must work too
     poller.register(bell.fd, select.POLLIN)
-    watched = [-1]  # the socket fd now registered
+    watched = -1  # the socket fd now registered
 
     def dul_wait(seconds: float) -> None:
+        nonlocal watched
         sock = getattr(dul.socket, "socket", None)
         fd = sock.fileno() if sock is not None else -1
-        if fd != watched[0]:
-            if watched[0] >= 0:
-                poller.unregister(watched[0])
+        if fd != watched:
+            if watched >= 0:
+                poller.unregister(watched)
             if fd >= 0:
                 poller.register(fd, select.POLLIN)
-            watched[0] = fd
+            watched = fd
         if sock is not None and getattr(sock, "pending", lambda: 0)():
             return  # TLS: decrypted bytes already buffered, poll would not see them
         try:

@@ -150,9 +150,10 @@ class Service:
             if self.spool.free_mb() < self.cfg.spool.min_free_mb:
                 problems.append("free disk is below the minimum; C-STORE is refused")
             waiting, oldest = self.spool.oldest_incoming()
-            if oldest is not None and time.time() - oldest > self.cfg.indexer.stuck_after:
-                problems.append(f"indexer is behind or stuck: {waiting} file(s) in incoming/, the oldest "
-                                f"for {time.time() - oldest:.0f} s (see error.log)")
+            age = time.time() - oldest if oldest is not None else 0.0
+            if age > self.cfg.indexer.stuck_after:
+                problems.append(f"indexer is behind or stuck: {waiting} file(s) in incoming/, "
+                                f"the oldest for {age:.0f} s (see error.log)")
         except OSError:
             problems.append("spool is not accessible")
         try:

@@ -20,8 +20,9 @@ from .audit import AuditBroken, AuditError, AuditKeys, AuditLog, audit_key, cli_
 from .catalog import Catalog
 from .config import Config, ConfigError
 from .spool import Spool
-from .vault import (Keyring, Vault, VaultKeyError, VaultRecordError, init_secrets,
-                    load_audit_keys, load_site_secret, secret_files, shared_volume_warning)
+from .vault import (Keyring, Vault, VaultKeyError, VaultRecordError, add_audit_key,
+                    init_secrets, load_audit_keys, load_site_secret, secret_files,
+                    shared_volume_warning)
 from .vault_stream import EncryptedFileError
 
 EXIT_CONFIG = 2
@@ -63,6 +64,8 @@ def _parser() -> argparse.ArgumentParser:
     asub = aud.add_subparsers(dest="action", metavar="<action>", required=True)
     asub.add_parser("verify", parents=[common],
                     help="check every record's MAC and the hash chain of logs/audit.log")
+    asub.add_parser("rotate-key", parents=[common],
+                    help="sign new audit records under a new key (the old ones stay, to verify)")
     return parser
 
 
@@ -246,6 +249,23 @@ def cmd_audit_verify(cfg: Config) -> int:
     return 0
 
 
+def cmd_audit_rotate(cfg: Config) -> int:
+    """A new first line in audit.key; the record of it is the first one signed
+    by the new key, after a key-change record signed by the old one."""
+    key_file = cfg.vault.audit_key_file
+    if not key_file.exists():
+        return _fail(f"no audit key at {key_file}: nothing to rotate")
+    _, lock = _locked_spool(cfg, "audit rotate-key")  # one rotation at a time
+    try:
+        add_audit_key(key_file)
+        _audit(cfg, "audit.rotate-key", str(key_file))
+    finally:
+        os.close(lock)
+    print(f"audit key rotated; back up {key_file} (its older keys verify older records: "
+          "keep them)")
+    return 0
+
+
 def cmd_vault_rotate(cfg: Config) -> int:
     from .service import vault_path
     from .vault_rotate import rotate
@@ -373,7 +393,7 @@ def main(argv: list[str] | None = None) -> int:
                 return cmd_quarantine_export(cfg, args.name, args.out)
             return cmd_quarantine_release(cfg, args.name)
         if args.command == "audit":
-            return cmd_audit_verify(cfg)
+            return cmd_audit_rotate(cfg) if args.action == "rotate-key" else cmd_audit_verify(cfg)
     except (VaultKeyError, AuditError, _CliError) as exc:
         return _fail(str(exc))
     except KeyboardInterrupt:

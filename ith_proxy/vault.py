@@ -219,6 +219,20 @@ def load_audit_keys(key_file: Path, create: bool = False) -> list[bytes]:
     return keys
 
 
+def add_audit_key(key_file: Path) -> None:
+    """Put a fresh audit key first, keep the old ones after it (they verify the
+    records they signed); the next append records the change."""
+    keys = load_audit_keys(key_file)
+    tmp = write_private(Path(key_file), _new_hex_secret() + b"".join(
+        k.hex().encode() + b"\n" for k in keys))
+    try:
+        os.rename(tmp, key_file)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(Path(key_file).parent)
+
+
 def _new_vault_key() -> bytes:
     return Fernet.generate_key() + b"\n"
 

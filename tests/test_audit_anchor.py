@@ -130,3 +130,20 @@ def test_actor_is_the_real_uid_not_user(rooms, tmp_path) -> None:
     me = pwd.getpwuid(os.getuid()).pw_name
     assert actor == f"cli:{me}(uid {os.getuid()}) via sudo from alice"
     assert "mallory" not in actor
+
+
+def test_audit_key_rotation_is_recorded_and_old_records_still_verify(rooms, tmp_path) -> None:
+    assert _export(rooms, "garbage-1", tmp_path).returncode == 0
+    key_file = rooms.cfg.vault.key_file.with_name("audit.key")
+    rotated = rooms.cli("audit", "rotate-key")
+    assert rotated.returncode == 0, rotated.stderr
+    assert len(key_file.read_bytes().split()) == 2 and oct(key_file.stat().st_mode)[-3:] == "600"
+    assert _export(rooms, "garbage-2", tmp_path).returncode == 0
+    records = _records(rooms)
+    assert [r["action"] for r in records] == ["quarantine.export", "audit.key-change",
+                                              "audit.rotate-key", "quarantine.export"]
+    old, new = records[0]["kid"], records[2]["kid"]
+    assert old != new and records[1]["kid"] == old and records[1]["detail"]["new"] == new
+    assert records[3]["kid"] == new
+    ok = rooms.cli("audit", "verify")
+    assert ok.returncode == 0 and "4 records intact" in ok.stdout, ok.stderr

@@ -160,7 +160,11 @@ def _locked_spool(cfg: Config, what: str) -> tuple[Spool, int]:
     spool = Spool(cfg.spool.dir)
     if not spool.root.is_dir():
         raise _CliError(f"no spool at {cfg.spool.dir}")
-    lock = spool.lock()
+    try:
+        lock = spool.lock()
+    except OSError as exc:  # e.g. ELOOP: .lock is a symbolic link
+        raise _CliError(f"cannot take the spool lock {spool.root / '.lock'}: "
+                        f"{exc.strerror or exc}") from None
     if lock is None:
         raise _CliError(f"the proxy is running on this spool; stop it before {what}")
     spool.ensure()

@@ -69,13 +69,13 @@ class Service:
             self.spool.ensure()
         except OSError as exc:
             raise StartupError(f"cannot create spool {self.spool.root}: {exc.strerror}") from None
+        links = self.spool.symlinks(extra=(vault_path(self.cfg), catalog_path(self.cfg)))
+        if links:  # before anything opens them: lock, logs, catalog (apsw), vault
+            raise StartupError(f"refusing to start: {links[0]} is a symbolic link; the "
+                               "spool's files are never opened through links")
         self._lock_fd = self.spool.lock()
         if self._lock_fd is None:
             raise StartupError(f"another ith-proxy is already using {self.spool.root}")
-        links = self.spool.symlinks(extra=(vault_path(self.cfg), catalog_path(self.cfg)))
-        if links:  # before anything opens them: logs, catalog (apsw), vault
-            raise StartupError(f"refusing to start: {links[0]} is a symbolic link; the "
-                               "spool's files are never opened through links")
         logs.setup(self.spool.logs, self.cfg.log)
         # Keys are created only for a new spool (no vault, no catalog); otherwise a
         # missing one stops the start, naming it, before anything is created.

@@ -74,7 +74,7 @@ def test_a_linked_audit_log_is_refused(rooms, target, tmp_path) -> None:
 
 
 @pytest.mark.parametrize("name", ["logs/main.log", "logs/error.log", "vault.phi",
-                                  "catalog.sqlite3", "incoming"])
+                                  "catalog.sqlite3", "incoming", ".lock"])
 def test_start_is_refused_on_a_linked_spool_file(tmp_path: Path, target, name: str) -> None:
     work = tmp_path / "p"
     link = work / "spool" / name

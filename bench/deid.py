@@ -45,11 +45,12 @@ def build_indexer(work: Path):
     from ith_proxy.catalog import Catalog
     from ith_proxy.indexer import Indexer
     from ith_proxy.spool import Spool
-    from ith_proxy.vault import Vault, load_site_secret
+    from ith_proxy.vault import Vault, init_secrets, load_site_secret
 
     cfg = config.load(env={"DICOM_STORAGE_DIR": str(work / "spool")}, cwd=work)
     spool = Spool(cfg.spool.dir)
     spool.ensure()
+    init_secrets(cfg.vault.key_file)
     catalog = Catalog(cfg.spool.dir / "catalog.sqlite3")
     vault = Vault(cfg.spool.dir / "vault.phi", cfg.vault.key_file)
     indexer = Indexer(cfg, spool, catalog, vault, load_site_secret(cfg.vault.secret_file))

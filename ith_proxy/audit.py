@@ -1,38 +1,53 @@
 """Append-only, hash-chained audit log of PHI access: ``spool/logs/audit.log``.
 
 One JSON object per line. Each record carries the MAC of the record before it
-(``prev``) and its own MAC (``mac``), an HMAC-SHA256 over its canonical JSON under
-a key derived from the site secret, which lives outside the spool beside the vault
-key. So a record cannot be changed, removed, reordered or forged without
-``ith-proxy audit verify`` pointing at the line, unless the attacker also holds
-the site secret.
+(``prev``) and its own MAC (``mac``), an HMAC-SHA256 over its canonical JSON. The
+MAC key is the audit log's own (``audit.key`` beside the vault key, 0600, read by
+the service and the operator only), named in each record by its key id
+(``kid``). Logs from before that key existed were MACed under a key derived from
+the site secret; their records carry no ``kid`` and still verify. A key only
+changes through an ``audit.key-change`` record, signed by the old key, that
+names the new key's id, so verify follows the chain from key to key, and a
+record signed by any other key than the one in effect is a fault. So a record
+cannot be changed, removed, reordered or forged without ``ith-proxy audit
+verify`` pointing at the line, unless the attacker also holds the audit key.
 
-A record is written, and fsynced, *before* the access it describes: if it cannot
-be written, the access is refused. Appends are serialized with ``flock`` so a
-running service and a CLI command can both write. A crash in the middle of an
-append can leave a torn last line; the next append starts on a new line and marks
-itself ``after_torn``, and verify accepts a torn line only where such a record
-follows it. The file is never rewritten and never rotated.
+Cutting records off the end, or deleting the log, leaves a valid chain behind;
+so each append also writes an anchor outside the spool, beside the keys
+(``audit.anchor``: the last sequence number, its MAC and key id), durably (tmp,
+fsync, rename, fsync dir) under the same lock. verify, and every append, compare
+the log with it.
+
+A record is written, and fsynced, *before* the access it describes: if it (or its
+anchor) cannot be written, the access is refused. Appends are serialized with
+``flock`` so a running service and a CLI command can both write. A crash in the
+middle of an append can leave a torn last line; the next append starts on a new
+line and marks itself ``after_torn``, and verify accepts a torn line only where
+such a record follows it. The file is never rewritten and never rotated, and
+never opened through a symbolic link.
 
 Records name things by non-PHI handles only (anonymized UIDs, quarantine item
-names, the operator's account): the log itself must hold no PHI.
+names, the operator's account from the real uid): the log itself must hold no PHI.
 """
 
 from __future__ import annotations
 
 import errno
 import fcntl
-import getpass
 import hashlib
 import hmac
 import json
 import os
+import pwd
+import secrets
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
 GENESIS = "0" * 64
 _KEY_LABEL = b"ith-proxy audit log v1"
+_KID_LABEL = b"ith-proxy audit key id v1"
+KEY_CHANGE = "audit.key-change"
 _TAIL = 65536  # bytes read back to find the last record (records are far smaller)
 
 
@@ -41,10 +56,10 @@ class AuditError(RuntimeError):
 
 
 class AuditBroken(RuntimeError):
-    """verify found a record that is not what was written."""
+    """verify found a record that is not what was written, or records missing."""
 
-    def __init__(self, line: int, reason: str) -> None:
-        super().__init__(f"line {line}: {reason}")
+    def __init__(self, line: int | None, reason: str) -> None:
+        super().__init__(f"line {line}: {reason}" if line else reason)
         self.line = line
         self.reason = reason
 
@@ -55,20 +70,94 @@ class Summary:
     first: str | None
     last: str | None
     torn: int
+    anchored: int | None = None  # the anchor's sequence number, None without one
 
 
 def audit_key(site_secret: bytes) -> bytes:
+    """The legacy MAC key, derived from the site secret (logs written before
+    ``audit.key``): verifies records without a ``kid``."""
     return hmac.new(site_secret, _KEY_LABEL, hashlib.sha256).digest()
 
 
+def key_id(key: bytes) -> str:
+    """A key's public name in records and anchor (reveals nothing of the key)."""
+    return hmac.new(key, _KID_LABEL, hashlib.sha256).hexdigest()[:16]
+
+
+def _key_name(kid: str | None) -> str:
+    return f"audit key {kid}" if kid else "the site-secret-derived key"
+
+
+@dataclass(frozen=True)
+class AuditKeys:
+    """The key that signs new records, and every key that verifies old ones."""
+    signing: bytes
+    signing_id: str | None    # None: the legacy key (records carry no kid)
+    known: dict               # kid -> key
+    legacy: bytes | None      # verifies records without a kid
+
+    @classmethod
+    def of(cls, keys: list[bytes], legacy: bytes | None = None) -> "AuditKeys":
+        """From audit.key's keys (the first signs) and the legacy key, if any."""
+        return cls(keys[0], key_id(keys[0]), {key_id(k): k for k in keys}, legacy)
+
+    @classmethod
+    def legacy_only(cls, key: bytes) -> "AuditKeys":
+        return cls(key, None, {}, key)
+
+    def key_for(self, kid: str | None) -> bytes | None:
+        return self.legacy if kid is None else self.known.get(kid)
+
+
 def cli_actor() -> str:
-    """Who runs this CLI command: the login, and the sudo caller if any."""
+    """Who runs this CLI command: the account of the real uid (not $USER, which
+    anyone can set), and the sudo caller if any."""
+    uid = os.getuid()
     try:
-        user = getpass.getuser()
-    except (KeyError, OSError):
-        user = "?"
+        user = pwd.getpwuid(uid).pw_name
+    except KeyError:
+        user = str(uid)
     via = os.environ.get("SUDO_USER")
-    return f"cli:{user}(uid {os.getuid()})" + (f" via sudo from {via}" if via else "")
+    return f"cli:{user}(uid {uid})" + (f" via sudo from {via}" if via else "")
+
+
+def _write_anchor(path: Path, body: dict) -> None:
+    """Replace the anchor durably: tmp beside it, fsync, rename, fsync the folder."""
+    data = json.dumps(body, sort_keys=True).encode() + b"\n"
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    try:
+        try:
+            if os.write(fd, data) != len(data):
+                raise OSError(errno.ENOSPC, "short write")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+def read_anchor(path: Path | None) -> dict | None:
+    """The anchor's content, None when there is none; AuditError when unreadable."""
+    if path is None:
+        return None
+    try:
+        anchor = json.loads(Path(path).read_bytes())
+        if isinstance(anchor, dict) and isinstance(anchor.get("seq"), int) \
+                and isinstance(anchor.get("mac"), str):
+            return anchor
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        pass
+    raise AuditError(f"the audit anchor {path} is unreadable")
 
 
 def _mac(key: bytes, body: dict) -> str:
@@ -100,19 +189,22 @@ def _last_line(fd: int) -> tuple[bytes, bool, bool]:
 
 
 class AuditLog:
-    def __init__(self, path: Path, key: bytes) -> None:
+    def __init__(self, path: Path, keys: "AuditKeys | bytes",
+                 anchor: Path | None = None) -> None:
         self.path = Path(path)
-        self._key = key
+        self.keys = keys if isinstance(keys, AuditKeys) else AuditKeys.legacy_only(keys)
+        self.anchor = Path(anchor) if anchor is not None else None
 
     def record(self, actor: str, action: str, target: str, **detail: object) -> dict:
         """Append one record and fsync it; raise AuditError if that fails."""
         try:
             self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             created = not self.path.exists()
-            fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
+            fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW,
+                         0o600)
         except OSError as exc:
-            raise AuditError(f"cannot open audit log {self.path}: "
-                             f"{exc.strerror or exc}") from None
+            why = "it is a symbolic link" if exc.errno == errno.ELOOP else exc.strerror or exc
+            raise AuditError(f"cannot open audit log {self.path}: {why}") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             return self._append(fd, created, actor, action, target, detail)
@@ -122,27 +214,53 @@ class AuditLog:
         finally:
             os.close(fd)  # releases the lock
 
+    def _body(self, seq: int, prev: str, kid: str | None, actor: str, action: str,
+              target: str, detail: dict, torn: bool) -> dict:
+        body: dict = {"seq": seq, "at": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
+                      "actor": actor, "action": action, "target": target, "prev": prev}
+        if kid:
+            body["kid"] = kid
+        if detail:
+            body["detail"] = detail
+        if torn:
+            body["after_torn"] = True
+        return body
+
     def _append(self, fd: int, created: bool, actor: str, action: str, target: str,
                 detail: dict) -> dict:
         line, needs_newline, torn = _last_line(fd)
+        in_effect: str | None = self.keys.signing_id
         if line:
             try:
                 last = json.loads(line)
                 seq, prev = int(last["seq"]) + 1, str(last["mac"])
+                in_effect = last.get("kid")
+                if last.get("action") == KEY_CHANGE:
+                    in_effect = last["detail"]["new"]
             except (ValueError, KeyError, TypeError):
                 raise AuditError("the last audit record is unreadable; "
                                  "run: ith-proxy audit verify") from None
         else:
             seq, prev = 1, GENESIS
-        body: dict = {"seq": seq, "at": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
-                      "actor": actor, "action": action, "target": target, "prev": prev}
-        if detail:
-            body["detail"] = detail
-        if torn:
-            body["after_torn"] = True
-        body["mac"] = _mac(self._key, body)
-        data = (b"\n" if needs_newline else b"") + \
-            json.dumps(body, sort_keys=True, separators=(",", ":")).encode() + b"\n"
+        self._check_anchor(seq - 1, prev)
+        bodies = []
+        if in_effect != self.keys.signing_id:
+            old = self.keys.key_for(in_effect)
+            if old is None or self.keys.signing_id is None:
+                raise AuditError(f"the audit log's last record is under {_key_name(in_effect)}, "
+                                 "which is not loaded (audit.key lost or replaced?); restore "
+                                 "it, or move the audit log and its anchor aside")
+            change = self._body(seq, prev, in_effect, actor, KEY_CHANGE,
+                                self.keys.signing_id, {"new": self.keys.signing_id}, torn)
+            change["mac"] = _mac(old, change)
+            bodies.append(change)
+            seq, prev, torn = seq + 1, change["mac"], False
+        body = self._body(seq, prev, self.keys.signing_id, actor, action, target, detail, torn)
+        body["mac"] = _mac(self.keys.signing, body)
+        bodies.append(body)
+        data = (b"\n" if needs_newline else b"") + b"".join(
+            json.dumps(b, sort_keys=True, separators=(",", ":")).encode() + b"\n"
+            for b in bodies)
         size = os.fstat(fd).st_size
         try:
             if os.write(fd, data) != len(data):  # a full disk gives a short write
@@ -160,13 +278,43 @@ class AuditLog:
                 os.fsync(dfd)
             finally:
                 os.close(dfd)
+        if self.anchor is not None:
+            try:
+                _write_anchor(self.anchor, {"seq": body["seq"], "mac": body["mac"],
+                                            "kid": self.keys.signing_id})
+            except OSError as exc:
+                raise AuditError(f"cannot write the audit anchor {self.anchor}: "
+                                 f"{exc.strerror or exc}") from None
         return body
 
+    def _check_anchor(self, last_seq: int, last_mac: str) -> None:
+        """Refuse to append to a log shorter than its anchor: the new record
+        would hide that records were cut off or the log was deleted."""
+        anchor = read_anchor(self.anchor)
+        if anchor is None:
+            return
+        if last_seq < anchor["seq"] or (last_seq == anchor["seq"]
+                                        and not hmac.compare_digest(last_mac, anchor["mac"])):
+            raise AuditError(f"the audit log ends at record {last_seq} but its anchor "
+                             f"{self.anchor} names record {anchor['seq']}: records were "
+                             "removed or the log replaced; run: ith-proxy audit verify")
+
     def verify(self) -> Summary:
-        """Check every record's MAC, sequence and chain; raise AuditBroken at the first fault."""
+        """Check every record's MAC, key, sequence and chain, and the log against
+        its anchor; raise AuditBroken at the first fault."""
+        anchor = read_anchor(self.anchor)
         prev, seq, first, last, torn_lines = GENESIS, 0, None, None, 0
+        in_effect: str | None = None
+        anchored: tuple[int, str] | None = None  # (line, mac) of the anchor's record
         pending_torn: int | None = None
-        with open(self.path, "rb") as fh:
+        try:
+            fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW)
+        except FileNotFoundError:
+            if anchor is not None:
+                raise AuditBroken(None, f"the log is missing, but its anchor {self.anchor} "
+                                        f"says it held {anchor['seq']} records") from None
+            raise
+        with os.fdopen(fd, "rb") as fh:
             for number, raw in enumerate(fh, 1):
                 try:
                     body = json.loads(raw)
@@ -186,16 +334,44 @@ class AuditLog:
                     torn_lines += 1
                     pending_torn = None
                 mac = body.pop("mac", None)
-                if not isinstance(mac, str) or not hmac.compare_digest(mac, _mac(self._key, body)):
+                kid = body.get("kid")
+                key = self.keys.key_for(kid) if isinstance(kid, (str, type(None))) else None
+                if key is None:
+                    raise AuditBroken(number, f"signed with {_key_name(kid)}, which is not "
+                                              "loaded (audit.key, or the site secret)")
+                if not isinstance(mac, str) or not hmac.compare_digest(mac, _mac(key, body)):
                     raise AuditBroken(number, "MAC mismatch: the record was altered, or the "
-                                              "site secret is not the one that wrote it")
+                                              "key (audit.key, or the site secret for older "
+                                              "records) is not the one that wrote it")
+                if seq and kid != in_effect:
+                    raise AuditBroken(number, f"signed with {_key_name(kid)} while "
+                                              f"{_key_name(in_effect)} is in effect (keys "
+                                              f"change only by an {KEY_CHANGE} record)")
                 if body.get("prev") != prev:
                     raise AuditBroken(number, "chain broken: a record before it was removed, "
                                               "reordered or replaced")
                 if body.get("seq") != seq + 1:
                     raise AuditBroken(number, f"sequence {body.get('seq')} follows {seq}")
+                in_effect = kid
+                if body.get("action") == KEY_CHANGE:
+                    new = (body.get("detail") or {}).get("new")
+                    if not isinstance(new, str):
+                        raise AuditBroken(number, "key change names no key")
+                    in_effect = new
                 prev, seq, last = mac, seq + 1, body.get("at")
                 first = first or last
+                if anchor is not None and seq == anchor["seq"]:
+                    anchored = (number, mac)
         if pending_torn is not None:
             raise AuditBroken(pending_torn, "unreadable record")
-        return Summary(records=seq, first=first, last=last, torn=torn_lines)
+        if anchor is not None:
+            if anchored is None:
+                raise AuditBroken(None, f"the log ends at record {seq}, but its anchor "
+                                        f"{self.anchor} says it held {anchor['seq']}: records "
+                                        "were cut off the end, or the log was replaced")
+            if not hmac.compare_digest(anchored[1], anchor["mac"]):
+                raise AuditBroken(anchored[0], f"record {anchor['seq']} is not the one its "
+                                               f"anchor {self.anchor} names: the log was "
+                                               "replaced")
+        return Summary(records=seq, first=first, last=last, torn=torn_lines,
+                       anchored=anchor["seq"] if anchor else None)

@@ -16,11 +16,13 @@ from pathlib import Path
 
 from . import config as config_mod
 from . import vault_stream
-from .audit import AuditBroken, AuditError, AuditLog, audit_key, cli_actor
+from .audit import AuditBroken, AuditError, AuditKeys, AuditLog, audit_key, cli_actor
 from .catalog import Catalog
 from .config import Config, ConfigError
 from .spool import Spool
-from .vault import Keyring, Vault, VaultKeyError, VaultRecordError, load_site_secret
+from .vault import (Keyring, Vault, VaultKeyError, VaultRecordError, add_audit_key,
+                    init_secrets, load_audit_keys, load_site_secret, secret_files,
+                    shared_volume_warning)
 from .vault_stream import EncryptedFileError
 
 EXIT_CONFIG = 2
@@ -35,6 +37,9 @@ def _parser() -> argparse.ArgumentParser:
         description="Edge DICOM proxy: receive, de-identify, catalog and forward studies.")
     sub = parser.add_subparsers(dest="command", metavar="<command>", required=True)
     sub.add_parser("run", parents=[common], help="run all services in one process")
+    sub.add_parser("init", parents=[common],
+                   help="create the vault key, site secret and audit key for a new site "
+                        "(refused when any of them exists)")
     st = sub.add_parser("status", parents=[common], help="print a human summary")
     st.add_argument("--json", action="store_true", help="machine-readable output")
     sub.add_parser("reindex", parents=[common],
@@ -59,6 +64,8 @@ def _parser() -> argparse.ArgumentParser:
     asub = aud.add_subparsers(dest="action", metavar="<action>", required=True)
     asub.add_parser("verify", parents=[common],
                     help="check every record's MAC and the hash chain of logs/audit.log")
+    asub.add_parser("rotate-key", parents=[common],
+                    help="sign new audit records under a new key (the old ones stay, to verify)")
     return parser
 
 
@@ -153,7 +160,11 @@ def _locked_spool(cfg: Config, what: str) -> tuple[Spool, int]:
     spool = Spool(cfg.spool.dir)
     if not spool.root.is_dir():
         raise _CliError(f"no spool at {cfg.spool.dir}")
-    lock = spool.lock()
+    try:
+        lock = spool.lock()
+    except OSError as exc:  # e.g. ELOOP: .lock is a symbolic link
+        raise _CliError(f"cannot take the spool lock {spool.root / '.lock'}: "
+                        f"{exc.strerror or exc}") from None
     if lock is None:
         raise _CliError(f"the proxy is running on this spool; stop it before {what}")
     spool.ensure()
@@ -164,34 +175,98 @@ class _CliError(Exception):
     """A one-line message for the operator (exit 1)."""
 
 
-def _audit_log(cfg: Config) -> AuditLog:
+def cmd_init(cfg: Config) -> int:
+    """Create the keys of a new site; never replace one (no partial creation)."""
+    from .service import catalog_path, vault_path
+    files = secret_files(cfg.vault.key_file)
+    present = [str(p) for p in files.values() if p.exists() or p.is_symlink()]
+    if present:
+        return _fail(f"keys already exist ({', '.join(present)}); init never replaces a "
+                     "key: nothing was changed")
+    os.umask(0o077)
+    made = init_secrets(cfg.vault.key_file)
+    print(f"created {', '.join(str(p) for p in made)}: back them up now, apart from the "
+          "spool; they cannot be recovered")
+    if vault_path(cfg).exists() or catalog_path(cfg).exists():
+        print(f"warning: {cfg.spool.dir} already holds a vault or catalog; what was written "
+              "under the old keys cannot be read with the new ones", file=sys.stderr)
+    warning = shared_volume_warning(cfg.vault.key_file, cfg.spool.dir) \
+        if cfg.spool.dir.is_dir() else None
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr)
+    return 0
+
+
+def _audit_log(cfg: Config, append: bool = False) -> AuditLog:
+    """The audit log with its keys and anchor.  Appending signs with audit.key;
+    on a site from before audit.key existed (no anchor yet) the key is made
+    here, and the first append records the change from the old key."""
     from .service import audit_path
-    return AuditLog(audit_path(cfg), audit_key(load_site_secret(cfg.vault.secret_file,
-                                                                create=False)))
+    key_file, anchor = cfg.vault.audit_key_file, cfg.vault.audit_anchor_file
+    try:
+        legacy = audit_key(load_site_secret(cfg.vault.secret_file))
+    except VaultKeyError:
+        if append:
+            raise
+        legacy = None  # verify can still check records under audit.key
+    absent = not key_file.exists() and not key_file.is_symlink()
+    if absent and not append:
+        if legacy is None:
+            raise VaultKeyError(f"audit key {key_file} does not exist")
+        keys = AuditKeys.legacy_only(legacy)
+    else:
+        create = append and absent and not anchor.exists()
+        keys = AuditKeys.of(load_audit_keys(key_file, create=create), legacy)
+    return AuditLog(audit_path(cfg), keys, anchor)
 
 
 def _audit(cfg: Config, action: str, target: str, **detail: object) -> None:
     """Record the access before it happens; no record, no access."""
     try:
-        _audit_log(cfg).record(cli_actor(), action, target, **detail)
+        _audit_log(cfg, append=True).record(cli_actor(), action, target, **detail)
     except AuditError as exc:
         raise _CliError(f"refused: the audit record could not be written ({exc})") from None
 
 
 def cmd_audit_verify(cfg: Config) -> int:
-    log = _audit_log(cfg)
-    if not log.path.exists():
+    try:
+        log = _audit_log(cfg)
+    except AuditError as exc:
+        return _fail(str(exc))
+    anchored = log.anchor is not None and log.anchor.exists()
+    if not log.path.exists() and not log.path.is_symlink() and not anchored:
         print(f"{log.path}: no audit records yet")
         return 0
     try:
         summary = log.verify()
     except AuditBroken as exc:
-        return _fail(f"audit log {log.path} is broken at {exc}")
-    except OSError as exc:
-        return _fail(f"cannot read audit log {log.path}: {exc.strerror or exc}")
+        where = f"at {exc}" if exc.line else f"({exc})"
+        return _fail(f"audit log {log.path} is broken {where}")
+    except (AuditError, OSError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        return _fail(f"cannot read audit log {log.path}: {why}")
     torn = f"; {summary.torn} torn line(s) from interrupted writes" if summary.torn else ""
+    anchor = f"; matches its anchor {log.anchor}" if summary.anchored else \
+        "; no anchor yet (written before anchors existed: truncation cannot be checked)"
     print(f"{log.path}: {summary.records} records intact, chain unbroken "
-          f"({summary.first or '-'} .. {summary.last or '-'}){torn}")
+          f"({summary.first or '-'} .. {summary.last or '-'}){torn}{anchor}")
+    return 0
+
+
+def cmd_audit_rotate(cfg: Config) -> int:
+    """A new first line in audit.key; the record of it is the first one signed
+    by the new key, after a key-change record signed by the old one."""
+    key_file = cfg.vault.audit_key_file
+    if not key_file.exists():
+        return _fail(f"no audit key at {key_file}: nothing to rotate")
+    _, lock = _locked_spool(cfg, "audit rotate-key")  # one rotation at a time
+    try:
+        add_audit_key(key_file)
+        _audit(cfg, "audit.rotate-key", str(key_file))
+    finally:
+        os.close(lock)
+    print(f"audit key rotated; back up {key_file} (its older keys verify older records: "
+          "keep them)")
     return 0
 
 
@@ -244,7 +319,14 @@ def _quarantined(spool: Spool, name: str) -> tuple[Path, dict]:
 
 
 def cmd_quarantine_export(cfg: Config, name: str, out: str | None) -> int:
-    spool = Spool(cfg.spool.dir)
+    spool, lock = _locked_spool(cfg, "quarantine export")
+    try:
+        return _quarantine_export(cfg, spool, name, out)
+    finally:
+        os.close(lock)
+
+
+def _quarantine_export(cfg: Config, spool: Spool, name: str, out: str | None) -> int:
     data, info = _quarantined(spool, name)
     dest = Path(out) if out else Path.cwd() / f"{data.name}.dcm"
     if dest.exists():
@@ -263,7 +345,14 @@ def cmd_quarantine_export(cfg: Config, name: str, out: str | None) -> int:
 
 
 def cmd_quarantine_release(cfg: Config, name: str) -> int:
-    spool = Spool(cfg.spool.dir)
+    spool, lock = _locked_spool(cfg, "quarantine release")
+    try:
+        return _quarantine_release(cfg, spool, name)
+    finally:
+        os.close(lock)
+
+
+def _quarantine_release(cfg: Config, spool: Spool, name: str) -> int:
     data, info = _quarantined(spool, name)
     encrypted = vault_stream.is_encrypted(data)
     write = None
@@ -280,7 +369,7 @@ def cmd_quarantine_release(cfg: Config, name: str) -> int:
         return _fail(f"cannot release {name}: {exc}")
     state = "encrypted" if cfg.spool.encrypt_incoming else "decrypted"
     print(f"released {data.parent.name}/{data.name} to incoming/ ({state}); "
-          "a running proxy processes it now, a stopped one at start-up")
+          "the proxy processes it when it starts")
     return 0
 
 
@@ -293,6 +382,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "run":
             return cmd_run(cfg)
+        if args.command == "init":
+            return cmd_init(cfg)
         if args.command == "status":
             return cmd_status(cfg, args.json)
         if args.command == "reindex":
@@ -306,8 +397,8 @@ def main(argv: list[str] | None = None) -> int:
                 return cmd_quarantine_export(cfg, args.name, args.out)
             return cmd_quarantine_release(cfg, args.name)
         if args.command == "audit":
-            return cmd_audit_verify(cfg)
-    except (VaultKeyError, _CliError) as exc:
+            return cmd_audit_rotate(cfg) if args.action == "rotate-key" else cmd_audit_verify(cfg)
+    except (VaultKeyError, AuditError, _CliError) as exc:
         return _fail(str(exc))
     except KeyboardInterrupt:
         return 130

@@ -270,6 +270,16 @@ class VaultConfig:
     key_file: Path
     secret_file: Path  # site secret for keyed pseudonyms, beside the key
 
+    @property
+    def audit_key_file(self) -> Path:
+        """The audit log's own MAC key, beside the vault key."""
+        return self.key_file.with_name("audit.key")
+
+    @property
+    def audit_anchor_file(self) -> Path:
+        """The audit log's last sequence number and MAC, beside the keys."""
+        return self.key_file.with_name("audit.anchor")
+
 
 @dataclass(frozen=True)
 class ApiConfig:

@@ -27,7 +27,8 @@ from .indexer import Indexer
 from .scheduler import Scheduler
 from .scp import StorageSCP
 from .spool import Spool
-from .vault import Keyring, Vault, load_site_secret
+from .vault import (Keyring, Vault, ensure_secrets, load_site_secret,
+                    shared_volume_warning)
 
 log = logging.getLogger("ith_proxy.service")
 
@@ -68,11 +69,23 @@ class Service:
             self.spool.ensure()
         except OSError as exc:
             raise StartupError(f"cannot create spool {self.spool.root}: {exc.strerror}") from None
+        links = self.spool.symlinks(extra=(vault_path(self.cfg), catalog_path(self.cfg)))
+        if links:  # before anything opens them: lock, logs, catalog (apsw), vault
+            raise StartupError(f"refusing to start: {links[0]} is a symbolic link; the "
+                               "spool's files are never opened through links")
         self._lock_fd = self.spool.lock()
         if self._lock_fd is None:
             raise StartupError(f"another ith-proxy is already using {self.spool.root}")
         logs.setup(self.spool.logs, self.cfg.log)
-        load_site_secret(self.cfg.vault.secret_file)  # create or check it before the workers
+        # Keys are created only for a new spool (no vault, no catalog); otherwise a
+        # missing one stops the start, naming it, before anything is created.
+        new_spool = not vault_path(self.cfg).exists() and not catalog_path(self.cfg).exists()
+        ensure_secrets(self.cfg.vault.key_file, new_spool,
+                       audit_in_use=self.cfg.vault.audit_anchor_file.exists())
+        warning = shared_volume_warning(self.cfg.vault.key_file, self.spool.root)
+        if warning:
+            log.warning("%s", warning)
+        load_site_secret(self.cfg.vault.secret_file)  # check it before the workers
         Vault(vault_path(self.cfg), self.cfg.vault.key_file).close()  # key check
         Catalog(catalog_path(self.cfg)).close()  # migrations
         removed = self.spool.clean_tmp(0)

@@ -15,6 +15,11 @@ the target directory is fsynced.  Nothing is ever rewritten in place.
 
 What is inside a raw input file (plaintext, or encrypted by ``vault_stream``)
 is not this module's business: writers and transforms are passed in.
+
+Symbolic links are never followed: files are opened with ``O_NOFOLLOW``, only
+regular files are listed, handed out or moved (a link planted in incoming/ or
+quarantine/ is skipped, never read), and ``symlinks()`` lets the service refuse
+to start when the spool's folders, logs, vault or catalog are links.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import time
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterable, Iterator
@@ -33,6 +39,29 @@ FILE_MODE = 0o600
 DIR_MODE = 0o700
 _UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 _REASON_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,40}$")
+
+
+def _is_regular(entry: os.DirEntry) -> bool:
+    return entry.is_file(follow_symlinks=False)
+
+
+def _real_dir(path: Path) -> bool:
+    return path.is_dir() and not path.is_symlink()
+
+
+def regular_file(path: Path | str) -> bool:
+    """A regular file itself, not a link to one."""
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except OSError:
+        return False
+
+
+def read_nofollow(path: Path | str) -> bytes:
+    """A whole (small) file, never through a symbolic link (OSError ELOOP)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    with os.fdopen(fd, "rb") as fh:
+        return fh.read()
 
 
 def _writev_all(fd: int, chunks: list) -> None:
@@ -108,13 +137,29 @@ class Spool:
 
     def lock(self) -> int | None:
         """Take the spool's run lock; return its fd, or None if another process holds it."""
-        fd = os.open(self.root / ".lock", os.O_RDWR | os.O_CREAT, FILE_MODE)
+        fd = os.open(self.root / ".lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, FILE_MODE)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
             return None
         return fd
+
+    def symlinks(self, extra: Iterable[Path] = ()) -> list[Path]:
+        """Every symbolic link where the proxy opens files by a fixed name: the
+        spool's folders, its lock, every file in logs/ and quarantine/, and
+        ``extra`` (vault.phi, the catalog and its journals).  The service
+        refuses to start on any: logging, apsw and the vault would follow them."""
+        names = [self.tmp, self.incoming, self.studies, self.quarantine_dir, self.logs,
+                 self.root / ".lock"]
+        for path in extra:
+            names += [Path(path)] + [Path(f"{path}{s}") for s in ("-wal", "-shm", "-journal")]
+        for folder in (self.logs, self.quarantine_dir):
+            try:
+                names += [Path(e.path) for e in os.scandir(folder)]
+            except (FileNotFoundError, NotADirectoryError):
+                pass
+        return [p for p in names if p.is_symlink()]
 
     def sync_all(self) -> None:
         """Make every write to the spool's filesystem durable (one syncfs call).
@@ -204,7 +249,7 @@ class Spool:
         return name
 
     def incoming_names(self) -> list[str]:
-        return sorted(e.name for e in os.scandir(self.incoming) if e.is_file())
+        return sorted(e.name for e in os.scandir(self.incoming) if _is_regular(e))
 
     def oldest_incoming(self) -> tuple[int, float | None]:
         """(how many files wait in incoming/, the oldest one's mtime)."""
@@ -212,7 +257,7 @@ class Spool:
         with os.scandir(self.incoming) as it:
             for entry in it:
                 try:
-                    mtime = entry.stat().st_mtime
+                    mtime = entry.stat(follow_symlinks=False).st_mtime
                 except FileNotFoundError:
                     continue  # the indexer just took it
                 count += 1
@@ -261,20 +306,20 @@ class Spool:
 
     def read_study_json(self, study: str) -> dict | None:
         try:
-            return json.loads((self.study_dir(study) / "study.json").read_text())
-        except (FileNotFoundError, ValueError):
+            return json.loads(read_nofollow(self.study_dir(study) / "study.json"))
+        except (OSError, ValueError):
             return None
 
     def iter_instances(self) -> Iterator[tuple[str, str, str, Path]]:
         """Yield (study, series, sop, path) for every stored instance."""
         for study in sorted(os.scandir(self.studies), key=lambda e: e.name):
-            if not study.is_dir():
+            if not study.is_dir(follow_symlinks=False):
                 continue
             for series in sorted(os.scandir(study.path), key=lambda e: e.name):
-                if not series.is_dir():
+                if not series.is_dir(follow_symlinks=False):
                     continue
                 for inst in sorted(os.scandir(series.path), key=lambda e: e.name):
-                    if inst.name.endswith(".dcm") and inst.is_file():
+                    if inst.name.endswith(".dcm") and _is_regular(inst):
                         yield study.name, series.name, inst.name[:-4], Path(inst.path)
 
     # --- quarantine/ : input the indexer could not process ---
@@ -321,13 +366,13 @@ class Spool:
 
     def quarantined(self) -> list[dict]:
         out = []
-        for reason in sorted(p for p in self.quarantine_dir.iterdir() if p.is_dir()):
+        for reason in sorted(p for p in self.quarantine_dir.iterdir() if _real_dir(p)):
             for meta in sorted(reason.glob("*.json")):
                 try:
-                    info = json.loads(meta.read_text())
-                except ValueError:
+                    info = json.loads(read_nofollow(meta))
+                except (OSError, ValueError):
                     info = {"name": meta.stem, "reason": reason.name, "error": "unreadable"}
-                info["present"] = (reason / meta.stem).is_file()
+                info["present"] = regular_file(reason / meta.stem)
                 out.append(info)
         return out
 
@@ -335,20 +380,21 @@ class Spool:
         """(data file, .json content) of a quarantined item named NAME or REASON/NAME.
 
         Raises KeyError when there is no such item (names are checked, so
-        nothing outside quarantine/ can be reached).
+        nothing outside quarantine/ can be reached, and a symbolic link is
+        never an item).
         """
         reason, _, base = name.rpartition("/")
         if base in ("", ".", "..") or "\0" in name or base.endswith(".json") \
                 or (reason and not _REASON_RE.match(reason)):
             raise KeyError(name)
         dirs = [self.quarantine_dir / reason] if reason else \
-            sorted(p for p in self.quarantine_dir.iterdir() if p.is_dir())
+            sorted(p for p in self.quarantine_dir.iterdir() if _real_dir(p))
         for qdir in dirs:
             data = qdir / base
-            if data.is_file():
+            if regular_file(data):
                 try:
-                    info = json.loads((qdir / f"{base}.json").read_text())
-                except (FileNotFoundError, ValueError):
+                    info = json.loads(read_nofollow(qdir / f"{base}.json"))
+                except (OSError, ValueError):
                     info = {"name": base, "reason": qdir.name}
                 return data, info
         raise KeyError(name)
@@ -380,9 +426,9 @@ class Spool:
     def raw_input_files(self) -> list[Path]:
         """Every raw input file: incoming/ and quarantine/<reason>/ (not the .json)."""
         files = [self.incoming / n for n in self.incoming_names()]
-        for qdir in sorted(p for p in self.quarantine_dir.iterdir() if p.is_dir()):
+        for qdir in sorted(p for p in self.quarantine_dir.iterdir() if _real_dir(p)):
             files.extend(sorted(p for p in qdir.iterdir()
-                                if p.is_file() and p.suffix != ".json"))
+                                if regular_file(p) and p.suffix != ".json"))
         return files
 
     def rewrite(self, path: Path, write: Callable[[BinaryIO], object]) -> None:
@@ -391,7 +437,7 @@ class Spool:
         path = Path(path)
         allowed = path == self.root / "vault.phi" or path.parent == self.incoming \
             or path.parent.parent == self.quarantine_dir
-        if not allowed or not path.is_file():
+        if not allowed or not regular_file(path):
             raise ValueError(f"not a rewritable spool file: {path}")
         self._deliver(path, _keeping_times(path, write)[0])
 

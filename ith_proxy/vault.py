@@ -6,8 +6,9 @@ id is its byte offset, which the catalog keeps.  Records are never rewritten
 in place; a torn last line left by a crash is sealed with a newline and reads
 as one corrupt record, while every other record still decrypts.
 
-The key file lives outside the spool, is created 0600 on first run, and is
-refused when group or others can read it.  It may hold several keys, one per
+The key file lives outside the spool; how it and the secrets beside it are
+found, checked and (only for a new spool, or by ``ith-proxy init``) created
+is ``keyfiles``' job, re-exported here.  It may hold several keys, one per
 line: the first encrypts, all decrypt (``Keyring``, a MultiFernet).  Key
 rotation (``vault_rotate``) adds a new first key, re-encrypts, then drops the
 old ones; the helpers for the key file and for re-encrypting the record file
@@ -30,11 +31,9 @@ import hashlib
 import json
 import logging
 import os
-import secrets
-import stat
 import threading
 from pathlib import Path
-from typing import BinaryIO, Callable, Iterator, Sequence
+from typing import BinaryIO, Iterator, Sequence
 
 from cryptography.exceptions import InvalidTag
 from cryptography.fernet import Fernet, InvalidToken, MultiFernet
@@ -43,11 +42,12 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from .keyfiles import (  # noqa: F401  (re-exported: callers import them from vault)
+    SECRET_MAKERS, VaultKeyError, _load_secret_file, _new_vault_key, add_audit_key,
+    ensure_secrets, fsync_dir, init_secrets, load_audit_keys, load_site_secret,
+    secret_files, shared_volume_warning, write_private)
+
 log = logging.getLogger("ith_proxy.vault")
-
-
-class VaultKeyError(RuntimeError):
-    """The key file is missing, unreadable, malformed or too open."""
 
 
 class VaultRecordError(RuntimeError):
@@ -71,65 +71,8 @@ def _stream_key(key: bytes) -> tuple[bytes, bytes]:
     return hashlib.sha256(derived).digest()[:STREAM_KEY_ID], derived
 
 
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_private(path: Path, data: bytes | Callable[[BinaryIO], object]) -> Path:
-    """Write a 0600 file beside ``path`` under a unique name, fsynced; return it.
-
-    ``data`` is the content, or a writer that fills the open file.  The caller
-    renames or links the result into place and fsyncs the directory.
-    """
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            if callable(data):
-                data(fh)
-            else:
-                fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return tmp
-
-
-def _load_secret_file(path: Path, make: Callable[[], bytes], what: str,
-                      create: bool = True) -> bytes:
-    """Read a 0600 secret file, creating it (and its 0700 folder) on first use."""
-    if not path.exists():
-        if not create:
-            raise VaultKeyError(f"{what} {path} does not exist")
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        tmp = write_private(path, make())
-        try:
-            os.link(tmp, path)  # never overwrite a key another process just made
-            log.warning("generated a new %s at %s; back it up, it cannot be recovered", what, path)
-        except FileExistsError:
-            pass
-        finally:
-            os.unlink(tmp)
-    try:
-        mode = path.stat().st_mode
-        if mode & (stat.S_IRWXG | stat.S_IRWXO):
-            raise VaultKeyError(
-                f"{what} {path} is accessible by group or others "
-                f"(mode {stat.S_IMODE(mode):o}); run: chmod 600 {path}")
-        return path.read_bytes()
-    except OSError as exc:
-        raise VaultKeyError(f"cannot read {what} {path}: {exc.strerror}") from None
-
-
-def load_keys(key_file: Path, create: bool = True) -> list[bytes]:
-    raw = _load_secret_file(Path(key_file), lambda: Fernet.generate_key() + b"\n",
-                            "vault key", create)
+def load_keys(key_file: Path, create: bool = False) -> list[bytes]:
+    raw = _load_secret_file(Path(key_file), _new_vault_key, "vault key", create)
     keys = [line.strip() for line in raw.splitlines() if line.strip()]
     if not keys:
         raise VaultKeyError(f"vault key {key_file} is empty")
@@ -171,17 +114,6 @@ def drop_old_keys(key_file: Path) -> int:
     return len(keys) - 1
 
 
-def load_site_secret(secret_file: Path, create: bool = True) -> bytes:
-    """The HMAC key behind pseudonyms, UID remapping and the audit log's MACs
-    (stable for the site's life)."""
-    raw = _load_secret_file(secret_file, lambda: secrets.token_hex(32).encode() + b"\n",
-                            "site secret", create)
-    value = raw.strip()
-    if len(value) < 32:
-        raise VaultKeyError(f"site secret {secret_file} is too short")
-    return value
-
-
 class Keyring:
     """The vault keys: the first encrypts, every one decrypts."""
 
@@ -200,7 +132,7 @@ class Keyring:
         return Fernet.generate_key()
 
     @classmethod
-    def load(cls, key_file: Path, create: bool = True) -> "Keyring":
+    def load(cls, key_file: Path, create: bool = False) -> "Keyring":
         return cls(load_keys(key_file, create))
 
     def encrypt(self, data: bytes) -> bytes:
@@ -295,7 +227,7 @@ class Vault:
 
     def _open_append(self) -> int:
         if self._fd is None:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o600)
             size = os.fstat(fd).st_size
             if size and os.pread(fd, 1, size - 1) != b"\n":
                 os.write(fd, b"\n")  # seal a torn record from a crash

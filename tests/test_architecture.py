@@ -20,7 +20,9 @@ ALLOWED_ROOMS: dict[str, set[str]] = {
     "logs": {"config"},
     "spool": {"config"},
     "catalog": {"config"},
-    "vault": {"config"},
+    "vault": {"config", "keyfiles"},
+    # the key folder's files (vault key, site secret, audit key) and when to create them
+    "keyfiles": {"config"},
     # chunked Fernet files for raw input at rest (keys from vault.Keyring)
     "vault_stream": {"config", "vault"},
     # key rotation: the key file, vault.phi and the encrypted spool files

@@ -20,7 +20,7 @@ import dicomgen
 import tools
 from helpers import original_to_anonymized_sop, stored_files, wait_indexed, wait_until
 from ith_proxy.audit import AuditLog, audit_key
-from ith_proxy.vault import Vault
+from ith_proxy.vault import Vault, init_secrets
 
 
 def _mount_tmpfs(path: Path, size_mb: int) -> None:
@@ -113,6 +113,7 @@ def test_health_reports_an_indexer_that_cannot_write(tmp_path: Path) -> None:
 
 def test_vault_and_audit_log_stay_whole_on_a_full_disk(tmp_path: Path, small_disk) -> None:
     disk = small_disk(tmp_path / "disk", 1)
+    init_secrets(tmp_path / "secrets" / "vault.key")
     vault = Vault(disk / "vault.phi", tmp_path / "secrets" / "vault.key")
     audit = AuditLog(disk / "audit.log", audit_key(b"k" * 64))
     big = {"phi": {"PatientComments": "x" * 20000}}

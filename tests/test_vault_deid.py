@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from ith_proxy.deid import patient_key, patient_pseudonym, remap_uid
-from ith_proxy.vault import Vault, VaultKeyError, VaultRecordError, load_keys, load_site_secret
+from ith_proxy.vault import (Vault, VaultKeyError, VaultRecordError, init_secrets, load_keys,
+                             load_site_secret)
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -19,7 +20,7 @@ REPO = Path(__file__).resolve().parent.parent
 def test_key_is_generated_0600_outside_spool_with_a_log_line(tmp_path: Path, caplog) -> None:
     key = tmp_path / "secrets" / "vault.key"
     with caplog.at_level("WARNING", logger="ith_proxy.vault"):
-        keys = load_keys(key)
+        keys = load_keys(key, create=True)
     assert len(keys) == 1
     assert stat.S_IMODE(key.stat().st_mode) == 0o600
     assert stat.S_IMODE(key.parent.stat().st_mode) == 0o700
@@ -30,7 +31,7 @@ def test_key_is_generated_0600_outside_spool_with_a_log_line(tmp_path: Path, cap
 @pytest.mark.parametrize("mode", [0o640, 0o604, 0o644])
 def test_key_readable_by_others_is_refused(tmp_path: Path, mode: int) -> None:
     key = tmp_path / "vault.key"
-    load_keys(key)
+    load_keys(key, create=True)
     os.chmod(key, mode)
     with pytest.raises(VaultKeyError, match="chmod 600"):
         load_keys(key)
@@ -38,7 +39,7 @@ def test_key_readable_by_others_is_refused(tmp_path: Path, mode: int) -> None:
 
 def test_run_refuses_an_open_key_file_with_one_line(tmp_path: Path) -> None:
     key = tmp_path / "keys" / "vault.key"
-    load_keys(key)
+    init_secrets(key)
     os.chmod(key, 0o644)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("DICOM_", "API_", "VAULT_"))}
     env.update(PYTHONPATH=str(REPO), VAULT_KEY_FILE=str(key))
@@ -50,6 +51,7 @@ def test_run_refuses_an_open_key_file_with_one_line(tmp_path: Path) -> None:
 
 
 def test_vault_roundtrip_encrypted_at_rest(tmp_path: Path) -> None:
+    init_secrets(tmp_path / "k" / "vault.key")
     v = Vault(tmp_path / "vault.phi", tmp_path / "k" / "vault.key")
     a = v.put({"sop": "1", "phi": {"PatientName": "DOE^JANE-MARKER"}})
     b = v.put({"sop": "2", "phi": {"PatientName": "ROE^RICHARD"}})
@@ -65,6 +67,7 @@ def test_vault_roundtrip_encrypted_at_rest(tmp_path: Path) -> None:
 def test_torn_record_is_isolated(tmp_path: Path) -> None:
     path = tmp_path / "vault.phi"
     key = tmp_path / "k" / "vault.key"
+    init_secrets(key)
     v = Vault(path, key)
     good = v.put({"sop": "1"})
     v.close()
@@ -82,7 +85,7 @@ def test_torn_record_is_isolated(tmp_path: Path) -> None:
 
 
 def test_pseudonyms_are_keyed_and_stable(tmp_path: Path) -> None:
-    secret = load_site_secret(tmp_path / "site.secret")
+    secret = load_site_secret(tmp_path / "site.secret", create=True)
     assert load_site_secret(tmp_path / "site.secret") == secret
     p1 = patient_pseudonym(secret, patient_key("PID-1", "DOE^J", "19700101"))
     p2 = patient_pseudonym(secret, patient_key("PID-1", "OTHER^NAME", ""))

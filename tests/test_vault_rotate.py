@@ -18,7 +18,7 @@ from helpers import encrypt_v1, vault_records, wait_indexed, wait_until
 from ith_proxy import vault_stream
 from ith_proxy.catalog import Catalog
 from ith_proxy.spool import Spool
-from ith_proxy.vault import Keyring, Vault, VaultRecordError, load_keys
+from ith_proxy.vault import Keyring, Vault, VaultRecordError, init_secrets, load_keys
 from ith_proxy.vault_rotate import (rotate, step_add_key, step_drop_old_keys,
                                     step_reencrypt)
 
@@ -31,6 +31,7 @@ def site(tmp_path: Path):
     spool = Spool(tmp_path / "spool")
     spool.ensure()
     key_file = tmp_path / "secrets" / "vault.key"
+    init_secrets(key_file)
     vault_path = spool.root / "vault.phi"
     vault = Vault(vault_path, key_file)
     records = {}
@@ -97,7 +98,7 @@ def test_rotation_keeps_every_record_and_offset(site) -> None:
     assert stat.S_IMODE(vault_path.stat().st_mode) == 0o600
     assert not list(spool.tmp.iterdir())
     assert not [p for p in key_file.parent.iterdir() if p.name != key_file.name
-                and p.name != "site.secret"]
+                and p.name not in ("site.secret", "audit.key")]
     new_id = Keyring(new_keys).stream_key_id
     assert all(_key_id(spool.root / rel) == new_id for rel in blobs)  # all v2, new key
 

@@ -20,7 +20,7 @@ from ith_proxy.catalog import Catalog
 from ith_proxy.indexer import Indexer
 from ith_proxy.scheduler import Scheduler
 from ith_proxy.spool import Spool
-from ith_proxy.vault import Vault, load_site_secret
+from ith_proxy.vault import Vault, init_secrets, load_site_secret
 
 
 class Clock:
@@ -37,6 +37,7 @@ def rooms(tmp_path: Path):
                            "DICOM_STUDY_TIMEOUT": "30"}, cwd=tmp_path)
     spool = Spool(cfg.spool.dir)
     spool.ensure()
+    init_secrets(cfg.vault.key_file)
     catalog = Catalog(cfg.spool.dir / "catalog.sqlite3")
     vault = Vault(cfg.spool.dir / "vault.phi", cfg.vault.key_file)
     indexer = Indexer(cfg, spool, catalog, vault, load_site_secret(cfg.vault.secret_file))

@@ -14,7 +14,7 @@ from ith_proxy import config
 from ith_proxy.catalog import Catalog
 from ith_proxy.indexer import Indexer
 from ith_proxy.spool import Spool
-from ith_proxy.vault import Vault, load_site_secret
+from ith_proxy.vault import Vault, init_secrets, load_site_secret
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -31,6 +31,7 @@ class Rooms:
         self.cfg = config.load(env=self.env, cwd=root)
         self.spool = Spool(self.cfg.spool.dir)
         self.spool.ensure()
+        init_secrets(self.cfg.vault.key_file)  # a new site's keys, as `run` makes them
         self.catalog = Catalog(self.cfg.spool.dir / "catalog.sqlite3")
         self.vault = Vault(self.cfg.spool.dir / "vault.phi", self.cfg.vault.key_file)
         self.indexer = Indexer(self.cfg, self.spool, self.catalog, self.vault,

@@ -19,6 +19,7 @@ import threading
 import time
 from pathlib import Path
 
+from . import libsetup
 from . import logs
 from .api import ApiServer, make_app
 from .catalog import Catalog
@@ -109,6 +110,7 @@ class Service:
 
     def start(self) -> None:
         self.prepare()
+        libsetup.configure_libraries()  # library globals, before any DICOM is handled
         self._mp = multiprocessing.get_context("spawn")
         self._mp_stop = self._mp.Event()
         self._log_queue = self._mp.Queue()
@@ -200,9 +202,11 @@ class Service:
             self.stop()
 
 
+@logs.uncaught_logged
 def indexer_process(cfg: Config, stop, log_queue, parent_pid: int) -> None:
     """Entry point of the indexer's child process."""
     logs.setup_worker(log_queue, cfg.log)
+    libsetup.configure_libraries()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when we stop
 
     def orphan_watch() -> None:

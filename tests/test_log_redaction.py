@@ -224,6 +224,34 @@ def test_worker_records_are_redacted_and_formatted_before_the_queue(tmp_path: Pa
     assert "'py.warnings', 'WARNING'" in records and "'watchdog', 'WARNING'" in records
 
 
+def test_a_failing_api_route_writes_its_exception_type_not_its_message(tmp_path: Path) -> None:
+    port = tools.free_port()
+    res = _run_python(f"""
+        import urllib.error, urllib.request
+        from pathlib import Path
+        from ith_proxy import logs
+        from ith_proxy.api import ApiServer, make_app
+        from ith_proxy.config import ApiConfig, LogConfig
+        logs.setup(Path("logs"), LogConfig("INFO", 1 << 20, 2), console=True)
+        def health():
+            raise ValueError("health of " + {PHI!r})
+        server = ApiServer(ApiConfig("127.0.0.1", {port}, "", "", "", ""), make_app(health))
+        server.start()
+        try:
+            urllib.request.urlopen("http://127.0.0.1:{port}/api/health/?{PHI}", timeout=30)
+        except urllib.error.HTTPError as exc:
+            print(exc.code, exc.read().decode())
+        server.stop()
+        """, tmp_path)
+    assert res.returncode == 0, res.stderr
+    texts = {p.name: p.read_text() for p in (tmp_path / "logs").iterdir()}
+    assert [name for name, text in {**texts, "stderr": res.stderr}.items()
+            if "PHIMARK" in text or "Jane" in text] == []
+    assert res.stdout.strip() == '500 {"error": "internal error"}'
+    assert "unhandled ValueError in an API request" in texts["error.log"]
+    assert "builtins.ValueError (message not logged)" in texts["api.log"]
+
+
 # --------------------------------------------------------------------------
 # end to end: a real proxy, a real client, every refusal path
 # --------------------------------------------------------------------------

@@ -113,7 +113,7 @@ def exception_lines(exc: BaseException | None) -> list[str]:
         for frame, lineno in traceback.walk_tb(item.__traceback__):
             code = frame.f_code
             lines.append(f"  {code.co_filename}:{lineno} in {code.co_name}")
-        for sub in getattr(item, "exceptions", ())[:10]:  # exception groups
+        for sub in item.exceptions[:10] if isinstance(item, BaseExceptionGroup) else ():
             lines.extend("  | " + line for line in exception_lines(sub))
     return lines
 

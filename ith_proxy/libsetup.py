@@ -1,7 +1,7 @@
 """The process-wide settings of pydicom and pynetdicom, in one place.
 
 Called explicitly by every entry point that handles DICOM: the service
-(``Service.prepare``), the indexer process (``service.indexer_process``)
+(``Service.start``), the indexer process (``service.indexer_process``)
 and the CLI commands that parse DICOM files.  Importing a module of this
 package changes no library global (tests/test_log_redaction.py checks it).
 """

@@ -3,7 +3,7 @@
 Called explicitly by every entry point that handles DICOM: the service
 (``Service.start``), the indexer process (``service.indexer_process``)
 and the CLI commands that parse DICOM files.  Importing a module of this
-package changes no library global (tests/test_log_redaction.py checks it).
+package changes no library global (tests/test_libsetup.py checks it).
 """
 
 from __future__ import annotations

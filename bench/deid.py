@@ -44,9 +44,11 @@ def build_indexer(work: Path):
     from ith_proxy import config
     from ith_proxy.catalog import Catalog
     from ith_proxy.indexer import Indexer
+    from ith_proxy.libsetup import configure_libraries
     from ith_proxy.spool import Spool
     from ith_proxy.vault import Vault, init_secrets, load_site_secret
 
+    configure_libraries()  # as the indexer process does
     cfg = config.load(env={"DICOM_STORAGE_DIR": str(work / "spool")}, cwd=work)
     spool = Spool(cfg.spool.dir)
     spool.ensure()

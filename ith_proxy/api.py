@@ -7,8 +7,10 @@ and the disk; it never connects to the DICOM port.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
+import sys
 import threading
 from typing import Callable
 
@@ -55,12 +57,36 @@ def make_app(health: HealthFn) -> bottle.Bottle:
     return app
 
 
+class _ErrorsToLog(io.TextIOBase):
+    """``wsgi.errors`` (waitress makes it stderr): Bottle writes a failed
+    route's traceback there, message and path included.  Log the exception
+    being handled instead; the log's formatter names only types and places."""
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        exc = sys.exc_info()
+        if exc[0] is not None:
+            log.error("unhandled %s in an API request", exc[0].__name__, exc_info=exc)
+        return len(text)
+
+
+def _errors_to_log(app: bottle.Bottle):
+    errors = _ErrorsToLog()
+
+    def wsgi(environ, start_response):
+        environ["wsgi.errors"] = errors
+        return app(environ, start_response)
+    return wsgi
+
+
 class ApiServer:
     """waitress in a thread, with a clean shutdown."""
 
     def __init__(self, cfg: ApiConfig, app: bottle.Bottle) -> None:
-        self.server = create_server(app, host=cfg.bind_address, port=cfg.port,
-                                    threads=4, ident="ith-proxy")
+        self.server = create_server(_errors_to_log(app), host=cfg.bind_address,
+                                    port=cfg.port, threads=4, ident="ith-proxy")
         self._thread = threading.Thread(target=self._serve, name="api-server", daemon=True)
 
     def _serve(self) -> None:

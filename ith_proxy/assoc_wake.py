@@ -26,10 +26,16 @@ A sleep never lasts longer than pynetdicom asked for, and an early return only
 makes a polling loop check its state again, so no timer or shutdown path
 changes. Threads that were not set up here (any association not made by
 ``wake_on_work``) get the real ``time.sleep``.
+
+This reaches into pynetdicom's internals (its queues, its DUL's ``run`` and
+socket), so it is only done on the version it was written for,
+``WRITTEN_FOR``.  On any other version ``install`` and ``wake_on_work`` log
+one line and patch nothing: stock polling, which only costs speed.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import queue
 import select
@@ -41,7 +47,27 @@ from typing import Any, Callable
 import pynetdicom.association
 import pynetdicom.dul
 
+WRITTEN_FOR = "3.0.4"  # the pynetdicom whose internals this module patches
 _WAIT_ATTR = "_ith_wait"
+_FALLBACK_LOGGED = threading.Event()
+_FALLBACK_LOCK = threading.Lock()
+
+log = logging.getLogger("ith_proxy.dicom")
+
+
+def supported() -> bool:
+    """True on the pynetdicom version this was written for; otherwise log
+    (once per process) that associations use stock polling."""
+    version = getattr(pynetdicom, "__version__", "?")
+    if version == WRITTEN_FOR:
+        return True
+    with _FALLBACK_LOCK:
+        if not _FALLBACK_LOGGED.is_set():
+            _FALLBACK_LOGGED.set()
+            log.warning("pynetdicom %s is not %s: reactor wake-ups are off, associations "
+                        "use pynetdicom's stock 1 ms polling (slower, otherwise the same)",
+                        version, WRITTEN_FOR)
+    return False
 
 
 class _Time:
@@ -61,6 +87,8 @@ class _Time:
 
 def install() -> None:
     """Make pynetdicom's reactor sleeps interruptible (idempotent)."""
+    if not supported():
+        return
     for module in (pynetdicom.association, pynetdicom.dul):
         if not isinstance(module.time, _Time):
             module.time = _Time()  # type: ignore[assignment]
@@ -108,7 +136,10 @@ class _Doorbell:
 
 
 def wake_on_work(assoc: Any) -> None:
-    """Wire one not-yet-started association (and its DUL) for wake-ups."""
+    """Wire one not-yet-started association (and its DUL) for wake-ups; a
+    no-op on a pynetdicom version this was not written for."""
+    if not supported():
+        return
     install()
     work = threading.Event()
 

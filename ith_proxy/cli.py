@@ -138,7 +138,9 @@ def cmd_status(cfg: Config, as_json: bool) -> int:
 
 def cmd_reindex(cfg: Config) -> int:
     from .indexer import reindex
+    from .libsetup import configure_libraries
     from .service import catalog_path, vault_path
+    configure_libraries()  # reindex reads every stored header
     spool = Spool(cfg.spool.dir)
     if not spool.studies.is_dir():
         return _fail(f"no spool at {cfg.spool.dir}")

@@ -24,16 +24,13 @@ from pathlib import Path
 from typing import BinaryIO
 
 import pydicom
-from pydicom import config as pydicom_config
 from pydicom.dataset import Dataset
 from pydicom.filebase import DicomFileLike
 from pydicom.filereader import read_dataset
 from pydicom.filewriter import write_data_element, write_file_meta_info
 
-# Headers are read and written as they are; value validation (regexes per
-# element) only costs time, and its warnings could quote PHI.
-pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
-pydicom_config.settings.writing_validation_mode = pydicom_config.IGNORE
+# Headers are read and written as they are, without value validation: set by
+# libsetup.configure_libraries(), which every entry point calls.
 
 CHUNK = 1 << 20
 _LONG_VRS = {b"OB", b"OW", b"OF", b"OD", b"OL", b"OV", b"SQ", b"UC", b"UN", b"UR", b"UT", b"SV", b"UV"}

@@ -30,8 +30,7 @@ import struct
 import threading
 from typing import Any
 
-from pydicom import config as pydicom_config
-from pynetdicom import AE, _config, evt
+from pynetdicom import AE, evt
 from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
 from .assoc_wake import wake_on_work
@@ -41,14 +40,8 @@ from .vault_stream import Keyring, encrypt_stream
 
 log = logging.getLogger("ith_proxy.dicom")
 
-# Never log identifiers from requests or responses (they are PHI).
-_config.LOG_REQUEST_IDENTIFIERS = False
-_config.LOG_RESPONSE_IDENTIFIERS = False
-_config.LOG_HANDLER_LEVEL = "none"
-# pydicom re-validates every value pynetdicom encodes (regexes per element, ~5%
-# of the SCP's CPU); the proxy never decodes datasets in this process.
-pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
-pydicom_config.settings.writing_validation_mode = pydicom_config.IGNORE
+# pydicom/pynetdicom settings (no identifiers logged, no value validation) are
+# applied by libsetup.configure_libraries(), called by the service.
 
 STORAGE_CLASSES = {
     "CTImageStorage": "1.2.840.10008.5.1.4.1.1.2",

@@ -24,6 +24,7 @@ from .api import ApiServer, make_app
 from .catalog import Catalog
 from .config import Config
 from .indexer import Indexer
+from .libsetup import configure_libraries
 from .scheduler import Scheduler
 from .scp import StorageSCP
 from .spool import Spool
@@ -99,7 +100,7 @@ class Service:
 
     def _start_indexer(self) -> None:
         self.indexer = self._mp.Process(
-            target=indexer_process, name="ith-proxy-indexer",
+            target=indexer_main, name="ith-proxy-indexer",
             args=(self.cfg, self._mp_stop, self._log_queue, os.getpid()), daemon=True)
         self.indexer.start()
         self._indexer_started = time.monotonic()
@@ -122,6 +123,7 @@ class Service:
 
     def start(self) -> None:
         self.prepare()
+        configure_libraries()  # library globals, before any DICOM is handled
         self._mp = multiprocessing.get_context("spawn")
         self._mp_stop = self._mp.Event()
         self._log_queue = self._mp.Queue()
@@ -216,6 +218,7 @@ class Service:
 def indexer_process(cfg: Config, stop, log_queue, parent_pid: int) -> None:
     """Entry point of the indexer's child process."""
     logs.setup_worker(log_queue, cfg.log)
+    configure_libraries()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when we stop
 
     def orphan_watch() -> None:
@@ -231,3 +234,10 @@ def indexer_process(cfg: Config, stop, log_queue, parent_pid: int) -> None:
     finally:
         vault.close()
         catalog.close()
+
+
+def indexer_main(*args) -> None:
+    """The indexer process's target: ``indexer_process``, with an exception
+    that ends it logged by type and place (multiprocessing would print its
+    message to stderr) and exit code 1."""
+    logs.uncaught_logged(indexer_process)(*args)

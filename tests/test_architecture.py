@@ -31,6 +31,8 @@ ALLOWED_ROOMS: dict[str, set[str]] = {
     "dicomfile": {"config"},
     # pynetdicom reactor wake-ups, for every room that makes associations
     "assoc_wake": set(),
+    # the pydicom/pynetdicom process-wide settings, applied by explicit call only
+    "libsetup": set(),
     "audit": {"config"},
     # scp -> vault_stream: with [spool] encrypt_incoming the SCP encrypts the raw
     # bytes before they reach the disk (docs/architecture.md, Departures)
@@ -52,7 +54,7 @@ WORKERS = {"scp", "qr", "indexer", "scheduler", "forwarder", "api", "link"}
 
 # third-party package -> rooms allowed to import it
 THIRD_PARTY: dict[str, set[str]] = {
-    "pynetdicom": {"scp", "qr", "forwarder", "assoc_wake"},
+    "pynetdicom": {"scp", "qr", "forwarder", "assoc_wake", "libsetup"},
     "apsw": {"catalog"},
     "cryptography": {"vault"},
     "bottle": {"api", "auth"},
@@ -60,7 +62,7 @@ THIRD_PARTY: dict[str, set[str]] = {
     "waitress": {"api"},
     "websocket": {"link"},
     "watchdog": {"indexer"},
-    "pydicom": {"deid", "dicomfile", "scp", "qr", "forwarder"},
+    "pydicom": {"deid", "dicomfile", "scp", "qr", "forwarder", "libsetup"},
 }
 
 

@@ -18,6 +18,7 @@ from helpers import stored_files, wait_indexed
 from ith_proxy import config
 from ith_proxy.catalog import Catalog
 from ith_proxy.indexer import Indexer
+from ith_proxy.libsetup import configure_libraries
 from ith_proxy.scheduler import Scheduler
 from ith_proxy.spool import Spool
 from ith_proxy.vault import Vault, init_secrets, load_site_secret
@@ -33,6 +34,7 @@ class Clock:
 
 @pytest.fixture
 def rooms(tmp_path: Path):
+    configure_libraries()  # as the indexer process does
     cfg = config.load(env={"DICOM_STORAGE_DIR": str(tmp_path / "spool"),
                            "DICOM_STUDY_TIMEOUT": "30"}, cwd=tmp_path)
     spool = Spool(cfg.spool.dir)

@@ -13,6 +13,7 @@ import tools
 from ith_proxy import config
 from ith_proxy.catalog import Catalog
 from ith_proxy.indexer import Indexer
+from ith_proxy.libsetup import configure_libraries
 from ith_proxy.spool import Spool
 from ith_proxy.vault import Vault, init_secrets, load_site_secret
 
@@ -21,6 +22,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 class Rooms:
     def __init__(self, root: Path, ini: str = "", env: dict | None = None) -> None:
+        configure_libraries()  # as the indexer process does
         self.root = root
         root.mkdir(parents=True, exist_ok=True)
         self.ini = root / "proxy.ini"

@@ -225,6 +225,9 @@ class Receiver:
                     msg.__class__ = _MESSAGE_TYPES[msg.command_set.CommandField][1]
                     if msg.command_set.CommandDataSetType == 0x0101:
                         return True
+                    if self._current is not None:  # a second command set mid-message
+                        self._current.discard()
+                        self._current = None
                     if isinstance(msg, C_STORE_RQ):
                         self._current = self._open(msg, context_id)
             else:  # data set fragment

@@ -77,7 +77,7 @@ class _RequestHandler(RequestHandler):
     def _create_association(self) -> Any:
         assoc = super()._create_association()
         # data sets stream to spool/tmp/ instead of a BytesIO (scp_stream.py)
-        scp_stream.install(assoc, self.server.store_opener(assoc))
+        scp_stream.install(assoc, self.server.store_opener(assoc), self.ae.maximum_pdu_size)
         wake_on_work(assoc)  # event-driven instead of 1 ms polling (assoc_wake.py)
         return assoc
 

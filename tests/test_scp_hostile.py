@@ -191,3 +191,33 @@ def test_instance_past_max_instance_mb_aborts_only_its_association(tmp_path: Pat
         assert result.returncode == 0, result.stderr
         assert proxy.running and proxy.health()[0] == 200
         assert "max_instance_mb" in (spool / "logs" / "dicom.log").read_text()
+
+
+def test_pdu_longer_than_announced_closes_the_connection(proxy) -> None:
+    """pynetdicom would read a PDU of any announced length into memory whole;
+    one longer than our maximum PDU length (here 64 MiB) is refused at its header."""
+    import socket
+    assoc = _associate(proxy.dicom_port)
+    try:
+        raw = assoc.dul.socket.socket
+        raw.sendall(b"\x04\x00" + struct.pack(">L", 64 << 20) + bytes(1 << 16))
+
+        def closed() -> bool:
+            try:
+                raw.sendall(bytes(1 << 16))
+            except OSError:
+                return True
+            try:
+                raw.settimeout(0.05)
+                return raw.recv(1 << 16, socket.MSG_PEEK) == b""
+            except TimeoutError:
+                return False
+            except OSError:
+                return True
+        wait_until(closed, 30, "the proxy closing the connection", interval=0.05)
+    finally:
+        assoc.abort()
+    assert _files(proxy.spool / "tmp") == []
+    result = tools.echoscu(proxy.dicom_port)
+    assert result.returncode == 0, result.stderr
+    assert proxy.running and proxy.health()[0] == 200

@@ -62,6 +62,7 @@ FLUSH = 1 << 20                   # plaintext bytes held before a writev
 MAX_COMMAND_SET = 64 << 10        # a command set is a few hundred bytes
 MAX_OTHER_DATASET = 1 << 20       # data sets of non-C-STORE messages, kept in memory
 MAX_OTHER_PDU = 1 << 20           # A-ASSOCIATE-RQ & co (many contexts may pass 16 KiB)
+MAX_PENDING = 8                   # received C-STOREs not yet handled (a peer waits for 1)
 _ATTR = "_ith_incoming"
 
 
@@ -279,8 +280,11 @@ class Receiver:
             if incoming is not None:
                 if self._done:  # the association ended meanwhile
                     incoming.discard()
-                else:
-                    self._pending.add(incoming)
+                    return
+                self._pending.add(incoming)
+                if len(self._pending) > MAX_PENDING:  # requests piled up unanswered
+                    self._abort("too many C-STORE requests waiting for an answer")
+                    return
         try:
             d_primitive = msg.message_to_primitive()
         except Exception as exc:

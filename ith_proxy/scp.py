@@ -8,7 +8,7 @@ durable in ``incoming/`` (fsync, rename, fsync dir) and only then answers
 0x0000.  With ``[spool] encrypt_incoming`` the bytes are encrypted on their
 way to ``tmp/`` by the stream encryptor the service passes in (this room
 holds no key), so no plaintext PHI touches the disk.  A data set starting in
-a group below 0x0008 answers 0xC000; disk below the watermark or any I/O
+a group below 0x0008 (but 0004) answers 0xC000; disk below the watermark or any I/O
 error answers 0xA700; an instance past ``[scp] max_instance_mb`` aborts the
 association.  None of these leaves anything in ``tmp/`` or ``incoming/``.
 

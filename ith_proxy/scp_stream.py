@@ -42,7 +42,6 @@ before pynetdicom reads it into memory (``_bound_pdu_reads``).
 from __future__ import annotations
 
 import logging
-import os
 import struct
 import threading
 from io import BytesIO

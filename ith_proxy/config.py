@@ -170,6 +170,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("scp", "allowed_calling_aes", "", _ae_list),
     Setting("scp", "transfer_syntaxes", "", _transfer_syntaxes),
     Setting("scp", "auto_start", "true", _bool, "DICOM_AUTO_START"),
+    Setting("scp", "max_instance_mb", "4096", _int(1, 1 << 22)),
     Setting("spool", "dir", "./spool", _text, "DICOM_STORAGE_DIR"),
     Setting("spool", "min_free_mb", "512", _int(0, 10**9)),
     Setting("spool", "tmp_max_age", "3600", _seconds),
@@ -219,6 +220,7 @@ class ScpConfig:
     allowed_calling_aes: tuple[str, ...]
     transfer_syntaxes: tuple[str, ...]
     auto_start: bool
+    max_instance_mb: int = 4096  # larger instances abort the association
 
 
 @dataclass(frozen=True)

@@ -1,12 +1,16 @@
 """The DICOM SCP: pynetdicom AE, C-ECHO and C-STORE into the spool.
 
-The C-STORE handler does no decoding: it writes the bytes as received (file
-meta + dataset) through ``spool.deliver_incoming`` (tmp, fsync, rename, fsync
-dir) and only then answers 0x0000.  With ``[spool] encrypt_incoming`` the
-bytes are encrypted under the vault key on their way to ``tmp/`` (chunked
-AES-256-GCM, ``vault_stream``), so no plaintext PHI touches the disk.  Disk below
-the watermark or any I/O error answers 0xA700 and leaves nothing visible in
-``incoming/``.
+No decoding: each C-STORE data set is streamed, as its P-DATA fragments
+arrive, to ``spool/tmp/`` behind a file meta header we write
+(``scp_stream.py``, the one place that replaces pynetdicom's data set
+assembly; an instance is never whole in memory).  The handler makes that file
+durable in ``incoming/`` (fsync, rename, fsync dir) and only then answers
+0x0000.  With ``[spool] encrypt_incoming`` the bytes are encrypted on their
+way to ``tmp/`` by the stream encryptor the service passes in (this room
+holds no key), so no plaintext PHI touches the disk.  A data set starting in
+a group below 0x0008 (but 0004) answers 0xC000; disk below the watermark or any I/O
+error answers 0xA700; an instance past ``[scp] max_instance_mb`` aborts the
+association.  None of these leaves anything in ``tmp/`` or ``incoming/``.
 
 Socket fixes over stock pynetdicom, in ``_Server``:
 
@@ -28,15 +32,15 @@ import socket
 import socketserver
 import struct
 import threading
-from typing import Any
+from typing import Any, Callable
 
 from pynetdicom import AE, evt
 from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
+from . import scp_stream
 from .assoc_wake import wake_on_work
 from .config import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION, Config
 from .spool import Spool
-from .vault_stream import Keyring, encrypt_stream
 
 log = logging.getLogger("ith_proxy.dicom")
 
@@ -58,13 +62,15 @@ STORAGE_CLASSES = {
 VERIFICATION = "1.2.840.10008.1.1"
 DEFAULT_TRANSFER_SYNTAXES = ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1")
 
-OUT_OF_RESOURCES = 0xA700
-CANNOT_UNDERSTAND = 0xC000
+OUT_OF_RESOURCES = scp_stream.OUT_OF_RESOURCES
+CANNOT_UNDERSTAND = scp_stream.CANNOT_UNDERSTAND
 
 
 class _RequestHandler(RequestHandler):
     def _create_association(self) -> Any:
         assoc = super()._create_association()
+        # data sets stream to spool/tmp/ instead of a BytesIO (scp_stream.py)
+        scp_stream.install(assoc, self.server.store_opener(assoc), self.ae.maximum_pdu_size)
         wake_on_work(assoc)  # event-driven instead of 1 ms polling (assoc_wake.py)
         return assoc
 
@@ -130,28 +136,19 @@ def handle_echo(event: evt.Event) -> int:
     return 0x0000
 
 
-def handle_store(event: evt.Event, spool: Spool, min_free_mb: int,
-                 keyring: Keyring | None = None) -> int:
-    """Make the received bytes (encrypted when a keyring is given) durable in
-    incoming/, then acknowledge."""
+def handle_store(event: evt.Event) -> int:
+    """Make the streamed data set durable in incoming/, then acknowledge
+    (or answer the failure found while it was received)."""
+    incoming = scp_stream.take(event.request)
+    if incoming is None:  # not received through scp_stream: never acknowledged
+        log.error("C-STORE failed: the data set was not streamed to the spool")
+        return CANNOT_UNDERSTAND
     try:
-        if spool.free_mb() < min_free_mb:
-            log.error("C-STORE refused: free disk below %d MB", min_free_mb)
-            return OUT_OF_RESOURCES
-        request = event.request
-        head = file_header(str(request.AffectedSOPClassUID),
-                           str(request.AffectedSOPInstanceUID),
-                           str(event.context.transfer_syntax),
-                           event.assoc.requestor.ae_title)
-        pieces = (head, request.DataSet.getbuffer())
-        spool.deliver_incoming(pieces if keyring is None else encrypt_stream(keyring, pieces))
-    except OSError as exc:
-        log.error("C-STORE refused: I/O error (%s)", exc.strerror or type(exc).__name__)
-        return OUT_OF_RESOURCES
+        return incoming.finish()[0]
     except Exception as exc:  # never a traceback on the wire
+        incoming.discard()
         log.error("C-STORE failed: %s", type(exc).__name__)
         return CANNOT_UNDERSTAND
-    return 0x0000
 
 
 def _log_assoc(event: evt.Event, what: str) -> None:
@@ -181,12 +178,20 @@ def build_ae(cfg: Config) -> AE:
 
 
 class StorageSCP:
-    """Owns the AE and its listening server."""
+    """Owns the AE and its listening server.
 
-    def __init__(self, cfg: Config, spool: Spool, keyring: Keyring | None = None) -> None:
+    ``encryptor``, when given, is a stream-encryptor factory: ``encryptor(out)``
+    returns a writer (``write(buffer)``, ``close()``) that passes the
+    encrypted file to ``out(list_of_buffers)``; received instances go through
+    it before they reach the disk.
+    """
+
+    def __init__(self, cfg: Config, spool: Spool,
+                 encryptor: Callable[[Callable[[list], object]], Any] | None = None) -> None:
+        scp_stream.check_library()  # raises LibraryMismatch on another pynetdicom
         self.cfg = cfg
         self.spool = spool
-        self.keyring = keyring  # given: encrypt received instances before they reach disk
+        self.encryptor = encryptor
         self.ae = build_ae(cfg)
         self.server: _Server | None = None
         self._thread: threading.Thread | None = None
@@ -194,8 +199,7 @@ class StorageSCP:
     def start(self) -> None:
         handlers = [
             (evt.EVT_C_ECHO, handle_echo),
-            (evt.EVT_C_STORE, handle_store,
-             [self.spool, self.cfg.spool.min_free_mb, self.keyring]),
+            (evt.EVT_C_STORE, handle_store),
             (evt.EVT_ACCEPTED, _log_assoc, ["accepted"]),
             (evt.EVT_REJECTED, _log_assoc, ["rejected"]),
             (evt.EVT_ABORTED, _log_assoc, ["aborted"]),
@@ -203,6 +207,7 @@ class StorageSCP:
         server_cls = type("Server", (_Server,), {
             "request_queue_size": max(self.cfg.scp.max_associations * 2, 64),
             "artim_timeout": self.cfg.scp.artim_timeout,
+            "store_opener": staticmethod(self._store_opener),
         })
         self.server = self.ae.make_server(
             (self.cfg.scp.bind_address, self.cfg.scp.port),
@@ -212,6 +217,25 @@ class StorageSCP:
         self._thread.start()
         log.info("SCP %s listening on %s:%d", self.cfg.scp.ae_title,
                  self.cfg.scp.bind_address, self.cfg.scp.port)
+
+    def _store_opener(self, assoc: Any) -> Callable[[Any, str], scp_stream.Incoming]:
+        """For one association: makes the Incoming of each C-STORE (DUL thread)."""
+        max_bytes = self.cfg.scp.max_instance_mb << 20
+        min_free_mb = self.cfg.spool.min_free_mb
+
+        def open_store(command_set: Any, transfer_syntax: str) -> scp_stream.Incoming:
+            try:
+                head = file_header(str(command_set.AffectedSOPClassUID),
+                                   str(command_set.AffectedSOPInstanceUID),
+                                   transfer_syntax, assoc.requestor.ae_title)
+            except Exception:  # a malformed command set: refused, never a traceback
+                incoming = scp_stream.Incoming(self.spool, b"", None, False, max_bytes, 0)
+                incoming.discard()
+                return incoming
+            return scp_stream.Incoming(self.spool, head, self.encryptor,
+                                       transfer_syntax == scp_stream.BIG_ENDIAN,
+                                       max_bytes, min_free_mb)
+        return open_store
 
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()

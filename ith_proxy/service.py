@@ -19,7 +19,7 @@ import threading
 import time
 from pathlib import Path
 
-from . import logs
+from . import logs, scp_stream, vault_stream
 from .api import ApiServer, make_app
 from .catalog import Catalog
 from .config import Config
@@ -122,6 +122,10 @@ class Service:
             catalog.close()
 
     def start(self) -> None:
+        try:
+            scp_stream.check_library()  # the SCP's memory bound needs this pynetdicom
+        except scp_stream.LibraryMismatch as exc:
+            raise StartupError(str(exc)) from None
         self.prepare()
         configure_libraries()  # library globals, before any DICOM is handled
         self._mp = multiprocessing.get_context("spawn")
@@ -131,11 +135,11 @@ class Service:
         self._start_indexer()
         self._worker("scheduler", self._run_scheduler_thread)
         if self.cfg.scp.auto_start:
-            keyring = None
+            encryptor = None  # the SCP gets a stream-encryptor factory, never a key
             if self.cfg.spool.encrypt_incoming:
-                keyring = Keyring.load(self.cfg.vault.key_file)
+                encryptor = vault_stream.encryptor(Keyring.load(self.cfg.vault.key_file))
                 log.info("received instances are encrypted under the vault key in incoming/")
-            self.scp = StorageSCP(self.cfg, self.spool, keyring)
+            self.scp = StorageSCP(self.cfg, self.spool, encryptor)
             try:
                 self.scp.start()
             except OSError as exc:

@@ -248,6 +248,45 @@ class Spool:
         self._deliver(os.path.join(self._incoming_s, name), chunks=chunks)
         return name
 
+    def open_tmp(self) -> tuple[int, str]:
+        """A new empty file in tmp/ for a writer that streams (the SCP):
+        (descriptor, path).  Finish it with ``promote_incoming`` or
+        ``discard_tmp``; the same tmp -> fsync -> rename -> fsync-dir path as
+        ``deliver_incoming``."""
+        tmp_path = os.path.join(self._tmp_s, unique_name())
+        return os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE), tmp_path
+
+    @staticmethod
+    def write_tmp(fd: int, chunks: list) -> None:
+        """Append buffers to a file from ``open_tmp`` (one writev where it can)."""
+        _writev_all(fd, chunks)
+
+    def promote_incoming(self, fd: int, tmp_path: str) -> str:
+        """fsync and close a file from ``open_tmp``, rename it into incoming/,
+        fsync incoming/; return its opaque name.  On failure it is removed."""
+        name = unique_name()
+        try:
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.rename(tmp_path, os.path.join(self._incoming_s, name))
+        except BaseException:
+            self.discard_tmp(-1, tmp_path)
+            raise
+        fsync_dir(self._incoming_s)
+        return name
+
+    @staticmethod
+    def discard_tmp(fd: int, tmp_path: str) -> None:
+        """Close (fd >= 0) and remove a file from ``open_tmp`` that will not be kept."""
+        if fd >= 0:
+            os.close(fd)
+        try:
+            os.unlink(tmp_path)
+        except FileNotFoundError:
+            pass
+
     def incoming_names(self) -> list[str]:
         return sorted(e.name for e in os.scandir(self.incoming) if _is_regular(e))
 

@@ -37,14 +37,14 @@ import io
 import os
 import struct
 from pathlib import Path
-from typing import BinaryIO, Iterable, Iterator
+from typing import BinaryIO, Callable, Iterable, Iterator
 
 from .vault import (STREAM_KEY_ID, STREAM_OVERHEAD, DecryptError, Keyring, fsync_dir,
                     write_private)
 
-__all__ = ["CHUNK", "EncryptedFileError", "Keyring", "DecryptingReader", "decrypt_to",
-           "digest", "encrypt_stream", "export_plain", "is_encrypted", "open_source",
-           "reencrypt", "seal"]
+__all__ = ["CHUNK", "EncryptedFileError", "EncryptingWriter", "Keyring", "DecryptingReader",
+           "decrypt_to", "digest", "encrypt_stream", "encryptor", "export_plain", "is_encrypted",
+           "open_source", "reencrypt", "seal"]
 
 MAGIC = b"ITH-PROXY-ENCRYPTED v"           # common prefix of every version
 MAGIC_V1 = b"ITH-PROXY-ENCRYPTED v1 chunk="
@@ -104,6 +104,55 @@ def encrypt_stream(keyring: Keyring, pieces: Iterable[bytes | memoryview],
             held.append(part if stable or len(mv) else bytes(part))
             fill += take
     yield sealed(True)
+
+
+class EncryptingWriter:
+    """Push-style twin of ``encrypt_stream``: the same v2 file, written as
+    plaintext arrives (the SCP feeds it received fragments).
+
+    ``out(parts)`` gets what to append to the file, as a list of buffers: the
+    header with the first sealed chunk, then one sealed chunk at a time.  A
+    chunk is sealed once it is known whether it is the last (``close()``
+    seals the last, possibly empty).  The writer keeps the buffers given to
+    ``write`` until their chunk is sealed, without copying them, so they must
+    not change meanwhile (bytes do not); it holds at most one chunk.
+    """
+
+    def __init__(self, keyring: Keyring, out: Callable[[list], object],
+                 chunk: int = CHUNK) -> None:
+        self._keyring, self._out, self._chunk = keyring, out, chunk
+        self._header = MAGIC_V2 + _V2_FIELDS.pack(chunk, keyring.stream_key_id,
+                                                  os.urandom(16))
+        self._pending: list[bytes | bytearray] = [self._header]  # not yet handed to out
+        self._held: list[bytes | memoryview] = []  # the parts of the chunk being filled
+        self._fill = self._index = 0
+
+    def _seal(self, last: bool) -> None:
+        aad = self._header + _CHUNK_HEAD.pack(self._index, last)
+        self._pending.append(self._keyring.seal_chunk(self._held, aad))
+        self._out(self._pending)
+        self._pending, self._held, self._fill = [], [], 0
+        self._index += 1
+
+    def write(self, data: bytes | memoryview) -> None:
+        mv = memoryview(data).cast("B")
+        while len(mv):
+            if self._fill == self._chunk:  # full, and more bytes follow: not the last
+                self._seal(False)
+            take = min(self._chunk - self._fill, len(mv))
+            self._held.append(mv[:take])
+            mv = mv[take:]
+            self._fill += take
+
+    def close(self) -> None:
+        """Seal the last chunk and hand it out; the file is then complete."""
+        self._seal(True)
+
+
+def encryptor(keyring: Keyring) -> Callable[[Callable[[list], object]], EncryptingWriter]:
+    """A stream-encryptor factory for the SCP: ``factory(out)`` makes an
+    ``EncryptingWriter`` under the keyring's first key."""
+    return lambda out: EncryptingWriter(keyring, out)
 
 
 def token_line_length(chunk: int) -> int:

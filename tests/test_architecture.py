@@ -34,9 +34,10 @@ ALLOWED_ROOMS: dict[str, set[str]] = {
     # the pydicom/pynetdicom process-wide settings, applied by explicit call only
     "libsetup": set(),
     "audit": {"config"},
-    # scp -> vault_stream: with [spool] encrypt_incoming the SCP encrypts the raw
-    # bytes before they reach the disk (docs/architecture.md, Departures)
-    "scp": {"spool", "catalog", "config", "vault_stream", "assoc_wake"},
+    # scp gets a stream-encryptor factory from the service; it imports no vault room
+    "scp": {"spool", "catalog", "config", "scp_stream", "assoc_wake"},
+    # the one replacement of pynetdicom's data set assembly (docs/architecture.md)
+    "scp_stream": {"config"},
     "qr": {"spool", "catalog", "config", "dicomfile", "assoc_wake"},
     "indexer": {"spool", "catalog", "vault", "vault_stream", "deid", "dicomfile", "config"},
     "scheduler": {"spool", "catalog", "config"},
@@ -54,7 +55,7 @@ WORKERS = {"scp", "qr", "indexer", "scheduler", "forwarder", "api", "link"}
 
 # third-party package -> rooms allowed to import it
 THIRD_PARTY: dict[str, set[str]] = {
-    "pynetdicom": {"scp", "qr", "forwarder", "assoc_wake", "libsetup"},
+    "pynetdicom": {"scp", "scp_stream", "qr", "forwarder", "assoc_wake", "libsetup"},
     "apsw": {"catalog"},
     "cryptography": {"vault"},
     "bottle": {"api", "auth"},

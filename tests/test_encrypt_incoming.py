@@ -248,7 +248,7 @@ def test_scp_writes_only_encrypted_bytes(tmp_path: Path) -> None:
     rooms = Rooms(tmp_path, "[spool]\nencrypt_incoming = true\n", env)
     try:
         keyring = rooms.vault.keyring
-        scp = StorageSCP(rooms.cfg, rooms.spool, keyring)
+        scp = StorageSCP(rooms.cfg, rooms.spool, vault_stream.encryptor(keyring))
         scp.start()
         try:
             result = tools.storescu(rooms.cfg.scp.port, series.files)

@@ -11,6 +11,7 @@ the target directory is fsynced.  Nothing is ever rewritten in place.
     studies/<S>/<Se>/<I>.dcm  de-identified instances
     studies/<S>/study.json    non-PHI summary (atomic rewrite)
     quarantine/<reason>/      input that could not be processed + <name>.json
+    attempts/<name>           the indexer's in-progress marker of incoming/<name>
     logs/
 
 What is inside a raw input file (plaintext, or encrypted by ``vault_stream``)
@@ -232,6 +233,65 @@ class Spool:
                 pass
         if removed:
             fsync_dir(self.incoming)
+
+    # --- attempts/ : the indexer's in-progress markers (how often a file was tried) ---
+    #
+    # attempts/<name> holds how many attempts at incoming/<name> began and did
+    # not conclude (processed and committed, quarantined, or forgiven after an
+    # I/O error).  It is written before the file is processed, without fsync:
+    # the page cache survives the indexer being killed, which is what it is
+    # for; a power cut only resets the counts.
+
+    def _attempts_dir(self) -> str:
+        return os.path.join(self.root, "attempts")
+
+    def attempt_names(self) -> set[str]:
+        """Names that have a marker (one listdir; usually empty)."""
+        try:
+            return set(os.listdir(self._attempts_dir()))
+        except FileNotFoundError:
+            return set()
+
+    def attempts(self, name: str) -> int:
+        """How many unconcluded attempts incoming/<name> had (0: none)."""
+        try:
+            fd = os.open(os.path.join(self._attempts_dir(), name), os.O_RDONLY | os.O_NOFOLLOW)
+        except FileNotFoundError:
+            return 0
+        try:
+            text = os.read(fd, 32)
+        finally:
+            os.close(fd)
+        try:
+            return max(0, int(text.strip() or b"0"))
+        except ValueError:
+            return 1  # a torn write: it was being tried
+
+    def set_attempts(self, name: str, count: int) -> None:
+        """Record COUNT attempts at incoming/<name> (0 removes the marker)."""
+        if "/" in name or name in ("", ".", ".."):
+            raise ValueError("bad incoming name")
+        path = os.path.join(self._attempts_dir(), name)
+        if count <= 0:
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+            return
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW
+        try:
+            fd = os.open(path, flags, FILE_MODE)
+        except FileNotFoundError:
+            os.makedirs(self._attempts_dir(), mode=DIR_MODE, exist_ok=True)
+            fd = os.open(path, flags, FILE_MODE)
+        try:
+            os.write(fd, b"%d\n" % count)
+        finally:
+            os.close(fd)
+
+    def clear_attempts(self, names: Iterable[str]) -> None:
+        for name in names:
+            self.set_attempts(name, 0)
 
     # --- studies/ : owned by the indexer (instances) and scheduler (study.json) ---
 

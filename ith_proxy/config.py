@@ -177,7 +177,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("indexer", "rescan_interval", "10", _seconds),
     Setting("indexer", "batch_size", "64", _int(1, 10000)),
     Setting("indexer", "stuck_after", "300", _seconds),
-    Setting("indexer", "max_attempts", "3", _int(1, 100)),
+    Setting("indexer", "max_attempts", "3", _int(2, 100)),
     Setting("indexer", "memory_limit_mb", "1024", _int(0, 10**7)),
     Setting("scheduler", "study_timeout", "60", _seconds, "DICOM_STUDY_TIMEOUT"),
     Setting("scheduler", "interval", "1", _seconds),

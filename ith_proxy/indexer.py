@@ -15,16 +15,10 @@ PHI risk for de-identification (burned-in annotation), and input that hit
 an unexpected error (``failed``: one bad file never stops the others).  An
 I/O error leaves the file where it is for the next pass.
 
-Poison pills: every file gets at most ``[indexer] max_attempts`` attempts,
-counted by an in-progress marker (``Spool.set_attempts``) written before the
-file is processed and removed when its batch is committed or it is
-quarantined.  A marker still there when a batch is picked means the indexer
-died with that file in flight: such files are retried one at a time (a batch
-of one, committed before anything else is processed), taking turns with
-normal batches, so the culprit alone gathers attempts while the files behind
-it go on being indexed; at the limit it goes to ``quarantine/failed/``
-unopened.  An exception quarantines its file at once (a bug hit by that
-file); an I/O error gives the attempt back.
+Poison pills: a file gets at most ``[indexer] max_attempts`` attempts,
+counted by an in-progress marker per file (``Spool.set_attempts``); files
+that were in flight when the indexer died are retried alone, taking turns
+with normal batches (docs/architecture.md, "Poison pills").
 
 A raw file may be plaintext or encrypted (``[spool] encrypt_incoming``); it
 is told by its first line, so both kinds are handled whatever the setting.

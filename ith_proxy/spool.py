@@ -234,56 +234,37 @@ class Spool:
         if removed:
             fsync_dir(self.incoming)
 
-    # --- attempts/ : the indexer's in-progress markers (how often a file was tried) ---
-    #
-    # attempts/<name> holds how many attempts at incoming/<name> began and did
-    # not conclude (processed and committed, quarantined, or forgiven after an
-    # I/O error).  It is written before the file is processed, without fsync:
-    # the page cache survives the indexer being killed, which is what it is
-    # for; a power cut only resets the counts.
-
-    def _attempts_dir(self) -> str:
-        return os.path.join(self.root, "attempts")
+    # --- attempts/<name>: the indexer's in-progress markers (docs/architecture.md) ---
 
     def attempt_names(self) -> set[str]:
-        """Names that have a marker (one listdir; usually empty)."""
         try:
-            return set(os.listdir(self._attempts_dir()))
+            return set(os.listdir(self.root / "attempts"))
         except FileNotFoundError:
             return set()
 
     def attempts(self, name: str) -> int:
-        """How many unconcluded attempts incoming/<name> had (0: none)."""
+        """Attempts at incoming/<name> that began and did not conclude."""
         try:
-            fd = os.open(os.path.join(self._attempts_dir(), name), os.O_RDONLY | os.O_NOFOLLOW)
+            fd = os.open(self.root / "attempts" / name, os.O_RDONLY | os.O_NOFOLLOW)
         except FileNotFoundError:
             return 0
         try:
-            text = os.read(fd, 32)
+            text = os.read(fd, 32).strip()
         finally:
             os.close(fd)
-        try:
-            return max(0, int(text.strip() or b"0"))
-        except ValueError:
-            return 1  # a torn write: it was being tried
+        return int(text) if text.isdigit() else 1  # torn write: it was being tried
 
     def set_attempts(self, name: str, count: int) -> None:
-        """Record COUNT attempts at incoming/<name> (0 removes the marker)."""
+        """Record COUNT attempts (0 removes the marker); no fsync: the page
+        cache survives the indexer being killed, a power cut resets counts."""
         if "/" in name or name in ("", ".", ".."):
             raise ValueError("bad incoming name")
-        path = os.path.join(self._attempts_dir(), name)
+        path = self.root / "attempts" / name
         if count <= 0:
-            try:
-                os.unlink(path)
-            except FileNotFoundError:
-                pass
+            path.unlink(missing_ok=True)
             return
-        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW
-        try:
-            fd = os.open(path, flags, FILE_MODE)
-        except FileNotFoundError:
-            os.makedirs(self._attempts_dir(), mode=DIR_MODE, exist_ok=True)
-            fd = os.open(path, flags, FILE_MODE)
+        path.parent.mkdir(mode=DIR_MODE, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, FILE_MODE)
         try:
             os.write(fd, b"%d\n" % count)
         finally:

@@ -15,10 +15,10 @@ PHI risk for de-identification (burned-in annotation), and input that hit
 an unexpected error (``failed``: one bad file never stops the others).  An
 I/O error leaves the file where it is for the next pass.
 
-Poison pills: a file gets at most ``[indexer] max_attempts`` attempts,
-counted by an in-progress marker per file (``Spool.set_attempts``); files
-that were in flight when the indexer died are retried alone, taking turns
-with normal batches (docs/architecture.md, "Poison pills").
+Poison pills: a file gets at most ``[indexer] max_attempts`` attempts
+across indexer crashes, counted from in-progress markers (``Spool.begin_batch``,
+``set_attempts``); the file a dead indexer was in is retried alone, taking
+turns with normal batches (docs/architecture.md, "Poison pills").
 
 A raw file may be plaintext or encrypted (``[spool] encrypt_incoming``); it
 is told by its first line, so both kinds are handled whatever the setting.
@@ -120,7 +120,8 @@ class Indexer:
         self.quarantined = 0
         self._inflight: set[str] = set()  # names in a batch not yet committed
         self._pending: dict[str, tuple[str, str]] = {}  # sop -> (study, series), uncommitted
-        self._solo_turn = True  # suspects (in flight when the indexer died) go first
+        self._solo_turn = False  # after a restart a normal batch first: ingest goes on
+        self._recovered = False
         self._lock = threading.Lock()
         # Test-only failpoint (tests/test_poison_pills.py): the indexer process
         # kills itself (SIGKILL) on a dataset whose ImageComments contain this
@@ -142,54 +143,66 @@ class Indexer:
         self._commit(batch)
         return batch.handled
 
-    def _claim(self) -> tuple[list[str], dict[str, int]]:
-        """The next batch: oldest first, but a file that was in flight when the
-        indexer died (it still has a marker) goes alone, taking turns with
-        normal batches.  Returns the names and, for a suspect, its attempts."""
+    def _claim(self) -> tuple[list[str], dict[str, int], tuple | None]:
+        """The next batch, oldest first: (names, suspects' attempts, batch file).
+
+        A suspect (a file the indexer died on) goes alone, taking turns
+        with normal batches, so the culprit alone gathers attempts."""
         with self._lock:
+            if not self._recovered:
+                self._recover()
             waiting = [n for n in self.spool.incoming_names() if n not in self._inflight]
             marked = self.spool.attempt_names()
-            if not marked:
-                names, prev = waiting[: self.cfg.indexer.batch_size], {}
-            else:
+            names, prev = waiting[: self.cfg.indexer.batch_size], {}
+            if marked:
                 present = set(waiting) | self._inflight
-                self.spool.clear_attempts([m for m in marked if m not in present])  # stale
+                for stale in marked - present:
+                    self.spool.set_attempts(stale, 0)
                 suspects = [n for n in waiting if n in marked]
                 normal = [n for n in waiting if n not in marked]
+                names = normal[: self.cfg.indexer.batch_size]
                 if suspects and (self._solo_turn or not normal):
-                    names = suspects[:1]
-                    prev = {names[0]: self.spool.attempts(names[0])}
-                    self._solo_turn = False
-                else:
-                    names, prev = normal[: self.cfg.indexer.batch_size], {}
-                    self._solo_turn = True
+                    names, prev = suspects[:1], {suspects[0]: self.spool.attempts(suspects[0])}
+                self._solo_turn = not prev
+            if not names:
+                return names, prev, None
             self._inflight.update(names)
-        return names, prev
+        return names, prev, self.spool.begin_batch(names)
 
-    def _process_batch(self, claimed: tuple[list[str], dict[str, int]] | None = None
-                       ) -> "_Batch | None":
+    def _recover(self) -> None:
+        """Charge the files a dead indexer was in: the one in hand when it
+        died, or every one of a batch that was committing."""
+        for index, names in self.spool.dead_batches():
+            for name in names[index:index + 1] if index < len(names) else names:
+                if self.spool.incoming_path(name).exists():
+                    self.spool.set_attempts(name, self.spool.attempts(name) + 1)
+                    log.error("incoming file %s was in flight when the indexer stopped; "
+                              "it is retried alone", name)
+        self._recovered = True
+
+    def _process_batch(self, claimed: tuple | None = None) -> "_Batch | None":
         """Stage 1: parse, de-identify, write outputs and vault records (not yet durable)."""
-        names, prev = claimed if claimed is not None else self._claim()
+        names, prev, marker = claimed if claimed is not None else self._claim()
         if not names:
             return None
         try:
-            return self._process_names(names, prev)
+            return self._process_names(names, prev, marker)
         except BaseException:
+            self.spool.end_batch(marker)
             with self._lock:
                 self._inflight.difference_update(names)
             raise
 
-    def _process_names(self, names: list[str], prev: dict[str, int]) -> "_Batch":
-        batch = _Batch(names=names, solo=bool(prev))
-        for name in names:
-            before = prev.get(name, 0)
+    def _process_names(self, names: list[str], prev: dict[str, int], marker) -> "_Batch":
+        batch = _Batch(names=names, prev=prev, marker=marker)
+        for index, name in enumerate(names):
+            if index:
+                self.spool.batch_at(marker, index)
             try:
-                row = self._attempt(name, before, batch)
+                row = self._attempt(name, prev.get(name, 0), batch)
             except FileNotFoundError:
-                self._forgive(name, 0)
                 continue  # already handled by an earlier pass
-            except OSError as exc:  # not this file's fault: give the attempt back
-                self._forgive(name, before)
+            except OSError as exc:
                 log.error("I/O error on incoming file %s: %s; will retry", name, exc.strerror)
                 break
             if row is not None:
@@ -197,7 +210,7 @@ class Indexer:
                     self._pending[row.sop_uid] = (row.study_uid, row.series_uid)
                 batch.rows.append(row)
                 batch.done.append(name)
-                batch.prev[name] = before
+        self.spool.batch_at(marker, len(names))  # committing
         batch.handled += len(batch.done)
         return batch
 
@@ -208,7 +221,6 @@ class Indexer:
                 name, "failed", f"gave up after {before} attempts (the indexer stopped "
                 "while processing it)", before)
             return None
-        self.spool.set_attempts(name, before + 1)
         try:
             return self._process(name)
         except (dicomfile.DicomFileError, Inconsistent, PhiRisk, EncryptedFileError) as exc:
@@ -220,12 +232,6 @@ class Indexer:
             batch.handled += self._quarantine(name, "failed", _internal_error(exc), before + 1)
         return None
 
-    def _forgive(self, name: str, before: int) -> None:
-        try:
-            self.spool.set_attempts(name, before)
-        except OSError:
-            pass  # the marker keeps the attempt: at worst one attempt too many
-
     def _commit(self, batch: "_Batch") -> None:
         """Stage 2: make the batch durable, record it, then drop the raw files."""
         try:
@@ -235,14 +241,13 @@ class Indexer:
                     new = self.catalog.record_instances(batch.rows)
                 log.debug("indexed %d instance(s) (%d new)", len(batch.rows), new)
             self.spool.remove_incoming(batch.done)
-            self.spool.clear_attempts(batch.done)
+            for name in batch.prev:
+                self.spool.set_attempts(name, 0)
             self.processed += len(batch.done)
-        except BaseException:
-            for name in batch.done:  # an I/O failure is not these files' fault
-                self._forgive(name, batch.prev.get(name, 0))
-            raise
-        finally:
-            with self._lock:  # on failure the raw files stay and are retried
+        finally:  # on failure the raw files stay and are retried, uncharged
+            if batch.marker is not None:
+                self.spool.end_batch(batch.marker)
+            with self._lock:
                 self._inflight.difference_update(batch.names)
                 for row in batch.rows:
                     self._pending.pop(row.sop_uid, None)
@@ -363,10 +368,10 @@ class Indexer:
             try:
                 while not stop.is_set():
                     try:
-                        names, prev = self._claim()
-                        if prev and pending is not None:  # a suspect runs alone
+                        claimed = self._claim()
+                        if claimed[1] and pending is not None:  # a suspect runs alone
                             pending = _finish(pending)
-                        batch = self._process_batch((names, prev))
+                        batch = self._process_batch(claimed)
                     except Exception:
                         log.exception("indexer pass failed; retrying")
                         batch = None
@@ -413,8 +418,12 @@ class _Batch:
     done: list[str] = field(default_factory=list)   # processed, raw file to remove
     names: list[str] = field(default_factory=list)  # everything the batch claimed
     handled: int = 0                                 # processed + quarantined
-    solo: bool = False                               # one suspect: commit before the next
-    prev: dict[str, int] = field(default_factory=dict)  # attempts before this one
+    prev: dict[str, int] = field(default_factory=dict)  # a suspect's attempts so far
+    marker: tuple | None = None                      # the batch's in-flight file
+
+    @property
+    def solo(self) -> bool:  # a suspect: committed before anything else is processed
+        return bool(self.prev)
 
 
 class _Wake(FileSystemEventHandler):

@@ -108,6 +108,10 @@ def read_split(source: Path | str | BinaryIO, path: Path | None = None) -> Split
 _PIXEL_TAGS = frozenset((0x7FE00008, 0x7FE00009, 0x7FE00010))
 _META_HEAD = b"\x02\x00\x00\x00UL\x04\x00"  # (0002,0000) UL, length 4, explicit VR LE
 META_MAX = 1 << 16  # our file meta is a few hundred bytes
+# Groups 0000 (command), 0002 (file meta) and the illegal 0001/0003 never
+# belong in a dataset; 0004 (directory records) may: Table E.1-1 lists
+# (0004,1511) Referenced SOP Instance UID in File.
+FIRST_DATASET_GROUP = 0x0004
 
 
 def _at_pixels(tag, vr, length) -> bool:
@@ -155,9 +159,9 @@ def _read_meta(fh: BinaryIO) -> tuple[bytes, FileMetaDataset]:
 
 def _read_split(fh: BinaryIO, path: Path | None) -> SplitFile:
     """Our file meta up to its group length, then the dataset decoded with the
-    meta's (the negotiated) transfer syntax.  Elements of groups below 0008
-    (file meta or command elements) inside the dataset are an error: the
-    meta is never taken from the dataset, and such input is hostile or broken."""
+    meta's (the negotiated) transfer syntax.  File meta or command elements
+    inside the dataset are an error (unparseable), not dropped: the meta is
+    never taken from the dataset, and such input is hostile or broken."""
     size = fh.seek(0, 2)
     fh.seek(0)
     preamble, meta = _read_meta(fh)
@@ -166,16 +170,17 @@ def _read_split(fh: BinaryIO, path: Path | None) -> SplitFile:
     body = fh.tell()
     first = fh.read(2)
     fh.seek(body)
-    if len(first) == 2 and struct.unpack("<H" if little else ">H", first)[0] < 0x0008:
-        raise DicomFileError("dataset holds file meta or command elements (group < 0008)")
+    if len(first) == 2 and struct.unpack("<H" if little else ">H", first)[0] \
+            < FIRST_DATASET_GROUP:
+        raise DicomFileError("dataset holds file meta or command elements")
     try:
         dataset = read_dataset(fh, implicit, little, stop_when=_at_pixels)
     except MemoryError:
         raise  # over [indexer] memory_limit_mb: the indexer's "failed", not bad input
     except Exception as exc:  # pydicom raises many types on garbage
         raise DicomFileError(f"unreadable DICOM: {type(exc).__name__}") from None
-    if dataset._dict and min(dataset._dict) < 0x00080000:
-        raise DicomFileError("dataset holds file meta or command elements (group < 0008)")
+    if dataset._dict and min(dataset._dict) >> 16 < FIRST_DATASET_GROUP:
+        raise DicomFileError("dataset holds file meta or command elements")
     header = FileDataset(fh, dataset, preamble, meta,
                          dataset._read_implicit, dataset._read_little)
     header.set_original_encoding(dataset._read_implicit, dataset._read_little,
@@ -196,8 +201,8 @@ def _read_split(fh: BinaryIO, path: Path | None) -> SplitFile:
         except Exception as exc:
             raise DicomFileError(f"unreadable elements after pixel data: "
                                  f"{type(exc).__name__}") from None
-        if trailer._dict and min(trailer._dict) < 0x00080000:
-            raise DicomFileError("trailing elements in groups below 0008")
+        if trailer._dict and min(trailer._dict) >> 16 < FIRST_DATASET_GROUP:
+            raise DicomFileError("file meta or command elements after the pixel data")
     return SplitFile(path, header, start, end, trailer, size)
 
 

@@ -130,6 +130,13 @@ class Catalog:
         return self.conn.execute(
             "SELECT 1 FROM instances WHERE sop_uid = ?", (sop_uid,)).get is not None
 
+    def instance_place(self, sop_uid: str) -> tuple[str, str, int | None] | None:
+        """(study, series, vault offset) recorded for an instance, or None."""
+        row = self.conn.execute(
+            "SELECT study_uid, series_uid, vault_offset FROM instances WHERE sop_uid = ?",
+            (sop_uid,)).fetchone()
+        return None if row is None else (row[0], row[1], row[2])
+
     def instance_vault_offset(self, sop_uid: str) -> int | None:
         return self.conn.execute(
             "SELECT vault_offset FROM instances WHERE sop_uid = ?", (sop_uid,)).get

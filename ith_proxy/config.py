@@ -178,6 +178,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("indexer", "rescan_interval", "10", _seconds),
     Setting("indexer", "batch_size", "64", _int(1, 10000)),
     Setting("indexer", "stuck_after", "300", _seconds),
+    Setting("indexer", "max_attempts", "3", _int(2, 100)),
+    Setting("indexer", "memory_limit_mb", "1024", _int(0, 10**7)),
     Setting("scheduler", "study_timeout", "60", _seconds, "DICOM_STUDY_TIMEOUT"),
     Setting("scheduler", "interval", "1", _seconds),
     Setting("deid", "anonymize", "true", _bool, "DICOM_ANONYMIZE_PATIENTS"),
@@ -236,6 +238,8 @@ class IndexerConfig:
     rescan_interval: float
     batch_size: int
     stuck_after: float
+    max_attempts: int = 3
+    memory_limit_mb: int = 1024  # 0: no limit
 
 
 @dataclass(frozen=True)

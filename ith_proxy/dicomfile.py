@@ -23,11 +23,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-import pydicom
-from pydicom.dataset import Dataset
+from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
 from pydicom.filebase import DicomFileLike
 from pydicom.filereader import read_dataset
 from pydicom.filewriter import write_data_element, write_file_meta_info
+from pydicom.uid import UID
 
 # Headers are read and written as they are, without value validation: set by
 # libsetup.configure_libraries(), which every entry point calls.
@@ -102,23 +102,89 @@ def read_split(source: Path | str | BinaryIO, path: Path | None = None) -> Split
     return _read_split(source, path)
 
 
-def _read_split(fh: BinaryIO, path: Path | None) -> SplitFile:
-    size = fh.seek(0, 2)
-    fh.seek(0)
-    try:
-        header = pydicom.dcmread(fh, stop_before_pixels=True)
-    except Exception as exc:  # pydicom raises many types on garbage
-        raise DicomFileError(f"unreadable DICOM: {type(exc).__name__}") from None
-    meta = getattr(header, "file_meta", None)
-    if meta is None or "TransferSyntaxUID" not in meta:
-        raise DicomFileError("no file meta / transfer syntax")
-    ts = meta.TransferSyntaxUID
+_PIXEL_TAGS = frozenset((0x7FE00008, 0x7FE00009, 0x7FE00010))
+_META_HEAD = b"\x02\x00\x00\x00UL\x04\x00"  # (0002,0000) UL, length 4, explicit VR LE
+META_MAX = 1 << 16  # our file meta is a few hundred bytes
+# Groups 0000 (command), 0002 (file meta) and the illegal 0001/0003 never
+# belong in a dataset; 0004 (directory records) may: Table E.1-1 lists
+# (0004,1511) Referenced SOP Instance UID in File.
+FIRST_DATASET_GROUP = 0x0004
+
+
+def _at_pixels(tag, vr, length) -> bool:
+    return tag in _PIXEL_TAGS
+
+
+def _encoding(ts: UID) -> tuple[bool, bool]:
+    """(implicit VR, little endian) of the dataset, from the meta's transfer
+    syntax only; deflate is refused here, before any byte of the body is read."""
     if str(ts) in DEFLATED:
         raise DicomFileError("deflated transfer syntax is not supported")
+    if ts.is_transfer_syntax:
+        return ts.is_implicit_VR, ts.is_little_endian
+    return False, True  # private/unknown: explicit VR LE (PS3.5 A.4), as pydicom does
+
+
+def _read_meta(fh: BinaryIO) -> tuple[bytes, FileMetaDataset]:
+    """The preamble and OUR file meta: exactly (0002,0000) group-length bytes.
+
+    Whatever follows the group is the dataset, even if it starts with more
+    group-0002 elements (those are refused by the caller, never merged in).
+    """
+    head = fh.read(144)
+    if len(head) < 144 or head[128:132] != b"DICM":
+        raise DicomFileError("unreadable DICOM: not a Part 10 file (no DICM prefix)")
+    if head[132:140] != _META_HEAD:
+        raise DicomFileError("unreadable DICOM: file meta has no group length")
+    length = struct.unpack("<L", head[140:144])[0]
+    if length > META_MAX:
+        raise DicomFileError("unreadable DICOM: file meta group length is implausible")
+    raw = fh.read(length)
+    if len(raw) < length:
+        raise DicomFileError("unreadable DICOM: file meta is truncated")
+    try:
+        elems = read_dataset(io.BytesIO(raw), False, True)
+    except Exception as exc:
+        raise DicomFileError(f"unreadable file meta: {type(exc).__name__}") from None
+    if any(tag >> 16 != 2 for tag in elems._dict):
+        raise DicomFileError("file meta holds elements outside group 0002")
+    meta = FileMetaDataset(elems)
+    if "TransferSyntaxUID" not in meta:
+        raise DicomFileError("no file meta / transfer syntax")
+    return head[:128], meta
+
+
+def _read_split(fh: BinaryIO, path: Path | None) -> SplitFile:
+    """Our file meta up to its group length, then the dataset decoded with the
+    meta's (the negotiated) transfer syntax.  File meta or command elements
+    inside the dataset are an error (unparseable), not dropped: the meta is
+    never taken from the dataset, and such input is hostile or broken."""
+    size = fh.seek(0, 2)
+    fh.seek(0)
+    preamble, meta = _read_meta(fh)
+    ts = meta.TransferSyntaxUID
+    implicit, little = _encoding(ts)
+    body = fh.tell()
+    first = fh.read(2)
+    fh.seek(body)
+    if len(first) == 2 and struct.unpack("<H" if little else ">H", first)[0] \
+            < FIRST_DATASET_GROUP:
+        raise DicomFileError("dataset holds file meta or command elements")
+    try:
+        dataset = read_dataset(fh, implicit, little, stop_when=_at_pixels)
+    except MemoryError:
+        raise  # over [indexer] memory_limit_mb: the indexer's "failed", not bad input
+    except Exception as exc:  # pydicom raises many types on garbage
+        raise DicomFileError(f"unreadable DICOM: {type(exc).__name__}") from None
+    if dataset._dict and min(dataset._dict) >> 16 < FIRST_DATASET_GROUP:
+        raise DicomFileError("dataset holds file meta or command elements")
+    header = FileDataset(fh, dataset, preamble, meta,
+                         dataset._read_implicit, dataset._read_little)
+    header.set_original_encoding(dataset._read_implicit, dataset._read_little,
+                                 dataset._character_set)
     start = fh.tell()
     if start >= size:
         return SplitFile(path, header, size, size, None, size)
-    implicit, little = ts.is_implicit_VR, ts.is_little_endian
     end = _element_end(fh, start, implicit, little)
     if end > size:
         raise DicomFileError("pixel data is truncated")
@@ -127,9 +193,13 @@ def _read_split(fh: BinaryIO, path: Path | None) -> SplitFile:
         fh.seek(end)
         try:
             trailer = read_dataset(fh, implicit, little, size - end)
+        except MemoryError:
+            raise
         except Exception as exc:
             raise DicomFileError(f"unreadable elements after pixel data: "
                                  f"{type(exc).__name__}") from None
+        if trailer._dict and min(trailer._dict) >> 16 < FIRST_DATASET_GROUP:
+            raise DicomFileError("file meta or command elements after the pixel data")
     return SplitFile(path, header, start, end, trailer, size)
 
 

@@ -15,6 +15,11 @@ PHI risk for de-identification (burned-in annotation), and input that hit
 an unexpected error (``failed``: one bad file never stops the others).  An
 I/O error leaves the file where it is for the next pass.
 
+Poison pills: a file gets at most ``[indexer] max_attempts`` attempts
+across indexer crashes, counted from in-progress markers (``Spool.begin_batch``,
+``set_attempts``); the file a dead indexer was in is retried alone, taking
+turns with normal batches (docs/architecture.md, "Poison pills").
+
 A raw file may be plaintext or encrypted (``[spool] encrypt_incoming``); it
 is told by its first line, so both kinds are handled whatever the setting.
 Encrypted input is read through a seekable decrypting reader, one chunk at
@@ -24,6 +29,8 @@ a time.
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import threading
 import time
 import traceback
@@ -112,7 +119,14 @@ class Indexer:
         self.processed = 0
         self.quarantined = 0
         self._inflight: set[str] = set()  # names in a batch not yet committed
+        self._pending: dict[str, tuple[str, str]] = {}  # sop -> (study, series), uncommitted
+        self._solo_turn = False  # after a restart a normal batch first: ingest goes on
+        self._recovered = False
         self._lock = threading.Lock()
+        # Test-only failpoint (tests/test_poison_pills.py): the indexer process
+        # kills itself (SIGKILL) on a dataset whose ImageComments contain this
+        # text.  Never set it in production.
+        self._kill_marker = os.environ.get("ITH_PROXY_FAILPOINT_KILL", "")
         # One APSW connection, used by the processing thread (vault-record
         # lookups) and the commit thread: APSW refuses concurrent use
         # (ThreadingViolationError, which failed whole batches and duplicated
@@ -129,42 +143,94 @@ class Indexer:
         self._commit(batch)
         return batch.handled
 
-    def _process_batch(self) -> "_Batch | None":
-        """Stage 1: parse, de-identify, write outputs and vault records (not yet durable)."""
+    def _claim(self) -> tuple[list[str], dict[str, int], tuple | None]:
+        """The next batch, oldest first: (names, suspects' attempts, batch file).
+
+        A suspect (a file the indexer died on) goes alone, taking turns
+        with normal batches, so the culprit alone gathers attempts."""
         with self._lock:
-            names = [n for n in self.spool.incoming_names() if n not in self._inflight]
-            names = names[: self.cfg.indexer.batch_size]
+            if not self._recovered:
+                self._recover()
+            waiting = [n for n in self.spool.incoming_names() if n not in self._inflight]
+            marked = self.spool.attempt_names()
+            names, prev = waiting[: self.cfg.indexer.batch_size], {}
+            if marked:
+                present = set(waiting) | self._inflight
+                for stale in marked - present:
+                    self.spool.set_attempts(stale, 0)
+                suspects = [n for n in waiting if n in marked]
+                normal = [n for n in waiting if n not in marked]
+                names = normal[: self.cfg.indexer.batch_size]
+                if suspects and (self._solo_turn or not normal):
+                    names, prev = suspects[:1], {suspects[0]: self.spool.attempts(suspects[0])}
+                self._solo_turn = not prev
+            if not names:
+                return names, prev, None
             self._inflight.update(names)
+        return names, prev, self.spool.begin_batch(names)
+
+    def _recover(self) -> None:
+        """Charge the files a dead indexer was in: the one in hand when it
+        died, or every one of a batch that was committing."""
+        for index, names in self.spool.dead_batches():
+            for name in names[index:index + 1] if index < len(names) else names:
+                if self.spool.incoming_path(name).exists():
+                    self.spool.set_attempts(name, self.spool.attempts(name) + 1)
+                    log.error("incoming file %s was in flight when the indexer stopped; "
+                              "it is retried alone", name)
+        self._recovered = True
+
+    def _process_batch(self, claimed: tuple | None = None) -> "_Batch | None":
+        """Stage 1: parse, de-identify, write outputs and vault records (not yet durable)."""
+        names, prev, marker = claimed if claimed is not None else self._claim()
         if not names:
             return None
         try:
-            return self._process_names(names)
+            return self._process_names(names, prev, marker)
         except BaseException:
+            self.spool.end_batch(marker)
             with self._lock:
                 self._inflight.difference_update(names)
             raise
 
-    def _process_names(self, names: list[str]) -> "_Batch":
-        batch = _Batch(names=names)
-        for name in names:
+    def _process_names(self, names: list[str], prev: dict[str, int], marker) -> "_Batch":
+        batch = _Batch(names=names, prev=prev, marker=marker)
+        for index, name in enumerate(names):
+            if index:
+                self.spool.batch_at(marker, index)
             try:
-                row = self._process(name)
-            except (dicomfile.DicomFileError, Inconsistent, PhiRisk, EncryptedFileError) as exc:
-                reason = next(r for cls, r in _REASONS if isinstance(exc, cls))
-                batch.handled += self._quarantine(name, reason, str(exc))
-                continue
+                row = self._attempt(name, prev.get(name, 0), batch)
             except FileNotFoundError:
                 continue  # already handled by an earlier pass
             except OSError as exc:
                 log.error("I/O error on incoming file %s: %s; will retry", name, exc.strerror)
                 break
-            except Exception as exc:  # a bug, not bad input: isolate this file, keep ingesting
-                batch.handled += self._quarantine(name, "failed", _internal_error(exc))
-                continue
-            batch.rows.append(row)
-            batch.done.append(name)
+            if row is not None:
+                with self._lock:
+                    self._pending[row.sop_uid] = (row.study_uid, row.series_uid)
+                batch.rows.append(row)
+                batch.done.append(name)
+        self.spool.batch_at(marker, len(names))  # committing
         batch.handled += len(batch.done)
         return batch
+
+    def _attempt(self, name: str, before: int, batch: "_Batch") -> InstanceRow | None:
+        """One attempt at one file: its row, or None when it was quarantined."""
+        if before >= self.cfg.indexer.max_attempts:
+            batch.handled += self._quarantine(
+                name, "failed", f"gave up after {before} attempts (the indexer stopped "
+                "while processing it)", before)
+            return None
+        try:
+            return self._process(name)
+        except (dicomfile.DicomFileError, Inconsistent, PhiRisk, EncryptedFileError) as exc:
+            reason = next(r for cls, r in _REASONS if isinstance(exc, cls))
+            batch.handled += self._quarantine(name, reason, str(exc), before + 1)
+        except OSError:
+            raise
+        except Exception as exc:  # a bug or MemoryError, not bad input: isolate this file
+            batch.handled += self._quarantine(name, "failed", _internal_error(exc), before + 1)
+        return None
 
     def _commit(self, batch: "_Batch") -> None:
         """Stage 2: make the batch durable, record it, then drop the raw files."""
@@ -175,28 +241,37 @@ class Indexer:
                     new = self.catalog.record_instances(batch.rows)
                 log.debug("indexed %d instance(s) (%d new)", len(batch.rows), new)
             self.spool.remove_incoming(batch.done)
+            for name in batch.prev:
+                self.spool.set_attempts(name, 0)
             self.processed += len(batch.done)
-        finally:
-            with self._lock:  # on failure the raw files stay and are retried
+        finally:  # on failure the raw files stay and are retried, uncharged
+            if batch.marker is not None:
+                self.spool.end_batch(batch.marker)
+            with self._lock:
                 self._inflight.difference_update(batch.names)
+                for row in batch.rows:
+                    self._pending.pop(row.sop_uid, None)
 
-    def _quarantine(self, name: str, reason: str, why: str) -> int:
+    def _quarantine(self, name: str, reason: str, why: str, attempts: int = 0) -> int:
         """Quarantine encrypted: plaintext input is sealed on the way, encrypted
         input moves as it is.  The .json gets the plaintext's size and sha256."""
         path = self.spool.incoming_path(name)
         keyring = self.vault.keyring
+        detail = {"error": why, "encrypted": True, "attempts": attempts}
         try:
             if vault_stream.is_encrypted(path):
                 try:
                     info = vault_stream.digest(path, keyring)
                 except EncryptedFileError:
                     info = {"size": None, "sha256": None}
-                self.spool.quarantine(name, reason, {"error": why, "encrypted": True, **info})
+                self.spool.quarantine(name, reason, {**detail, **info})
             else:
-                self.spool.quarantine(name, reason, {"error": why, "encrypted": True},
+                self.spool.quarantine(name, reason, detail,
                                       seal=lambda src, out: vault_stream.seal(src, out, keyring))
         except FileNotFoundError:
+            self.spool.set_attempts(name, 0)
             return 0
+        self.spool.set_attempts(name, 0)
         self.quarantined += 1
         log.warning("quarantined incoming file %s (%s): %s", name, reason, why)
         return 1
@@ -211,6 +286,8 @@ class Indexer:
         split = dicomfile.read_split(src, path)
         _check(split)
         ds = split.header
+        if self._kill_marker and self._kill_marker in str(ds.get("ImageComments", "") or ""):
+            os.kill(os.getpid(), signal.SIGKILL)  # test-only failpoint, see __init__
         if self.anonymize and self.cfg.deid.quarantine_burned_in:
             risk = _phi_risk(ds)
             if risk:
@@ -221,7 +298,8 @@ class Indexer:
                 self.deid.apply_fragment(split.trailer, result)
             study, series, sop = result.study_uid, result.series_uid, result.sop_uid
             patient_id, patient_name = result.patient_id, result.patient_name
-            offset = self._vault_put(sop, {
+            known = self._known(study, series, sop)
+            offset = self._vault_put(known, {
                 "v": 1, "study": study, "series": series, "sop": sop,
                 "patient": patient_id, "phi": result.phi})
         else:
@@ -229,6 +307,7 @@ class Indexer:
                                   str(ds.SOPInstanceUID))
             patient_id = str(ds.get("PatientID", "") or "")
             patient_name = str(ds.get("PatientName", "") or "")
+            self._known(study, series, sop)
             offset = None
         if self.anonymize:
             self.spool.put_instance(study, series, sop,
@@ -244,16 +323,35 @@ class Indexer:
             size=self.spool.instance_path(study, series, sop).stat().st_size,
             vault_offset=offset, received_at=received)
 
-    def _vault_put(self, sop: str, record: dict) -> int:
-        """Append the record unless the same originals are already in the vault."""
+    def _known(self, study: str, series: str, sop: str) -> int | None:
+        """The vault offset recorded for this instance (None if new or none).
+
+        The same SOP Instance UID already recorded (or about to be) under
+        another study or series is refused: filing it would repoint the other
+        instance's row and vault record.  The same instance re-sent to the
+        same place is idempotent."""
         with self._db_lock:
-            existing = self.catalog.instance_vault_offset(sop)
+            known = self.catalog.instance_place(sop)
+        with self._lock:
+            pending = self._pending.get(sop)
+        place = (known[0], known[1]) if known is not None else pending
+        if place is not None and place != (study, series):
+            raise Inconsistent("SOP Instance UID already recorded in another study or series")
+        return known[2] if known is not None else None
+
+    def _vault_put(self, existing: int | None, record: dict) -> int:
+        """Append the record unless the same originals are already in the vault
+        (a record is reused only if it is this very instance's)."""
         if existing is not None:
             try:
-                if self.vault.get(existing) == record:
-                    return existing
+                old = self.vault.get(existing)
             except VaultRecordError:
-                pass
+                old = None
+            if isinstance(old, dict) and not belongs(old, record["study"], record["sop"]):
+                log.error("vault record at offset %d belongs to another instance; not reused",
+                          existing)
+            elif old == record:
+                return existing
         return self.vault.put(record)
 
     # --- the thread loop: watchdog is a hint, the periodic rescan is the truth ---
@@ -270,18 +368,19 @@ class Indexer:
             try:
                 while not stop.is_set():
                     try:
-                        batch = self._process_batch()
+                        claimed = self._claim()
+                        if claimed[1] and pending is not None:  # a suspect runs alone
+                            pending = _finish(pending)
+                        batch = self._process_batch(claimed)
                     except Exception:
                         log.exception("indexer pass failed; retrying")
                         batch = None
                         stop.wait(1.0)
                     if pending is not None:
-                        try:
-                            pending.result()
-                        except Exception:
-                            log.exception("indexer commit failed; the batch will be retried")
-                        pending = None
-                    if batch is not None:
+                        pending = _finish(pending)
+                    if batch is not None and batch.solo:
+                        _finish(pool.submit(self._commit, batch))
+                    elif batch is not None:
                         pending = pool.submit(self._commit, batch)
                     else:
                         self._idle(stop)
@@ -300,12 +399,31 @@ class Indexer:
         self.wake.clear()
 
 
+def belongs(record: dict, study: str, sop: str) -> bool:
+    """Whether a vault record is the one of instance (study, sop)."""
+    return record.get("sop") == sop and record.get("study") == study
+
+
+def _finish(pending: Future) -> None:
+    """Wait for a commit; a failed one leaves its files for the next pass."""
+    try:
+        pending.result()
+    except Exception:
+        log.exception("indexer commit failed; the batch will be retried")
+
+
 @dataclass
 class _Batch:
     rows: list[InstanceRow] = field(default_factory=list)
     done: list[str] = field(default_factory=list)   # processed, raw file to remove
     names: list[str] = field(default_factory=list)  # everything the batch claimed
     handled: int = 0                                 # processed + quarantined
+    prev: dict[str, int] = field(default_factory=dict)  # a suspect's attempts so far
+    marker: tuple | None = None                      # the batch's in-flight file
+
+    @property
+    def solo(self) -> bool:  # a suspect: committed before anything else is processed
+        return bool(self.prev)
 
 
 class _Wake(FileSystemEventHandler):
@@ -319,11 +437,11 @@ class _Wake(FileSystemEventHandler):
 
 def reindex(spool: Spool, catalog: Catalog, vault: Vault | None) -> dict:
     """Rebuild the catalog from studies/ plus the vault; return the new counts."""
-    offsets: dict[str, int] = {}
+    offsets: dict[tuple[str, str], int] = {}  # (study, sop) -> the instance's own record
     if vault is not None:
         for offset, record in vault.scan():
             if isinstance(record, dict) and "sop" in record:
-                offsets[record["sop"]] = offset  # a later record supersedes
+                offsets[(record.get("study"), record["sop"])] = offset  # a later one supersedes
             else:
                 log.error("%s", record)
     catalog.clear()
@@ -341,7 +459,8 @@ def reindex(spool: Spool, catalog: Catalog, vault: Vault | None) -> dict:
             study_uid=study, series_uid=series, sop_uid=sop,
             sop_class_uid=str(ds.get("SOPClassUID", "")),
             modality=str(ds.get("Modality", "") or ""), transfer_syntax=split.transfer_syntax,
-            size=split.size, vault_offset=offsets.get(sop), received_at=path.stat().st_mtime))
+            size=split.size, vault_offset=offsets.get((study, sop)),
+            received_at=path.stat().st_mtime))
     catalog.record_instances(rows)
     for study in catalog.study_uids():
         summary = spool.read_study_json(study)

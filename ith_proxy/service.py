@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+import resource
 import signal
 import threading
 import time
@@ -219,8 +220,27 @@ class Service:
             self.stop()
 
 
+def limit_memory(limit_mb: int) -> None:
+    """Cap this process's data segment ([indexer] memory_limit_mb; 0: no cap).
+
+    RLIMIT_DATA (heap, anonymous mmaps, thread stacks), not RLIMIT_AS: the
+    address space also counts the 64 MB malloc arenas each thread reserves
+    and every mapped library, which are not memory in use.  A parse that
+    runs away then raises MemoryError for that one file (quarantined as
+    ``failed``) instead of waking the OOM killer.
+    """
+    if limit_mb <= 0:
+        return
+    _, hard = resource.getrlimit(resource.RLIMIT_DATA)
+    limit = limit_mb * 1024 * 1024
+    if hard != resource.RLIM_INFINITY:
+        limit = min(limit, hard)
+    resource.setrlimit(resource.RLIMIT_DATA, (limit, hard))
+
+
 def indexer_process(cfg: Config, stop, log_queue, parent_pid: int) -> None:
     """Entry point of the indexer's child process."""
+    limit_memory(cfg.indexer.memory_limit_mb)
     logs.setup_worker(log_queue, cfg.log)
     configure_libraries()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when we stop

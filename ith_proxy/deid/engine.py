@@ -23,6 +23,7 @@ from ..config import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION
 from .dates import clean_text, identifier_fragments, shift_days, shift_value
 from .private import SafePrivate
 from .profile import METHOD_CODES, Profile, level_of
+from . import un
 from .raw import encode_raw, read_text, replace_text
 from .pseudo import patient_key, patient_pseudonym, remap_uid
 
@@ -34,6 +35,12 @@ _DUMMY_BY_VR = {
 _BINARY_VRS = {"OB", "OW", "OF", "OD", "OL", "OV", "UN", "SV", "UV"}
 _TEXT_VRS = {"PN", "LO", "SH", "ST", "LT", "UT", "AE", "UC"}
 _PSEUDONYMS = ("PatientName", "PatientID")
+# The only file meta elements an output has (PS3.10 7.1): version, SOP class and
+# instance, transfer syntax, and our implementation class and version.
+# Source Application Entity Title (0002,0016) is not kept: it names the sending
+# modality's AE, which is device identity.
+META_KEPT = frozenset(BaseTag(t) for t in (0x00020001, 0x00020002, 0x00020003, 0x00020010,
+                                           0x00020012, 0x00020013))
 
 
 @dataclass
@@ -45,6 +52,10 @@ class DeidResult:
     sop_uid: str
     phi: dict[str, dict[str, object]] = field(default_factory=dict)  # level -> path -> value
     dates: str = ""  # what happened to dates: REMOVED, MODIFIED or UNMODIFIED
+    # the per-instance state apply() used, so elements after the pixel data
+    # (apply_fragment) get the same date shift and descriptor cleaning
+    shift: int = field(default=0, repr=False)
+    identifiers: list[str] = field(default_factory=list, repr=False)
 
 
 @dataclass
@@ -67,6 +78,7 @@ def _plain(value: object) -> object:
 
 
 def _sequence_plain(seq: Sequence) -> list:
+    un.settle_items(seq)  # nested UN sequences are recorded value by value
     return [{(e.keyword or f"({e.tag.group:04X},{e.tag.element:04X})"):
              (_sequence_plain(e.value) if e.VR == "SQ" else _plain(e.value)) for e in item}
             for item in seq]
@@ -134,6 +146,7 @@ class Deidentifier:
             dates=self.date_mode)
         state = _Pass(result, shift_days(self.secret, key),
                       identifiers=self._identifiers(ds) if self._cleans_text else [])
+        result.shift, result.identifiers = state.days, state.identifiers
         self._walk(ds, "", state, top=True)
         self._mark(ds)
         if hasattr(ds, "file_meta"):
@@ -141,24 +154,36 @@ class Deidentifier:
         return result
 
     def apply_fragment(self, ds: Dataset, result: DeidResult) -> None:
-        """De-identify elements that follow the pixel data, into the same result."""
-        self._walk(ds, "", _Pass(result, 0, []), top=True)
+        """De-identify elements that follow the pixel data, into the same result,
+        with the same per-patient date shift and cleaning as ``apply`` used."""
+        self._walk(ds, "", _Pass(result, result.shift, result.identifiers), top=True)
 
     def rewrite_meta(self, meta: FileMetaDataset, sop_uid: str,
                      result: DeidResult | None = None) -> None:
-        """File meta that matches the de-identified dataset and names us."""
+        """File meta that matches the de-identified dataset and names us, rebuilt
+        from an allow-list (``META_KEPT``): every other (0002,xxxx) element, known
+        or not (Source/Sending/Receiving AE titles, Source Presentation Address,
+        Private Information, anything injected) is removed, its value recorded."""
         old = str(meta.get("MediaStorageSOPInstanceUID", ""))
         if result is not None and old and old != sop_uid:
             self._record(result, "instance", "FileMeta.MediaStorageSOPInstanceUID", old)
+        for tag in list(meta.keys()):
+            if tag in META_KEPT:
+                continue
+            if result is not None and tag.element != 0:  # group length: recomputed
+                elem = meta[tag]
+                self._record(result, "instance",
+                             f"FileMeta.{elem.keyword or f'({tag.group:04X},{tag.element:04X})'}",
+                             _original(elem))
+            del meta[tag]
+        for keyword, value in (("FileMetaInformationVersion", b"\x00\x01"),
+                               ("ImplementationClassUID", IMPLEMENTATION_CLASS_UID),
+                               ("ImplementationVersionName", IMPLEMENTATION_VERSION)):
+            before = meta.get(keyword)
+            if result is not None and before is not None and before != value:
+                self._record(result, "instance", f"FileMeta.{keyword}", _plain(before))
+            setattr(meta, keyword, value)
         meta.MediaStorageSOPInstanceUID = sop_uid
-        meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID
-        meta.ImplementationVersionName = IMPLEMENTATION_VERSION
-        for elem in list(meta):
-            if elem.tag.element >= 0x0016 and elem.keyword not in ("TransferSyntaxUID",):
-                if result is not None:
-                    self._record(result, "instance", f"FileMeta.{elem.keyword or elem.tag}",
-                                 _original(elem))
-                del meta[elem.tag]
 
     # --- the walk ---
 
@@ -185,12 +210,18 @@ class Deidentifier:
         kept_blocks: set[tuple[int, int]] = set()
         creators: list[BaseTag] = []
         for tag in list(ds.keys()):
-            if tag.element == 0 and tag.group != 0x0002:
+            if tag.group < 0x0008:  # command, file meta, directory: never dataset content
+                self._remove(ds, tag, prefix, state, top)
+                continue
+            if tag.element == 0:
                 del ds[tag]  # group lengths would be stale after any change
                 continue
             if tag.is_private:
                 if 0x0010 <= tag.element <= 0x00FF:
                     creators.append(tag)
+                    continue
+                if un.needs_settling(ds.get_item(tag), tag) and un.settle(ds, tag) == un.BROKEN:
+                    self._remove(ds, tag, prefix, state, top)
                     continue
                 listed = self.private.safe_vr(ds, tag) if self.private is not None else None
                 if listed is not None and self._keep_private(ds, tag, listed, prefix, state, top):
@@ -203,14 +234,23 @@ class Deidentifier:
                 continue
             rule = self.profile.rule(tag)
             action = rule.action if rule is not None else "K"
+            raw = ds.get_item(tag)
+            vr = raw.VR if raw.VR is not None else un.dictionary_vr(tag)
+            if vr is None or vr == "UN":  # untyped: only these leave the fast path
+                kind = un.settle(ds, tag)
+                if kind == un.BROKEN or (kind == un.UNTYPED and rule is None):
+                    self._remove(ds, tag, prefix, state, top)  # cannot be checked
+                    continue
+                vr = "SQ" if kind == un.SEQUENCE else vr
             # K keeps; on a sequence, C (clean) and U (X/Z/U*: keep with the UIDs
             # inside replaced) descend so each nested attribute gets its own rule.
-            sequence = _is_sequence(ds, tag)
+            sequence = vr == "SQ"
             if action == "K" or (action in ("C", "U") and sequence):
                 if sequence:
                     elem = ds[tag]
+                    name = elem.keyword or f"({tag.group:04X},{tag.element:04X})"
                     for i, item in enumerate(elem.value):
-                        self._walk(item, f"{prefix}{elem.keyword}[{i}].", state, top=False)
+                        self._walk(item, f"{prefix}{name}[{i}].", state, top=False)
                 continue
             self._act(ds, tag, action, prefix, state, top)
         for tag in creators:  # private creators only for blocks that stay

@@ -19,11 +19,10 @@ from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
 from pydicom.tag import BaseTag
 
-from ..config import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION
 from .dates import clean_text, identifier_fragments, shift_days, shift_value
 from .private import SafePrivate
 from .profile import METHOD_CODES, Profile, level_of
-from . import un
+from . import meta as file_meta, un
 from .raw import encode_raw, read_text, replace_text
 from .pseudo import patient_key, patient_pseudonym, remap_uid
 
@@ -35,14 +34,6 @@ _DUMMY_BY_VR = {
 _BINARY_VRS = {"OB", "OW", "OF", "OD", "OL", "OV", "UN", "SV", "UV"}
 _TEXT_VRS = {"PN", "LO", "SH", "ST", "LT", "UT", "AE", "UC"}
 _PSEUDONYMS = ("PatientName", "PatientID")
-# The only file meta elements an output has (PS3.10 7.1): version, SOP class and
-# instance, transfer syntax, and our implementation class and version.
-# Source Application Entity Title (0002,0016) is not kept: it names the sending
-# modality's AE, which is device identity.
-META_KEPT = frozenset(BaseTag(t) for t in (0x00020001, 0x00020002, 0x00020003, 0x00020010,
-                                           0x00020012, 0x00020013))
-
-
 @dataclass
 class DeidResult:
     patient_id: str
@@ -161,29 +152,10 @@ class Deidentifier:
     def rewrite_meta(self, meta: FileMetaDataset, sop_uid: str,
                      result: DeidResult | None = None) -> None:
         """File meta that matches the de-identified dataset and names us, rebuilt
-        from an allow-list (``META_KEPT``): every other (0002,xxxx) element, known
-        or not (Source/Sending/Receiving AE titles, Source Presentation Address,
-        Private Information, anything injected) is removed, its value recorded."""
-        old = str(meta.get("MediaStorageSOPInstanceUID", ""))
-        if result is not None and old and old != sop_uid:
-            self._record(result, "instance", "FileMeta.MediaStorageSOPInstanceUID", old)
-        for tag in list(meta.keys()):
-            if tag in META_KEPT:
-                continue
-            if result is not None and tag.element != 0:  # group length: recomputed
-                elem = meta[tag]
-                self._record(result, "instance",
-                             f"FileMeta.{elem.keyword or f'({tag.group:04X},{tag.element:04X})'}",
-                             _original(elem))
-            del meta[tag]
-        for keyword, value in (("FileMetaInformationVersion", b"\x00\x01"),
-                               ("ImplementationClassUID", IMPLEMENTATION_CLASS_UID),
-                               ("ImplementationVersionName", IMPLEMENTATION_VERSION)):
-            before = meta.get(keyword)
-            if result is not None and before is not None and before != value:
-                self._record(result, "instance", f"FileMeta.{keyword}", _plain(before))
-            setattr(meta, keyword, value)
-        meta.MediaStorageSOPInstanceUID = sop_uid
+        from an allow-list (see ``meta.rebuild``); what it drops is recorded."""
+        for path, elem in file_meta.rebuild(meta, sop_uid):
+            if result is not None:
+                self._record(result, "instance", path, _original(elem))
 
     # --- the walk ---
 
@@ -220,13 +192,12 @@ class Deidentifier:
                 if 0x0010 <= tag.element <= 0x00FF:
                     creators.append(tag)
                     continue
-                if un.needs_settling(ds.get_item(tag), tag) and un.settle(ds, tag) == un.BROKEN:
-                    self._remove(ds, tag, prefix, state, top)
-                    continue
                 listed = self.private.safe_vr(ds, tag) if self.private is not None else None
                 if listed is not None and self._keep_private(ds, tag, listed, prefix, state, top):
                     kept_blocks.add((tag.group, tag.element >> 8))
                     continue
+                if listed is None and un.needs_settling(ds.get_item(tag), tag):
+                    un.settle(ds, tag)  # a sequence is recorded value by value
                 self._remove(ds, tag, prefix, state, top)
                 continue
             if tag.group & 0xFF00 in (0x5000, 0x6000):  # curves and overlays
@@ -275,7 +246,7 @@ class Deidentifier:
             if "retain_uids" not in self.options:
                 self._act(ds, tag, "U", prefix, state, top)
             return True
-        if vr == "UN" and listed in ("SQ", "UI", ""):
+        if vr == "UN" and (listed in ("SQ", "UI", "") or un.holds_items(ds.get_item(tag).value)):
             return False
         return True
 

@@ -54,6 +54,11 @@ def _as_sequence(tag: BaseTag, value: bytes) -> DataElement | None:
     return elem if elem.VR == "SQ" and isinstance(elem.value, Sequence) else None
 
 
+def holds_items(value: object) -> bool:
+    """Do these bytes start like sequence items?"""
+    return isinstance(value, (bytes, bytearray)) and bytes(value[:4]) == ITEM_LE
+
+
 def settle(ds: Dataset, tag: BaseTag) -> str:
     """Classify the UN or untyped element at ``tag`` (see the module docstring);
     a sequence is converted in place."""

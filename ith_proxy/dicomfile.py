@@ -199,8 +199,8 @@ def _encode_dataset(ds: Dataset, implicit: bool, little: bool) -> bytes:
     fp = DicomFileLike(io.BytesIO())
     fp.is_little_endian, fp.is_implicit_VR = little, implicit
     for tag in sorted(ds.keys()):
-        if tag.group < 0x0008 or tag.element == 0:
-            continue  # command/meta/directory groups are no dataset content; group lengths
+        if tag.group in (0x0000, 0x0002) or tag.element == 0:
+            continue  # command and file meta groups are no dataset content; group lengths
         elem = ds.get_item(tag)
         raw = getattr(elem, "is_raw", False) and elem.value is not None \
             and elem.length != 0xFFFFFFFF and elem.is_implicit_VR == implicit \

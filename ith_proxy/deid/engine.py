@@ -182,7 +182,7 @@ class Deidentifier:
         kept_blocks: set[tuple[int, int]] = set()
         creators: list[BaseTag] = []
         for tag in list(ds.keys()):
-            if tag.group < 0x0008:  # command, file meta, directory: never dataset content
+            if tag.group in (0x0000, 0x0002):  # command and file meta: never dataset content
                 self._remove(ds, tag, prefix, state, top)
                 continue
             if tag.element == 0:

@@ -199,7 +199,7 @@ def _encode_dataset(ds: Dataset, implicit: bool, little: bool) -> bytes:
     fp = DicomFileLike(io.BytesIO())
     fp.is_little_endian, fp.is_implicit_VR = little, implicit
     for tag in sorted(ds.keys()):
-        if tag.group in (0x0000, 0x0002) or tag.element == 0:
+        if not tag & 0xFFFF or tag >> 16 in (0x0000, 0x0002):  # int ops: no property calls
             continue  # command and file meta groups are no dataset content; group lengths
         elem = ds.get_item(tag)
         raw = getattr(elem, "is_raw", False) and elem.value is not None \
@@ -221,9 +221,12 @@ def _encode_dataset(ds: Dataset, implicit: bool, little: bool) -> bytes:
 # The file meta elements an output may have (PS3.10 7.1); the de-identifier
 # sets their values (deid.engine.META_KEPT), anything else is never written.
 _META_ALLOWED = (0x00020001, 0x00020002, 0x00020003, 0x00020010, 0x00020012, 0x00020013)
+_META_ALLOWED_SET = frozenset(_META_ALLOWED)
 
 
 def _allowed_meta(meta: FileMetaDataset) -> FileMetaDataset:
+    if all(int(tag) in _META_ALLOWED_SET for tag in meta.keys()):
+        return meta  # the de-identifier rebuilt it already
     out = FileMetaDataset()
     for tag in _META_ALLOWED:
         if tag in meta:

@@ -182,10 +182,11 @@ class Deidentifier:
         kept_blocks: set[tuple[int, int]] = set()
         creators: list[BaseTag] = []
         for tag in list(ds.keys()):
-            if tag.group in (0x0000, 0x0002):  # command and file meta: never dataset content
+            group = tag >> 16  # int arithmetic: BaseTag.group is a Python property
+            if group == 0x0000 or group == 0x0002:  # command, file meta: no dataset content
                 self._remove(ds, tag, prefix, state, top)
                 continue
-            if tag.element == 0:
+            if not tag & 0xFFFF:
                 del ds[tag]  # group lengths would be stale after any change
                 continue
             if tag.is_private:
@@ -200,7 +201,7 @@ class Deidentifier:
                     un.settle(ds, tag)  # a sequence is recorded value by value
                 self._remove(ds, tag, prefix, state, top)
                 continue
-            if tag.group & 0xFF00 in (0x5000, 0x6000):  # curves and overlays
+            if group & 0xFF00 in (0x5000, 0x6000):  # curves and overlays
                 self._remove(ds, tag, prefix, state, top)
                 continue
             rule = self.profile.rule(tag)

@@ -18,8 +18,7 @@ from pydicom.tag import BaseTag
 
 from ..config import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION
 
-KEPT = frozenset(BaseTag(t) for t in (0x00020001, 0x00020002, 0x00020003, 0x00020010,
-                                      0x00020012, 0x00020013))
+KEPT = frozenset((0x00020001, 0x00020002, 0x00020003, 0x00020010, 0x00020012, 0x00020013))
 _OURS = ((BaseTag(0x00020001), "OB", b"\x00\x01"),
          (BaseTag(0x00020012), "UI", IMPLEMENTATION_CLASS_UID),
          (BaseTag(0x00020013), "SH", IMPLEMENTATION_VERSION))
@@ -34,14 +33,15 @@ def rebuild(meta: FileMetaDataset, sop_uid: str) -> list[tuple[str, DataElement]
     """Reduce ``meta`` in place to the allow-list, with our values and ``sop_uid``;
     return (path, original element) for every value removed or replaced."""
     gone: list[tuple[str, DataElement]] = []
-    for tag in list(meta.keys()):
-        if tag not in KEPT:
-            if tag.element != 0:  # the group length is recomputed on writing
-                gone.append((_path(meta[tag]), meta[tag]))
-            del meta[tag]
+    for tag in [t for t in meta.keys() if int(t) not in KEPT]:  # int: no Python __eq__
+        if tag & 0xFFFF:  # the group length is recomputed on writing
+            gone.append((_path(meta[tag]), meta[tag]))
+        del meta[tag]
     for tag, vr, value in (*_OURS, (BaseTag(0x00020003), "UI", sop_uid)):
         old = meta.get(tag)
-        if old is not None and old.value not in (None, "", b"") and old.value != value:
+        if old is not None and old.value == value:
+            continue  # as the SCP wrote it: nothing to change
+        if old is not None and old.value not in (None, "", b""):
             gone.append((_path(old), DataElement(tag, old.VR, old.value)))
         meta[tag] = DataElement(tag, vr, value)
     return gone

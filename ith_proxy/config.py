@@ -84,7 +84,7 @@ def _text(raw: str) -> str:
 
 def _url(raw: str) -> str:
     value = raw.strip().rstrip("/")
-    if value and not re.match(r"^https?://[^/\s]+", value):
+    if value and not re.fullmatch(r"https?://[^/\s]+(?:/\S*)?", value):
         raise ValueError(f"{value!r} is not an http(s) URL")
     return value
 
@@ -131,7 +131,7 @@ def _transfer_syntaxes(raw: str) -> tuple[str, ...]:
     return tuple(dict.fromkeys(out))
 
 
-_SAFE_PRIVATE = re.compile(r"^\(?([0-9A-Fa-f]{4}),\s*xx([0-9A-Fa-f]{2})\)?\s+(.+)$")
+_SAFE_PRIVATE = re.compile(r"\(?([0-9A-Fa-f]{4}),\s*xx([0-9A-Fa-f]{2})\)?\s+(.+)")
 
 
 def parse_safe_private(raw: str) -> tuple[tuple[int, str, int], ...]:
@@ -141,7 +141,7 @@ def parse_safe_private(raw: str) -> tuple[tuple[int, str, int], ...]:
         entry = entry.strip()
         if not entry:
             continue
-        m = _SAFE_PRIVATE.match(entry)
+        m = _SAFE_PRIVATE.fullmatch(entry)  # fullmatch: '$' would take a final newline
         if not m or int(m.group(1), 16) % 2 == 0:
             raise ValueError(f"bad entry {entry!r} (want 'gggg,xxee CREATOR' with an odd group)")
         out.append((int(m.group(1), 16), m.group(3).strip().upper(), int(m.group(2), 16)))
@@ -343,7 +343,7 @@ def read_dotenv(path: Path) -> dict[str, str]:
             line = line[7:].lstrip()
         key, sep, value = line.partition("=")
         key = key.strip()
-        if not sep or not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", key):
+        if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
             raise ConfigError(f"{path}:{number}: expected KEY=value")
         value = value.strip()
         if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":

@@ -266,8 +266,8 @@ def _encode_dataset(ds: Dataset, implicit: bool, little: bool) -> bytes:
     fp = DicomFileLike(io.BytesIO())
     fp.is_little_endian, fp.is_implicit_VR = little, implicit
     for tag in sorted(ds.keys()):
-        if tag.element == 0 and tag.group > 6:
-            continue  # retired group lengths
+        if not tag & 0xFFFF or tag >> 16 in (0x0000, 0x0002):  # int ops: no property calls
+            continue  # command and file meta groups are no dataset content; group lengths
         elem = ds.get_item(tag)
         raw = getattr(elem, "is_raw", False) and elem.value is not None \
             and elem.length != 0xFFFFFFFF and elem.is_implicit_VR == implicit \
@@ -285,6 +285,22 @@ def _encode_dataset(ds: Dataset, implicit: bool, little: bool) -> bytes:
     return fp.parent.getvalue()
 
 
+# The file meta elements an output may have (PS3.10 7.1); the de-identifier
+# sets their values (deid.engine.META_KEPT), anything else is never written.
+_META_ALLOWED = (0x00020001, 0x00020002, 0x00020003, 0x00020010, 0x00020012, 0x00020013)
+_META_ALLOWED_SET = frozenset(_META_ALLOWED)
+
+
+def _allowed_meta(meta: FileMetaDataset) -> FileMetaDataset:
+    if all(int(tag) in _META_ALLOWED_SET for tag in meta.keys()):
+        return meta  # the de-identifier rebuilt it already
+    out = FileMetaDataset()
+    for tag in _META_ALLOWED:
+        if tag in meta:
+            out[tag] = meta[tag]
+    return out
+
+
 def write_joined(out: BinaryIO, split: SplitFile, src: BinaryIO | None = None) -> None:
     """Write split.header (as it is now), the original pixel bytes, the trailer.
 
@@ -300,7 +316,7 @@ def write_joined(out: BinaryIO, split: SplitFile, src: BinaryIO | None = None) -
     implicit, little = ts.is_implicit_VR, ts.is_little_endian
     head = DicomFileLike(io.BytesIO())
     head.write(b"\x00" * 128 + b"DICM")  # preamble zeroed (CVE-2019-11687)
-    write_file_meta_info(head, split.header.file_meta, enforce_standard=True)
+    write_file_meta_info(head, _allowed_meta(split.header.file_meta), enforce_standard=True)
     out.write(head.parent.getvalue() + _encode_dataset(split.header, implicit, little))
     src.seek(split.pixel_start)
     _copy_range(out, src, split.pixel_end - split.pixel_start)

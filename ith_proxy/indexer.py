@@ -44,7 +44,7 @@ from watchdog.observers import Observer
 from . import dicomfile, vault_stream
 from .catalog import Catalog, InstanceRow
 from .config import Config
-from .deid import Deidentifier
+from .deid import Deidentifier, stored_uid, valid_uid
 from .spool import Spool
 from .vault import Vault, VaultRecordError
 from .vault_stream import EncryptedFileError
@@ -92,9 +92,8 @@ def _internal_error(exc: Exception) -> str:
 
 def _check(split: dicomfile.SplitFile) -> None:
     ds = split.header
-    for kw in _REQUIRED:
-        value = str(ds.get(kw, "") or "").strip()
-        if not value or len(value) > 64 or not all(p.isdigit() for p in value.split(".")):
+    for kw in _REQUIRED:  # as stored: a trailing newline or space is no padding
+        if not valid_uid(stored_uid(ds, kw)):
             raise Inconsistent(f"missing or invalid {kw}")
     meta = ds.file_meta
     if str(meta.get("MediaStorageSOPInstanceUID", ds.SOPInstanceUID)) != str(ds.SOPInstanceUID):

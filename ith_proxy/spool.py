@@ -38,8 +38,8 @@ from typing import BinaryIO, Callable, Iterable, Iterator
 
 FILE_MODE = 0o600
 DIR_MODE = 0o700
-_UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
-_REASON_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,40}$")
+_UID_RE = re.compile(r"[0-9]+(\.[0-9]+)*")
+_REASON_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,40}")
 
 
 def _is_regular(entry: os.DirEntry) -> bool:
@@ -112,7 +112,7 @@ def _keeping_times(src: Path, write: Callable[[BinaryIO], object]
 
 
 def _check_uid(uid: str) -> str:
-    if not uid or len(uid) > 64 or not _UID_RE.match(uid):
+    if not uid or len(uid) > 64 or not _UID_RE.fullmatch(uid):  # '$' takes a final newline
         raise ValueError("not a valid UID for a spool path")
     return uid
 
@@ -435,7 +435,7 @@ class Spool:
         (its result, e.g. size and sha256, goes into the .json), then the
         .json, and only then is the raw file removed.
         """
-        if not _REASON_RE.match(reason):
+        if not _REASON_RE.fullmatch(reason):
             raise ValueError(f"bad quarantine reason {reason!r}")
         qdir = self.quarantine_dir / reason
         if not qdir.is_dir():
@@ -485,7 +485,7 @@ class Spool:
         """
         reason, _, base = name.rpartition("/")
         if base in ("", ".", "..") or "\0" in name or base.endswith(".json") \
-                or (reason and not _REASON_RE.match(reason)):
+                or (reason and not _REASON_RE.fullmatch(reason)):
             raise KeyError(name)
         dirs = [self.quarantine_dir / reason] if reason else \
             sorted(p for p in self.quarantine_dir.iterdir() if _real_dir(p))

@@ -19,10 +19,10 @@ from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
 from pydicom.tag import BaseTag
 
-from ..config import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION
 from .dates import clean_text, identifier_fragments, shift_days, shift_value
 from .private import SafePrivate
 from .profile import METHOD_CODES, Profile, level_of
+from . import meta as file_meta, un
 from .raw import encode_raw, read_text, replace_text
 from .pseudo import patient_key, patient_pseudonym, remap_uid
 
@@ -34,8 +34,6 @@ _DUMMY_BY_VR = {
 _BINARY_VRS = {"OB", "OW", "OF", "OD", "OL", "OV", "UN", "SV", "UV"}
 _TEXT_VRS = {"PN", "LO", "SH", "ST", "LT", "UT", "AE", "UC"}
 _PSEUDONYMS = ("PatientName", "PatientID")
-
-
 @dataclass
 class DeidResult:
     patient_id: str
@@ -45,6 +43,10 @@ class DeidResult:
     sop_uid: str
     phi: dict[str, dict[str, object]] = field(default_factory=dict)  # level -> path -> value
     dates: str = ""  # what happened to dates: REMOVED, MODIFIED or UNMODIFIED
+    # the per-instance state apply() used, so elements after the pixel data
+    # (apply_fragment) get the same date shift and descriptor cleaning
+    shift: int = field(default=0, repr=False)
+    identifiers: list[str] = field(default_factory=list, repr=False)
 
 
 @dataclass
@@ -67,6 +69,7 @@ def _plain(value: object) -> object:
 
 
 def _sequence_plain(seq: Sequence) -> list:
+    un.settle_items(seq)  # nested UN sequences are recorded value by value
     return [{(e.keyword or f"({e.tag.group:04X},{e.tag.element:04X})"):
              (_sequence_plain(e.value) if e.VR == "SQ" else _plain(e.value)) for e in item}
             for item in seq]
@@ -134,6 +137,7 @@ class Deidentifier:
             dates=self.date_mode)
         state = _Pass(result, shift_days(self.secret, key),
                       identifiers=self._identifiers(ds) if self._cleans_text else [])
+        result.shift, result.identifiers = state.days, state.identifiers
         self._walk(ds, "", state, top=True)
         self._mark(ds)
         if hasattr(ds, "file_meta"):
@@ -141,24 +145,17 @@ class Deidentifier:
         return result
 
     def apply_fragment(self, ds: Dataset, result: DeidResult) -> None:
-        """De-identify elements that follow the pixel data, into the same result."""
-        self._walk(ds, "", _Pass(result, 0, []), top=True)
+        """De-identify elements that follow the pixel data, into the same result,
+        with the same per-patient date shift and cleaning as ``apply`` used."""
+        self._walk(ds, "", _Pass(result, result.shift, result.identifiers), top=True)
 
     def rewrite_meta(self, meta: FileMetaDataset, sop_uid: str,
                      result: DeidResult | None = None) -> None:
-        """File meta that matches the de-identified dataset and names us."""
-        old = str(meta.get("MediaStorageSOPInstanceUID", ""))
-        if result is not None and old and old != sop_uid:
-            self._record(result, "instance", "FileMeta.MediaStorageSOPInstanceUID", old)
-        meta.MediaStorageSOPInstanceUID = sop_uid
-        meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID
-        meta.ImplementationVersionName = IMPLEMENTATION_VERSION
-        for elem in list(meta):
-            if elem.tag.element >= 0x0016 and elem.keyword not in ("TransferSyntaxUID",):
-                if result is not None:
-                    self._record(result, "instance", f"FileMeta.{elem.keyword or elem.tag}",
-                                 _original(elem))
-                del meta[elem.tag]
+        """File meta that matches the de-identified dataset and names us, rebuilt
+        from an allow-list (see ``meta.rebuild``); what it drops is recorded."""
+        for path, elem in file_meta.rebuild(meta, sop_uid):
+            if result is not None:
+                self._record(result, "instance", path, _original(elem))
 
     # --- the walk ---
 
@@ -185,7 +182,11 @@ class Deidentifier:
         kept_blocks: set[tuple[int, int]] = set()
         creators: list[BaseTag] = []
         for tag in list(ds.keys()):
-            if tag.element == 0 and tag.group != 0x0002:
+            group = tag >> 16  # int arithmetic: BaseTag.group is a Python property
+            if group == 0x0000 or group == 0x0002:  # command, file meta: no dataset content
+                self._remove(ds, tag, prefix, state, top)
+                continue
+            if not tag & 0xFFFF:
                 del ds[tag]  # group lengths would be stale after any change
                 continue
             if tag.is_private:
@@ -196,21 +197,32 @@ class Deidentifier:
                 if listed is not None and self._keep_private(ds, tag, listed, prefix, state, top):
                     kept_blocks.add((tag.group, tag.element >> 8))
                     continue
+                if listed is None and un.needs_settling(ds.get_item(tag), tag):
+                    un.settle(ds, tag)  # a sequence is recorded value by value
                 self._remove(ds, tag, prefix, state, top)
                 continue
-            if tag.group & 0xFF00 in (0x5000, 0x6000):  # curves and overlays
+            if group & 0xFF00 in (0x5000, 0x6000):  # curves and overlays
                 self._remove(ds, tag, prefix, state, top)
                 continue
             rule = self.profile.rule(tag)
             action = rule.action if rule is not None else "K"
+            raw = ds.get_item(tag)
+            vr = raw.VR if raw.VR is not None else un.dictionary_vr(tag)
+            if vr is None or vr == "UN":  # untyped: only these leave the fast path
+                kind = un.settle(ds, tag)
+                if kind == un.BROKEN or (kind == un.UNTYPED and rule is None):
+                    self._remove(ds, tag, prefix, state, top)  # cannot be checked
+                    continue
+                vr = "SQ" if kind == un.SEQUENCE else vr
             # K keeps; on a sequence, C (clean) and U (X/Z/U*: keep with the UIDs
             # inside replaced) descend so each nested attribute gets its own rule.
-            sequence = _is_sequence(ds, tag)
+            sequence = vr == "SQ"
             if action == "K" or (action in ("C", "U") and sequence):
                 if sequence:
                     elem = ds[tag]
+                    name = elem.keyword or f"({tag.group:04X},{tag.element:04X})"
                     for i, item in enumerate(elem.value):
-                        self._walk(item, f"{prefix}{elem.keyword}[{i}].", state, top=False)
+                        self._walk(item, f"{prefix}{name}[{i}].", state, top=False)
                 continue
             self._act(ds, tag, action, prefix, state, top)
         for tag in creators:  # private creators only for blocks that stay
@@ -235,7 +247,7 @@ class Deidentifier:
             if "retain_uids" not in self.options:
                 self._act(ds, tag, "U", prefix, state, top)
             return True
-        if vr == "UN" and listed in ("SQ", "UI", ""):
+        if vr == "UN" and (listed in ("SQ", "UI", "") or un.holds_items(ds.get_item(tag).value)):
             return False
         return True
 

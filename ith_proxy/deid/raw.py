@@ -14,12 +14,14 @@ import io
 import struct
 
 from pydicom.charset import decode_bytes
-from pydicom.datadict import dictionary_VR
+from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.filebase import DicomFileLike
 from pydicom.filewriter import write_data_element, write_dataset
 from pydicom.tag import BaseTag
+
+from .pseudo import unpad_uid
 
 TEXT_VRS = frozenset("AE AS CS DA DS DT IS LO LT PN SH ST TM UC UI UR UT".split())
 _CHARSET_VRS = frozenset({"PN", "LO", "SH", "ST", "LT", "UT", "UC"})
@@ -49,6 +51,18 @@ def read_text(ds: Dataset, tag: BaseTag) -> tuple[RawDataElement, str, str] | No
     else:
         text = raw.value.decode("ascii", "replace")
     return raw, vr, text.rstrip(" \x00")
+
+
+def stored_uid(ds: Dataset, keyword: str) -> str:
+    """A UI element's value as stored, less its one legal NUL pad ("" if absent).
+    Read from the raw bytes: decoding strips any trailing whitespace, so
+    ``1.2.3\\n`` would read as ``1.2.3``."""
+    raw = ds.get_item(tag_for_keyword(keyword))
+    if raw is None or raw.value is None:
+        return ""
+    if getattr(raw, "is_raw", False):
+        return unpad_uid(bytes(raw.value))
+    return str(raw.value)
 
 
 def replace_text(ds: Dataset, raw: RawDataElement, vr: str, text: str) -> None:

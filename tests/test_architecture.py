@@ -34,7 +34,10 @@ ALLOWED_ROOMS: dict[str, set[str]] = {
     # bytes before they reach the disk (docs/architecture.md, Departures)
     "scp": {"spool", "catalog", "config", "vault_stream", "assoc_wake"},
     "qr": {"spool", "catalog", "config", "dicomfile", "assoc_wake"},
-    "indexer": {"spool", "catalog", "vault", "vault_stream", "deid", "dicomfile", "config"},
+    "indexer": {"spool", "catalog", "vault", "vault_stream", "deid", "dicomfile", "codestream",
+                "config"},
+    # marker segments of encapsulated JPEG / JPEG 2000 pixel data (stdlib only)
+    "codestream": set(),
     "scheduler": {"spool", "catalog", "config"},
     "forwarder": {"spool", "catalog", "config", "dicomfile", "assoc_wake"},
     "api": {"catalog", "vault", "audit", "config", "auth"},

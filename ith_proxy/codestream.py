@@ -52,25 +52,26 @@ class _Malformed(Exception):
     """The codestream does not have the structure its transfer syntax says."""
 
 
-def scan(src: BinaryIO, pixel_start: int, pixel_end: int, transfer_syntax: str) -> list[str]:
-    """Findings about the pixel data element at [pixel_start, pixel_end) of src;
-    empty when nothing in it can carry text outside the pixel values."""
+def scan(src: BinaryIO, split) -> list[str]:
+    """Findings about the pixel data of ``split`` (a dicomfile.SplitFile: its
+    pixel_start, pixel_end and transfer_syntax) read from src; empty when
+    nothing in it can carry text outside the pixel values."""
+    pixel_start, pixel_end = split.pixel_start, split.pixel_end
     if pixel_end - pixel_start < 12:
         return []
     src.seek(pixel_start)
     head = src.read(12)
-    tag = struct.unpack("<HH", head[:4])
-    if tag != (0x7FE0, 0x0010):
+    if head[:4] != b"\xe0\x7f\x10\x00":
         return []  # Float / Double Float Pixel Data: native only
-    encapsulated = head[4:6] in (b"OB", b"OW") and head[8:12] == b"\xff\xff\xff\xff" \
-        or head[4:8] == b"\xff\xff\xff\xff"
-    if transfer_syntax in JPEG or transfer_syntax in JPEG_LS or transfer_syntax in J2K:
-        if not encapsulated:
-            return ["pixel data is not encapsulated although the transfer syntax says so"]
-    elif encapsulated and transfer_syntax != RLE:
+    if not (head[4:6] in (b"OB", b"OW") and head[8:12] == b"\xff\xff\xff\xff"
+            or head[4:8] == b"\xff\xff\xff\xff"):
+        return []  # native pixel data: no codestream (and nothing a decoder would parse)
+    transfer_syntax = split.transfer_syntax  # only now: reading it costs as much as the rest
+    if transfer_syntax not in JPEG and transfer_syntax not in JPEG_LS \
+            and transfer_syntax not in J2K:
+        if transfer_syntax == RLE:
+            return []
         return ["encapsulated pixel data in a transfer syntax whose codestream is not checked"]
-    else:
-        return []
     stream = _Fragments(src, pixel_start + (12 if head[8:12] == b"\xff\xff\xff\xff" else 8),
                         pixel_end)
     kind = "j2k" if transfer_syntax in J2K else "jpeg-ls" if transfer_syntax in JPEG_LS \

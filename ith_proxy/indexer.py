@@ -202,8 +202,7 @@ class Indexer:
         _check(split)
         ds = split.header
         if self.anonymize:  # burned-in (deid/risk.py) and text in the JPEG codestream
-            risk = phi_risk(ds, codestream.scan(src, split.pixel_start, split.pixel_end,
-                                                split.transfer_syntax),
+            risk = phi_risk(ds, codestream.scan(src, split),
                             burned_in=self.cfg.deid.quarantine_burned_in)
             if risk:
                 raise PhiRisk(risk)

@@ -107,7 +107,7 @@ def _scan(path: Path) -> list[str]:
     from ith_proxy import codestream
     split = dicomfile.read_split(path)
     with open(path, "rb") as fh:
-        return codestream.scan(fh, split.pixel_start, split.pixel_end, split.transfer_syntax)
+        return codestream.scan(fh, split)
 
 
 @pytest.fixture(scope="module")
@@ -218,8 +218,7 @@ def test_the_scan_reads_only_marker_segments(jpeg, tmp_path) -> None:
             Counting.total += len(data)
             return data
     with Counting(path, "rb") as fh:
-        assert codestream.scan(fh, split.pixel_start, split.pixel_end,
-                               split.transfer_syntax) == []
+        assert codestream.scan(fh, split) == []
     assert Counting.total < 64 * 1024, Counting.total
 
 

@@ -25,15 +25,16 @@ from collections.abc import Sequence
 SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"  # and its .1 to .4 variants
 
 
-def _yes(ds, keyword: str) -> bool:
-    return str(ds.get(keyword, "") or "").strip().upper() == "YES"
+def _yes(ds, tag: int, keyword: str) -> bool:
+    # ``tag in ds`` first: a keyword lookup of an absent attribute costs more
+    return tag in ds and str(ds.get(keyword, "") or "").strip().upper() == "YES"
 
 
 def burned_in_risk(ds) -> str | None:
     """Why the header says the pixels may identify the patient, or None."""
-    if _yes(ds, "BurnedInAnnotation"):
+    if _yes(ds, 0x00280301, "BurnedInAnnotation"):
         return "BurnedInAnnotation is YES (identifying text in the pixels)"
-    if _yes(ds, "RecognizableVisualFeatures"):
+    if _yes(ds, 0x00280302, "RecognizableVisualFeatures"):
         return "RecognizableVisualFeatures is YES (identifying features in the pixels)"
     sop_class = str(ds.get("SOPClassUID", ""))
     if sop_class == SECONDARY_CAPTURE or sop_class.startswith(SECONDARY_CAPTURE + "."):

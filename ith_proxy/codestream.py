@@ -6,14 +6,15 @@ de-identifying the DICOM header leaves them in place, and the indexer copies
 pixel data byte for byte.  ``scan`` lists them so that the instance can be
 quarantined instead (deid/risk.py decides; docs/deid.md says why not strip).
 
-Only marker segments are read, never entropy-coded data: for JPEG and
-JPEG-LS the header from SOI to the first SOS of each frame (and, when that
-scan does not hold every component, the markers between the later scans,
-found by a C-speed search); for JPEG 2000 the main header and every
-tile-part header, reached through the tile-part lengths.  A frame starts at
+Marker segments are read, entropy-coded data is not: for JPEG and JPEG-LS
+the header from SOI to the first SOS of each frame (only when that scan does
+not hold every component is the coded data searched, by a regular
+expression over 64 KB chunks, for the segments before the later scans); for
+JPEG 2000 the main header and every tile-part header, reached through the
+tile-part lengths.  A frame starts at
 a fragment that begins with SOI (or SOC); a header may span fragments.  The
-reads are a few bytes at a time, through the item headers: memory is bounded
-whatever the size of the pixel data.
+reads are small (4 KB read-ahead within a fragment), through the item
+headers: memory is bounded whatever the size of the pixel data.
 
 Findings are fixed phrases (frame number and segment kind), never the
 segments' content.
@@ -41,8 +42,8 @@ _NEXT_MARKER = {"jpeg": re.compile(rb"\xff+[\x01-\xcf\xd8-\xfe]"),
 _SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC} | {0xF7}  # + JPEG-LS SOF55
 _PROGRESSIVE = frozenset({0xC2, 0xC6, 0xCA, 0xCE})
 # Structural APPn segments, allowed because every byte is a number, never text:
-# APP0 "JFIF" version 1.x with no thumbnail (IJG libjpeg and DCMTK write it), and
-# APP14 "Adobe" of its fixed 12-byte form (its transform flag changes colour decoding).
+# APP0 "JFIF" 1.00-1.02 with no thumbnail (IJG libjpeg and DCMTK write it), and
+# APP14 "Adobe" of its fixed 12-byte payload (its transform flag changes colour decoding).
 _JFIF = re.compile(rb"JFIF\x00\x01[\x00-\x02][\x00-\x02].{4}\x00\x00", re.S)
 _ADOBE = re.compile(rb"Adobe.{7}", re.S)
 _SCAN_CHUNK = 1 << 16

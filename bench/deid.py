@@ -65,9 +65,21 @@ def build_deidentifier(work: Path):
     return indexer.deid, vault, catalog
 
 
+def risk_check() -> Callable:
+    """The indexer's phi-risk check (header and, where it exists, codestream scan)."""
+    try:
+        from ith_proxy import codestream
+        from ith_proxy.deid.risk import phi_risk
+    except ImportError:  # before deid/risk.py: header only
+        from ith_proxy.indexer import _phi_risk
+        return lambda split, src: _phi_risk(split.header)
+    return lambda split, src: phi_risk(split.header, codestream.scan(src, split))
+
+
 def make_anonymizer(deid, vault, with_vault: bool) -> Callable[[Path, Path], None]:
     """One instance through the indexer's path (its _process, without the spool)."""
     from ith_proxy import dicomfile
+    at_risk = risk_check()
 
     read_params = len(inspect.signature(dicomfile.read_split).parameters)
     write_params = len(inspect.signature(dicomfile.write_joined).parameters)
@@ -76,6 +88,8 @@ def make_anonymizer(deid, vault, with_vault: bool) -> Callable[[Path, Path], Non
         with open(src_path, "rb") as src:
             split = dicomfile.read_split(src, src_path) if read_params >= 2 else \
                 dicomfile.read_split(src_path)
+            if at_risk(split, src):
+                raise RuntimeError("bench data is a phi-risk")
             result = deid.apply(split.header)
             if split.trailer is not None:
                 deid.apply_fragment(split.trailer, result)

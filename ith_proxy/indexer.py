@@ -41,10 +41,11 @@ from pathlib import Path
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
-from . import dicomfile, vault_stream
+from . import codestream, dicomfile, vault_stream
 from .catalog import Catalog, InstanceRow
 from .config import Config
 from .deid import Deidentifier, stored_uid, valid_uid
+from .deid.risk import phi_risk
 from .spool import Spool
 from .vault import Vault, VaultRecordError
 from .vault_stream import EncryptedFileError
@@ -66,17 +67,6 @@ class PhiRisk(ValueError):
 # attributes, never DICOM values.
 _REASONS = ((dicomfile.DicomFileError, "unparseable"), (Inconsistent, "inconsistent"),
             (PhiRisk, "phi-risk"), (EncryptedFileError, "undecryptable"))
-SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"  # and its .1 to .4 variants
-
-
-def _phi_risk(ds) -> str | None:
-    """Why the pixels may carry identifying text, or None."""
-    if str(ds.get("BurnedInAnnotation", "") or "").strip().upper() == "YES":
-        return "BurnedInAnnotation is YES (identifying text in the pixels)"
-    sop_class = str(ds.get("SOPClassUID", ""))
-    if sop_class == SECONDARY_CAPTURE or sop_class.startswith(SECONDARY_CAPTURE + "."):
-        return "Secondary Capture instance (may carry burned-in text)"
-    return None
 
 
 def _internal_error(exc: Exception) -> str:
@@ -287,8 +277,9 @@ class Indexer:
         ds = split.header
         if self._kill_marker and self._kill_marker in str(ds.get("ImageComments", "") or ""):
             os.kill(os.getpid(), signal.SIGKILL)  # test-only failpoint, see __init__
-        if self.anonymize and self.cfg.deid.quarantine_burned_in:
-            risk = _phi_risk(ds)
+        if self.anonymize:  # burned-in (deid/risk.py) and text in the JPEG codestream
+            risk = phi_risk(ds, codestream.scan(src, split),
+                            burned_in=self.cfg.deid.quarantine_burned_in)
             if risk:
                 raise PhiRisk(risk)
         if self.anonymize:

@@ -39,7 +39,10 @@ ALLOWED_ROOMS: dict[str, set[str]] = {
     # the one replacement of pynetdicom's data set assembly (docs/architecture.md)
     "scp_stream": {"config"},
     "qr": {"spool", "catalog", "config", "dicomfile", "assoc_wake"},
-    "indexer": {"spool", "catalog", "vault", "vault_stream", "deid", "dicomfile", "config"},
+    "indexer": {"spool", "catalog", "vault", "vault_stream", "deid", "dicomfile", "codestream",
+                "config"},
+    # marker segments of encapsulated JPEG / JPEG 2000 pixel data (stdlib only)
+    "codestream": set(),
     "scheduler": {"spool", "catalog", "config"},
     "forwarder": {"spool", "catalog", "config", "dicomfile", "assoc_wake"},
     "api": {"catalog", "vault", "audit", "config", "auth"},

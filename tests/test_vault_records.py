@@ -349,26 +349,60 @@ def _key_lines(vault: Vault) -> list[bytes]:
 # end to end: storescu -> proxy -> indexer -> vault
 # --------------------------------------------------------------------------
 
+def _descendants(pid: int) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found += [int(entry), *_descendants(int(entry))]
+    return found
+
+
+def _peak_rss(pids: list[int]) -> int:
+    """The largest VmHWM among ``pids`` (bytes)."""
+    peaks = [0]
+    for pid in pids:
+        try:
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    peaks.append(int(line.split()[1]) * 1024)
+        except OSError:
+            continue
+    return max(peaks)
+
+
 def test_a_20mb_private_ob_through_the_proxy_comes_back_from_a_bounded_record(
         tmp_path: Path) -> None:
-    series = dicomgen.make_instance(tmp_path / "in")
-    path = series.files[0]
+    """storescu -> proxy -> indexer: the vault line is at most 1.5x the value,
+    the value comes back exactly, and the worker processes' peak RSS grows by
+    at most 4x the value + 32 MB over a small instance (main: 357 MB)."""
+    small = dicomgen.make_instance(tmp_path / "small").files[0]
+    path = dicomgen.make_instance(tmp_path / "in").files[0]
     ds = pydicom.dcmread(path)
     value = os.urandom(20 * MB)
     ds.add_new(0x00090010, "LO", "ACME BIG")
     ds.add_new(0x00091010, "OB", value)
     ds.save_as(path, enforce_file_format=True)
     with tools.ProxyProcess(tmp_path / "proxy") as proxy:
+        assert tools.storescu(proxy.dicom_port, [small]).returncode == 0
+        wait_indexed(proxy.spool, 1)
+        workers = _descendants(proxy.pid)  # the indexer process among them
+        before = _peak_rss(workers)
         result = tools.storescu(proxy.dicom_port, [path])
         assert result.returncode == 0, result.stderr[-2000:]
-        wait_indexed(proxy.spool, 1)
+        wait_indexed(proxy.spool, 2)
+        growth = _peak_rss(workers) - before
+    assert growth <= 4 * len(value) + 32 * MB, f"worker peak RSS grew by {growth // MB} MB"
     vault = Vault(proxy.spool / "vault.phi", proxy.workdir / "secrets" / "vault.key")
-    records = list(vault.scan())
+    records = [(o, r) for o, r in vault.scan() if _binary_leaves(r)]
     assert len(records) == 1
     offset, record = records[0]
-    assert isinstance(record, dict)
     assert _binary_leaves(record["phi"]) == [value]
     line = _line_at(vault.path, offset)
     assert len(line) <= 1.5 * len(value), f"{len(line) / len(value):.2f}x the value"
     stored = list((proxy.spool / "studies").glob("*/*/*.dcm"))
-    assert len(stored) == 1 and value[:64] not in stored[0].read_bytes()
+    assert len(stored) == 2 and not any(value[:64] in f.read_bytes() for f in stored)

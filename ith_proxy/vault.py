@@ -376,7 +376,7 @@ class Vault:
         try:
             with open(self.path, "rb") as fh:
                 fh.seek(offset)
-                line = fh.readline()
+                line = vault_record.read_line(fh)
         except FileNotFoundError:
             raise VaultRecordError("the vault file does not exist") from None
         return self._open(offset, line)
@@ -392,9 +392,9 @@ class Vault:
             return
         with fh:
             offset = 0
-            for line in fh:
+            while line := vault_record.read_line(fh):
                 length = len(line)
-                if line.strip():
+                if not line.isspace():  # (strip would copy a large line)
                     try:
                         opened = self._open(offset, line)
                         del line

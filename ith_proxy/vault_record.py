@@ -108,10 +108,29 @@ def _encoded(sealed: Iterable[bytes]) -> Iterator[bytes]:
 
 # --- reading ---
 
+def read_line(fh: BinaryIO) -> bytes | bytearray:
+    """The line at ``fh``'s position (newline included; b"" at the end),
+    read once into one buffer: a long line is measured in pieces first, so
+    it is never also held as a list of chunks being joined."""
+    first = fh.readline(PIECE)
+    if len(first) < PIECE or first.endswith(b"\n"):
+        return first
+    start, length = fh.tell() - len(first), len(first)
+    while True:
+        piece = fh.readline(PIECE)
+        length += len(piece)
+        if len(piece) < PIECE or piece.endswith(b"\n"):
+            break
+    fh.seek(start)
+    line = bytearray(length)
+    got = fh.readinto(line)
+    return line if got == length else line[:got]
+
+
 def open_line(line: bytes, keyring: _Keyring, offset: int) -> tuple[int, bytes | bytearray]:
     """(format, decrypted payload) of one line; ValueError if it does not open."""
     if not line.startswith(MAGIC):
-        return 1, keyring.decrypt(line.strip())
+        return 1, keyring.decrypt(bytes(line.strip()))
     text = memoryview(line)[len(MAGIC):len(line) - line.endswith(b"\n")]
     size = len(text) // 4 * 3 - bytes(text[-2:]).count(b"=")
     if len(text) % 4 or size < _HEAD + 4 + _TAG:
@@ -172,9 +191,9 @@ def reencrypt_records(src: BinaryIO, out: BinaryIO, keyring: _Keyring) -> tuple[
     A line that does not decrypt (torn by a crash, corrupt) is copied unchanged.
     """
     offset, done, kept = 0, 0, []
-    for line in src:
+    while line := read_line(src):
         length = len(line)
-        if line.strip():
+        if not line.isspace():  # (strip would copy a large line)
             try:
                 version, payload = open_line(line, keyring, offset)
             except ValueError:

@@ -22,8 +22,9 @@ HKDF-SHA256 (its own info string, so it is never the Fernet key itself) and
 named by a key id (the first 8 bytes of SHA-256 over the derived key), and
 seals and opens single chunks with it.  The chunk layout, its associated
 data and the file format belong to ``vault_stream``.  The same key seals
-v2 vault records (``seal_record``/``open_record``, in pieces, with the
-record's own associated data, which ``vault_record`` defines).
+v2 vault records (``seal_record``/``open_record`` in pieces, a small one
+opened with ``open_chunk``) under the record's own associated data, which
+``vault_record`` defines.
 """
 
 from __future__ import annotations
@@ -326,17 +327,10 @@ class Vault:
         with self._lock:
             fd = self._open_append()
             offset = os.fstat(fd).st_size
-            try:
-                pending: list[bytes] = []
-                size = 0
+            try:  # one write if small, else one per ~1 MiB piece
                 for piece in vault_record.seal(parts, self.keyring, offset):
-                    pending.append(piece)
-                    size += len(piece)
-                    if size >= RECORD_PIECE:
-                        _write_all(fd, pending, size)
-                        pending, size = [], 0
-                if pending:
-                    _write_all(fd, pending, size)
+                    if os.write(fd, piece) != len(piece):  # a full disk gives a short write
+                        raise OSError(errno.ENOSPC, "short write to the vault")
             except BaseException:
                 try:  # drop the torn tail so the vault stays whole records
                     os.ftruncate(fd, offset)
@@ -403,8 +397,3 @@ class Vault:
                         yield offset, exc
                     opened = None
                 offset += length
-
-
-def _write_all(fd: int, pieces: list[bytes], size: int) -> None:
-    if os.writev(fd, pieces) != size:  # a full disk gives a short write
-        raise OSError(errno.ENOSPC, "short write to the vault")

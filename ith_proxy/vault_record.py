@@ -49,6 +49,8 @@ class _Keyring(Protocol):  # vault.Keyring, without importing it
     def seal_record(self, parts: Sequence[bytes | bytearray], aad: bytes) -> Iterator[bytes]: ...
     def open_record(self, key_id: bytes, nonce: bytes, pieces: Iterable[bytes | memoryview],
                     tag: bytes, aad: bytes, out: bytearray) -> None: ...
+    def open_chunk(self, key_id: bytes, sealed: bytes | memoryview, aad: bytes,
+                   out: bytearray | memoryview) -> None: ...
 
 
 def _aad(offset: int) -> bytes:
@@ -135,6 +137,11 @@ def open_line(line: bytes, keyring: _Keyring, offset: int) -> tuple[int, bytes |
     size = len(text) // 4 * 3 - bytes(text[-2:]).count(b"=")
     if len(text) % 4 or size < _HEAD + 4 + _TAG:
         raise ValueError("torn or malformed")
+    if len(text) <= PIECE // 3 * 4:  # small: decode, then open in one call
+        blob = binascii.a2b_base64(text, strict_mode=True)
+        out = bytearray(size - _HEAD - _TAG)
+        keyring.open_chunk(blob[:8], memoryview(blob)[8:], _aad(offset), out)
+        return 2, out
     head = binascii.a2b_base64(text[:28], strict_mode=True)
     tail = binascii.a2b_base64(text[-28:], strict_mode=True)
     out = bytearray(size - _HEAD - _TAG)

@@ -228,9 +228,11 @@ def test_a_torn_v2_tail_is_sealed_and_isolated(tmp_path: Path) -> None:
     assert scanned == {**dict(zip(offsets, records)), new: after}
 
 
+@pytest.mark.parametrize("size", [3000, MB + 3])  # opened in one call / in pieces
 @pytest.mark.parametrize("where", ["prefix", "key id", "middle", "tag", "newline-free"])
-def test_a_flipped_byte_spoils_that_v2_record_only(tmp_path: Path, where: str) -> None:
-    vault, offsets, records = _three(tmp_path, os.urandom(MB + 3))
+def test_a_flipped_byte_spoils_that_v2_record_only(tmp_path: Path, where: str,
+                                                   size: int) -> None:
+    vault, offsets, records = _three(tmp_path, os.urandom(size))
     length = len(_line_at(vault.path, offsets[1]))
     at = offsets[1] + {"prefix": 0, "key id": 5, "middle": length // 2, "tag": length - 4,
                        "newline-free": length - 1}[where]

@@ -48,13 +48,16 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from . import vault_record
-from .vault_record import VaultRecordError, reencrypt_records  # noqa: F401 (their home was here)
 
 log = logging.getLogger("ith_proxy.vault")
 
 
 class VaultKeyError(RuntimeError):
     """The key file is missing, unreadable, malformed or too open."""
+
+
+class VaultRecordError(RuntimeError):
+    """One record cannot be read; the others are unaffected."""
 
 
 class DecryptError(ValueError):
@@ -287,9 +290,7 @@ class Keyring:
         dec.authenticate_additional_data(aad)
         at = 0
         with memoryview(out) as view:
-            for piece in pieces:
-                if at + len(piece) > len(view):
-                    raise DecryptError("corrupt (too long)")
+            for piece in pieces:  # too much: update_into raises ValueError
                 at += dec.update_into(piece, view[at:at + len(piece)])
         try:
             dec.finalize()
@@ -298,6 +299,15 @@ class Keyring:
                                "(authentication failed)") from None
         if at != len(out):
             raise DecryptError("corrupt (too short)")
+
+
+def reencrypt_records(src: BinaryIO, out: BinaryIO, keyring: Keyring) -> tuple[int, list[int]]:
+    """Rotation step (b) for vault.phi (``vault_record.reencrypt_records``):
+    every record under the first key, each keeping its length and offset."""
+    try:
+        return vault_record.reencrypt_records(src, out, keyring)
+    except vault_record.LengthChanged as exc:
+        raise VaultRecordError(str(exc)) from None
 
 
 class Vault:
@@ -365,18 +375,14 @@ class Vault:
         except (ValueError, IndexError, KeyError, TypeError):
             raise VaultRecordError(f"vault record at offset {offset} is corrupt") from None
 
-    def _open_at(self, offset: int) -> tuple[int, bytes | bytearray]:
-        """The line's encoded text is dropped before the record is parsed."""
+    def get(self, offset: int) -> dict:
         try:
             with open(self.path, "rb") as fh:
-                fh.seek(offset)
-                line = vault_record.read_line(fh)
+                fh.seek(offset)  # the line is dropped before the record is parsed
+                opened = self._open(offset, vault_record.read_line(fh))
         except FileNotFoundError:
             raise VaultRecordError("the vault file does not exist") from None
-        return self._open(offset, line)
-
-    def get(self, offset: int) -> dict:
-        return self._parse(offset, self._open_at(offset))
+        return self._parse(offset, opened)
 
     def scan(self) -> Iterator[tuple[int, dict | VaultRecordError]]:
         """Yield (offset, record) for every record; a bad one yields its error."""

@@ -39,8 +39,8 @@ _U32, _U64, _OFFSET = struct.Struct(">I"), struct.Struct(">Q"), struct.Struct(">
 _BIN = "bin"
 
 
-class VaultRecordError(RuntimeError):
-    """One record cannot be read; the others are unaffected."""
+class LengthChanged(RuntimeError):
+    """A re-encrypted record would not keep its length (vault.VaultRecordError)."""
 
 
 class _Keyring(Protocol):  # vault.Keyring, without importing it
@@ -221,7 +221,7 @@ def reencrypt_records(src: BinaryIO, out: BinaryIO, keyring: _Keyring) -> tuple[
                     if written <= length:
                         out.write(piece)
                 if written != length:
-                    raise VaultRecordError(
+                    raise LengthChanged(
                         f"re-encrypting the vault record at offset {offset} would move it "
                         f"({length} -> {written} bytes); the vault was not changed")
                 done += 1

@@ -9,7 +9,7 @@ files (page cache warm):
   (+ ``apply_fragment`` for elements after the pixels) -> ``write_joined``
   into a file. The Deidentifier is taken from a real ``Indexer`` built from
   the default configuration, so it is constructed exactly as in the service.
-  ``--with-vault`` adds the vault record (JSON + Fernet) per instance.
+  ``--with-vault`` adds the vault record (JSON + AES-GCM, v2) per instance.
 * **plain**: ``pydicom.dcmread`` + ``pydicom.dcmwrite`` of the same files.
 
 It prints instances/s and MB/s for both, the ratio anonymize/plain (time),

@@ -1,10 +1,12 @@
-"""The PHI vault: an append-only file of Fernet-encrypted JSON records, and
-the vault keys.
+"""The PHI vault: an append-only file of encrypted records, and the vault keys.
 
-``spool/vault.phi`` holds one record per line (a Fernet token).  A record's
-id is its byte offset, which the catalog keeps.  Records are never rewritten
-in place; a torn last line left by a crash is sealed with a newline and reads
-as one corrupt record, while every other record still decrypts.
+``spool/vault.phi`` holds one record per line (the line formats, v2 AES-GCM
+written and v1 Fernet still read, are ``vault_record``'s).  A record's id is
+its byte offset, which the catalog keeps.  Records are never rewritten in
+place; a torn last line left by a crash is sealed with a newline and reads
+as one corrupt record, while every other record still decrypts.  Binary
+values are stored raw (4/3 of their size after base64) and read back as
+``bytes``.
 
 The key file lives outside the spool; how it and the secrets beside it are
 found, checked and (only for a new spool, or by ``ith-proxy init``) created
@@ -20,7 +22,10 @@ keyring also holds, per vault key, an AES-256-GCM key derived from it with
 HKDF-SHA256 (its own info string, so it is never the Fernet key itself) and
 named by a key id (the first 8 bytes of SHA-256 over the derived key), and
 seals and opens single chunks with it.  The chunk layout, its associated
-data and the file format belong to ``vault_stream``.
+data and the file format belong to ``vault_stream``.  The same key seals
+v2 vault records (``seal_record``/``open_record`` in pieces, a small one
+opened with ``open_chunk``) under the record's own associated data, which
+``vault_record`` defines.
 """
 
 from __future__ import annotations
@@ -28,12 +33,11 @@ from __future__ import annotations
 import base64
 import errno
 import hashlib
-import json
 import logging
 import os
 import threading
 from pathlib import Path
-from typing import BinaryIO, Iterator, Sequence
+from typing import BinaryIO, Callable, Iterable, Iterator, Sequence
 
 from cryptography.exceptions import InvalidTag
 from cryptography.fernet import Fernet, InvalidToken, MultiFernet
@@ -46,6 +50,7 @@ from .keyfiles import (  # noqa: F401  (re-exported: callers import them from va
     SECRET_MAKERS, VaultKeyError, _load_secret_file, _new_vault_key, add_audit_key,
     ensure_secrets, fsync_dir, init_secrets, load_audit_keys, load_site_secret,
     secret_files, shared_volume_warning, write_private)
+from . import vault_record
 
 log = logging.getLogger("ith_proxy.vault")
 
@@ -62,6 +67,7 @@ STREAM_INFO = b"ith-proxy stream v2"  # HKDF info: the AES-GCM key is for this u
 STREAM_NONCE, STREAM_TAG = 12, 16     # a sealed chunk is nonce || ciphertext || tag
 STREAM_OVERHEAD = STREAM_NONCE + STREAM_TAG
 STREAM_KEY_ID = 8                     # bytes of SHA-256(derived key) naming it in a header
+RECORD_PIECE = 1 << 20                # a large record goes through GCM in slices this size
 
 
 def _stream_key(key: bytes) -> tuple[bytes, bytes]:
@@ -126,6 +132,7 @@ class Keyring:
         streams = [_stream_key(k) for k in keys]
         self.stream_key_id, self._stream_secret = streams[0]  # new files are written under it
         self._streams = {kid: AESGCM(secret) for kid, secret in reversed(streams)}
+        self._stream_secrets = dict(reversed(streams))
 
     @staticmethod
     def generate_key() -> bytes:
@@ -184,37 +191,54 @@ class Keyring:
             raise DecryptError("corrupt, or not the chunk that belongs here "
                                "(authentication failed)") from None
 
+    def seal_record(self, parts: Sequence[bytes | bytearray],
+                    aad: bytes) -> Iterator[bytes]:
+        """key id || nonce || AES-256-GCM(concatenated parts, aad) || tag under
+        the first key's stream key, in pieces: a small record in one call, a
+        large one in slices of RECORD_PIECE, so no part is ever copied whole."""
+        nonce = os.urandom(STREAM_NONCE)
+        yield self.stream_key_id + nonce
+        if sum(len(p) for p in parts) <= RECORD_PIECE:
+            yield self._streams[self.stream_key_id].encrypt(nonce, b"".join(parts), aad)
+            return
+        enc = Cipher(algorithms.AES(self._stream_secret), modes.GCM(nonce)).encryptor()
+        enc.authenticate_additional_data(aad)
+        for part in parts:
+            view = memoryview(part)
+            for at in range(0, len(view), RECORD_PIECE):
+                yield enc.update(view[at:at + RECORD_PIECE])
+        enc.finalize()
+        yield enc.tag
+
+    def open_record(self, key_id: bytes, nonce: bytes, pieces: Iterable[bytes | memoryview],
+                    tag: bytes, aad: bytes, out: bytearray) -> None:
+        """Decrypt a record's ciphertext, given in pieces, into ``out`` (exactly
+        its length) and authenticate it; DecryptError if it does not."""
+        secret = self._stream_secrets.get(bytes(key_id))
+        if secret is None:
+            raise DecryptError("encrypted under a key that is not in the key file")
+        dec = Cipher(algorithms.AES(secret), modes.GCM(nonce, tag)).decryptor()
+        dec.authenticate_additional_data(aad)
+        at = 0
+        with memoryview(out) as view:
+            for piece in pieces:  # too much: update_into raises ValueError
+                at += dec.update_into(piece, view[at:at + len(piece)])
+        try:
+            dec.finalize()
+        except InvalidTag:
+            raise DecryptError("corrupt, or not the record that belongs here "
+                               "(authentication failed)") from None
+        if at != len(out):
+            raise DecryptError("corrupt (too short)")
+
 
 def reencrypt_records(src: BinaryIO, out: BinaryIO, keyring: Keyring) -> tuple[int, list[int]]:
-    """Rotation step (b) for vault.phi: copy every record line to ``out`` under
-    the keyring's first key; return (records re-encrypted, offsets kept as they were).
-
-    Every re-encrypted line has the length of the original (a Fernet token's
-    length depends only on the plaintext's), so every record keeps its byte
-    offset and the catalog stays valid; this is checked for each line, and a
-    mismatch aborts before anything is replaced.  A line that does not
-    decrypt (torn by a crash, corrupt) is copied unchanged.
-    """
-    offset, done, kept = 0, 0, []
-    for line in src:
-        token = line.strip()
-        if token:
-            try:
-                plain = keyring.decrypt(token)
-            except DecryptError:
-                kept.append(offset)
-            else:
-                at = line.index(token)
-                new = line[:at] + keyring.encrypt(plain) + line[at + len(token):]
-                if len(new) != len(line):
-                    raise VaultRecordError(
-                        f"re-encrypting the vault record at offset {offset} would move it "
-                        f"({len(line)} -> {len(new)} bytes); the vault was not changed")
-                line = new
-                done += 1
-        out.write(line)
-        offset += len(line)
-    return done, kept
+    """Rotation step (b) for vault.phi (``vault_record.reencrypt_records``):
+    every record under the first key, each keeping its length and offset."""
+    try:
+        return vault_record.reencrypt_records(src, out, keyring)
+    except vault_record.LengthChanged as exc:
+        raise VaultRecordError(str(exc)) from None
 
 
 class Vault:
@@ -235,15 +259,20 @@ class Vault:
         return self._fd
 
     def put(self, record: dict) -> int:
-        """Append one record; return its offset.  Call sync() before relying on it."""
-        line = self.keyring.encrypt(json.dumps(record, sort_keys=True).encode()) + b"\n"
+        """Append one record; return its offset.  Call sync() before relying on it.
+
+        The record is JSON plus ``bytes``/``bytearray`` values, which are stored
+        raw (v2, ``vault_record``); a large one is sealed and written piece by
+        piece, so memory never holds an encoded copy of it."""
+        parts = vault_record.frame(record)
         with self._lock:
             fd = self._open_append()
             offset = os.fstat(fd).st_size
-            try:
-                if os.write(fd, line) != len(line):  # a full disk gives a short write
-                    raise OSError(errno.ENOSPC, "short write to the vault")
-            except OSError:
+            try:  # one write if small, else one per ~1 MiB piece
+                for piece in vault_record.seal(parts, self.keyring, offset):
+                    if os.write(fd, piece) != len(piece):  # a full disk gives a short write
+                        raise OSError(errno.ENOSPC, "short write to the vault")
+            except BaseException:
                 try:  # drop the torn tail so the vault stays whole records
                     os.ftruncate(fd, offset)
                 except OSError:
@@ -264,21 +293,27 @@ class Vault:
                 os.close(self._fd)
                 self._fd = None
 
-    def _decrypt(self, offset: int, line: bytes) -> dict:
+    def _open(self, offset: int, line: bytes) -> tuple[int, bytes | bytearray]:
         try:
-            return json.loads(self.keyring.decrypt(line.strip()))
-        except (DecryptError, ValueError):
+            return vault_record.open_line(line, self.keyring, offset)
+        except ValueError:  # DecryptError, base64, framing
             raise VaultRecordError(f"vault record at offset {offset} is corrupt "
                                    "or was written under an unknown key") from None
+
+    def _parse(self, offset: int, opened: tuple[int, bytes | bytearray]) -> dict:
+        try:
+            return vault_record.parse(*opened)
+        except (ValueError, IndexError, KeyError, TypeError):
+            raise VaultRecordError(f"vault record at offset {offset} is corrupt") from None
 
     def get(self, offset: int) -> dict:
         try:
             with open(self.path, "rb") as fh:
-                fh.seek(offset)
-                line = fh.readline()
+                fh.seek(offset)  # the line is dropped before the record is parsed
+                opened = self._open(offset, vault_record.read_line(fh))
         except FileNotFoundError:
             raise VaultRecordError("the vault file does not exist") from None
-        return self._decrypt(offset, line)
+        return self._parse(offset, opened)
 
     def scan(self) -> Iterator[tuple[int, dict | VaultRecordError]]:
         """Yield (offset, record) for every record; a bad one yields its error."""
@@ -288,10 +323,14 @@ class Vault:
             return
         with fh:
             offset = 0
-            for line in fh:
-                if line.strip():
+            while line := vault_record.read_line(fh):
+                length = len(line)
+                if not line.isspace():  # (strip would copy a large line)
                     try:
-                        yield offset, self._decrypt(offset, line)
+                        opened = self._open(offset, line)
+                        del line
+                        yield offset, self._parse(offset, opened)
                     except VaultRecordError as exc:
                         yield offset, exc
-                offset += len(line)
+                    opened = None
+                offset += length

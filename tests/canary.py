@@ -1001,7 +1001,8 @@ def file_has(path: str | os.PathLike[str], needle: str) -> bool:
 
 
 def vault_leaves(obj: Any) -> Iterator[Any]:
-    """Every leaf value in a vault record (``{"hex": ...}`` decoded to bytes)."""
+    """Every leaf value in a vault record (binary values are ``bytes``; the
+    ``{"hex": ...}`` of records written before v2 is decoded too)."""
     if isinstance(obj, dict):
         if set(obj) == {"hex"} and isinstance(obj["hex"], str):
             yield bytes.fromhex(obj["hex"])

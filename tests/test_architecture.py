@@ -20,9 +20,11 @@ ALLOWED_ROOMS: dict[str, set[str]] = {
     "logs": {"config"},
     "spool": {"config"},
     "catalog": {"config"},
-    "vault": {"config", "keyfiles"},
+    "vault": {"config", "keyfiles", "vault_record"},
     # the key folder's files (vault key, site secret, audit key) and when to create them
     "keyfiles": {"config"},
+    # the record lines of vault.phi (v2 AES-GCM, v1 Fernet); keys come in as an argument
+    "vault_record": set(),
     # chunked Fernet files for raw input at rest (keys from vault.Keyring)
     "vault_stream": {"config", "vault"},
     # key rotation: the key file, vault.phi and the encrypted spool files

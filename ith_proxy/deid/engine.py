@@ -58,9 +58,10 @@ class _Pass:
 
 
 def _plain(value: object) -> object:
-    """A JSON-safe copy of an element value (multi-values joined the DICOM way)."""
+    """A vault-safe copy of an element value (multi-values joined the DICOM way);
+    a binary value stays ``bytes`` (not copied), which the vault stores raw."""
     if isinstance(value, (bytes, bytearray)):
-        return {"hex": bytes(value).hex()}
+        return bytes(value)
     if isinstance(value, (MultiValue, list)):
         return "\\".join(str(v) for v in value)
     if isinstance(value, (int, float)) or value is None:

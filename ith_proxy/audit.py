@@ -44,6 +44,8 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+from .fsio import fsync_dir
+
 GENESIS = "0" * 64
 _KEY_LABEL = b"ith-proxy audit log v1"
 _KID_LABEL = b"ith-proxy audit key id v1"
@@ -137,11 +139,7 @@ def _write_anchor(path: Path, body: dict) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    fsync_dir(path.parent)
 
 
 def read_anchor(path: Path | None) -> dict | None:

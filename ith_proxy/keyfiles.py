@@ -17,43 +17,15 @@ import os
 import secrets
 import stat
 from pathlib import Path
-from typing import BinaryIO, Callable
+from typing import Callable
+
+from .fsio import fsync_dir, write_private  # noqa: F401  (re-exported through vault)
 
 log = logging.getLogger("ith_proxy.vault")
 
 
 class VaultKeyError(RuntimeError):
     """The key file is missing, unreadable, malformed or too open."""
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_private(path: Path, data: bytes | Callable[[BinaryIO], object]) -> Path:
-    """Write a 0600 file beside ``path`` under a unique name, fsynced; return it.
-
-    ``data`` is the content, or a writer that fills the open file.  The caller
-    renames or links the result into place and fsyncs the directory.
-    """
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            if callable(data):
-                data(fh)
-            else:
-                fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return tmp
 
 
 def _check_secret(path: Path, what: str) -> os.stat_result:

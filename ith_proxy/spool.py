@@ -25,16 +25,17 @@ to start when the spool's folders, logs, vault or catalog are links.
 
 from __future__ import annotations
 
-import ctypes
 import fcntl
 import json
 import os
 import re
 import shutil
-import stat
 import time
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterable, Iterator
+
+from .fsio import (fsync_dir, load_syncfs, read_nofollow, regular_file, unique_name,
+                   writev_all)
 
 FILE_MODE = 0o600
 DIR_MODE = 0o700
@@ -48,53 +49,6 @@ def _is_regular(entry: os.DirEntry) -> bool:
 
 def _real_dir(path: Path) -> bool:
     return path.is_dir() and not path.is_symlink()
-
-
-def regular_file(path: Path | str) -> bool:
-    """A regular file itself, not a link to one."""
-    try:
-        return stat.S_ISREG(os.lstat(path).st_mode)
-    except OSError:
-        return False
-
-
-def read_nofollow(path: Path | str) -> bytes:
-    """A whole (small) file, never through a symbolic link (OSError ELOOP)."""
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-    with os.fdopen(fd, "rb") as fh:
-        return fh.read()
-
-
-def _writev_all(fd: int, chunks: list) -> None:
-    views = [memoryview(c).cast("B") for c in chunks]
-    while views:
-        written = os.writev(fd, views)
-        while views and written >= len(views[0]):
-            written -= len(views[0])
-            views.pop(0)
-        if views and written:
-            views[0] = views[0][written:]
-
-
-def fsync_dir(path: Path | str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _load_syncfs():
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        return libc.syncfs
-    except (OSError, AttributeError):
-        return None
-
-
-def unique_name() -> str:
-    """Opaque, unique and roughly time-ordered; never parsed."""
-    return f"{time.time_ns()}.{os.getpid()}.{os.urandom(6).hex()}"
 
 
 def _keeping_times(src: Path, write: Callable[[BinaryIO], object]
@@ -169,7 +123,7 @@ class Spool:
         calls this once, before it commits the catalog and deletes raw files.
         """
         if self._syncfs is False:
-            self._syncfs = _load_syncfs()  # once; ctypes lookup, not per batch
+            self._syncfs = load_syncfs()  # once; ctypes lookup, not per batch
         fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
         try:
             if self._syncfs is None or self._syncfs(fd) != 0:
@@ -211,10 +165,10 @@ class Spool:
             if chunks is not None:
                 try:
                     if isinstance(chunks, (list, tuple)):
-                        _writev_all(fd, list(chunks))
+                        writev_all(fd, list(chunks))
                     else:  # a generator (e.g. encrypting): one piece at a time
                         for chunk in chunks:
-                            _writev_all(fd, [chunk])
+                            writev_all(fd, [chunk])
                     if sync:
                         os.fsync(fd)
                 finally:
@@ -260,7 +214,7 @@ class Spool:
     @staticmethod
     def write_tmp(fd: int, chunks: list) -> None:
         """Append buffers to a file from ``open_tmp`` (one writev where it can)."""
-        _writev_all(fd, chunks)
+        writev_all(fd, chunks)
 
     def promote_incoming(self, fd: int, tmp_path: str) -> str:
         """fsync and close a file from ``open_tmp``, rename it into incoming/,

@@ -18,11 +18,13 @@ PKG = Path(__file__).resolve().parent.parent / "ith_proxy"
 ALLOWED_ROOMS: dict[str, set[str]] = {
     "config": set(),
     "logs": {"config"},
-    "spool": {"config"},
+    # durable file primitives (fsync_dir, private write, writev), stdlib only
+    "fsio": set(),
+    "spool": {"config", "fsio"},
     "catalog": {"config"},
     "vault": {"config", "keyfiles", "vault_record"},
     # the key folder's files (vault key, site secret, audit key) and when to create them
-    "keyfiles": {"config"},
+    "keyfiles": {"config", "fsio"},
     # the record lines of vault.phi (v2 AES-GCM, v1 Fernet); keys come in as an argument
     "vault_record": set(),
     # chunked Fernet files for raw input at rest (keys from vault.Keyring)
@@ -35,7 +37,7 @@ ALLOWED_ROOMS: dict[str, set[str]] = {
     "assoc_wake": set(),
     # the pydicom/pynetdicom process-wide settings, applied by explicit call only
     "libsetup": set(),
-    "audit": {"config"},
+    "audit": {"config", "fsio"},
     # scp gets a stream-encryptor factory from the service; it imports no vault room
     "scp": {"spool", "catalog", "config", "scp_stream", "assoc_wake"},
     # the one replacement of pynetdicom's data set assembly (docs/architecture.md)

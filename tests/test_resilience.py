@@ -10,7 +10,6 @@ import threading
 import time
 from pathlib import Path
 
-import pytest
 from pynetdicom import AE
 
 import dicomgen

@@ -1,0 +1,87 @@
+"""Durable file primitives, stdlib only: the pieces every room that writes a
+file the crash-safe way needs (Maildir discipline: write a private file,
+fsync it, rename it into place, fsync the folder), and reads that never
+follow a symbolic link.
+
+Rooms that own files (``spool``, ``keyfiles``, ``audit``, ``vault``,
+``vault_stream``) use these instead of their own copies.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import secrets
+import stat
+import time
+from pathlib import Path
+from typing import BinaryIO, Callable
+
+
+def regular_file(path: Path | str) -> bool:
+    """A regular file itself, not a link to one."""
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except OSError:
+        return False
+
+
+def read_nofollow(path: Path | str) -> bytes:
+    """A whole (small) file, never through a symbolic link (OSError ELOOP)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    with os.fdopen(fd, "rb") as fh:
+        return fh.read()
+
+
+def writev_all(fd: int, chunks: list) -> None:
+    views = [memoryview(c).cast("B") for c in chunks]
+    while views:
+        written = os.writev(fd, views)
+        while views and written >= len(views[0]):
+            written -= len(views[0])
+            views.pop(0)
+        if views and written:
+            views[0] = views[0][written:]
+
+
+def fsync_dir(path: Path | str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def load_syncfs():
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.syncfs
+    except (OSError, AttributeError):
+        return None
+
+
+def unique_name() -> str:
+    """Opaque, unique and roughly time-ordered; never parsed."""
+    return f"{time.time_ns()}.{os.getpid()}.{os.urandom(6).hex()}"
+
+
+def write_private(path: Path, data: bytes | Callable[[BinaryIO], object]) -> Path:
+    """Write a 0600 file beside ``path`` under a unique name, fsynced; return it.
+
+    ``data`` is the content, or a writer that fills the open file.  The caller
+    renames or links the result into place and fsyncs the directory.
+    """
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            if callable(data):
+                data(fh)
+            else:
+                fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return tmp

@@ -18,9 +18,8 @@ set fragments go, as they arrive on the DUL thread, to an ``Incoming``:
 - its first element is checked: a data set that starts in a group below
   0x0008 (file meta, command or illegal groups, e.g. a (0002,0010) that
   would name deflate) is refused, ``CANNOT_UNDERSTAND``, and not written.
-  Group 0004 (Directory Structuring, PS3.3 F.3) is the one exception: its
-  elements are standard data elements (Table E.1-1 lists (0004,1511)), and
-  no reader takes them for file meta;
+  Group 0004 (Directory Structuring, PS3.3 F.3) is refused too: it belongs
+  to a DICOMDIR, never to a composite instance sent by C-STORE;
 - its bytes go to ``spool/tmp/`` through a writer (plain: buffered writev;
   ``[spool] encrypt_incoming``: the stream encryptor the service passed in),
   about 1 MiB held at a time;
@@ -60,7 +59,6 @@ WRITTEN_FOR = "3.0.4"
 OUT_OF_RESOURCES = 0xA700
 CANNOT_UNDERSTAND = 0xC000
 BIG_ENDIAN = "1.2.840.10008.1.2.2"
-DIRECTORY_GROUP = 0x0004          # the one group below 0008 a data set may start with
 FLUSH = 1 << 20                   # plaintext bytes held before a writev
 MAX_COMMAND_SET = 64 << 10        # a command set is a few hundred bytes
 MAX_OTHER_DATASET = 1 << 20       # data sets of non-C-STORE messages, kept in memory
@@ -158,7 +156,7 @@ class Incoming:
             self._first += bytes(data[:2 - len(self._first)])
             if len(self._first) == 2:
                 group = struct.unpack(">H" if self._big_endian else "<H", self._first)[0]
-                if group < 0x0008 and group != DIRECTORY_GROUP:
+                if group < 0x0008:
                     self._refuse(CANNOT_UNDERSTAND, "the data set starts in a group below 0008")
                     return True
         try:

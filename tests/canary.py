@@ -735,6 +735,9 @@ def build_canary(out_dir: str | Path, *, series: tuple[int, ...] = (2, 2), drop:
             b.skipped.append((f"{row.tag} {row.keyword}", "command group (0000): not part of a stored dataset"))
         elif group == 0x0002 and row.value != 0x00020003:
             b.skipped.append((f"{row.tag} {row.keyword}", "file meta element: see meta markers"))
+        elif group == 0x0004 and not drop:
+            b.skipped.append((f"{row.tag} {row.keyword}", "DICOMDIR group (0004): refused on the "
+                              "wire, planted only in the drop instance"))
 
     thickness = 1.25
     for inst in instances:
@@ -747,6 +750,8 @@ def build_canary(out_dir: str | Path, *, series: tuple[int, ...] = (2, 2), drop:
             group = row.value >> 16
             if group in (0x0000, 0x0002) or row.value in _IDENTITY_UIDS:
                 continue
+            if group == 0x0004 and inst.network:
+                continue  # DICOMDIR group: the SCP refuses it on the wire; the drop file has it
             if row.value == 0x00081110:  # Referenced Study Sequence: chain B below
                 continue
             b.fill_row(ds, inst.index, row, s, share)

@@ -124,7 +124,7 @@ def test_encrypting_writer_writes_the_v2_file_of_encrypt_stream(tmp_path: Path, 
     (b"\x02\x00\x10\x00", False, True),    # (0002,0010) file meta
     (b"\x00\x00\x00\x09", False, True),    # (0000,0900) a command element
     (b"\x07\x00\x10\x00", False, True),    # group 0007: illegal
-    (b"\x04\x00\x11\x15", False, False),   # (0004,1511): Directory Structuring, a data element
+    (b"\x04\x00\x11\x15", False, True),    # (0004,1511): Directory Structuring, DICOMDIR only
     (b"\x08\x00\x05\x00", False, False),   # (0008,0005): a data set
     (b"\x00\x02\x00\x10", True, True),     # big endian (0002,0010)
     (b"\x00\x08\x00\x05", True, False),    # big endian (0008,0005)

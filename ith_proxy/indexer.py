@@ -333,15 +333,11 @@ class Indexer:
         """Append the record unless the same originals are already in the vault
         (a record is reused only if it is this very instance's)."""
         if existing is not None:
-            try:
-                old = self.vault.get(existing)
-            except VaultRecordError:
-                old = None
-            if isinstance(old, dict) and not belongs(old, record["study"], record["sop"]):
-                log.error("vault record at offset %d belongs to another instance; not reused",
-                          existing)
-            elif old == record:
-                return existing
+            try:  # the vault refuses a record that is another instance's
+                if self.vault.get(existing, record["study"], record["sop"]) == record:
+                    return existing
+            except VaultRecordError as exc:
+                log.error("%s; not reused", exc)
         return self.vault.put(record)
 
     # --- the thread loop: watchdog is a hint, the periodic rescan is the truth ---
@@ -387,11 +383,6 @@ class Indexer:
             if remaining <= 0 or self.wake.wait(min(0.5, remaining)):
                 break
         self.wake.clear()
-
-
-def belongs(record: dict, study: str, sop: str) -> bool:
-    """Whether a vault record is the one of instance (study, sop)."""
-    return record.get("sop") == sop and record.get("study") == study
 
 
 def _finish(pending: Future) -> None:

@@ -306,19 +306,27 @@ class Vault:
         except (ValueError, IndexError, KeyError, TypeError):
             raise VaultRecordError(f"vault record at offset {offset} is corrupt") from None
 
-    def get(self, offset: int) -> dict:
+    def get(self, offset: int, study: str | None = None, sop: str | None = None) -> dict:
+        """The record at ``offset``.  Given the (anonymized) study and SOP
+        Instance UID of the instance that asks, a record that is another
+        instance's is refused (VaultRecordError), never handed out."""
         try:
-            with open(self.path, "rb") as fh:
+            fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW)
+            with os.fdopen(fd, "rb") as fh:
                 fh.seek(offset)  # the line is dropped before the record is parsed
                 opened = self._open(offset, vault_record.read_line(fh))
         except FileNotFoundError:
             raise VaultRecordError("the vault file does not exist") from None
-        return self._parse(offset, opened)
+        record = self._parse(offset, opened)
+        if (sop is not None and record.get("sop") != sop) or \
+                (study is not None and record.get("study") != study):
+            raise VaultRecordError(f"vault record at offset {offset} belongs to another instance")
+        return record
 
     def scan(self) -> Iterator[tuple[int, dict | VaultRecordError]]:
         """Yield (offset, record) for every record; a bad one yields its error."""
         try:
-            fh = open(self.path, "rb")
+            fh = os.fdopen(os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW), "rb")
         except FileNotFoundError:
             return
         with fh:

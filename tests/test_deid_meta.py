@@ -22,6 +22,7 @@ from datetime import date, datetime, timedelta
 from pathlib import Path
 
 import pydicom
+import pytest
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filebase import DicomFileLike
@@ -109,7 +110,7 @@ def write_file(path: Path, ds: Dataset, meta_extra=(), body_extra=(), trailer=()
     fp = DicomFileLike(io.BytesIO())
     fp.is_implicit_VR, fp.is_little_endian = False, True
     fp.write(b"\0" * 128 + b"DICM")
-    write_file_meta_info(fp, meta, enforce_standard=False)
+    write_file_meta_info(fp, meta, enforce_standard=True)
     write_dataset(fp, ds)
     fp.write(_encode_elements([DataElement(t, vr, v) for t, vr, v in body_extra]))
     pixels = b"\x01\x00" * 4
@@ -143,19 +144,20 @@ def _in_vault(record: dict, value) -> bool:
 # --------------------------------------------------------------------------
 
 
-def meta_file(path: Path, index: int = 1) -> Path:
+def meta_file(path: Path, index: int = 1, body: bool = False) -> Path:
     ds = _header(index)
     item = Dataset()
     item.ReferencedSOPClassUID = CTImageStorage
     item.ReferencedSOPInstanceUID = "1.2.826.0.1.3680043.99.556.9"
     item[NESTED_MARKER[0]] = DataElement(*NESTED_MARKER)
     ds.ReferencedImageSequence = Sequence([item])
-    write_file(path, ds, meta_extra=INJECTED_META + REPLACED_META, body_extra=BODY_MARKERS)
+    write_file(path, ds, meta_extra=INJECTED_META + REPLACED_META,
+               body_extra=BODY_MARKERS if body else ())
     return path
 
 
 def test_the_input_holds_the_injected_elements(tmp_path: Path) -> None:
-    path = meta_file(tmp_path / "meta.dcm")
+    path = meta_file(tmp_path / "meta.dcm", body=True)
     ds = pydicom.dcmread(path, stop_before_pixels=True)
     for tag, _, value in INJECTED_META + REPLACED_META:
         assert ds.file_meta[tag].value == value
@@ -173,10 +175,28 @@ def test_output_meta_is_the_allow_list_and_nothing_injected_survives(tmp_path: P
     assert out.file_meta.MediaStorageSOPInstanceUID == out.SOPInstanceUID
     assert not [e for e in out if e.tag.group in (0x0000, 0x0002)]
     assert not [p for p, e in canary.walk(out) if e.tag.group in (0x0000, 0x0002)]
-    everything = INJECTED_META + REPLACED_META + BODY_MARKERS + [NESTED_MARKER]
+    everything = INJECTED_META + REPLACED_META + [NESTED_MARKER]
     leaks = [_needle(v) for _, _, v in everything if canary._hits(data, _needle(v).encode())]
     assert leaks == []
     missing = [hex(t) for t, _, v in everything if not _in_vault(record, v)]
+    assert missing == []
+
+
+def test_group_0000_0002_in_the_body_is_refused_by_the_reader(tmp_path: Path) -> None:
+    """Top-level command or file meta elements in the body: the file is not
+    read at all (the indexer quarantines it as unparseable)."""
+    with pytest.raises(dicomfile.DicomFileError, match="file meta or command"):
+        dicomfile.read_split(meta_file(tmp_path / "meta.dcm", body=True))
+
+
+def test_the_engine_removes_group_0000_0002_from_a_dataset(tmp_path: Path) -> None:
+    """Defence in depth behind the reader: the engine drops them and vaults them."""
+    ds = _header(3)
+    for tag, vr, value in BODY_MARKERS:
+        ds[tag] = DataElement(tag, vr, value)
+    result = Deidentifier(SECRET).apply(ds)
+    assert not [e for e in ds if e.tag.group in (0x0000, 0x0002)]
+    missing = [hex(t) for t, _, v in BODY_MARKERS if not _in_vault({"phi": result.phi}, v)]
     assert missing == []
 
 
@@ -249,7 +269,7 @@ def test_end_to_end_through_the_proxy(tmp_path: Path) -> None:
     assert quarantined == []
     outputs = stored_files(proxy.spool)
     assert len(outputs) == 2
-    everything = INJECTED_META + REPLACED_META + BODY_MARKERS + [NESTED_MARKER]
+    everything = INJECTED_META + REPLACED_META + [NESTED_MARKER]
     needles = [_needle(v) for _, _, v in everything] + [v for _, v in TRAILER_DATES.values()] \
         + [TRAILER_NESTED[1], "DOEMETA", "JOHNATHAN"]
     assert canary.find_needles(proxy.workdir, needles, skip=[proxy.spool / "vault.phi"]) == []

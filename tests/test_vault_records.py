@@ -21,7 +21,7 @@ import tools
 from helpers import wait_indexed
 from ith_proxy.deid import Deidentifier
 from ith_proxy.spool import Spool
-from ith_proxy.vault import Keyring, Vault, VaultRecordError, reencrypt_records
+from ith_proxy.vault import Keyring, Vault, VaultRecordError, init_secrets, reencrypt_records
 from ith_proxy.vault_rotate import rotate, step_add_key, step_reencrypt
 
 REPO = Path(__file__).resolve().parent.parent
@@ -33,6 +33,7 @@ PIECE = 3 << 18      # PIECE: values around it cross piece boundaries
 
 def _vault(tmp_path: Path) -> Vault:
     (tmp_path / "spool").mkdir(mode=0o700, exist_ok=True)
+    init_secrets(tmp_path / "secrets" / "vault.key")
     return Vault(tmp_path / "spool" / "vault.phi", tmp_path / "secrets" / "vault.key")
 
 
@@ -91,7 +92,7 @@ import json, os, sys, gc
 sys.path.insert(0, sys.argv[1])
 sys.path.insert(0, os.path.join(sys.argv[1], "tests"))
 from test_vault_records import _indexer_record, _binary_leaves, _line_at
-from ith_proxy.vault import Vault
+from ith_proxy.vault import Vault, init_secrets
 from pathlib import Path
 
 def status(field):
@@ -100,6 +101,7 @@ def status(field):
             return int(line.split()[1]) * 1024
 
 size, work = int(sys.argv[2]), Path(sys.argv[3])
+init_secrets(work / "vault.key")
 vault = Vault(work / "vault.phi", work / "vault.key")
 vault.put({"warm": "up"}); vault.get(0)
 value = os.urandom(size)
@@ -410,3 +412,15 @@ def test_a_20mb_private_ob_through_the_proxy_comes_back_from_a_bounded_record(
     assert len(line) <= 1.5 * len(value), f"{len(line) / len(value):.2f}x the value"
     stored = list((proxy.spool / "studies").glob("*/*/*.dcm"))
     assert len(stored) == 2 and not any(value[:64] in f.read_bytes() for f in stored)
+
+
+def test_a_record_is_refused_to_an_instance_it_does_not_belong_to(tmp_path: Path) -> None:
+    """The vault checks that a record is the asking instance's (a reused SOP
+    Instance UID must never repoint another study's originals)."""
+    vault = _vault(tmp_path)
+    offset = vault.put({"v": 1, "study": "1.2.3", "series": "1.2.3.4", "sop": "1.2.3.4.5",
+                        "patient": "P", "phi": {}})
+    assert vault.get(offset, "1.2.3", "1.2.3.4.5")["sop"] == "1.2.3.4.5"
+    for study, sop in (("1.2.3", "1.2.3.4.6"), ("1.2.9", "1.2.3.4.5")):
+        with pytest.raises(VaultRecordError, match="belongs to another instance"):
+            vault.get(offset, study, sop)

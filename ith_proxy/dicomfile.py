@@ -29,6 +29,8 @@ from pydicom.filereader import read_dataset
 from pydicom.filewriter import write_data_element, write_file_meta_info
 from pydicom.uid import UID
 
+from .fsio import open_read
+
 # Headers are read and written as they are, without value validation: set by
 # libsetup.configure_libraries(), which every entry point calls.
 
@@ -97,7 +99,7 @@ def read_split(source: Path | str | BinaryIO, path: Path | None = None) -> Split
     keeps open for ``write_joined`` (``path`` then only names it).
     """
     if isinstance(source, (str, os.PathLike)):
-        with open(source, "rb") as fh:
+        with open_read(source) as fh:
             return _read_split(fh, Path(source))
     return _read_split(source, path)
 
@@ -239,7 +241,7 @@ def _copy_range(out: BinaryIO, src: BinaryIO, remaining: int) -> None:
 def copy_raw(out: BinaryIO, source: Path | BinaryIO) -> None:
     """Copy a file (a path or a seekable file object) unchanged, in chunks."""
     if isinstance(source, (str, os.PathLike)):
-        with open(source, "rb") as src:
+        with open_read(source) as src:
             _copy_range(out, src, os.fstat(src.fileno()).st_size)
         return
     size = source.seek(0, 2)
@@ -310,7 +312,7 @@ def write_joined(out: BinaryIO, split: SplitFile, src: BinaryIO | None = None) -
     if src is None:
         if split.path is None:
             raise ValueError("write_joined needs the source file object")
-        with open(split.path, "rb") as fh:
+        with open_read(split.path) as fh:
             return write_joined(out, split, fh)
     ts = split.header.file_meta.TransferSyntaxUID
     implicit, little = ts.is_implicit_VR, ts.is_little_endian

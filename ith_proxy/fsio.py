@@ -18,6 +18,16 @@ from pathlib import Path
 from typing import BinaryIO, Callable
 
 
+def is_regular_entry(entry: os.DirEntry) -> bool:
+    """A directory entry that is a regular file itself, not a link to one."""
+    return entry.is_file(follow_symlinks=False)
+
+
+def real_dir(path: Path) -> bool:
+    """A directory itself, not a link to one."""
+    return path.is_dir() and not path.is_symlink()
+
+
 def regular_file(path: Path | str) -> bool:
     """A regular file itself, not a link to one."""
     try:
@@ -31,6 +41,11 @@ def read_nofollow(path: Path | str) -> bytes:
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
     with os.fdopen(fd, "rb") as fh:
         return fh.read()
+
+
+def open_read(path: Path | str) -> BinaryIO:
+    """A binary file object for reading, never through a symbolic link (ELOOP)."""
+    return os.fdopen(os.open(path, os.O_RDONLY | os.O_NOFOLLOW), "rb")
 
 
 def writev_all(fd: int, chunks: list) -> None:

@@ -34,21 +34,13 @@ import time
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterable, Iterator
 
-from .fsio import (fsync_dir, load_syncfs, read_nofollow, regular_file, unique_name,
-                   writev_all)
+from .fsio import (fsync_dir, is_regular_entry, load_syncfs, read_nofollow, real_dir,
+                   regular_file, unique_name, writev_all)
 
 FILE_MODE = 0o600
 DIR_MODE = 0o700
 _UID_RE = re.compile(r"[0-9]+(\.[0-9]+)*")
 _REASON_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,40}")
-
-
-def _is_regular(entry: os.DirEntry) -> bool:
-    return entry.is_file(follow_symlinks=False)
-
-
-def _real_dir(path: Path) -> bool:
-    return path.is_dir() and not path.is_symlink()
 
 
 def _keeping_times(src: Path, write: Callable[[BinaryIO], object]
@@ -243,7 +235,7 @@ class Spool:
             pass
 
     def incoming_names(self) -> list[str]:
-        return sorted(e.name for e in os.scandir(self.incoming) if _is_regular(e))
+        return sorted(e.name for e in os.scandir(self.incoming) if is_regular_entry(e))
 
     def oldest_incoming(self) -> tuple[int, float | None]:
         """(how many files wait in incoming/, the oldest one's mtime)."""
@@ -299,7 +291,7 @@ class Spool:
         once read; only before this indexer begins batches."""
         for entry in sorted(self.attempt_names(".inflight-")):
             path = self.root / "attempts" / entry
-            lines = path.read_bytes().decode(errors="replace").split("\n")
+            lines = read_nofollow(path).decode(errors="replace").split("\n")
             yield (int(lines[0]) if lines[0].isdigit() else 0), [n for n in lines[1:] if n]
             path.unlink()
 
@@ -313,9 +305,11 @@ class Spool:
 
     def attempts(self, name: str) -> int:
         try:
-            text = (self.root / "attempts" / name).read_bytes().strip()
+            text = read_nofollow(self.root / "attempts" / name).strip()
         except FileNotFoundError:
             return 0
+        except OSError:  # a link planted in attempts/ (never followed): count it in flight
+            return 1
         return int(text) if text.isdigit() else 1  # torn write: it was in flight
 
     def set_attempts(self, name: str, count: int) -> None:
@@ -373,7 +367,7 @@ class Spool:
                 if not series.is_dir(follow_symlinks=False):
                     continue
                 for inst in sorted(os.scandir(series.path), key=lambda e: e.name):
-                    if inst.name.endswith(".dcm") and _is_regular(inst):
+                    if inst.name.endswith(".dcm") and is_regular_entry(inst):
                         yield study.name, series.name, inst.name[:-4], Path(inst.path)
 
     # --- quarantine/ : input the indexer could not process ---
@@ -420,7 +414,7 @@ class Spool:
 
     def quarantined(self) -> list[dict]:
         out = []
-        for reason in sorted(p for p in self.quarantine_dir.iterdir() if _real_dir(p)):
+        for reason in sorted(p for p in self.quarantine_dir.iterdir() if real_dir(p)):
             for meta in sorted(reason.glob("*.json")):
                 try:
                     info = json.loads(read_nofollow(meta))
@@ -442,7 +436,7 @@ class Spool:
                 or (reason and not _REASON_RE.fullmatch(reason)):
             raise KeyError(name)
         dirs = [self.quarantine_dir / reason] if reason else \
-            sorted(p for p in self.quarantine_dir.iterdir() if _real_dir(p))
+            sorted(p for p in self.quarantine_dir.iterdir() if real_dir(p))
         for qdir in dirs:
             data = qdir / base
             if regular_file(data):
@@ -480,7 +474,7 @@ class Spool:
     def raw_input_files(self) -> list[Path]:
         """Every raw input file: incoming/ and quarantine/<reason>/ (not the .json)."""
         files = [self.incoming / n for n in self.incoming_names()]
-        for qdir in sorted(p for p in self.quarantine_dir.iterdir() if _real_dir(p)):
+        for qdir in sorted(p for p in self.quarantine_dir.iterdir() if real_dir(p)):
             files.extend(sorted(p for p in qdir.iterdir()
                                 if regular_file(p) and p.suffix != ".json"))
         return files

@@ -39,6 +39,7 @@ import struct
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterable, Iterator
 
+from .fsio import open_read
 from .vault import (STREAM_KEY_ID, STREAM_OVERHEAD, DecryptError, Keyring, fsync_dir,
                     write_private)
 
@@ -69,7 +70,7 @@ def _has_magic(head: bytes) -> bool:
 
 
 def is_encrypted(path: Path | str) -> bool:
-    with open(path, "rb") as fh:
+    with open_read(path) as fh:
         return _has_magic(fh.read(len(MAGIC_V1)))
 
 
@@ -189,7 +190,7 @@ class DecryptingReader(io.RawIOBase):
         super().__init__()
         self.name = str(path)  # pydicom records it as the dataset's filename
         self._keyring = keyring
-        self._fd = os.open(path, os.O_RDONLY)
+        self._fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
         self._cached: tuple[int, memoryview] | None = None
         self._last = self._sealed = self._plain = None  # v2: views of one reused buffer
         try:
@@ -363,7 +364,7 @@ def open_source(path: Path | str, keyring: Keyring) -> BinaryIO:
     copy its pixel bytes); an encrypted one as a buffered decrypting reader
     with ``copy_to``.
     """
-    fh = open(path, "rb")
+    fh = open_read(path)
     if not _has_magic(fh.read(len(MAGIC_V1))):
         fh.seek(0)
         return fh
@@ -376,7 +377,7 @@ def _plain_chunks(path: Path, keyring: Keyring) -> Iterator[bytes | memoryview]:
         with DecryptingReader(path, keyring) as reader:
             yield from reader.chunks()
     else:
-        with open(path, "rb") as fh:
+        with open_read(path) as fh:
             while block := fh.read(CHUNK):
                 yield block
 

@@ -28,11 +28,11 @@ ALLOWED_ROOMS: dict[str, set[str]] = {
     # the record lines of vault.phi (v2 AES-GCM, v1 Fernet); keys come in as an argument
     "vault_record": set(),
     # chunked Fernet files for raw input at rest (keys from vault.Keyring)
-    "vault_stream": {"config", "vault"},
+    "vault_stream": {"config", "vault", "fsio"},
     # key rotation: the key file, vault.phi and the encrypted spool files
     "vault_rotate": {"config", "spool", "vault", "vault_stream"},
     "deid": {"config", "deid"},
-    "dicomfile": {"config"},
+    "dicomfile": {"config", "fsio"},
     # pynetdicom reactor wake-ups, for every room that makes associations
     "assoc_wake": set(),
     # the pydicom/pynetdicom process-wide settings, applied by explicit call only

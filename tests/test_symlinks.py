@@ -116,3 +116,30 @@ def test_quarantine_commands_take_the_spool_lock(rooms, tmp_path, action: str) -
     assert not (rooms.spool.logs / "audit.log").exists()  # refused before any record
     done = rooms.cli(*args)  # the proxy stopped: the lock is free
     assert done.returncode == 0, done.stderr
+
+
+def test_readers_of_spool_files_do_not_follow_a_link_swapped_in(rooms, target) -> None:
+    """A name the indexer already listed, swapped for a link before it is
+    opened: the raw-input reader, the header reader, the vault and the
+    attempt markers all refuse the link (ELOOP) instead of reading the target."""
+    from ith_proxy import dicomfile, vault_stream
+
+    link = rooms.spool.incoming / "swapped"
+    link.symlink_to(target)
+    with pytest.raises(OSError):
+        vault_stream.open_source(link, rooms.vault.keyring)
+    with pytest.raises(OSError):
+        dicomfile.read_split(link)
+    with pytest.raises(OSError):
+        vault_stream.digest(link, rooms.vault.keyring)
+    (rooms.spool.root / "attempts").mkdir(exist_ok=True)
+    (rooms.spool.root / "attempts" / "swapped").symlink_to(target)
+    assert rooms.spool.attempts("swapped") == 1  # counted in flight, never read
+    rooms.vault.close()
+    rooms.vault.path.unlink(missing_ok=True)
+    rooms.vault.path.symlink_to(target)
+    with pytest.raises(OSError):
+        rooms.vault.get(0)
+    with pytest.raises(OSError):  # scan must not read the target either
+        list(rooms.vault.scan())
+    assert _unchanged(target)

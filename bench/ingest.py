@@ -237,7 +237,9 @@ def run_storescp(work: Path, data: Path, n: int) -> dict[str, float]:
     return {"storescp": secs}
 
 
-def run_orthanc(work: Path, data: Path, n: int) -> dict[str, float]:
+def start_orthanc(work: Path) -> tuple[subprocess.Popen, int, str]:
+    """Orthanc on free ports with a fresh SQLite index, no plugins, no
+    compression; ready when it returns: (process, DICOM port, HTTP base URL)."""
     dicom_port, http_port, log = free_port(), free_port(), work / "orthanc.log"
     cfg = {"Name": "bench", "StorageDirectory": str(work / "storage"),
            "IndexDirectory": str(work / "index"), "DicomAet": "ORTHANC",
@@ -249,6 +251,15 @@ def run_orthanc(work: Path, data: Path, n: int) -> dict[str, float]:
     base = f"http://127.0.0.1:{http_port}"
     try:
         wait_ready(proc, log, "Orthanc", lambda: http_ok(f"{base}/system"))
+    except BaseException:
+        stop(proc)
+        raise
+    return proc, dicom_port, base
+
+
+def run_orthanc(work: Path, data: Path, n: int) -> dict[str, float]:
+    proc, dicom_port, base = start_orthanc(work)
+    try:
         secs = storescu("ORTHANC", dicom_port, data)
         with urllib.request.urlopen(f"{base}/statistics", timeout=10) as r:
             got = json.loads(r.read())["CountInstances"]

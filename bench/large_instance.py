@@ -91,18 +91,8 @@ def run_storescp(work: Path, path: Path, extra: list[str]) -> dict[str, float]:
 
 
 def run_orthanc(work: Path, path: Path) -> dict[str, float]:
-    dicom_port, http_port, log = ingest.free_port(), ingest.free_port(), work / "orthanc.log"
-    cfg = {"Name": "bench", "StorageDirectory": str(work / "storage"),
-           "IndexDirectory": str(work / "index"), "DicomAet": "ORTHANC",
-           "DicomPort": dicom_port, "HttpPort": http_port, "RemoteAccessAllowed": False,
-           "AuthenticationEnabled": False, "DicomCheckCalledAet": False, "Plugins": [],
-           "StorageCompression": False, "OverwriteInstances": True}
-    (work / "orthanc.json").write_text(json.dumps(cfg, indent=2))
-    proc = ingest.start([ingest.TOOLS["Orthanc"], str(work / "orthanc.json")], log, work,
-                        ingest.base_env())
-    base = f"http://127.0.0.1:{http_port}"
+    proc, dicom_port, base = ingest.start_orthanc(work)
     try:
-        ingest.wait_ready(proc, log, "Orthanc", lambda: ingest.http_ok(f"{base}/system"))
         result = send("ORTHANC", dicom_port, proc.pid, path)
         with urllib.request.urlopen(f"{base}/statistics", timeout=10) as r:
             if json.loads(r.read())["CountInstances"] != 1:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import time
 from pathlib import Path
@@ -9,7 +10,9 @@ from typing import Callable, Iterable
 
 import pydicom
 
+from ith_proxy import dicomfile
 from ith_proxy.catalog import Catalog
+from ith_proxy.deid.engine import Deidentifier
 from ith_proxy.vault import Vault
 
 
@@ -109,3 +112,17 @@ def encrypt_v1(keyring, data: bytes, chunk: int = 1 << 20) -> bytes:
         token = keyring.encrypt(struct.pack(">QB", i, i == len(pieces) - 1) + piece)
         lines.append(token + b"\n")
     return b"".join(lines)
+
+
+def deidentify_file(path: Path, secret: bytes,
+                    options: frozenset[str] = frozenset()) -> tuple[bytes, dict]:
+    """What the indexer does with one file: its output bytes and vault record."""
+    deid = Deidentifier(secret, options)
+    with open(path, "rb") as src:
+        split = dicomfile.read_split(src, path)
+        result = deid.apply(split.header)
+        if split.trailer is not None:
+            deid.apply_fragment(split.trailer, result)
+        out = io.BytesIO()
+        dicomfile.write_joined(out, split, src)
+    return out.getvalue(), {"phi": result.phi}

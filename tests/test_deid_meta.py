@@ -31,7 +31,7 @@ from pydicom.sequence import Sequence
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 
 import canary
-from helpers import stored_files, vault_records
+from helpers import deidentify_file, stored_files, vault_records
 from ith_proxy import dicomfile
 from ith_proxy.deid.engine import Deidentifier
 
@@ -120,15 +120,7 @@ def write_file(path: Path, ds: Dataset, meta_extra=(), body_extra=(), trailer=()
 
 
 def deidentify(path: Path, options: frozenset[str] = frozenset()) -> tuple[bytes, dict]:
-    deid = Deidentifier(SECRET, options)
-    with open(path, "rb") as src:
-        split = dicomfile.read_split(src, path)
-        result = deid.apply(split.header)
-        if split.trailer is not None:
-            deid.apply_fragment(split.trailer, result)
-        out = io.BytesIO()
-        dicomfile.write_joined(out, split, src)
-    return out.getvalue(), {"phi": result.phi}
+    return deidentify_file(path, SECRET, options)
 
 
 def _in_vault(record: dict, value) -> bool:

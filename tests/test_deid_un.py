@@ -38,10 +38,9 @@ from pydicom.filewriter import write_data_element, write_dataset, write_file_met
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 import canary
-from helpers import vault_records
-from ith_proxy import dicomfile
+from helpers import deidentify_file, vault_records
 from ith_proxy.deid.dates import shift_days
-from ith_proxy.deid.engine import Deidentifier, _text
+from ith_proxy.deid.engine import _text
 from ith_proxy.deid.pseudo import patient_key
 
 SECRET = b"0123456789abcdef0123456789abcdef-un-tests"
@@ -220,16 +219,7 @@ def _leaks(data: bytes, corpus: canary.Canary) -> list[str]:
 
 
 def deidentify(path: Path, options: frozenset[str] = frozenset()) -> tuple[bytes, dict]:
-    """What the indexer does with one file: its output bytes and vault record."""
-    deid = Deidentifier(SECRET, options)
-    with open(path, "rb") as src:
-        split = dicomfile.read_split(src, path)
-        result = deid.apply(split.header)
-        if split.trailer is not None:
-            deid.apply_fragment(split.trailer, result)
-        out = io.BytesIO()
-        dicomfile.write_joined(out, split, src)
-    return out.getvalue(), {"phi": result.phi}
+    return deidentify_file(path, SECRET, options)
 
 
 # --------------------------------------------------------------------------

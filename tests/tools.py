@@ -530,6 +530,25 @@ class ProxyProcess:
         )
 
 
+def refused_start(workdir: str | os.PathLike[str], **kwargs: Any) -> str:
+    """Start a proxy that must refuse to start: exit 1 with one stderr line
+    and no traceback.  Returns that line."""
+    proxy = ProxyProcess(workdir, **kwargs)
+    try:
+        try:
+            proxy.start(timeout=60)
+        except ProxyStartError:
+            pass
+        else:
+            raise AssertionError("the proxy started; it should have refused")
+    finally:
+        proxy.stop()
+    assert proxy.returncode == 1, proxy.returncode
+    err = proxy.stderr_text().strip()
+    assert err.count("\n") == 0 and "Traceback" not in err, err
+    return err
+
+
 # --------------------------------------------------------------------------
 # DCMTK clients
 # --------------------------------------------------------------------------

@@ -312,7 +312,9 @@ def test_rotate_key_command(tmp_path: Path) -> None:
     with proxy:
         assert tools.storescu(proxy.dicom_port, series.files).returncode == 0
         wait_indexed(proxy.spool, 4)
-        (proxy.spool / "incoming" / "garbage-1").write_bytes(garbage)
+        staged = proxy.spool / "tmp" / "garbage-1"  # whole, then renamed in (as the SCP does)
+        staged.write_bytes(garbage)
+        staged.rename(proxy.spool / "incoming" / "garbage-1")
         wait_until(lambda: list((proxy.spool / "quarantine").glob("*/garbage-1.json")), 30,
                    "garbage quarantined")
         refused = _cli(proxy, "vault", "rotate-key")

@@ -14,7 +14,6 @@ import pytest
 
 import dicomgen
 from ith_proxy.audit import GENESIS, AuditBroken, AuditError, AuditLog, audit_key
-from worker_rooms import Rooms
 
 KEY = audit_key(b"s" * 64)
 
@@ -136,13 +135,6 @@ def test_an_unwritable_log_raises(tmp_path: Path) -> None:
     path.mkdir(parents=True)  # something in the way: open fails even as root
     with pytest.raises(AuditError, match="cannot open audit log"):
         AuditLog(path, KEY).record("cli:test", "quarantine.export", "x")
-
-
-@pytest.fixture
-def rooms(tmp_path: Path):
-    r = Rooms(tmp_path)
-    yield r
-    r.close()
 
 
 def test_cli_records_before_phi_access_and_verifies(rooms, tmp_path: Path) -> None:

@@ -29,13 +29,6 @@ from worker_rooms import Rooms
 CHUNK = vault_stream.CHUNK
 
 
-@pytest.fixture
-def rooms(tmp_path: Path):
-    r = Rooms(tmp_path / "site")
-    yield r
-    r.close()
-
-
 def _encrypted(keyring: Keyring, data: bytes, pieces: int = 1) -> bytes:
     step = max(1, len(data) // pieces)
     parts = [data[i:i + step] for i in range(0, len(data), step)] or [b""]

@@ -21,19 +21,11 @@ import tools
 from helpers import catalog_counts, stored_files, vault_records, wait_indexed, wait_until
 from ith_proxy import dicomfile, scp
 from ith_proxy.indexer import reindex
-from worker_rooms import Rooms
 
 REPO = Path(__file__).resolve().parent.parent
 DEFLATE_TS = "1.2.840.10008.1.2.1.99"
 EXPLICIT_LE = "1.2.840.10008.1.2.1"
 INFLATED_MB = 400
-
-
-@pytest.fixture
-def rooms(tmp_path: Path):
-    r = Rooms(tmp_path / "site")
-    yield r
-    r.close()
 
 
 def _explicit(group: int, elem: int, vr: bytes, value: bytes) -> bytes:

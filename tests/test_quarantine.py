@@ -13,20 +13,12 @@ import sys
 from pathlib import Path
 
 import pydicom
-import pytest
 
 import dicomgen
 import tools
 from helpers import find_bytes, stored_files, vault_records, wait_indexed, wait_until
 from ith_proxy import vault_stream
 from worker_rooms import Rooms
-
-
-@pytest.fixture
-def rooms(tmp_path: Path):
-    r = Rooms(tmp_path)
-    yield r
-    r.close()
 
 
 def _no_uid(src: Path) -> bytes:
@@ -106,7 +98,7 @@ def test_quarantine_commands(rooms, tmp_path: Path) -> None:
     assert again.returncode == 1 and again.stderr.count("\n") == 1
     assert "already exists" in again.stderr and out.read_bytes() == inconsistent
     default = rooms.cli("quarantine", "export", "unparseable/garbage-1")
-    assert default.returncode == 0 and (tmp_path / "garbage-1.dcm").read_bytes() == garbage
+    assert default.returncode == 0 and (rooms.root / "garbage-1.dcm").read_bytes() == garbage
 
     for bad in ("nope", "../../secrets/vault.key", "unparseable/../inconsistent/nouid-2",
                 "garbage-1.json", ""):

@@ -11,16 +11,8 @@ from pathlib import Path
 import pytest
 
 import tools
-from worker_rooms import Rooms
 
 SECRET = b"root:x:0:0:PHIMARK-target-outside-the-spool\n"
-
-
-@pytest.fixture
-def rooms(tmp_path: Path):
-    r = Rooms(tmp_path / "site")
-    yield r
-    r.close()
 
 
 @pytest.fixture

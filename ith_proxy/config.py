@@ -157,6 +157,13 @@ class Setting:
     env: str | None = None
 
 
+# The PS3.15 Annex E options of [deid], each a boolean setting, a DeidConfig
+# field and a column of the table (deid.profile): the names are written here once.
+DEID_OPTIONS = ("retain_long_full_dates", "retain_long_modified_dates",
+                "retain_patient_characteristics", "retain_device_identity",
+                "retain_institution_identity", "retain_uids", "clean_descriptors",
+                "retain_safe_private")
+
 SETTINGS: tuple[Setting, ...] = (
     Setting("scp", "ae_title", "DICOMRCV", _ae_title, "DICOM_AE_TITLE"),
     Setting("scp", "port", "11112", _int(1, 65535), "DICOM_PORT"),
@@ -183,14 +190,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("scheduler", "study_timeout", "60", _seconds, "DICOM_STUDY_TIMEOUT"),
     Setting("scheduler", "interval", "1", _seconds),
     Setting("deid", "anonymize", "true", _bool, "DICOM_ANONYMIZE_PATIENTS"),
-    Setting("deid", "retain_long_full_dates", "false", _bool),
-    Setting("deid", "retain_long_modified_dates", "false", _bool),
-    Setting("deid", "retain_patient_characteristics", "false", _bool),
-    Setting("deid", "retain_device_identity", "false", _bool),
-    Setting("deid", "retain_institution_identity", "false", _bool),
-    Setting("deid", "retain_uids", "false", _bool),
-    Setting("deid", "clean_descriptors", "false", _bool),
-    Setting("deid", "retain_safe_private", "false", _bool),
+    *(Setting("deid", name, "false", _bool) for name in DEID_OPTIONS),
     Setting("deid", "safe_private", "", parse_safe_private),
     Setting("deid", "quarantine_burned_in", "true", _bool),
     Setting("vault", "key_file", "", _text, "VAULT_KEY_FILE"),
@@ -264,11 +264,7 @@ class DeidConfig:
 
     def options(self) -> frozenset[str]:
         """The active Annex E option names."""
-        names = ("retain_long_full_dates", "retain_long_modified_dates",
-                 "retain_patient_characteristics", "retain_device_identity",
-                 "retain_institution_identity", "retain_uids", "clean_descriptors",
-                 "retain_safe_private")
-        return frozenset(n for n in names if getattr(self, n))
+        return frozenset(n for n in DEID_OPTIONS if getattr(self, n))
 
 
 @dataclass(frozen=True)

@@ -162,3 +162,20 @@ def test_unknown_key_and_bad_syntax_are_errors(tmp_path: Path) -> None:
 def test_vault_key_inside_spool_is_refused(tmp_path: Path) -> None:
     with pytest.raises(config.ConfigError, match="outside the spool"):
         config.load(env={"VAULT_KEY_FILE": str(tmp_path / "spool" / "k")}, cwd=tmp_path)
+
+
+def test_deid_option_names_are_written_once() -> None:
+    """config.DEID_OPTIONS is the one list: each is a [deid] setting, a
+    DeidConfig field, a table column, a method code and a builder column."""
+    import dataclasses
+
+    from ith_proxy.deid import build_table, profile
+
+    names = set(config.DEID_OPTIONS)
+    assert {s.key for s in config.SETTINGS if s.section == "deid"} >= names
+    assert {f.name for f in dataclasses.fields(config.DeidConfig)} >= names
+    assert set(profile.OPTION_COLUMNS) == names
+    assert set(profile.METHOD_CODES) - {"basic"} == names
+    assert names <= set(build_table.OPTION_KEYS)
+    every = config.DeidConfig(anonymize=True, **{n: True for n in names})
+    assert every.options() == names

@@ -28,19 +28,12 @@ from pathlib import Path
 
 from pydicom.tag import BaseTag
 
+from ..config import DEID_OPTIONS
+
 TABLE_FILE = Path(__file__).with_name("table_e1_1.json")
 
-# option name (config) -> option column key in the table file
-OPTION_COLUMNS = {
-    "retain_safe_private": "retain_safe_private",
-    "retain_uids": "retain_uids",
-    "retain_device_identity": "retain_device_identity",
-    "retain_institution_identity": "retain_institution_identity",
-    "retain_patient_characteristics": "retain_patient_characteristics",
-    "retain_long_full_dates": "retain_long_full_dates",
-    "retain_long_modified_dates": "retain_long_modified_dates",
-    "clean_descriptors": "clean_descriptors",
-}
+# option name (config) -> option column key in the table file (the same names)
+OPTION_COLUMNS = {name: name for name in DEID_OPTIONS}
 
 # DICOM CID 7050 codes for DeidentificationMethodCodeSequence
 METHOD_CODES = {

@@ -126,10 +126,6 @@ class Catalog:
 
     # --- indexer ---
 
-    def has_instance(self, sop_uid: str) -> bool:
-        return self.conn.execute(
-            "SELECT 1 FROM instances WHERE sop_uid = ?", (sop_uid,)).get is not None
-
     def instance_place(self, sop_uid: str) -> tuple[str, str, int | None] | None:
         """(study, series, vault offset) recorded for an instance, or None."""
         row = self.conn.execute(

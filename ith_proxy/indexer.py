@@ -96,14 +96,13 @@ def _check(split: dicomfile.SplitFile) -> None:
 
 class Indexer:
     def __init__(self, cfg: Config, spool: Spool, catalog: Catalog, vault: Vault,
-                 secret: bytes, clock=time.time) -> None:
+                 secret: bytes) -> None:
         self.cfg = cfg
         self.spool = spool
         self.catalog = catalog
         self.vault = vault
         self.deid = Deidentifier(secret, cfg.deid.options(), cfg.deid.safe_private)
         self.anonymize = cfg.deid.anonymize
-        self.clock = clock
         self.wake = threading.Event()
         self.processed = 0
         self.quarantined = 0

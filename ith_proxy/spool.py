@@ -29,7 +29,6 @@ import fcntl
 import json
 import os
 import re
-import shutil
 import time
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterable, Iterator
@@ -488,7 +487,3 @@ class Spool:
         if not allowed or not regular_file(path):
             raise ValueError(f"not a rewritable spool file: {path}")
         self._deliver(path, _keeping_times(path, write)[0])
-
-    def disk_usage(self) -> dict:
-        usage = shutil.disk_usage(self.root)
-        return {"total_mb": usage.total // 2**20, "free_mb": usage.free // 2**20}

@@ -4,7 +4,7 @@ file to a new key, crash-safely, so that the old key can be deleted.
 Three steps, each durable before the next begins (the service is stopped:
 the caller holds the spool's run lock):
 
-a. ``step_add_key``: the key file is replaced atomically by [new, old...].
+a. ``vault.add_new_key``: the key file is replaced atomically by [new, old...].
    The new key encrypts from now on; every key still decrypts.
 b. ``step_reencrypt``: ``vault.phi`` is re-encrypted line by line into
    ``tmp/`` and renamed over the old file (fsync file and directory); then
@@ -15,7 +15,7 @@ b. ``step_reencrypt``: ``vault.phi`` is re-encrypted line by line into
    old one, so record offsets (which the catalog stores) do not move; this
    is checked per line.  Records and files that do not decrypt are kept
    unchanged and reported, never dropped.
-c. ``step_drop_old_keys``: the key file is replaced by [new].
+c. ``vault.drop_old_keys``: the key file is replaced by [new].
 
 At every point between these writes each record and file decrypts with the
 key file as it is on disk: before (c) it holds the old keys too, after (c)
@@ -27,6 +27,7 @@ it (whatever key each part is under now) and drops the rest.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -62,18 +63,13 @@ class Rotation:
         return text + f"; {n(self.keys_removed, 'old key')} removed"
 
 
-def step_add_key(key_file: Path) -> None:
-    """(a) [new, old...] in the key file."""
-    add_new_key(key_file)
-
-
 def step_reencrypt(spool: Spool, vault_path: Path, key_file: Path) -> Rotation:
     """(b) the vault, then every encrypted raw input file, under the first key."""
     keyring = Keyring.load(key_file, create=False)
     rotation = Rotation()
     vault_path = Path(vault_path)
     if vault_path.exists():
-        with open(vault_path, "rb") as src:
+        with os.fdopen(os.open(vault_path, os.O_RDONLY | os.O_NOFOLLOW), "rb") as src:
             def write(out) -> None:
                 rotation.records, rotation.corrupt_records = \
                     reencrypt_records(src, out, keyring)
@@ -94,14 +90,9 @@ def step_reencrypt(spool: Spool, vault_path: Path, key_file: Path) -> Rotation:
     return rotation
 
 
-def step_drop_old_keys(key_file: Path) -> int:
-    """(c) [new] only in the key file; return how many keys were removed."""
-    return drop_old_keys(key_file)
-
-
 def rotate(spool: Spool, vault_path: Path, key_file: Path) -> Rotation:
     """All three steps.  The caller holds the spool's run lock."""
-    step_add_key(key_file)
-    rotation = step_reencrypt(spool, vault_path, key_file)
-    rotation.keys_removed = step_drop_old_keys(key_file)
+    add_new_key(key_file)  # (a)
+    rotation = step_reencrypt(spool, vault_path, key_file)  # (b)
+    rotation.keys_removed = drop_old_keys(key_file)  # (c)
     return rotation

@@ -21,8 +21,9 @@ import tools
 from helpers import wait_indexed
 from ith_proxy.deid import Deidentifier
 from ith_proxy.spool import Spool
-from ith_proxy.vault import Keyring, Vault, VaultRecordError, init_secrets, reencrypt_records
-from ith_proxy.vault_rotate import rotate, step_add_key, step_reencrypt
+from ith_proxy.vault import (Keyring, Vault, VaultRecordError, add_new_key, init_secrets,
+                             reencrypt_records)
+from ith_proxy.vault_rotate import rotate, step_reencrypt
 
 REPO = Path(__file__).resolve().parent.parent
 MB = 1 << 20
@@ -320,7 +321,7 @@ def test_a_length_change_aborts_the_rotation_for_either_kind(tmp_path: Path, mon
         seal = Keyring.seal_record
         monkeypatch.setattr(Keyring, "seal_record",
                             lambda self, parts, aad: [*seal(self, parts, aad), b"AB"])
-    step_add_key(vault.key_file)
+    add_new_key(vault.key_file)
     with pytest.raises(VaultRecordError, match="would move it"):
         step_reencrypt(spool, vault.path, vault.key_file)
     monkeypatch.undo()

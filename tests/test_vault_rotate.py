@@ -18,9 +18,9 @@ from helpers import encrypt_v1, vault_records, wait_indexed, wait_until
 from ith_proxy import vault_stream
 from ith_proxy.catalog import Catalog
 from ith_proxy.spool import Spool
-from ith_proxy.vault import Keyring, Vault, VaultRecordError, init_secrets, load_keys
-from ith_proxy.vault_rotate import (rotate, step_add_key, step_drop_old_keys,
-                                    step_reencrypt)
+from ith_proxy.vault import (Keyring, Vault, VaultRecordError, add_new_key, drop_old_keys,
+                             init_secrets, load_keys)
+from ith_proxy.vault_rotate import rotate, step_reencrypt
 
 
 @pytest.fixture
@@ -130,7 +130,7 @@ def test_the_key_id_selects_the_key_after_rotation(site, tmp_path: Path) -> None
     old = Keyring([old_key])
     v2_files = [spool.root / rel for rel in blobs if rel != "incoming/legacy-v1"]
     assert {_key_id(p) for p in v2_files} == {old.stream_key_id}
-    step_add_key(key_file)
+    add_new_key(key_file)
     ring = Keyring.load(key_file)
     new_key = load_keys(key_file)[0]
     new = Keyring([new_key])
@@ -172,7 +172,7 @@ def test_old_key_alone_no_longer_decrypts(site, tmp_path: Path) -> None:
 def test_crash_after_step_a_leaves_everything_readable(site) -> None:
     spool, vault_path, key_file, records, blobs = site
     before = vault_path.read_bytes()
-    step_add_key(key_file)  # ... and the power fails
+    add_new_key(key_file)  # ... and the power fails
     assert len(load_keys(key_file)) == 2
     assert vault_path.read_bytes() == before
     _assert_all_readable(spool, vault_path, key_file, records, blobs)
@@ -190,13 +190,13 @@ def test_crash_after_step_a_leaves_everything_readable(site) -> None:
 
 def test_crash_after_step_b_leaves_everything_readable(site) -> None:
     spool, vault_path, key_file, records, blobs = site
-    step_add_key(key_file)
+    add_new_key(key_file)
     step_reencrypt(spool, vault_path, key_file)  # ... and the power fails before (c)
     assert len(load_keys(key_file)) == 2
     _assert_all_readable(spool, vault_path, key_file, records, blobs)
     only_new = Keyring(load_keys(key_file)[:1])  # everything is under the new key already
     assert all(_plain(spool.root / rel, only_new) == data for rel, data in blobs.items())
-    assert step_drop_old_keys(key_file) == 1
+    assert drop_old_keys(key_file) == 1
     _assert_all_readable(spool, vault_path, key_file, records, blobs)
 
 
@@ -212,7 +212,7 @@ def test_crash_inside_step_b_leaves_everything_readable(site, monkeypatch) -> No
             raise OSError(5, "Input/output error")
         return real(self, path, write)
     monkeypatch.setattr(Spool, "rewrite", dying)
-    step_add_key(key_file)
+    add_new_key(key_file)
     with pytest.raises(OSError):
         step_reencrypt(spool, vault_path, key_file)
     monkeypatch.undo()
@@ -230,7 +230,7 @@ def test_a_token_length_change_aborts_before_anything_is_replaced(site, monkeypa
     real = Keyring.seal_record  # the records are v2 (test_vault_records.py has v1 too)
     monkeypatch.setattr(Keyring, "seal_record",
                         lambda self, parts, aad: [*real(self, parts, aad), b"A"])
-    step_add_key(key_file)
+    add_new_key(key_file)
     with pytest.raises(VaultRecordError, match="would move it"):
         step_reencrypt(spool, vault_path, key_file)
     monkeypatch.undo()

@@ -39,12 +39,11 @@ import hmac
 import json
 import os
 import pwd
-import secrets
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from .fsio import fsync_dir
+from .fsio import replace_private
 
 GENESIS = "0" * 64
 _KEY_LABEL = b"ith-proxy audit log v1"
@@ -125,21 +124,7 @@ def cli_actor() -> str:
 
 def _write_anchor(path: Path, body: dict) -> None:
     """Replace the anchor durably: tmp beside it, fsync, rename, fsync the folder."""
-    data = json.dumps(body, sort_keys=True).encode() + b"\n"
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-    try:
-        try:
-            if os.write(fd, data) != len(data):
-                raise OSError(errno.ENOSPC, "short write")
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.rename(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
+    replace_private(path, json.dumps(body, sort_keys=True).encode() + b"\n")
 
 
 def read_anchor(path: Path | None) -> dict | None:

@@ -100,3 +100,15 @@ def write_private(path: Path, data: bytes | Callable[[BinaryIO], object]) -> Pat
         tmp.unlink(missing_ok=True)
         raise
     return tmp
+
+
+def replace_private(path: Path, data: bytes) -> None:
+    """Replace ``path`` durably with a 0600 file holding ``data``: a private
+    tmp beside it (fsynced), rename over it, fsync the folder."""
+    tmp = write_private(path, data)
+    try:
+        os.rename(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)

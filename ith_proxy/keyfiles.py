@@ -19,7 +19,7 @@ import stat
 from pathlib import Path
 from typing import Callable
 
-from .fsio import fsync_dir, write_private  # noqa: F401  (re-exported through vault)
+from .fsio import fsync_dir, replace_private, write_private  # noqa: F401  (re-exported through vault)
 
 log = logging.getLogger("ith_proxy.vault")
 
@@ -106,14 +106,8 @@ def add_audit_key(key_file: Path) -> None:
     """Put a fresh audit key first, keep the old ones after it (they verify the
     records they signed); the next append records the change."""
     keys = load_audit_keys(key_file)
-    tmp = write_private(Path(key_file), _new_hex_secret() + b"".join(
+    replace_private(Path(key_file), _new_hex_secret() + b"".join(
         k.hex().encode() + b"\n" for k in keys))
-    try:
-        os.rename(tmp, key_file)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(Path(key_file).parent)
 
 
 def _new_vault_key() -> bytes:

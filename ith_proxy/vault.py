@@ -49,7 +49,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from .keyfiles import (  # noqa: F401  (re-exported: callers import them from vault)
     SECRET_MAKERS, VaultKeyError, _load_secret_file, _new_vault_key, add_audit_key,
     ensure_secrets, fsync_dir, init_secrets, load_audit_keys, load_site_secret,
-    secret_files, shared_volume_warning, write_private)
+    replace_private, secret_files, shared_volume_warning, write_private)
 from . import vault_record
 
 log = logging.getLogger("ith_proxy.vault")
@@ -95,13 +95,7 @@ def write_keys(key_file: Path, keys: list[bytes]) -> None:
     key_file = Path(key_file)
     for k in keys:
         Fernet(k)  # never write a key file that would not load
-    tmp = write_private(key_file, b"".join(k + b"\n" for k in keys))
-    try:
-        os.rename(tmp, key_file)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(key_file.parent)
+    replace_private(key_file, b"".join(k + b"\n" for k in keys))
 
 
 def add_new_key(key_file: Path) -> bytes:

@@ -5,7 +5,7 @@ For the two data sets of bench/ingest.py (200-slice 512x512 CT, 1000 small
 files (page cache warm):
 
 * **anonymize**: what the indexer does per instance, minus the spool and
-  catalog bookkeeping: ``dicomfile.read_split`` -> ``Deidentifier.apply``
+  catalog bookkeeping: ``dicom.files.read_split`` -> ``Deidentifier.apply``
   (+ ``apply_fragment`` for elements after the pixels) -> ``write_joined``
   into a file. The Deidentifier is taken from a real ``Indexer`` built from
   the default configuration, so it is constructed exactly as in the service.
@@ -42,11 +42,12 @@ def build_indexer(work: Path):
     """An Indexer on a fresh spool under ``work``, built as the service builds it
     (default configuration); returns (indexer, vault, catalog)."""
     from ith_proxy import config
-    from ith_proxy.catalog import Catalog
-    from ith_proxy.indexer import Indexer
-    from ith_proxy.libsetup import configure_libraries
-    from ith_proxy.spool import Spool
-    from ith_proxy.vault import Vault, init_secrets, load_site_secret
+    from ith_proxy.dicom.libsetup import configure_libraries
+    from ith_proxy.store.catalog import Catalog
+    from ith_proxy.store.spool import Spool
+    from ith_proxy.vault.keyfiles import init_secrets, load_site_secret
+    from ith_proxy.vault.records import Vault
+    from ith_proxy.workers.indexer import Indexer
 
     configure_libraries()  # as the indexer process does
     cfg = config.load(env={"DICOM_STORAGE_DIR": str(work / "spool")}, cwd=work)
@@ -68,17 +69,17 @@ def build_deidentifier(work: Path):
 def risk_check() -> Callable:
     """The indexer's phi-risk check (header and, where it exists, codestream scan)."""
     try:
-        from ith_proxy import codestream
         from ith_proxy.deid.risk import phi_risk
+        from ith_proxy.dicom import codestream
     except ImportError:  # before deid/risk.py: header only
-        from ith_proxy.indexer import _phi_risk
+        from ith_proxy.workers.indexer import _phi_risk
         return lambda split, src: _phi_risk(split.header)
     return lambda split, src: phi_risk(split.header, codestream.scan(src, split))
 
 
 def make_anonymizer(deid, vault, with_vault: bool) -> Callable[[Path, Path], None]:
     """One instance through the indexer's path (its _process, without the spool)."""
-    from ith_proxy import dicomfile
+    from ith_proxy.dicom import files as dicomfile
     at_risk = risk_check()
 
     read_params = len(inspect.signature(dicomfile.read_split).parameters)

@@ -14,16 +14,24 @@ import urllib.request
 from datetime import datetime, timezone
 from pathlib import Path
 
-from . import config as config_mod
-from . import vault_stream
-from .audit import AuditBroken, AuditError, AuditKeys, AuditLog, audit_key, cli_actor
-from .catalog import Catalog
-from .config import Config, ConfigError
-from .spool import Spool
-from .vault import (Keyring, Vault, VaultKeyError, VaultRecordError, add_audit_key,
-                    init_secrets, load_audit_keys, load_site_secret, secret_files,
-                    shared_volume_warning)
-from .vault_stream import EncryptedFileError
+from ith_proxy import config as config_mod
+from ith_proxy.config import Config, ConfigError
+from ith_proxy.store.audit import AuditBroken, AuditError, AuditKeys, AuditLog, audit_key, cli_actor
+from ith_proxy.store.catalog import Catalog
+from ith_proxy.store.spool import Spool
+from ith_proxy.vault import stream as vault_stream
+from ith_proxy.vault.keyfiles import (
+    VaultKeyError,
+    add_audit_key,
+    init_secrets,
+    load_audit_keys,
+    load_site_secret,
+    secret_files,
+    shared_volume_warning,
+)
+from ith_proxy.vault.keys import Keyring
+from ith_proxy.vault.records import Vault, VaultRecordError
+from ith_proxy.vault.stream import EncryptedFileError
 
 EXIT_CONFIG = 2
 
@@ -75,7 +83,7 @@ def _fail(message: str, code: int = 1) -> int:
 
 
 def cmd_run(cfg: Config) -> int:
-    from .service import Service, StartupError
+    from ith_proxy.service import Service, StartupError
     service = Service(cfg)
     try:
         service.run_forever()
@@ -100,7 +108,7 @@ def _api_health(cfg: Config) -> str:
 
 
 def cmd_status(cfg: Config, as_json: bool) -> int:
-    from .service import catalog_path
+    from ith_proxy.service import catalog_path
     spool = Spool(cfg.spool.dir)
     if not catalog_path(cfg).exists():
         return _fail(f"no catalog in {cfg.spool.dir}: the proxy has not run here yet")
@@ -137,9 +145,9 @@ def cmd_status(cfg: Config, as_json: bool) -> int:
 
 
 def cmd_reindex(cfg: Config) -> int:
-    from .indexer import reindex
-    from .libsetup import configure_libraries
-    from .service import catalog_path, vault_path
+    from ith_proxy.dicom.libsetup import configure_libraries
+    from ith_proxy.service import catalog_path, vault_path
+    from ith_proxy.workers.indexer import reindex
     configure_libraries()  # reindex reads every stored header
     spool = Spool(cfg.spool.dir)
     if not spool.studies.is_dir():
@@ -179,7 +187,7 @@ class _CliError(Exception):
 
 def cmd_init(cfg: Config) -> int:
     """Create the keys of a new site; never replace one (no partial creation)."""
-    from .service import catalog_path, vault_path
+    from ith_proxy.service import catalog_path, vault_path
     files = secret_files(cfg.vault.key_file)
     present = [str(p) for p in files.values() if p.exists() or p.is_symlink()]
     if present:
@@ -203,7 +211,7 @@ def _audit_log(cfg: Config, append: bool = False) -> AuditLog:
     """The audit log with its keys and anchor.  Appending signs with audit.key;
     on a site from before audit.key existed (no anchor yet) the key is made
     here, and the first append records the change from the old key."""
-    from .service import audit_path
+    from ith_proxy.service import audit_path
     key_file, anchor = cfg.vault.audit_key_file, cfg.vault.audit_anchor_file
     try:
         legacy = audit_key(load_site_secret(cfg.vault.secret_file))
@@ -273,8 +281,8 @@ def cmd_audit_rotate(cfg: Config) -> int:
 
 
 def cmd_vault_rotate(cfg: Config) -> int:
-    from .service import vault_path
-    from .vault_rotate import rotate
+    from ith_proxy.service import vault_path
+    from ith_proxy.vault.rotate import rotate
     if not cfg.vault.key_file.exists():
         return _fail(f"no vault key at {cfg.vault.key_file}: nothing to rotate")
     spool, lock = _locked_spool(cfg, "vault rotate-key")

@@ -3,8 +3,8 @@ file the crash-safe way needs (Maildir discipline: write a private file,
 fsync it, rename it into place, fsync the folder), and reads that never
 follow a symbolic link.
 
-Rooms that own files (``spool``, ``keyfiles``, ``audit``, ``vault``,
-``vault_stream``) use these instead of their own copies.
+Rooms that own files (``spool``, ``vault.keyfiles``, ``audit``, ``vault``,
+``vault.stream``) use these instead of their own copies.
 """
 
 from __future__ import annotations

@@ -35,7 +35,7 @@ import traceback
 import warnings
 from pathlib import Path
 
-from .config import LogConfig
+from ith_proxy.config import LogConfig
 
 FORMAT = "%(asctime)s %(levelname)s %(name)s [%(threadName)s] %(message)s"
 OWN = "ith_proxy"

@@ -20,17 +20,20 @@ import threading
 import time
 from pathlib import Path
 
-from . import logs, scp_stream, vault_stream
-from .api import ApiServer, make_app
-from .catalog import Catalog
-from .config import Config
-from .indexer import Indexer
-from .libsetup import configure_libraries
-from .scheduler import Scheduler
-from .scp import StorageSCP
-from .spool import Spool
-from .vault import (Keyring, Vault, ensure_secrets, load_site_secret,
-                    shared_volume_warning)
+from ith_proxy import logs
+from ith_proxy.config import Config
+from ith_proxy.dicom import scp_stream
+from ith_proxy.dicom.libsetup import configure_libraries
+from ith_proxy.dicom.scp import StorageSCP
+from ith_proxy.store.catalog import Catalog
+from ith_proxy.store.spool import Spool
+from ith_proxy.vault import stream as vault_stream
+from ith_proxy.vault.keyfiles import ensure_secrets, load_site_secret, shared_volume_warning
+from ith_proxy.vault.keys import Keyring
+from ith_proxy.vault.records import Vault
+from ith_proxy.web.app import ApiServer, make_app
+from ith_proxy.workers.indexer import Indexer
+from ith_proxy.workers.scheduler import Scheduler
 
 log = logging.getLogger("ith_proxy.service")
 

@@ -10,10 +10,10 @@ from typing import Callable, Iterable
 
 import pydicom
 
-from ith_proxy import dicomfile
-from ith_proxy.catalog import Catalog
 from ith_proxy.deid.engine import Deidentifier
-from ith_proxy.vault import Vault
+from ith_proxy.dicom import files as dicomfile
+from ith_proxy.store.catalog import Catalog
+from ith_proxy.vault.records import Vault
 
 
 def wait_until(predicate: Callable[[], object], timeout: float, what: str,
@@ -102,7 +102,7 @@ def read_header(path: Path) -> pydicom.Dataset:
 
 
 def encrypt_v1(keyring, data: bytes, chunk: int = 1 << 20) -> bytes:
-    """A raw input file in the legacy v1 format (``vault_stream`` reads it but
+    """A raw input file in the legacy v1 format (``vault.stream`` reads it but
     writes v2 only): a magic line, then per chunk one Fernet token holding an
     8-byte index, a last-chunk flag and the chunk."""
     import struct

@@ -1,8 +1,13 @@
-"""The room rules of DESIGN.md §3, enforced by reading imports with ``ast``.
+"""The room rules of docs/architecture.md, enforced by reading imports with ``ast``.
+
+A room is a module, named by its dotted path under ``ith_proxy`` (``store.spool``);
+the ``deid`` package is one room.  A rule may name a room or a whole package
+(``dicom`` covers ``dicom.scp``, ``dicom.ae`` ...).
 
 - each room imports only the rooms it may;
 - workers never import each other;
-- each third-party package lives in few rooms;
+- each third-party package lives in its package (pynetdicom in ``dicom/``,
+  bottle in ``web/``) or in one room (apsw in ``store.catalog``);
 - no module is so large that it is no longer one room.
 """
 
@@ -14,76 +19,112 @@ from pathlib import Path
 
 PKG = Path(__file__).resolve().parent.parent / "ith_proxy"
 
-# room -> project rooms it may import (config is everyone's)
-ALLOWED_ROOMS: dict[str, set[str]] = {
-    "config": set(),
-    "logs": {"config"},
-    # durable file primitives (fsync_dir, private write, writev), stdlib only
-    "fsio": set(),
-    "spool": {"config", "fsio"},
-    "catalog": {"config"},
-    "vault": {"config", "keyfiles", "vault_record"},
-    # the key folder's files (vault key, site secret, audit key) and when to create them
-    "keyfiles": {"config", "fsio"},
-    # the record lines of vault.phi (v2 AES-GCM, v1 Fernet); keys come in as an argument
-    "vault_record": set(),
-    # chunked Fernet files for raw input at rest (keys from vault.Keyring)
-    "vault_stream": {"config", "vault", "fsio"},
-    # key rotation: the key file, vault.phi and the encrypted spool files
-    "vault_rotate": {"config", "spool", "vault", "vault_stream"},
-    "deid": {"config", "deid"},
-    "dicomfile": {"config", "fsio"},
-    # pynetdicom reactor wake-ups, for every room that makes associations
-    "assoc_wake": set(),
-    # the pydicom/pynetdicom process-wide settings, applied by explicit call only
-    "libsetup": set(),
-    "audit": {"config", "fsio"},
-    # scp gets a stream-encryptor factory from the service; it imports no vault room
-    "scp": {"spool", "catalog", "config", "scp_stream", "assoc_wake"},
-    # the one replacement of pynetdicom's data set assembly (docs/architecture.md)
-    "scp_stream": {"config"},
-    "qr": {"spool", "catalog", "config", "dicomfile", "assoc_wake"},
-    "indexer": {"spool", "catalog", "vault", "vault_stream", "deid", "dicomfile", "codestream",
-                "config"},
-    # marker segments of encapsulated JPEG / JPEG 2000 pixel data (stdlib only)
-    "codestream": set(),
-    "scheduler": {"spool", "catalog", "config"},
-    "forwarder": {"spool", "catalog", "config", "dicomfile", "assoc_wake"},
-    "api": {"catalog", "vault", "audit", "config", "auth"},
-    "auth": {"config"},
-    "link": {"catalog", "config"},
-    "service": None,  # wires everything
-    "cli": None,      # thin, may call any room
+# room -> rooms or packages it may import (None: may import any room)
+ALLOWED_ROOMS: dict[str, set[str] | None] = {
     "__init__": set(),
     "__main__": {"cli"},
+    "config": set(),
+    "logs": {"config"},
+    # durable file primitives (fsync_dir, private write, whole append), stdlib only
+    "fsio": set(),
+    # what the health check, the metrics and the status page report
+    "health": {"config"},
+    "service": None,  # wires everything
+    "cli": None,      # thin, may call any room
+    # store/: the spool folders, the catalog (all SQL), the audit log
+    "store": set(),
+    "store.spool": {"config", "fsio"},
+    "store.catalog": {"config"},
+    "store.audit": {"config", "fsio"},
+    # vault/: keys (the only cryptography), key files, vault.phi, encrypted spool files
+    "vault": set(),
+    "vault.keyfiles": {"fsio"},
+    "vault.keys": {"fsio", "vault.keyfiles"},
+    "vault.records": {"vault.keys"},
+    "vault.stream": {"config", "fsio", "vault.keys"},
+    "vault.rotate": {"config", "store.spool", "vault.keys", "vault.records", "vault.stream"},
+    # deid/: one room, pure functions over data sets
+    "deid": {"config", "deid"},
+    # dicom/: every pynetdicom import; the files we read and write
+    "dicom": set(),
+    "dicom.files": {"config", "fsio"},
+    "dicom.codestream": set(),   # marker segments of JPEG / JPEG 2000 (stdlib only)
+    "dicom.wake": set(),         # reactor wake-ups, for every room that makes associations
+    "dicom.libsetup": set(),     # library settings, applied by explicit call only
+    "dicom.scp_stream": {"config"},  # the one replacement of pynetdicom's data set assembly
+    "dicom.ae": {"config", "dicom.scp_stream", "dicom.wake"},
+    # the SCP gets a stream-encryptor factory from the service; it imports no vault room
+    "dicom.scp": {"config", "store.spool", "dicom.ae", "dicom.scp_stream"},
+    "dicom.qr": {"config", "store.spool", "store.catalog", "dicom.ae", "dicom.files"},
+    # workers/: processes and threads that move instances through the spool
+    "workers": set(),
+    "workers.indexer": {"config", "store.spool", "store.catalog", "vault.records",
+                        "vault.stream", "deid", "dicom.files", "dicom.codestream"},
+    "workers.scheduler": {"config", "store.spool", "store.catalog"},
+    "workers.forwarder": {"config", "store.spool", "store.catalog", "dicom"},
+    # web/: the HTTP API
+    "web": {"config", "health", "store.catalog", "store.audit", "vault.records", "web"},
+    "web.app": {"config", "health", "store.catalog", "store.audit", "vault.records", "web"},
+    # link/: the backend WebSocket link
+    "link": {"config", "store.catalog", "link"},
 }
 
-WORKERS = {"scp", "qr", "indexer", "scheduler", "forwarder", "api", "link"}
+# a worker is a room (or package) that runs on its own; workers never import each other
+WORKERS = {"dicom.scp", "dicom.qr", "workers.indexer", "workers.scheduler",
+           "workers.forwarder", "web", "link"}
 
-# third-party package -> rooms allowed to import it
+# third-party package -> the rooms or packages allowed to import it
 THIRD_PARTY: dict[str, set[str]] = {
-    "pynetdicom": {"scp", "scp_stream", "qr", "forwarder", "assoc_wake", "libsetup"},
-    "apsw": {"catalog"},
-    "cryptography": {"vault"},
-    "bottle": {"api", "auth"},
-    "jwt": {"api", "auth"},
-    "waitress": {"api"},
+    "pynetdicom": {"dicom"},
+    "pydicom": {"dicom", "deid"},
+    "apsw": {"store.catalog"},
+    "cryptography": {"vault.keys"},
+    "bottle": {"web"},
+    "jwt": {"web"},
+    "waitress": {"web"},
     "websocket": {"link"},
-    "watchdog": {"indexer"},
-    "pydicom": {"deid", "dicomfile", "scp", "qr", "forwarder", "libsetup"},
+    "watchdog": {"workers.indexer"},
 }
 
 
-def _room(path: Path) -> str:
-    rel = path.relative_to(PKG)
-    return rel.parts[0] if len(rel.parts) > 1 else rel.stem
+def _within(room: str, spec: str) -> bool:
+    return room == spec or room.startswith(spec + ".")
+
+
+def _allowed(room: str, specs: set[str]) -> bool:
+    return any(_within(room, s) for s in specs)
+
+
+def _room(dotted: str) -> str:
+    """'ith_proxy.store.spool' -> 'store.spool'; the deid package is one room."""
+    parts = dotted.split(".")[1:]
+    if parts and parts[-1] == "__init__":
+        parts = parts[:-1]
+    if not parts:
+        return "__init__"
+    if parts[0] == "deid":
+        return "deid"
+    return ".".join(parts)
+
+
+def _worker(room: str) -> str | None:
+    return next((w for w in WORKERS if _within(room, w)), None)
+
+
+def _dotted(path: Path) -> str:
+    return ".".join(path.relative_to(PKG.parent).with_suffix("").parts)
+
+
+def _is_module(dotted: str) -> bool:
+    rel = Path(*dotted.split("."))
+    return (PKG.parent / rel).with_suffix(".py").is_file() or (PKG.parent / rel).is_dir()
 
 
 def _imports(path: Path) -> list[tuple[str, int]]:
-    """(absolute dotted module, line) for every import in a file."""
+    """(absolute dotted module, line) for every import in a file; ``from pkg
+    import mod`` counts as an import of ``pkg.mod``."""
     tree = ast.parse(path.read_text(), filename=str(path))
-    rel = path.relative_to(PKG.parent).with_suffix("")
-    package = list(rel.parts[:-1])
+    package = _dotted(path).split(".")[:-1]
     out = []
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
@@ -92,12 +133,11 @@ def _imports(path: Path) -> list[tuple[str, int]]:
             if node.level:
                 base = package[: len(package) - node.level + 1]
                 mod = ".".join(base + ([node.module] if node.module else []))
-                if node.module is None:
-                    out.extend((f"{mod}.{a.name}", node.lineno) for a in node.names)
-                    continue
             else:
                 mod = node.module or ""
-            out.append((mod, node.lineno))
+            subs = [f"{mod}.{a.name}" for a in node.names
+                    if mod.split(".")[0] == "ith_proxy" and _is_module(f"{mod}.{a.name}")]
+            out.extend((m, node.lineno) for m in subs or [mod])
     return out
 
 
@@ -106,33 +146,49 @@ def _modules() -> list[Path]:
 
 
 def test_every_module_is_a_known_room() -> None:
-    unknown = {_room(p) for p in _modules()} - set(ALLOWED_ROOMS)
-    assert not unknown, f"rooms missing from the rules (add them to DESIGN/architecture): {unknown}"
+    unknown = {_room(_dotted(p)) for p in _modules()} - set(ALLOWED_ROOMS)
+    assert not unknown, f"rooms missing from the rules (add them to docs/architecture.md): {unknown}"
 
 
 def test_rooms_import_only_what_they_may() -> None:
     stdlib = set(sys.stdlib_module_names)
     problems = []
     for path in _modules():
-        room = _room(path)
+        room = _room(_dotted(path))
         allowed = ALLOWED_ROOMS[room]
         for mod, line in _imports(path):
             top = mod.split(".")[0]
             where = f"{path.relative_to(PKG.parent)}:{line} imports {mod}"
             if top == "ith_proxy":
-                target = mod.split(".")[1] if "." in mod else "__init__"
+                target = _room(mod)
                 if target == room:
                     continue
-                if allowed is not None and target not in allowed:
+                if allowed is not None and not _allowed(target, allowed):
                     problems.append(f"{where}: room {room} may not import {target}")
-                if room in WORKERS and target in WORKERS:
+                mine, theirs = _worker(room), _worker(target)
+                if mine and theirs and mine != theirs:
                     problems.append(f"{where}: workers never import each other")
             elif top in THIRD_PARTY:
-                if room not in THIRD_PARTY[top] and room not in ("service",):
+                if not _allowed(room, THIRD_PARTY[top]) and room != "service":
                     problems.append(f"{where}: {top} belongs to {sorted(THIRD_PARTY[top])}")
             elif top not in stdlib and top != "__future__":
                 problems.append(f"{where}: unexpected third-party package {top}")
     assert not problems, "\n".join(problems)
+
+
+def test_the_rules_catch_a_stray_import(tmp_path: Path) -> None:
+    """The checker itself: a package-level rule covers its modules, a worker
+    importing another is caught, and a third-party import outside its package is."""
+    assert _room("ith_proxy.dicom.scp") == "dicom.scp"
+    assert _room("ith_proxy.deid.engine") == "deid"
+    assert _room("ith_proxy.store") == "store"
+    assert _allowed("dicom.ae", THIRD_PARTY["pynetdicom"])
+    assert not _allowed("workers.indexer", THIRD_PARTY["pynetdicom"])
+    assert not _allowed("vault.records", THIRD_PARTY["cryptography"])
+    assert _worker("web.app") == "web" and _worker("workers.indexer") == "workers.indexer"
+    assert _worker("store.spool") is None
+    assert ("ith_proxy.dicom.scp_stream", 1) in [
+        (m, 1) for m, _ in _imports(PKG / "dicom" / "scp.py")]
 
 
 def test_rooms_stay_small() -> None:
@@ -159,5 +215,5 @@ def test_no_module_level_mutable_state() -> None:
                 continue
             for t in targets:
                 if isinstance(t, ast.Name) and not t.id.isupper() and t.id != "__all__":
-                    problems.append(f"{path.name}:{node.lineno} {t.id}")
+                    problems.append(f"{_dotted(path)}:{node.lineno} {t.id}")
     assert not problems, f"module-level mutable state: {problems}"

@@ -10,10 +10,10 @@ import multiprocessing
 import os
 from pathlib import Path
 
+import dicomgen
 import pytest
 
-import dicomgen
-from ith_proxy.audit import GENESIS, AuditBroken, AuditError, AuditLog, audit_key
+from ith_proxy.store.audit import GENESIS, AuditBroken, AuditError, AuditLog, audit_key
 
 KEY = audit_key(b"s" * 64)
 

@@ -17,15 +17,16 @@ import os
 import struct
 from pathlib import Path
 
+import dicomgen
 import pydicom
 import pytest
-from pydicom.encaps import generate_frames
-
-import dicomgen
 import tools
 from helpers import find_bytes, stored_files, vault_records, wait_until
-from ith_proxy import dicomfile, vault_stream
+from pydicom.encaps import generate_frames
 from worker_rooms import Rooms
+
+from ith_proxy.dicom import files as dicomfile
+from ith_proxy.vault import stream as vault_stream
 
 JPEG_LOSSLESS = "1.2.840.10008.1.2.4.70"
 TOKEN = "PHIMARK-CODESTREAM-7f3a"  # stands for a patient name in a comment
@@ -104,7 +105,7 @@ def _insert(frame: bytes, at: int, segment: bytes) -> bytes:
 
 
 def _scan(path: Path) -> list[str]:
-    from ith_proxy import codestream
+    from ith_proxy.dicom import codestream
     split = dicomfile.read_split(path)
     with open(path, "rb") as fh:
         return codestream.scan(fh, split)
@@ -202,7 +203,7 @@ def test_a_frame_that_is_not_a_plain_codestream_cannot_be_checked(jpeg, tmp_path
 
 def test_the_scan_reads_only_marker_segments(jpeg, tmp_path) -> None:
     """Bounded work: a 4 MB frame costs a few KB of reads."""
-    from ith_proxy import codestream
+    from ith_proxy.dicom import codestream
     frame = _frames(jpeg["lossless"])[0]
     sos = frame.index(b"\xff\xda")
     end = sos + 2 + struct.unpack(">H", frame[sos + 2:sos + 4])[0]

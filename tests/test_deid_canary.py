@@ -26,10 +26,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import canary
 import pydicom
 import pytest
-
-import canary
 from helpers import vault_records
 
 CALLING_AE = "CANARYSCU"  # not a marker: the SCP may log it, but it must not reach studies/

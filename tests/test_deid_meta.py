@@ -21,8 +21,10 @@ import struct
 from datetime import date, datetime, timedelta
 from pathlib import Path
 
+import canary
 import pydicom
 import pytest
+from helpers import deidentify_file, stored_files, vault_records
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filebase import DicomFileLike
@@ -30,10 +32,8 @@ from pydicom.filewriter import write_data_element, write_dataset, write_file_met
 from pydicom.sequence import Sequence
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 
-import canary
-from helpers import deidentify_file, stored_files, vault_records
-from ith_proxy import dicomfile
 from ith_proxy.deid.engine import Deidentifier
+from ith_proxy.dicom import files as dicomfile
 
 SECRET = b"0123456789abcdef0123456789abcdef-meta-tests"
 ALLOWED_META = {0x00020000, 0x00020001, 0x00020002, 0x00020003, 0x00020010, 0x00020012,

@@ -19,14 +19,13 @@ import os
 from datetime import datetime, timedelta
 from pathlib import Path
 
-import pydicom
-import pytest
-from pydicom.dataset import Dataset
-
 import canary
 import dicomgen
+import pydicom
+import pytest
 from canary import BASIC_CODE, OPTION_CODES, deid_config, method_codes
 from helpers import catalog_counts, stored_files, vault_records
+from pydicom.dataset import Dataset
 
 LTIM = {"retain_long_full_dates": "UNMODIFIED", "retain_long_modified_dates": "MODIFIED"}
 

@@ -19,17 +19,17 @@ import re
 import struct
 from pathlib import Path
 
+import canary
 import pytest
+from helpers import stored_files
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filebase import DicomFileLike
 from pydicom.filewriter import write_data_element, write_file_meta_info
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 
-import canary
-from helpers import stored_files
 from ith_proxy import config
 from ith_proxy.deid import remap_uid
-from ith_proxy.spool import Spool
+from ith_proxy.store.spool import Spool
 
 SECRET = b"0123456789abcdef0123456789abcdef-uid-tests"
 BAD = ["1.2.3\n", "1.2.3 ", "1.2.3\x00", "1.2.a", "1..2", ".1.2", "1.2.", "1.2.3\n4",

@@ -30,15 +30,15 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 
+import canary
 import pydicom
 import pytest
+from helpers import deidentify_file, vault_records
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filebase import DicomFileLike
 from pydicom.filewriter import write_data_element, write_dataset, write_file_meta_info
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-import canary
-from helpers import deidentify_file, vault_records
 from ith_proxy.deid.dates import shift_days
 from ith_proxy.deid.engine import _text
 from ith_proxy.deid.pseudo import patient_key

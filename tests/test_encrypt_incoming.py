@@ -14,17 +14,26 @@ import threading
 import tracemalloc
 from pathlib import Path
 
+import dicomgen
 import pydicom
 import pytest
-
-import dicomgen
 import tools
-from helpers import (encrypt_v1, find_bytes, original_to_anonymized_sop, read_header,
-                     stored_files, vault_records, wait_indexed, wait_until)
-from ith_proxy import dicomfile, vault_stream
-from ith_proxy.scp import StorageSCP
-from ith_proxy.vault import Keyring
+from helpers import (
+    encrypt_v1,
+    find_bytes,
+    original_to_anonymized_sop,
+    read_header,
+    stored_files,
+    vault_records,
+    wait_indexed,
+    wait_until,
+)
 from worker_rooms import Rooms
+
+from ith_proxy.dicom import files as dicomfile
+from ith_proxy.dicom.scp import StorageSCP
+from ith_proxy.vault import stream as vault_stream
+from ith_proxy.vault.keys import Keyring
 
 CHUNK = vault_stream.CHUNK
 

@@ -13,14 +13,15 @@ import json
 import subprocess
 from pathlib import Path
 
+import dicomgen
 import pydicom
 import pytest
-
-import dicomgen
 import tools
 from helpers import original_to_anonymized_sop, stored_files, wait_indexed, wait_until
-from ith_proxy.audit import AuditLog, audit_key
-from ith_proxy.vault import Vault, init_secrets
+
+from ith_proxy.store.audit import AuditLog, audit_key
+from ith_proxy.vault.keyfiles import init_secrets
+from ith_proxy.vault.records import Vault
 
 
 def _mount_tmpfs(path: Path, size_mb: int) -> None:

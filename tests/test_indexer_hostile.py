@@ -13,14 +13,15 @@ import sys
 import zlib
 from pathlib import Path
 
+import dicomgen
 import pydicom
 import pytest
-
-import dicomgen
 import tools
 from helpers import catalog_counts, stored_files, vault_records, wait_indexed, wait_until
-from ith_proxy import dicomfile, scp
-from ith_proxy.indexer import reindex
+
+from ith_proxy.dicom import files as dicomfile
+from ith_proxy.dicom import scp
+from ith_proxy.workers.indexer import reindex
 
 REPO = Path(__file__).resolve().parent.parent
 DEFLATE_TS = "1.2.840.10008.1.2.1.99"
@@ -55,7 +56,7 @@ def deflate_bomb() -> bytes:
 _CHILD = r"""
 import json, resource, sys
 resource.setrlimit(resource.RLIMIT_DATA, (300 << 20, resource.RLIM_INFINITY))  # fail fast
-from ith_proxy import dicomfile
+from ith_proxy.dicom import files as dicomfile
 try:
     dicomfile.read_split(sys.argv[1])
     outcome = "parsed"

@@ -12,14 +12,22 @@ import subprocess
 import sys
 from pathlib import Path
 
+import dicomgen
 import pydicom
 import pytest
-
-import dicomgen
 import tools
-from helpers import (catalog_counts, catalog_study, find_bytes, original_to_anonymized_sop,
-                     read_header, stored_files, study_summary, vault_records, wait_indexed,
-                     wait_until)
+from helpers import (
+    catalog_counts,
+    catalog_study,
+    find_bytes,
+    original_to_anonymized_sop,
+    read_header,
+    stored_files,
+    study_summary,
+    vault_records,
+    wait_indexed,
+    wait_until,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -194,7 +202,7 @@ def test_reindex_rebuilds_the_same_catalog(ct_study) -> None:
 
 
 def _vault_offsets(spool: Path, study_uid: str) -> list:
-    from ith_proxy.catalog import Catalog
+    from ith_proxy.store.catalog import Catalog
     cat = Catalog(spool / "catalog.sqlite3", readonly=True)
     try:
         return cat.instance_vault_offsets(study_uid)

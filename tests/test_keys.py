@@ -13,9 +13,10 @@ import sys
 from pathlib import Path
 
 import pytest
-
 import tools
-from ith_proxy.vault import VaultKeyError, load_keys, load_site_secret
+
+from ith_proxy.vault.keyfiles import VaultKeyError, load_site_secret
+from ith_proxy.vault.keys import load_keys
 
 REPO = Path(__file__).resolve().parent.parent
 SECRETS = ("vault.key", "site.secret", "audit.key")

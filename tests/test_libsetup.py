@@ -41,10 +41,10 @@ def settings():
 def test_importing_ith_proxy_changes_no_library_global(tmp_path: Path) -> None:
     res = _run_python(_SETTINGS + """
 before = settings()
-import ith_proxy.scp, ith_proxy.dicomfile, ith_proxy.indexer, ith_proxy.service, ith_proxy.cli
-import ith_proxy.deid, ith_proxy.assoc_wake
+import ith_proxy.dicom.scp, ith_proxy.dicom.files, ith_proxy.workers.indexer, ith_proxy.service, ith_proxy.cli
+import ith_proxy.deid, ith_proxy.dicom.wake, ith_proxy.web.app, ith_proxy.vault.keys
 print(json.dumps([before, settings(), pc.IGNORE]), flush=True)
-from ith_proxy.libsetup import configure_libraries
+from ith_proxy.dicom.libsetup import configure_libraries
 configure_libraries()
 print(json.dumps(settings()))
 """, tmp_path)
@@ -67,13 +67,13 @@ def test_assoc_wake_falls_back_to_stock_polling_on_another_pynetdicom(tmp_path: 
         import pynetdicom.association, pynetdicom.dul
         from pynetdicom import AE, evt
         from pynetdicom.transport import RequestHandler
-        from ith_proxy import assoc_wake
+        from ith_proxy.dicom import wake as assoc_wake
         out = io.StringIO()
         handler = logging.StreamHandler(out)
         logging.getLogger("ith_proxy").addHandler(handler)
         logging.getLogger("ith_proxy").setLevel(logging.DEBUG)
 
-        class Handler(RequestHandler):  # as ith_proxy.scp wires every association
+        class Handler(RequestHandler):  # as ith_proxy.dicom.ae wires every association
             def _create_association(self):
                 assoc = super()._create_association()
                 assoc_wake.wake_on_work(assoc)
@@ -93,7 +93,7 @@ def test_assoc_wake_falls_back_to_stock_polling_on_another_pynetdicom(tmp_path: 
             assoc = scu.associate("127.0.0.1", server.server_address[1], ae_title="FALLBACK")
             statuses.append(assoc.send_c_echo().Status)
             assoc.release()
-        socketserver.BaseServer.shutdown(server)  # as ith_proxy.scp._Server does
+        socketserver.BaseServer.shutdown(server)  # as ith_proxy.dicom.ae.Server does
         server.server_close()
         made = server.made
         print(statuses == [0, 0, 0], len(made) == 3,

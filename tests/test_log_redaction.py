@@ -21,16 +21,16 @@ import textwrap
 import threading
 from pathlib import Path
 
+import dicomgen
 import pydicom
 import pytest
+import tools
+from helpers import catalog_counts, find_bytes, wait_until
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 from pynetdicom import AE, _config, evt
 
-import dicomgen
-import tools
-from helpers import catalog_counts, find_bytes, wait_until
 from ith_proxy import logs
 
 REPO = Path(__file__).resolve().parent.parent
@@ -226,7 +226,7 @@ def test_a_failing_api_route_writes_its_exception_type_not_its_message(tmp_path:
         import urllib.error, urllib.request
         from pathlib import Path
         from ith_proxy import logs
-        from ith_proxy.api import ApiServer, make_app
+        from ith_proxy.web.app import ApiServer, make_app
         from ith_proxy.config import ApiConfig, LogConfig
         logs.setup(Path("logs"), LogConfig("INFO", 1 << 20, 2), console=True)
         def health():

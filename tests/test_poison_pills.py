@@ -16,9 +16,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pydicom
-
 import dicomgen
+import pydicom
 import tools
 from helpers import catalog_counts, original_to_anonymized_sop, wait_until
 from worker_rooms import Rooms
@@ -34,7 +33,7 @@ def _make_pill(path: Path, marker: str) -> None:
 
 
 def _catalog_sops(spool: Path) -> set[str]:
-    from ith_proxy.catalog import Catalog
+    from ith_proxy.store.catalog import Catalog
     cat = Catalog(spool / "catalog.sqlite3", readonly=True)
     try:
         return {r[0] for r in cat.conn.execute("SELECT sop_uid FROM instances")}

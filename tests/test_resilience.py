@@ -10,12 +10,20 @@ import threading
 import time
 from pathlib import Path
 
-from pynetdicom import AE
-
 import dicomgen
 import tools
-from helpers import (catalog_counts, catalog_study, original_to_anonymized_sop, read_header,
-                     stored_files, study_summary, vault_records, wait_indexed, wait_until)
+from helpers import (
+    catalog_counts,
+    catalog_study,
+    original_to_anonymized_sop,
+    read_header,
+    stored_files,
+    study_summary,
+    vault_records,
+    wait_indexed,
+    wait_until,
+)
+from pynetdicom import AE
 
 
 def _only_study(spool: Path) -> str:

@@ -20,12 +20,11 @@ from io import BytesIO
 from pathlib import Path
 
 import pytest
+import tools
+from helpers import stored_files, wait_indexed, wait_until
 from pynetdicom import AE
 from pynetdicom.dimse_messages import C_STORE_RQ
 from pynetdicom.dimse_primitives import C_STORE
-
-import tools
-from helpers import stored_files, wait_indexed, wait_until
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 EXPLICIT_LE = "1.2.840.10008.1.2.1"

@@ -1,8 +1,8 @@
-"""The SCP's streamed reception (ith_proxy/scp_stream.py, issue 6):
+"""The SCP's streamed reception (ith_proxy/dicom/scp_stream.py, issue 6):
 
 - a 1 GB instance sent by DCMTK storescu to a real proxy grows the proxy
   process's peak RSS by less than 64 MB, and lands de-identified in studies/;
-- the push-style ``vault_stream.EncryptingWriter`` writes the same v2 file
+- the push-style ``vault.stream.EncryptingWriter`` writes the same v2 file
   that ``encrypt_stream`` writes (the indexer reads it unchanged);
 - the first-element check works whatever the fragmentation;
 - on any pynetdicom but 3.0.4 the proxy refuses to start, with one line.
@@ -17,17 +17,17 @@ import shutil
 import sys
 from pathlib import Path
 
-import pytest
-
 import dicomgen
+import pytest
 import tools
 from helpers import stored_files, wait_indexed
-from ith_proxy import vault_stream
-from ith_proxy.spool import Spool
-from ith_proxy.vault import Keyring
+
+from ith_proxy.store.spool import Spool
+from ith_proxy.vault import stream as vault_stream
+from ith_proxy.vault.keys import Keyring
 
 try:  # imported here so that the other tests still run (and fail) without the module
-    from ith_proxy import scp_stream
+    from ith_proxy.dicom import scp_stream
 except ImportError:  # main before issue 6
     scp_stream = None  # type: ignore[assignment]
 

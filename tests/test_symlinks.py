@@ -9,7 +9,6 @@ import os
 from pathlib import Path
 
 import pytest
-
 import tools
 
 SECRET = b"root:x:0:0:PHIMARK-target-outside-the-spool\n"
@@ -106,7 +105,8 @@ def test_readers_of_spool_files_do_not_follow_a_link_swapped_in(rooms, target) -
     """A name the indexer already listed, swapped for a link before it is
     opened: the raw-input reader, the header reader, the vault and the
     attempt markers all refuse the link (ELOOP) instead of reading the target."""
-    from ith_proxy import dicomfile, vault_stream
+    from ith_proxy.dicom import files as dicomfile
+    from ith_proxy.vault import stream as vault_stream
 
     link = rooms.spool.incoming / "swapped"
     link.symlink_to(target)

@@ -9,8 +9,10 @@ import textwrap
 import time
 from pathlib import Path
 
+import dicomgen
 import pydicom
 import pytest
+import tools
 from pydicom.uid import (
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
@@ -19,10 +21,6 @@ from pydicom.uid import (
     RTPlanStorage,
     SecondaryCaptureImageStorage,
 )
-
-import dicomgen
-import tools
-
 
 # --------------------------------------------------------------------------
 # dicomgen

@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 
 from ith_proxy.deid import patient_key, patient_pseudonym, remap_uid
-from ith_proxy.vault import (Vault, VaultKeyError, VaultRecordError, init_secrets, load_keys,
-                             load_site_secret)
+from ith_proxy.vault.keyfiles import VaultKeyError, init_secrets, load_site_secret
+from ith_proxy.vault.keys import load_keys
+from ith_proxy.vault.records import Vault, VaultRecordError
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -12,18 +12,19 @@ import subprocess
 import sys
 from pathlib import Path
 
+import dicomgen
 import pydicom
 import pytest
-from pydicom.dataset import Dataset
-
-import dicomgen
 import tools
 from helpers import wait_indexed
+from pydicom.dataset import Dataset
+
 from ith_proxy.deid import Deidentifier
-from ith_proxy.spool import Spool
-from ith_proxy.vault import (Keyring, Vault, VaultRecordError, add_new_key, init_secrets,
-                             reencrypt_records)
-from ith_proxy.vault_rotate import rotate, step_reencrypt
+from ith_proxy.store.spool import Spool
+from ith_proxy.vault.keyfiles import init_secrets
+from ith_proxy.vault.keys import Keyring, add_new_key
+from ith_proxy.vault.records import Vault, VaultRecordError, reencrypt_records
+from ith_proxy.vault.rotate import rotate, step_reencrypt
 
 REPO = Path(__file__).resolve().parent.parent
 MB = 1 << 20
@@ -93,7 +94,8 @@ import json, os, sys, gc
 sys.path.insert(0, sys.argv[1])
 sys.path.insert(0, os.path.join(sys.argv[1], "tests"))
 from test_vault_records import _indexer_record, _binary_leaves, _line_at
-from ith_proxy.vault import Vault, init_secrets
+from ith_proxy.vault.keyfiles import init_secrets
+from ith_proxy.vault.records import Vault
 from pathlib import Path
 
 def status(field):

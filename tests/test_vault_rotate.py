@@ -10,17 +10,18 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 import dicomgen
+import pytest
 import tools
 from helpers import encrypt_v1, vault_records, wait_indexed, wait_until
-from ith_proxy import vault_stream
-from ith_proxy.catalog import Catalog
-from ith_proxy.spool import Spool
-from ith_proxy.vault import (Keyring, Vault, VaultRecordError, add_new_key, drop_old_keys,
-                             init_secrets, load_keys)
-from ith_proxy.vault_rotate import rotate, step_reencrypt
+
+from ith_proxy.store.catalog import Catalog
+from ith_proxy.store.spool import Spool
+from ith_proxy.vault import stream as vault_stream
+from ith_proxy.vault.keyfiles import init_secrets
+from ith_proxy.vault.keys import Keyring, add_new_key, drop_old_keys, load_keys
+from ith_proxy.vault.records import Vault, VaultRecordError
+from ith_proxy.vault.rotate import rotate, step_reencrypt
 
 
 @pytest.fixture

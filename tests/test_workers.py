@@ -8,20 +8,21 @@ import os
 import time
 from pathlib import Path
 
+import dicomgen
 import pydicom
 import pytest
-from pydicom.uid import RLELossless
-
-import dicomgen
 import tools
 from helpers import stored_files, wait_indexed
+from pydicom.uid import RLELossless
+
 from ith_proxy import config
-from ith_proxy.catalog import Catalog
-from ith_proxy.indexer import Indexer
-from ith_proxy.libsetup import configure_libraries
-from ith_proxy.scheduler import Scheduler
-from ith_proxy.spool import Spool
-from ith_proxy.vault import Vault, init_secrets, load_site_secret
+from ith_proxy.dicom.libsetup import configure_libraries
+from ith_proxy.store.catalog import Catalog
+from ith_proxy.store.spool import Spool
+from ith_proxy.vault.keyfiles import init_secrets, load_site_secret
+from ith_proxy.vault.records import Vault
+from ith_proxy.workers.indexer import Indexer
+from ith_proxy.workers.scheduler import Scheduler
 
 
 class Clock:

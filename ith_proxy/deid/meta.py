@@ -16,7 +16,7 @@ from pydicom.dataelem import DataElement
 from pydicom.dataset import FileMetaDataset
 from pydicom.tag import BaseTag
 
-from ..config import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION
+from ith_proxy.config import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION
 
 KEPT = frozenset((0x00020001, 0x00020002, 0x00020003, 0x00020010, 0x00020012, 0x00020013))
 _OURS = ((BaseTag(0x00020001), "OB", b"\x00\x01"),

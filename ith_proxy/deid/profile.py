@@ -28,7 +28,7 @@ from pathlib import Path
 
 from pydicom.tag import BaseTag
 
-from ..config import DEID_OPTIONS
+from ith_proxy.config import DEID_OPTIONS
 
 TABLE_FILE = Path(__file__).with_name("table_e1_1.json")
 

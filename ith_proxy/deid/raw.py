@@ -21,7 +21,7 @@ from pydicom.filebase import DicomFileLike
 from pydicom.filewriter import write_data_element, write_dataset
 from pydicom.tag import BaseTag
 
-from .pseudo import unpad_uid
+from ith_proxy.deid.pseudo import unpad_uid
 
 TEXT_VRS = frozenset("AE AS CS DA DS DT IS LO LT PN SH ST TM UC UI UR UT".split())
 _CHARSET_VRS = frozenset({"PN", "LO", "SH", "ST", "LT", "UT", "UC"})

@@ -1,7 +1,7 @@
 """Is an instance a PHI risk that de-identifying its header cannot remove?
 
 Pure functions on the header dataset and on the findings of the pixel data
-scan (ith_proxy/codestream.py).  The indexer quarantines a risky instance to
+scan (ith_proxy/dicom/codestream.py).  The indexer quarantines a risky instance to
 ``quarantine/phi-risk/`` instead of de-identifying it; the reasons are fixed
 phrases naming attributes or segment kinds, never values.
 

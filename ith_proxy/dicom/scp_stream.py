@@ -78,7 +78,7 @@ def check_library(version: str | None = None) -> None:
     found = pynetdicom.__version__ if version is None else version
     if found != WRITTEN_FOR:
         raise LibraryMismatch(
-            f"pynetdicom {found} is installed, but ith_proxy/scp_stream.py replaces the "
+            f"pynetdicom {found} is installed, but ith_proxy/dicom/scp_stream.py replaces the "
             f"data set assembly of pynetdicom {WRITTEN_FOR} only (pin it, or port that module)")
 
 

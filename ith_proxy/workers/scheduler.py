@@ -18,9 +18,9 @@ import time
 from datetime import datetime, timezone
 from typing import Callable
 
-from .catalog import Catalog
-from .config import Config
-from .spool import Spool
+from ith_proxy.config import Config
+from ith_proxy.store.catalog import Catalog
+from ith_proxy.store.spool import Spool
 
 log = logging.getLogger("ith_proxy.scheduler")
 

@@ -29,7 +29,7 @@ from pydicom.filereader import read_dataset
 from pydicom.filewriter import write_data_element, write_file_meta_info
 from pydicom.uid import UID
 
-from .fsio import open_read
+from ith_proxy.fsio import open_read
 
 # Headers are read and written as they are, without value validation: set by
 # libsetup.configure_libraries(), which every entry point calls.

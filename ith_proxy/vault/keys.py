@@ -1,43 +1,31 @@
-"""The PHI vault: an append-only file of encrypted records, and the vault keys.
+"""The vault keys: the one ``cryptography`` import of the project.
 
-``spool/vault.phi`` holds one record per line (the line formats, v2 AES-GCM
-written and v1 Fernet still read, are ``vault_record``'s).  A record's id is
-its byte offset, which the catalog keeps.  Records are never rewritten in
-place; a torn last line left by a crash is sealed with a newline and reads
-as one corrupt record, while every other record still decrypts.  Binary
-values are stored raw (4/3 of their size after base64) and read back as
-``bytes``.
+The vault key file lives outside the spool (how it and the secrets beside it
+are found, checked and, only for a new spool or by ``ith-proxy init``,
+created is ``vault.keyfiles``' job).  It may hold several keys, one per line:
+the first encrypts, all decrypt (``Keyring``, a MultiFernet).  Key rotation
+(``vault.rotate``) adds a new first key, re-encrypts, then drops the old
+ones; the key file steps live here.
 
-The key file lives outside the spool; how it and the secrets beside it are
-found, checked and (only for a new spool, or by ``ith-proxy init``) created
-is ``keyfiles``' job, re-exported here.  It may hold several keys, one per
-line: the first encrypts, all decrypt (``Keyring``, a MultiFernet).  Key
-rotation (``vault_rotate``) adds a new first key, re-encrypts, then drops the
-old ones; the helpers for the key file and for re-encrypting the record file
-live here, with the only ``cryptography`` import of the project.  A second
-secret beside the key keys the pseudonyms.
-
-Bulk data (raw input at rest, ``vault_stream``) is not Fernet-encrypted: the
+Bulk data (raw input at rest, ``vault.stream``) is not Fernet-encrypted: the
 keyring also holds, per vault key, an AES-256-GCM key derived from it with
 HKDF-SHA256 (its own info string, so it is never the Fernet key itself) and
 named by a key id (the first 8 bytes of SHA-256 over the derived key), and
 seals and opens single chunks with it.  The chunk layout, its associated
-data and the file format belong to ``vault_stream``.  The same key seals
+data and the file format belong to ``vault.stream``.  The same key seals
 v2 vault records (``seal_record``/``open_record`` in pieces, a small one
 opened with ``open_chunk``) under the record's own associated data, which
-``vault_record`` defines.
+``vault.records`` defines.
 """
 
 from __future__ import annotations
 
 import base64
-import errno
 import hashlib
 import logging
 import os
-import threading
 from pathlib import Path
-from typing import BinaryIO, Iterable, Iterator, Sequence
+from typing import Iterable, Iterator, Sequence
 
 from cryptography.exceptions import InvalidTag
 from cryptography.fernet import Fernet, InvalidToken, MultiFernet
@@ -46,17 +34,10 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from .keyfiles import (  # noqa: F401  (re-exported: callers import them from vault)
-    SECRET_MAKERS, VaultKeyError, _load_secret_file, _new_vault_key, add_audit_key,
-    ensure_secrets, fsync_dir, init_secrets, load_audit_keys, load_site_secret,
-    replace_private, secret_files, shared_volume_warning, write_private)
-from . import vault_record
+from ith_proxy.fsio import replace_private
+from ith_proxy.vault.keyfiles import VaultKeyError, load_secret_file, new_vault_key
 
 log = logging.getLogger("ith_proxy.vault")
-
-
-class VaultRecordError(RuntimeError):
-    """One record cannot be read; the others are unaffected."""
 
 
 class DecryptError(ValueError):
@@ -78,7 +59,7 @@ def _stream_key(key: bytes) -> tuple[bytes, bytes]:
 
 
 def load_keys(key_file: Path, create: bool = False) -> list[bytes]:
-    raw = _load_secret_file(Path(key_file), _new_vault_key, "vault key", create)
+    raw = load_secret_file(Path(key_file), new_vault_key, "vault key", create)
     keys = [line.strip() for line in raw.splitlines() if line.strip()]
     if not keys:
         raise VaultKeyError(f"vault key {key_file} is empty")
@@ -224,115 +205,3 @@ class Keyring:
                                "(authentication failed)") from None
         if at != len(out):
             raise DecryptError("corrupt (too short)")
-
-
-def reencrypt_records(src: BinaryIO, out: BinaryIO, keyring: Keyring) -> tuple[int, list[int]]:
-    """Rotation step (b) for vault.phi (``vault_record.reencrypt_records``):
-    every record under the first key, each keeping its length and offset."""
-    try:
-        return vault_record.reencrypt_records(src, out, keyring)
-    except vault_record.LengthChanged as exc:
-        raise VaultRecordError(str(exc)) from None
-
-
-class Vault:
-    def __init__(self, path: Path, key_file: Path) -> None:
-        self.path = Path(path)
-        self.key_file = Path(key_file)
-        self.keyring = Keyring.load(self.key_file)
-        self._lock = threading.Lock()
-        self._fd: int | None = None
-
-    def _open_append(self) -> int:
-        if self._fd is None:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o600)
-            size = os.fstat(fd).st_size
-            if size and os.pread(fd, 1, size - 1) != b"\n":
-                os.write(fd, b"\n")  # seal a torn record from a crash
-            self._fd = fd
-        return self._fd
-
-    def put(self, record: dict) -> int:
-        """Append one record; return its offset.  Call sync() before relying on it.
-
-        The record is JSON plus ``bytes``/``bytearray`` values, which are stored
-        raw (v2, ``vault_record``); a large one is sealed and written piece by
-        piece, so memory never holds an encoded copy of it."""
-        parts = vault_record.frame(record)
-        with self._lock:
-            fd = self._open_append()
-            offset = os.fstat(fd).st_size
-            try:  # one write if small, else one per ~1 MiB piece
-                for piece in vault_record.seal(parts, self.keyring, offset):
-                    if os.write(fd, piece) != len(piece):  # a full disk gives a short write
-                        raise OSError(errno.ENOSPC, "short write to the vault")
-            except BaseException:
-                try:  # drop the torn tail so the vault stays whole records
-                    os.ftruncate(fd, offset)
-                except OSError:
-                    pass
-                os.close(fd)  # a reopen seals whatever tail is left with a newline
-                self._fd = None
-                raise
-        return offset
-
-    def sync(self) -> None:
-        with self._lock:
-            if self._fd is not None:
-                os.fsync(self._fd)
-
-    def close(self) -> None:
-        with self._lock:
-            if self._fd is not None:
-                os.close(self._fd)
-                self._fd = None
-
-    def _open(self, offset: int, line: bytes) -> tuple[int, bytes | bytearray]:
-        try:
-            return vault_record.open_line(line, self.keyring, offset)
-        except ValueError:  # DecryptError, base64, framing
-            raise VaultRecordError(f"vault record at offset {offset} is corrupt "
-                                   "or was written under an unknown key") from None
-
-    def _parse(self, offset: int, opened: tuple[int, bytes | bytearray]) -> dict:
-        try:
-            return vault_record.parse(*opened)
-        except (ValueError, IndexError, KeyError, TypeError):
-            raise VaultRecordError(f"vault record at offset {offset} is corrupt") from None
-
-    def get(self, offset: int, study: str | None = None, sop: str | None = None) -> dict:
-        """The record at ``offset``.  Given the (anonymized) study and SOP
-        Instance UID of the instance that asks, a record that is another
-        instance's is refused (VaultRecordError), never handed out."""
-        try:
-            fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW)
-            with os.fdopen(fd, "rb") as fh:
-                fh.seek(offset)  # the line is dropped before the record is parsed
-                opened = self._open(offset, vault_record.read_line(fh))
-        except FileNotFoundError:
-            raise VaultRecordError("the vault file does not exist") from None
-        record = self._parse(offset, opened)
-        if (sop is not None and record.get("sop") != sop) or \
-                (study is not None and record.get("study") != study):
-            raise VaultRecordError(f"vault record at offset {offset} belongs to another instance")
-        return record
-
-    def scan(self) -> Iterator[tuple[int, dict | VaultRecordError]]:
-        """Yield (offset, record) for every record; a bad one yields its error."""
-        try:
-            fh = os.fdopen(os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW), "rb")
-        except FileNotFoundError:
-            return
-        with fh:
-            offset = 0
-            while line := vault_record.read_line(fh):
-                length = len(line)
-                if not line.isspace():  # (strip would copy a large line)
-                    try:
-                        opened = self._open(offset, line)
-                        del line
-                        yield offset, self._parse(offset, opened)
-                    except VaultRecordError as exc:
-                        yield offset, exc
-                    opened = None
-                offset += length

@@ -6,7 +6,7 @@ and are never made silently: the readers here refuse a missing file, and only
 (``ith-proxy init``) create them, never over an existing one.  A key file is
 checked by ownership and mode, following links, because the folder may be a
 mounted link (Kubernetes' ``..data``).  Parsing a vault key (Fernet) stays in
-``vault``; this module holds the files and the policy, not the cryptography.
+``vault.keys``; this module holds the files and the policy, not the cryptography.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import stat
 from pathlib import Path
 from typing import Callable
 
-from .fsio import fsync_dir, replace_private, write_private  # noqa: F401  (re-exported through vault)
+from ith_proxy.fsio import fsync_dir, replace_private, write_private
 
 log = logging.getLogger("ith_proxy.vault")
 
@@ -60,7 +60,7 @@ def _create_secret(path: Path, content: bytes, what: str) -> bool:
     return True
 
 
-def _load_secret_file(path: Path, make: Callable[[], bytes], what: str,
+def load_secret_file(path: Path, make: Callable[[], bytes], what: str,
                       create: bool = False) -> bytes:
     """Read a 0600 secret file.  A missing one is an error (VaultKeyError) unless
     ``create``: only ``ensure_secrets`` on a new spool and ``ith-proxy init`` ask
@@ -80,7 +80,7 @@ def _load_secret_file(path: Path, make: Callable[[], bytes], what: str,
 def load_site_secret(secret_file: Path, create: bool = False) -> bytes:
     """The HMAC key behind pseudonyms and UID remapping (stable for the site's
     life); older audit logs were MACed under a key derived from it."""
-    raw = _load_secret_file(secret_file, _new_hex_secret, "site secret", create)
+    raw = load_secret_file(secret_file, _new_hex_secret, "site secret", create)
     value = raw.strip()
     if len(value) < 32:
         raise VaultKeyError(f"site secret {secret_file} is too short")
@@ -91,7 +91,7 @@ def load_audit_keys(key_file: Path, create: bool = False) -> list[bytes]:
     """The audit log's own MAC keys (``audit.key``, one hex key a line): the
     first signs new records, every one verifies.  Only the operator and the
     service need to read it, unlike the site secret."""
-    raw = _load_secret_file(Path(key_file), _new_hex_secret, "audit key", create)
+    raw = load_secret_file(Path(key_file), _new_hex_secret, "audit key", create)
     try:
         keys = [bytes.fromhex(line.strip().decode()) for line in raw.splitlines()
                 if line.strip()]
@@ -110,7 +110,7 @@ def add_audit_key(key_file: Path) -> None:
         k.hex().encode() + b"\n" for k in keys))
 
 
-def _new_vault_key() -> bytes:
+def new_vault_key() -> bytes:
     """A Fernet key (what Fernet.generate_key makes: 32 random bytes, urlsafe base64)."""
     return base64.urlsafe_b64encode(os.urandom(32)) + b"\n"
 
@@ -120,7 +120,7 @@ def _new_hex_secret() -> bytes:
 
 
 SECRET_MAKERS: dict[str, Callable[[], bytes]] = {
-    "vault key": _new_vault_key, "site secret": _new_hex_secret, "audit key": _new_hex_secret}
+    "vault key": new_vault_key, "site secret": _new_hex_secret, "audit key": _new_hex_secret}
 
 
 def secret_files(key_file: Path) -> dict[str, Path]:

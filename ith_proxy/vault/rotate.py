@@ -31,10 +31,11 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import vault_stream
-from .spool import Spool
-from .vault import Keyring, add_new_key, drop_old_keys, reencrypt_records
-from .vault_stream import EncryptedFileError
+from ith_proxy.store.spool import Spool
+from ith_proxy.vault import stream as vault_stream
+from ith_proxy.vault.keys import Keyring, add_new_key, drop_old_keys
+from ith_proxy.vault.records import reencrypt_records
+from ith_proxy.vault.stream import EncryptedFileError
 
 log = logging.getLogger("ith_proxy.vault")
 

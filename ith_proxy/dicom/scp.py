@@ -1,4 +1,4 @@
-"""The DICOM SCP: pynetdicom AE, C-ECHO and C-STORE into the spool.
+"""The storage SCP: C-ECHO and C-STORE into the spool.
 
 No decoding: each C-STORE data set is streamed, as its P-DATA fragments
 arrive, to ``spool/tmp/`` behind a file meta header we write
@@ -12,95 +12,31 @@ a group below 0x0008 (but 0004) answers 0xC000; disk below the watermark or any 
 error answers 0xA700; an instance past ``[scp] max_instance_mb`` aborts the
 association.  None of these leaves anything in ``tmp/`` or ``incoming/``.
 
-Socket fixes over stock pynetdicom, in ``_Server``:
-
-- TCP_NODELAY on every accepted socket (Nagle + delayed ACK cost ~40 ms per
-  request/response exchange on loopback);
-- a listen backlog of at least the association limit (pynetdicom uses 5);
-- a connection must send its first byte (the A-ASSOCIATE-RQ) within
-  ``artim_timeout`` before an association thread is made for it, so port
-  probes never hold an association slot;
-- the association's reactor threads wake on work instead of polling every
-  1 ms (``assoc_wake.py``).
+The AE, its contexts and the socket fixes over stock pynetdicom are
+``ae.py``'s.
 """
 
 from __future__ import annotations
 
 import logging
-import select
-import socket
-import socketserver
 import struct
 import threading
 from typing import Any, Callable
 
-from pynetdicom import AE, evt
-from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
+from pynetdicom import evt
 
-from . import scp_stream
-from .assoc_wake import wake_on_work
-from .config import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION, Config
-from .spool import Spool
+from ith_proxy.config import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION, Config
+from ith_proxy.dicom import scp_stream
+from ith_proxy.dicom.ae import AssociationHandler, Server, build_ae
+from ith_proxy.store.spool import Spool
 
 log = logging.getLogger("ith_proxy.dicom")
 
 # pydicom/pynetdicom settings (no identifiers logged, no value validation) are
 # applied by libsetup.configure_libraries(), called by the service.
 
-STORAGE_CLASSES = {
-    "CTImageStorage": "1.2.840.10008.5.1.4.1.1.2",
-    "EnhancedCTImageStorage": "1.2.840.10008.5.1.4.1.1.2.1",
-    "LegacyConvertedEnhancedCTImageStorage": "1.2.840.10008.5.1.4.1.1.2.2",
-    "MRImageStorage": "1.2.840.10008.5.1.4.1.1.4",
-    "EnhancedMRImageStorage": "1.2.840.10008.5.1.4.1.1.4.1",
-    "EnhancedMRColorImageStorage": "1.2.840.10008.5.1.4.1.1.4.3",
-    "LegacyConvertedEnhancedMRImageStorage": "1.2.840.10008.5.1.4.1.1.4.4",
-    "PositronEmissionTomographyImageStorage": "1.2.840.10008.5.1.4.1.1.128",
-    "LegacyConvertedEnhancedPETImageStorage": "1.2.840.10008.5.1.4.1.1.128.1",
-    "EnhancedPETImageStorage": "1.2.840.10008.5.1.4.1.1.130",
-}
-VERIFICATION = "1.2.840.10008.1.1"
-DEFAULT_TRANSFER_SYNTAXES = ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1")
-
 OUT_OF_RESOURCES = scp_stream.OUT_OF_RESOURCES
 CANNOT_UNDERSTAND = scp_stream.CANNOT_UNDERSTAND
-
-
-class _RequestHandler(RequestHandler):
-    def _create_association(self) -> Any:
-        assoc = super()._create_association()
-        # data sets stream to spool/tmp/ instead of a BytesIO (scp_stream.py)
-        scp_stream.install(assoc, self.server.store_opener(assoc), self.ae.maximum_pdu_size)
-        wake_on_work(assoc)  # event-driven instead of 1 ms polling (assoc_wake.py)
-        return assoc
-
-
-class _Server(ThreadedAssociationServer):
-    daemon_threads = True
-    artim_timeout = 5.0
-
-    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
-        client, address = super().get_request()
-        client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return client, address
-
-    def shutdown(self) -> None:
-        # pynetdicom's version expects the server in ae._servers (start_server only)
-        socketserver.BaseServer.shutdown(self)
-        self.server_close()
-
-    def process_request_thread(self, request: Any, client_address: Any) -> None:
-        # Wait for the peer's first PDU before making an Association for it.
-        try:
-            ready, _, _ = select.select([request], [], [], self.artim_timeout)
-        except (OSError, ValueError):
-            ready = []
-        if not ready:
-            log.info("closed connection from %s: nothing sent within %.0fs",
-                     client_address[0], self.artim_timeout)
-            self.shutdown_request(request)
-            return
-        super().process_request_thread(request, client_address)
 
 
 def _element(group: int, elem: int, vr: bytes, value: bytes) -> bytes:
@@ -157,26 +93,6 @@ def _log_assoc(event: evt.Event, what: str) -> None:
              assoc.requestor.ae_title, assoc.requestor.address, assoc.requestor.port)
 
 
-def build_ae(cfg: Config) -> AE:
-    scp = cfg.scp
-    ae = AE(ae_title=scp.ae_title)
-    ae.implementation_class_uid = IMPLEMENTATION_CLASS_UID
-    ae.implementation_version_name = IMPLEMENTATION_VERSION
-    syntaxes = list(DEFAULT_TRANSFER_SYNTAXES) + [t for t in scp.transfer_syntaxes
-                                                 if t not in DEFAULT_TRANSFER_SYNTAXES]
-    ae.add_supported_context(VERIFICATION, list(DEFAULT_TRANSFER_SYNTAXES))
-    for uid in STORAGE_CLASSES.values():
-        ae.add_supported_context(uid, syntaxes)
-    ae.maximum_associations = scp.max_associations
-    ae.maximum_pdu_size = scp.max_pdu_size
-    ae.acse_timeout = scp.acse_timeout
-    ae.dimse_timeout = scp.dimse_timeout
-    ae.network_timeout = scp.network_timeout
-    ae.require_called_aet = True
-    ae.require_calling_aet = list(scp.allowed_calling_aes)
-    return ae
-
-
 class StorageSCP:
     """Owns the AE and its listening server.
 
@@ -193,7 +109,7 @@ class StorageSCP:
         self.spool = spool
         self.encryptor = encryptor
         self.ae = build_ae(cfg)
-        self.server: _Server | None = None
+        self.server: Server | None = None
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
@@ -204,14 +120,14 @@ class StorageSCP:
             (evt.EVT_REJECTED, _log_assoc, ["rejected"]),
             (evt.EVT_ABORTED, _log_assoc, ["aborted"]),
         ]
-        server_cls = type("Server", (_Server,), {
+        server_cls = type("Server", (Server,), {
             "request_queue_size": max(self.cfg.scp.max_associations * 2, 64),
             "artim_timeout": self.cfg.scp.artim_timeout,
             "store_opener": staticmethod(self._store_opener),
         })
         self.server = self.ae.make_server(
             (self.cfg.scp.bind_address, self.cfg.scp.port),
-            evt_handlers=handlers, server_class=server_cls, request_handler=_RequestHandler)
+            evt_handlers=handlers, server_class=server_cls, request_handler=AssociationHandler)
         self._thread = threading.Thread(target=self.server.serve_forever,
                                         name="scp-server", daemon=True)
         self._thread.start()

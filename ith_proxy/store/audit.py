@@ -43,7 +43,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from .fsio import replace_private
+from ith_proxy.fsio import replace_private
 
 GENESIS = "0" * 64
 _KEY_LABEL = b"ith-proxy audit log v1"

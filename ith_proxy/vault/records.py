@@ -1,14 +1,19 @@
-"""The record lines of ``spool/vault.phi``: the v2 format written today, the
-v1 (Fernet) format still read, and re-encrypting either in place of itself.
+"""The PHI vault, ``spool/vault.phi``: an append-only file of encrypted
+records (``Vault``), their line formats (v2 written today, v1 Fernet still
+read), and re-encrypting either in place of itself for key rotation.
 
-Every record is one line; its id is its byte offset.  Two formats share the
-file:
+Every record is one line; its id is its byte offset, which the catalog keeps.
+Records are never rewritten in place; a torn last line left by a crash is
+sealed with a newline and reads as one corrupt record, while every other
+record still decrypts.  Binary values are stored raw (4/3 of their size after
+base64) and read back as ``bytes``.  The keys come from ``vault.keys``.
+Two formats share the file:
 
 - **v1** (read only): a Fernet token over the JSON record, in which a binary
   value was ``{"hex": "..."}``.  Read back, such a value is ``bytes``.
 - **v2** (written): ``V2 `` + standard base64 of
   ``key id (8) || nonce (12) || AES-256-GCM(payload) || tag (16)`` + newline,
-  under the keyring's AES-GCM key (the one ``vault_stream`` uses, named by
+  under the keyring's AES-GCM key (the one ``vault.stream`` uses, named by
   the same key id) with associated data ``ith-proxy vault record v2`` and the
   record's offset (8 bytes, big-endian): a record moved to another offset, or
   a raw-input chunk pasted in, does not authenticate.  The payload is
@@ -26,9 +31,15 @@ line is as long as the old one and every offset stays valid.
 from __future__ import annotations
 
 import binascii
+import errno
 import json
+import os
 import struct
-from typing import BinaryIO, Iterable, Iterator, Protocol, Sequence
+import threading
+from pathlib import Path
+from typing import BinaryIO, Iterable, Iterator, Sequence
+
+from ith_proxy.vault.keys import Keyring
 
 MAGIC = b"V2 "
 RECORD_AAD = b"ith-proxy vault record v2"
@@ -39,18 +50,9 @@ _U32, _U64, _OFFSET = struct.Struct(">I"), struct.Struct(">Q"), struct.Struct(">
 _BIN = "bin"
 
 
-class LengthChanged(RuntimeError):
-    """A re-encrypted record would not keep its length (vault.VaultRecordError)."""
-
-
-class _Keyring(Protocol):  # vault.Keyring, without importing it
-    def decrypt(self, token: bytes) -> bytes: ...
-    def encrypt(self, data: bytes) -> bytes: ...
-    def seal_record(self, parts: Sequence[bytes | bytearray], aad: bytes) -> Iterator[bytes]: ...
-    def open_record(self, key_id: bytes, nonce: bytes, pieces: Iterable[bytes | memoryview],
-                    tag: bytes, aad: bytes, out: bytearray) -> None: ...
-    def open_chunk(self, key_id: bytes, sealed: bytes | memoryview, aad: bytes,
-                   out: bytearray | memoryview) -> None: ...
+class VaultRecordError(RuntimeError):
+    """One record cannot be read (or, re-encrypted, would not keep its length);
+    the others are unaffected."""
 
 
 def _aad(offset: int) -> bytes:
@@ -87,7 +89,7 @@ def _reserved(obj: object) -> bool:
     return False
 
 
-def seal(parts: Sequence[bytes | bytearray], keyring: _Keyring, offset: int) -> Iterator[bytes]:
+def seal(parts: Sequence[bytes | bytearray], keyring: Keyring, offset: int) -> Iterator[bytes]:
     """The v2 line for the payload ``parts`` at ``offset``, in pieces (one, if small)."""
     sealed = keyring.seal_record(parts, _aad(offset))
     if sum(len(p) for p in parts) <= PIECE:
@@ -129,7 +131,7 @@ def read_line(fh: BinaryIO) -> bytes | bytearray:
     return line if got == length else line[:got]
 
 
-def open_line(line: bytes, keyring: _Keyring, offset: int) -> tuple[int, bytes | bytearray]:
+def open_line(line: bytes, keyring: Keyring, offset: int) -> tuple[int, bytes | bytearray]:
     """(format, decrypted payload) of one line; ValueError if it does not open."""
     if not line.startswith(MAGIC):
         return 1, keyring.decrypt(bytes(line.strip()))
@@ -186,7 +188,7 @@ def parse(version: int, payload: bytes | bytearray) -> dict:
 
 # --- key rotation ---
 
-def reencrypt_records(src: BinaryIO, out: BinaryIO, keyring: _Keyring) -> tuple[int, list[int]]:
+def reencrypt_records(src: BinaryIO, out: BinaryIO, keyring: Keyring) -> tuple[int, list[int]]:
     """Rotation step (b) for vault.phi: copy every record line to ``out`` under
     the keyring's first key, each in its own format; return (records
     re-encrypted, offsets kept as they were).
@@ -221,7 +223,7 @@ def reencrypt_records(src: BinaryIO, out: BinaryIO, keyring: _Keyring) -> tuple[
                     if written <= length:
                         out.write(piece)
                 if written != length:
-                    raise LengthChanged(
+                    raise VaultRecordError(
                         f"re-encrypting the vault record at offset {offset} would move it "
                         f"({length} -> {written} bytes); the vault was not changed")
                 done += 1
@@ -229,3 +231,107 @@ def reencrypt_records(src: BinaryIO, out: BinaryIO, keyring: _Keyring) -> tuple[
             out.write(line)
         offset += length
     return done, kept
+
+
+
+class Vault:
+    def __init__(self, path: Path, key_file: Path) -> None:
+        self.path = Path(path)
+        self.key_file = Path(key_file)
+        self.keyring = Keyring.load(self.key_file)
+        self._lock = threading.Lock()
+        self._fd: int | None = None
+
+    def _open_append(self) -> int:
+        if self._fd is None:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o600)
+            size = os.fstat(fd).st_size
+            if size and os.pread(fd, 1, size - 1) != b"\n":
+                os.write(fd, b"\n")  # seal a torn record from a crash
+            self._fd = fd
+        return self._fd
+
+    def put(self, record: dict) -> int:
+        """Append one record; return its offset.  Call sync() before relying on it.
+
+        The record is JSON plus ``bytes``/``bytearray`` values, which are stored
+        raw (v2); a large one is sealed and written piece by
+        piece, so memory never holds an encoded copy of it."""
+        parts = frame(record)
+        with self._lock:
+            fd = self._open_append()
+            offset = os.fstat(fd).st_size
+            try:  # one write if small, else one per ~1 MiB piece
+                for piece in seal(parts, self.keyring, offset):
+                    if os.write(fd, piece) != len(piece):  # a full disk gives a short write
+                        raise OSError(errno.ENOSPC, "short write to the vault")
+            except BaseException:
+                try:  # drop the torn tail so the vault stays whole records
+                    os.ftruncate(fd, offset)
+                except OSError:
+                    pass
+                os.close(fd)  # a reopen seals whatever tail is left with a newline
+                self._fd = None
+                raise
+        return offset
+
+    def sync(self) -> None:
+        with self._lock:
+            if self._fd is not None:
+                os.fsync(self._fd)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
+
+    def _open(self, offset: int, line: bytes) -> tuple[int, bytes | bytearray]:
+        try:
+            return open_line(line, self.keyring, offset)
+        except ValueError:  # DecryptError, base64, framing
+            raise VaultRecordError(f"vault record at offset {offset} is corrupt "
+                                   "or was written under an unknown key") from None
+
+    def _parse(self, offset: int, opened: tuple[int, bytes | bytearray]) -> dict:
+        try:
+            return parse(*opened)
+        except (ValueError, IndexError, KeyError, TypeError):
+            raise VaultRecordError(f"vault record at offset {offset} is corrupt") from None
+
+    def get(self, offset: int, study: str | None = None, sop: str | None = None) -> dict:
+        """The record at ``offset``.  Given the (anonymized) study and SOP
+        Instance UID of the instance that asks, a record that is another
+        instance's is refused (VaultRecordError), never handed out."""
+        try:
+            fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW)
+            with os.fdopen(fd, "rb") as fh:
+                fh.seek(offset)  # the line is dropped before the record is parsed
+                opened = self._open(offset, read_line(fh))
+        except FileNotFoundError:
+            raise VaultRecordError("the vault file does not exist") from None
+        record = self._parse(offset, opened)
+        if (sop is not None and record.get("sop") != sop) or \
+                (study is not None and record.get("study") != study):
+            raise VaultRecordError(f"vault record at offset {offset} belongs to another instance")
+        return record
+
+    def scan(self) -> Iterator[tuple[int, dict | VaultRecordError]]:
+        """Yield (offset, record) for every record; a bad one yields its error."""
+        try:
+            fh = os.fdopen(os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW), "rb")
+        except FileNotFoundError:
+            return
+        with fh:
+            offset = 0
+            while line := read_line(fh):
+                length = len(line)
+                if not line.isspace():  # (strip would copy a large line)
+                    try:
+                        opened = self._open(offset, line)
+                        del line
+                        yield offset, self._parse(offset, opened)
+                    except VaultRecordError as exc:
+                        yield offset, exc
+                    opened = None
+                offset += length

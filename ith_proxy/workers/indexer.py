@@ -41,14 +41,16 @@ from pathlib import Path
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
-from . import codestream, dicomfile, vault_stream
-from .catalog import Catalog, InstanceRow
-from .config import Config
-from .deid import Deidentifier, stored_uid, valid_uid
-from .deid.risk import phi_risk
-from .spool import Spool
-from .vault import Vault, VaultRecordError
-from .vault_stream import EncryptedFileError
+from ith_proxy.config import Config
+from ith_proxy.deid import Deidentifier, stored_uid, valid_uid
+from ith_proxy.deid.risk import phi_risk
+from ith_proxy.dicom import codestream
+from ith_proxy.dicom import files as dicomfile
+from ith_proxy.store.catalog import Catalog, InstanceRow
+from ith_proxy.store.spool import Spool
+from ith_proxy.vault import stream as vault_stream
+from ith_proxy.vault.records import Vault, VaultRecordError
+from ith_proxy.vault.stream import EncryptedFileError
 
 log = logging.getLogger("ith_proxy.indexer")
 

@@ -14,7 +14,7 @@ the target directory is fsynced.  Nothing is ever rewritten in place.
     attempts/                 the indexer's in-progress markers (attempts per file)
     logs/
 
-What is inside a raw input file (plaintext, or encrypted by ``vault_stream``)
+What is inside a raw input file (plaintext, or encrypted by ``vault.stream``)
 is not this module's business: writers and transforms are passed in.
 
 Symbolic links are never followed: files are opened with ``O_NOFOLLOW``, only
@@ -33,8 +33,16 @@ import time
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterable, Iterator
 
-from .fsio import (fsync_dir, is_regular_entry, load_syncfs, read_nofollow, real_dir,
-                   regular_file, unique_name, writev_all)
+from ith_proxy.fsio import (
+    fsync_dir,
+    is_regular_entry,
+    load_syncfs,
+    read_nofollow,
+    real_dir,
+    regular_file,
+    unique_name,
+    writev_all,
+)
 
 FILE_MODE = 0o600
 DIR_MODE = 0o700

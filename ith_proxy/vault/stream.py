@@ -39,9 +39,8 @@ import struct
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterable, Iterator
 
-from .fsio import open_read
-from .vault import (STREAM_KEY_ID, STREAM_OVERHEAD, DecryptError, Keyring, fsync_dir,
-                    write_private)
+from ith_proxy.fsio import fsync_dir, open_read, write_private
+from ith_proxy.vault.keys import STREAM_KEY_ID, STREAM_OVERHEAD, DecryptError, Keyring
 
 __all__ = ["CHUNK", "EncryptedFileError", "EncryptingWriter", "Keyring", "DecryptingReader",
            "decrypt_to", "digest", "encrypt_stream", "encryptor", "export_plain", "is_encrypted",
@@ -348,7 +347,7 @@ class DecryptingReader(io.RawIOBase):
 class _BufferedDecrypting(io.BufferedReader):
     """A buffered decrypting reader (cheap small reads for the header parser)
     that can also write a byte range straight to a file: ``copy_to``, which
-    ``dicomfile`` uses for pixel data instead of read()/write() pairs."""
+    ``dicom.files`` uses for pixel data instead of read()/write() pairs."""
 
     def copy_to(self, out: BinaryIO, length: int) -> None:
         """Write the next ``length`` plaintext bytes to ``out``; advance past them."""

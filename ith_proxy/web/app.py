@@ -17,7 +17,7 @@ from typing import Callable
 import bottle
 from waitress.server import create_server
 
-from .config import ApiConfig
+from ith_proxy.config import ApiConfig
 
 log = logging.getLogger("ith_proxy.api")
 

@@ -1,0 +1,105 @@
+"""The listening AE: its presentation contexts and limits, and the socket
+fixes over stock pynetdicom's association server.
+
+Every association the server accepts streams its C-STORE data sets to the
+spool (``scp_stream.install`` with the server's ``store_opener``) and wakes
+its reactor on work (``wake.py``).  Socket fixes, in ``Server``:
+
+- TCP_NODELAY on every accepted socket (Nagle + delayed ACK cost ~40 ms per
+  request/response exchange on loopback);
+- a listen backlog of at least the association limit (pynetdicom uses 5);
+- a connection must send its first byte (the A-ASSOCIATE-RQ) within
+  ``artim_timeout`` before an association thread is made for it, so port
+  probes never hold an association slot;
+- the association's reactor threads wake on work instead of polling every
+  1 ms (``wake.py``).
+"""
+
+from __future__ import annotations
+
+import logging
+import select
+import socket
+import socketserver
+from typing import Any
+
+from pynetdicom import AE
+from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
+
+from ith_proxy.config import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION, Config
+from ith_proxy.dicom import scp_stream
+from ith_proxy.dicom.wake import wake_on_work
+
+log = logging.getLogger("ith_proxy.dicom")
+
+STORAGE_CLASSES = {
+    "CTImageStorage": "1.2.840.10008.5.1.4.1.1.2",
+    "EnhancedCTImageStorage": "1.2.840.10008.5.1.4.1.1.2.1",
+    "LegacyConvertedEnhancedCTImageStorage": "1.2.840.10008.5.1.4.1.1.2.2",
+    "MRImageStorage": "1.2.840.10008.5.1.4.1.1.4",
+    "EnhancedMRImageStorage": "1.2.840.10008.5.1.4.1.1.4.1",
+    "EnhancedMRColorImageStorage": "1.2.840.10008.5.1.4.1.1.4.3",
+    "LegacyConvertedEnhancedMRImageStorage": "1.2.840.10008.5.1.4.1.1.4.4",
+    "PositronEmissionTomographyImageStorage": "1.2.840.10008.5.1.4.1.1.128",
+    "LegacyConvertedEnhancedPETImageStorage": "1.2.840.10008.5.1.4.1.1.128.1",
+    "EnhancedPETImageStorage": "1.2.840.10008.5.1.4.1.1.130",
+}
+VERIFICATION = "1.2.840.10008.1.1"
+DEFAULT_TRANSFER_SYNTAXES = ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1")
+
+
+class AssociationHandler(RequestHandler):
+    def _create_association(self) -> Any:
+        assoc = super()._create_association()
+        # data sets stream to spool/tmp/ instead of a BytesIO (scp_stream.py)
+        scp_stream.install(assoc, self.server.store_opener(assoc), self.ae.maximum_pdu_size)
+        wake_on_work(assoc)  # event-driven instead of 1 ms polling (wake.py)
+        return assoc
+
+
+class Server(ThreadedAssociationServer):
+    daemon_threads = True
+    artim_timeout = 5.0
+
+    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
+        client, address = super().get_request()
+        client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return client, address
+
+    def shutdown(self) -> None:
+        # pynetdicom's version expects the server in ae._servers (start_server only)
+        socketserver.BaseServer.shutdown(self)
+        self.server_close()
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        # Wait for the peer's first PDU before making an Association for it.
+        try:
+            ready, _, _ = select.select([request], [], [], self.artim_timeout)
+        except (OSError, ValueError):
+            ready = []
+        if not ready:
+            log.info("closed connection from %s: nothing sent within %.0fs",
+                     client_address[0], self.artim_timeout)
+            self.shutdown_request(request)
+            return
+        super().process_request_thread(request, client_address)
+
+
+def build_ae(cfg: Config) -> AE:
+    scp = cfg.scp
+    ae = AE(ae_title=scp.ae_title)
+    ae.implementation_class_uid = IMPLEMENTATION_CLASS_UID
+    ae.implementation_version_name = IMPLEMENTATION_VERSION
+    syntaxes = list(DEFAULT_TRANSFER_SYNTAXES) + [t for t in scp.transfer_syntaxes
+                                                 if t not in DEFAULT_TRANSFER_SYNTAXES]
+    ae.add_supported_context(VERIFICATION, list(DEFAULT_TRANSFER_SYNTAXES))
+    for uid in STORAGE_CLASSES.values():
+        ae.add_supported_context(uid, syntaxes)
+    ae.maximum_associations = scp.max_associations
+    ae.maximum_pdu_size = scp.max_pdu_size
+    ae.acse_timeout = scp.acse_timeout
+    ae.dimse_timeout = scp.dimse_timeout
+    ae.network_timeout = scp.network_timeout
+    ae.require_called_aet = True
+    ae.require_calling_aet = list(scp.allowed_calling_aes)
+    return ae

@@ -108,11 +108,10 @@ def _api_health(cfg: Config) -> str:
 
 
 def cmd_status(cfg: Config, as_json: bool) -> int:
-    from ith_proxy.service import catalog_path
     spool = Spool(cfg.spool.dir)
-    if not catalog_path(cfg).exists():
+    if not spool.catalog_file.exists():
         return _fail(f"no catalog in {cfg.spool.dir}: the proxy has not run here yet")
-    cat = Catalog(catalog_path(cfg), readonly=True)
+    cat = Catalog(spool.catalog_file, readonly=True)
     try:
         counts = cat.counts()
     finally:
@@ -146,7 +145,6 @@ def cmd_status(cfg: Config, as_json: bool) -> int:
 
 def cmd_reindex(cfg: Config) -> int:
     from ith_proxy.dicom.libsetup import configure_libraries
-    from ith_proxy.service import catalog_path, vault_path
     from ith_proxy.workers.indexer import reindex
     configure_libraries()  # reindex reads every stored header
     spool = Spool(cfg.spool.dir)
@@ -155,8 +153,8 @@ def cmd_reindex(cfg: Config) -> int:
     lock = spool.lock()
     if lock is None:
         return _fail("the proxy is running on this spool; stop it before reindex")
-    vault = Vault(vault_path(cfg), cfg.vault.key_file) if vault_path(cfg).exists() else None
-    cat = Catalog(catalog_path(cfg))
+    vault = Vault(spool.vault_file, cfg.vault.key_file) if spool.vault_file.exists() else None
+    cat = Catalog(spool.catalog_file)
     try:
         counts = reindex(spool, cat, vault)
     finally:
@@ -187,7 +185,7 @@ class _CliError(Exception):
 
 def cmd_init(cfg: Config) -> int:
     """Create the keys of a new site; never replace one (no partial creation)."""
-    from ith_proxy.service import catalog_path, vault_path
+    spool = Spool(cfg.spool.dir)
     files = secret_files(cfg.vault.key_file)
     present = [str(p) for p in files.values() if p.exists() or p.is_symlink()]
     if present:
@@ -197,7 +195,7 @@ def cmd_init(cfg: Config) -> int:
     made = init_secrets(cfg.vault.key_file)
     print(f"created {', '.join(str(p) for p in made)}: back them up now, apart from the "
           "spool; they cannot be recovered")
-    if vault_path(cfg).exists() or catalog_path(cfg).exists():
+    if spool.vault_file.exists() or spool.catalog_file.exists():
         print(f"warning: {cfg.spool.dir} already holds a vault or catalog; what was written "
               "under the old keys cannot be read with the new ones", file=sys.stderr)
     warning = shared_volume_warning(cfg.vault.key_file, cfg.spool.dir) \
@@ -211,7 +209,6 @@ def _audit_log(cfg: Config, append: bool = False) -> AuditLog:
     """The audit log with its keys and anchor.  Appending signs with audit.key;
     on a site from before audit.key existed (no anchor yet) the key is made
     here, and the first append records the change from the old key."""
-    from ith_proxy.service import audit_path
     key_file, anchor = cfg.vault.audit_key_file, cfg.vault.audit_anchor_file
     try:
         legacy = audit_key(load_site_secret(cfg.vault.secret_file))
@@ -227,7 +224,7 @@ def _audit_log(cfg: Config, append: bool = False) -> AuditLog:
     else:
         create = append and absent and not anchor.exists()
         keys = AuditKeys.of(load_audit_keys(key_file, create=create), legacy)
-    return AuditLog(audit_path(cfg), keys, anchor)
+    return AuditLog(Spool(cfg.spool.dir).audit_file, keys, anchor)
 
 
 def _audit(cfg: Config, action: str, target: str, **detail: object) -> None:
@@ -281,14 +278,13 @@ def cmd_audit_rotate(cfg: Config) -> int:
 
 
 def cmd_vault_rotate(cfg: Config) -> int:
-    from ith_proxy.service import vault_path
     from ith_proxy.vault.rotate import rotate
     if not cfg.vault.key_file.exists():
         return _fail(f"no vault key at {cfg.vault.key_file}: nothing to rotate")
     spool, lock = _locked_spool(cfg, "vault rotate-key")
     try:
         _audit(cfg, "vault.rotate-key", str(cfg.vault.key_file))
-        rotation = rotate(spool, vault_path(cfg), cfg.vault.key_file)
+        rotation = rotate(spool, spool.vault_file, cfg.vault.key_file)
     except (VaultRecordError, OSError) as exc:
         detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         return _fail(f"vault key rotation stopped: {detail}; everything still decrypts "

@@ -18,7 +18,6 @@ import resource
 import signal
 import threading
 import time
-from pathlib import Path
 
 from ith_proxy import logs
 from ith_proxy.config import Config
@@ -42,18 +41,6 @@ class StartupError(RuntimeError):
     """The service cannot start; the message is one line for the operator."""
 
 
-def catalog_path(cfg: Config) -> Path:
-    return cfg.spool.dir / "catalog.sqlite3"
-
-
-def vault_path(cfg: Config) -> Path:
-    return cfg.spool.dir / "vault.phi"
-
-
-def audit_path(cfg: Config) -> Path:
-    return cfg.spool.dir / "logs" / "audit.log"
-
-
 class Service:
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
@@ -74,7 +61,7 @@ class Service:
             self.spool.ensure()
         except OSError as exc:
             raise StartupError(f"cannot create spool {self.spool.root}: {exc.strerror}") from None
-        links = self.spool.symlinks(extra=(vault_path(self.cfg), catalog_path(self.cfg)))
+        links = self.spool.symlinks(extra=(self.spool.vault_file, self.spool.catalog_file))
         if links:  # before anything opens them: lock, logs, catalog (apsw), vault
             raise StartupError(f"refusing to start: {links[0]} is a symbolic link; the "
                                "spool's files are never opened through links")
@@ -84,15 +71,15 @@ class Service:
         logs.setup(self.spool.logs, self.cfg.log)
         # Keys are created only for a new spool (no vault, no catalog); otherwise a
         # missing one stops the start, naming it, before anything is created.
-        new_spool = not vault_path(self.cfg).exists() and not catalog_path(self.cfg).exists()
+        new_spool = not self.spool.vault_file.exists() and not self.spool.catalog_file.exists()
         ensure_secrets(self.cfg.vault.key_file, new_spool,
                        audit_in_use=self.cfg.vault.audit_anchor_file.exists())
         warning = shared_volume_warning(self.cfg.vault.key_file, self.spool.root)
         if warning:
             log.warning("%s", warning)
         load_site_secret(self.cfg.vault.secret_file)  # check it before the workers
-        Vault(vault_path(self.cfg), self.cfg.vault.key_file).close()  # key check
-        Catalog(catalog_path(self.cfg)).close()  # migrations
+        Vault(self.spool.vault_file, self.cfg.vault.key_file).close()  # key check
+        Catalog(self.spool.catalog_file).close()  # migrations
         removed = self.spool.clean_tmp(0)
         if removed:
             log.info("removed %d partial file(s) left in tmp/", removed)
@@ -119,7 +106,7 @@ class Service:
             self._start_indexer()
 
     def _run_scheduler_thread(self) -> None:
-        catalog = Catalog(catalog_path(self.cfg))
+        catalog = Catalog(self.spool.catalog_file)
         try:
             Scheduler(self.cfg, self.spool, catalog).run(self.stop_event)
         finally:
@@ -180,7 +167,7 @@ class Service:
         except OSError:
             problems.append("spool is not accessible")
         try:
-            cat = Catalog(catalog_path(self.cfg), readonly=True)
+            cat = Catalog(self.spool.catalog_file, readonly=True)
             try:
                 cat.ping()
             finally:
@@ -253,11 +240,12 @@ def indexer_process(cfg: Config, stop, log_queue, parent_pid: int) -> None:
             if os.getppid() != parent_pid:
                 stop.set()
     threading.Thread(target=orphan_watch, name="orphan-watch", daemon=True).start()
-    catalog = Catalog(catalog_path(cfg))
-    vault = Vault(vault_path(cfg), cfg.vault.key_file)
+    spool = Spool(cfg.spool.dir)
+    catalog = Catalog(spool.catalog_file)
+    vault = Vault(spool.vault_file, cfg.vault.key_file)
     try:
         secret = load_site_secret(cfg.vault.secret_file)
-        Indexer(cfg, Spool(cfg.spool.dir), catalog, vault, secret).run(stop)
+        Indexer(cfg, spool, catalog, vault, secret).run(stop)
     finally:
         vault.close()
         catalog.close()

@@ -24,6 +24,7 @@ from ith_proxy.config import Config
 from ith_proxy.dicom import scp_stream
 from ith_proxy.dicom.libsetup import configure_libraries
 from ith_proxy.dicom.scp import StorageSCP
+from ith_proxy.health import Liveness, problems
 from ith_proxy.store.catalog import Catalog
 from ith_proxy.store.spool import Spool
 from ith_proxy.vault import stream as vault_stream
@@ -148,33 +149,12 @@ class Service:
     # --- supervision ---
 
     def health(self) -> list[str]:
-        problems = []
-        if self.cfg.scp.auto_start and not (self.scp and self.scp.alive()):
-            problems.append("dicom listener is not running")
-        if self.indexer is None or not self.indexer.is_alive():
-            problems.append("indexer is not running")
-        t = self.threads.get("scheduler")
-        if t is None or not t.is_alive():
-            problems.append("scheduler is not running")
-        try:
-            if self.spool.free_mb() < self.cfg.spool.min_free_mb:
-                problems.append("free disk is below the minimum; C-STORE is refused")
-            waiting, oldest = self.spool.oldest_incoming()
-            age = time.time() - oldest if oldest is not None else 0.0
-            if age > self.cfg.indexer.stuck_after:
-                problems.append(f"indexer is behind or stuck: {waiting} file(s) in incoming/, "
-                                f"the oldest for {age:.0f} s (see error.log)")
-        except OSError:
-            problems.append("spool is not accessible")
-        try:
-            cat = Catalog(self.spool.catalog_file, readonly=True)
-            try:
-                cat.ping()
-            finally:
-                cat.close()
-        except Exception:
-            problems.append("catalog is not accessible")
-        return problems
+        """The problems /api/health/ reports (policy in ``health``)."""
+        scheduler = self.threads.get("scheduler")
+        return problems(self.cfg, self.spool, Liveness(
+            dicom=self.scp is not None and self.scp.alive(),
+            indexer=self.indexer is not None and self.indexer.is_alive(),
+            scheduler=scheduler is not None and scheduler.is_alive()))
 
     def stop(self) -> None:
         log.info("shutting down")

@@ -11,8 +11,10 @@ import json
 import os
 import sys
 import urllib.request
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Callable, Iterator, TypeAlias
 
 from ith_proxy import config as config_mod
 from ith_proxy.config import Config, ConfigError
@@ -34,6 +36,8 @@ from ith_proxy.vault.records import Vault, VaultRecordError
 from ith_proxy.vault.stream import EncryptedFileError
 
 EXIT_CONFIG = 2
+Command = Callable[[Config, argparse.Namespace], int]  # set_defaults(func=...) of each verb
+Verbs: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -43,37 +47,42 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ith-proxy", parents=[common],
         description="Edge DICOM proxy: receive, de-identify, catalog and forward studies.")
-    sub = parser.add_subparsers(dest="command", metavar="<command>", required=True)
-    sub.add_parser("run", parents=[common], help="run all services in one process")
-    sub.add_parser("init", parents=[common],
-                   help="create the vault key, site secret and audit key for a new site "
-                        "(refused when any of them exists)")
-    st = sub.add_parser("status", parents=[common], help="print a human summary")
-    st.add_argument("--json", action="store_true", help="machine-readable output")
-    sub.add_parser("reindex", parents=[common],
-                   help="rebuild the catalog from studies/ and the vault (service stopped)")
-    vault = sub.add_parser("vault", parents=[common], help="vault key management")
-    vsub = vault.add_subparsers(dest="action", metavar="<action>", required=True)
-    vsub.add_parser("rotate-key", parents=[common],
-                    help="re-encrypt the vault and encrypted spool files under a new key "
-                         "and drop the old one (service stopped)")
-    quar = sub.add_parser("quarantine", parents=[common],
-                          help="inspect, export and release quarantined input")
-    qsub = quar.add_subparsers(dest="action", metavar="<action>", required=True)
-    qsub.add_parser("list", parents=[common], help="one line per quarantined item")
-    exp = qsub.add_parser("export", parents=[common],
-                          help="write a readable (decrypted) copy of an item, mode 0600")
+
+    def verbs(group: argparse.ArgumentParser, dest: str = "action",
+              metavar: str = "<action>") -> Verbs:
+        return group.add_subparsers(dest=dest, metavar=metavar, required=True)
+
+    def add(subs: Verbs, name: str, func: Command | None, text: str) -> argparse.ArgumentParser:
+        cmd = subs.add_parser(name, parents=[common], help=text)
+        if func is not None:  # a group of verbs has none: each verb sets its own
+            cmd.set_defaults(func=func)
+        return cmd
+
+    sub = verbs(parser, "command", "<command>")
+    add(sub, "run", cmd_run, "run all services in one process")
+    add(sub, "init", cmd_init, "create the vault key, site secret and audit key for a new "
+        "site (refused when any of them exists)")
+    add(sub, "status", cmd_status, "print a human summary").add_argument(
+        "--json", action="store_true", help="machine-readable output")
+    add(sub, "reindex", cmd_reindex,
+        "rebuild the catalog from studies/ and the vault (service stopped)")
+    vsub = verbs(add(sub, "vault", None, "vault key management"))
+    add(vsub, "rotate-key", cmd_vault_rotate, "re-encrypt the vault and encrypted spool "
+        "files under a new key and drop the old one (service stopped)")
+    qsub = verbs(add(sub, "quarantine", None, "inspect, export and release quarantined input"))
+    add(qsub, "list", cmd_quarantine_list, "one line per quarantined item")
+    exp = add(qsub, "export", cmd_quarantine_export,
+              "write a readable (decrypted) copy of an item, mode 0600")
     exp.add_argument("name", metavar="NAME", help="item name, or REASON/NAME")
     exp.add_argument("--out", metavar="PATH", help="output file (default: ./NAME.dcm)")
-    rel = qsub.add_parser("release", parents=[common],
-                          help="move an item back to incoming/ for another attempt")
+    rel = add(qsub, "release", cmd_quarantine_release,
+              "move an item back to incoming/ for another attempt")
     rel.add_argument("name", metavar="NAME", help="item name, or REASON/NAME")
-    aud = sub.add_parser("audit", parents=[common], help="the audit log of PHI access")
-    asub = aud.add_subparsers(dest="action", metavar="<action>", required=True)
-    asub.add_parser("verify", parents=[common],
-                    help="check every record's MAC and the hash chain of logs/audit.log")
-    asub.add_parser("rotate-key", parents=[common],
-                    help="sign new audit records under a new key (the old ones stay, to verify)")
+    asub = verbs(add(sub, "audit", None, "the audit log of PHI access"))
+    add(asub, "verify", cmd_audit_verify,
+        "check every record's MAC and the hash chain of logs/audit.log")
+    add(asub, "rotate-key", cmd_audit_rotate,
+        "sign new audit records under a new key (the old ones stay, to verify)")
     return parser
 
 
@@ -82,7 +91,7 @@ def _fail(message: str, code: int = 1) -> int:
     return code
 
 
-def cmd_run(cfg: Config) -> int:
+def cmd_run(cfg: Config, args: argparse.Namespace) -> int:
     from ith_proxy.service import Service, StartupError
     service = Service(cfg)
     try:
@@ -107,12 +116,11 @@ def _api_health(cfg: Config) -> str:
         return "not running (API not reachable)"
 
 
-def cmd_status(cfg: Config, as_json: bool) -> int:
-    from ith_proxy.service import catalog_path
+def cmd_status(cfg: Config, args: argparse.Namespace) -> int:
     spool = Spool(cfg.spool.dir)
-    if not catalog_path(cfg).exists():
+    if not spool.catalog_file.exists():
         return _fail(f"no catalog in {cfg.spool.dir}: the proxy has not run here yet")
-    cat = Catalog(catalog_path(cfg), readonly=True)
+    cat = Catalog(spool.catalog_file, readonly=True)
     try:
         counts = cat.counts()
     finally:
@@ -127,7 +135,7 @@ def cmd_status(cfg: Config, as_json: bool) -> int:
         "free_mb": int(spool.free_mb()),
         **counts,
     }
-    if as_json:
+    if args.json:
         print(json.dumps(info, indent=2))
         return 0
     states = ", ".join(f"{k} {v}" for k, v in counts["studies_by_state"].items())
@@ -144,29 +152,30 @@ def cmd_status(cfg: Config, as_json: bool) -> int:
     return 0
 
 
-def cmd_reindex(cfg: Config) -> int:
+def cmd_reindex(cfg: Config, args: argparse.Namespace) -> int:
     from ith_proxy.dicom.libsetup import configure_libraries
-    from ith_proxy.service import catalog_path, vault_path
     from ith_proxy.workers.indexer import reindex
     configure_libraries()  # reindex reads every stored header
-    spool = Spool(cfg.spool.dir)
-    if not spool.studies.is_dir():
+    if not Spool(cfg.spool.dir).studies.is_dir():
         return _fail(f"no spool at {cfg.spool.dir}")
-    lock = spool.lock()
-    if lock is None:
-        return _fail("the proxy is running on this spool; stop it before reindex")
-    vault = Vault(vault_path(cfg), cfg.vault.key_file) if vault_path(cfg).exists() else None
-    cat = Catalog(catalog_path(cfg))
-    try:
-        counts = reindex(spool, cat, vault)
-    finally:
-        cat.close()
+    with _locked_spool(cfg, "reindex") as spool:
+        vault = Vault(spool.vault_file, cfg.vault.key_file) if spool.vault_file.exists() else None
+        cat = Catalog(spool.catalog_file)
+        try:
+            counts = reindex(spool, cat, vault)
+        finally:
+            cat.close()
+            if vault is not None:
+                vault.close()
     print(f"reindexed: {counts['patients']} patients, {counts['studies']} studies, "
           f"{counts['series']} series, {counts['instances']} instances")
     return 0
 
 
-def _locked_spool(cfg: Config, what: str) -> tuple[Spool, int]:
+@contextmanager
+def _locked_spool(cfg: Config, what: str) -> Iterator[Spool]:
+    """The spool, under its run lock for the whole block: offline commands
+    refuse to run while the proxy (or another of them) is using it."""
     spool = Spool(cfg.spool.dir)
     if not spool.root.is_dir():
         raise _CliError(f"no spool at {cfg.spool.dir}")
@@ -177,17 +186,20 @@ def _locked_spool(cfg: Config, what: str) -> tuple[Spool, int]:
                         f"{exc.strerror or exc}") from None
     if lock is None:
         raise _CliError(f"the proxy is running on this spool; stop it before {what}")
-    spool.ensure()
-    return spool, lock
+    try:
+        spool.ensure()
+        yield spool
+    finally:
+        os.close(lock)
 
 
 class _CliError(Exception):
     """A one-line message for the operator (exit 1)."""
 
 
-def cmd_init(cfg: Config) -> int:
+def cmd_init(cfg: Config, args: argparse.Namespace) -> int:
     """Create the keys of a new site; never replace one (no partial creation)."""
-    from ith_proxy.service import catalog_path, vault_path
+    spool = Spool(cfg.spool.dir)
     files = secret_files(cfg.vault.key_file)
     present = [str(p) for p in files.values() if p.exists() or p.is_symlink()]
     if present:
@@ -197,7 +209,7 @@ def cmd_init(cfg: Config) -> int:
     made = init_secrets(cfg.vault.key_file)
     print(f"created {', '.join(str(p) for p in made)}: back them up now, apart from the "
           "spool; they cannot be recovered")
-    if vault_path(cfg).exists() or catalog_path(cfg).exists():
+    if spool.vault_file.exists() or spool.catalog_file.exists():
         print(f"warning: {cfg.spool.dir} already holds a vault or catalog; what was written "
               "under the old keys cannot be read with the new ones", file=sys.stderr)
     warning = shared_volume_warning(cfg.vault.key_file, cfg.spool.dir) \
@@ -211,7 +223,6 @@ def _audit_log(cfg: Config, append: bool = False) -> AuditLog:
     """The audit log with its keys and anchor.  Appending signs with audit.key;
     on a site from before audit.key existed (no anchor yet) the key is made
     here, and the first append records the change from the old key."""
-    from ith_proxy.service import audit_path
     key_file, anchor = cfg.vault.audit_key_file, cfg.vault.audit_anchor_file
     try:
         legacy = audit_key(load_site_secret(cfg.vault.secret_file))
@@ -227,7 +238,7 @@ def _audit_log(cfg: Config, append: bool = False) -> AuditLog:
     else:
         create = append and absent and not anchor.exists()
         keys = AuditKeys.of(load_audit_keys(key_file, create=create), legacy)
-    return AuditLog(audit_path(cfg), keys, anchor)
+    return AuditLog(Spool(cfg.spool.dir).audit_file, keys, anchor)
 
 
 def _audit(cfg: Config, action: str, target: str, **detail: object) -> None:
@@ -238,7 +249,7 @@ def _audit(cfg: Config, action: str, target: str, **detail: object) -> None:
         raise _CliError(f"refused: the audit record could not be written ({exc})") from None
 
 
-def cmd_audit_verify(cfg: Config) -> int:
+def cmd_audit_verify(cfg: Config, args: argparse.Namespace) -> int:
     try:
         log = _audit_log(cfg)
     except AuditError as exc:
@@ -263,45 +274,39 @@ def cmd_audit_verify(cfg: Config) -> int:
     return 0
 
 
-def cmd_audit_rotate(cfg: Config) -> int:
+def cmd_audit_rotate(cfg: Config, args: argparse.Namespace) -> int:
     """A new first line in audit.key; the record of it is the first one signed
     by the new key, after a key-change record signed by the old one."""
     key_file = cfg.vault.audit_key_file
     if not key_file.exists():
         return _fail(f"no audit key at {key_file}: nothing to rotate")
-    _, lock = _locked_spool(cfg, "audit rotate-key")  # one rotation at a time
-    try:
+    with _locked_spool(cfg, "audit rotate-key"):  # one rotation at a time
         add_audit_key(key_file)
         _audit(cfg, "audit.rotate-key", str(key_file))
-    finally:
-        os.close(lock)
     print(f"audit key rotated; back up {key_file} (its older keys verify older records: "
           "keep them)")
     return 0
 
 
-def cmd_vault_rotate(cfg: Config) -> int:
-    from ith_proxy.service import vault_path
+def cmd_vault_rotate(cfg: Config, args: argparse.Namespace) -> int:
     from ith_proxy.vault.rotate import rotate
     if not cfg.vault.key_file.exists():
         return _fail(f"no vault key at {cfg.vault.key_file}: nothing to rotate")
-    spool, lock = _locked_spool(cfg, "vault rotate-key")
-    try:
-        _audit(cfg, "vault.rotate-key", str(cfg.vault.key_file))
-        rotation = rotate(spool, vault_path(cfg), cfg.vault.key_file)
-    except (VaultRecordError, OSError) as exc:
-        detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-        return _fail(f"vault key rotation stopped: {detail}; everything still decrypts "
-                     "with the key file as it is now; fix the cause and run it again")
-    finally:
-        os.close(lock)
+    with _locked_spool(cfg, "vault rotate-key") as spool:
+        try:
+            _audit(cfg, "vault.rotate-key", str(cfg.vault.key_file))
+            rotation = rotate(spool, spool.vault_file, cfg.vault.key_file)
+        except (VaultRecordError, OSError) as exc:
+            detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            return _fail(f"vault key rotation stopped: {detail}; everything still decrypts "
+                         "with the key file as it is now; fix the cause and run it again")
     print(rotation.summary())
     print(f"back up the new key file {cfg.vault.key_file}; old copies of it can be destroyed",
           file=sys.stderr)
     return 0
 
 
-def cmd_quarantine_list(cfg: Config) -> int:
+def cmd_quarantine_list(cfg: Config, args: argparse.Namespace) -> int:
     spool = Spool(cfg.spool.dir)
     if not spool.quarantine_dir.is_dir():
         return _fail(f"no spool at {cfg.spool.dir}")
@@ -328,12 +333,9 @@ def _quarantined(spool: Spool, name: str) -> tuple[Path, dict]:
                         "(see: ith-proxy quarantine list)") from None
 
 
-def cmd_quarantine_export(cfg: Config, name: str, out: str | None) -> int:
-    spool, lock = _locked_spool(cfg, "quarantine export")
-    try:
-        return _quarantine_export(cfg, spool, name, out)
-    finally:
-        os.close(lock)
+def cmd_quarantine_export(cfg: Config, args: argparse.Namespace) -> int:
+    with _locked_spool(cfg, "quarantine export") as spool:
+        return _quarantine_export(cfg, spool, args.name, args.out)
 
 
 def _quarantine_export(cfg: Config, spool: Spool, name: str, out: str | None) -> int:
@@ -354,12 +356,9 @@ def _quarantine_export(cfg: Config, spool: Spool, name: str, out: str | None) ->
     return 0
 
 
-def cmd_quarantine_release(cfg: Config, name: str) -> int:
-    spool, lock = _locked_spool(cfg, "quarantine release")
-    try:
-        return _quarantine_release(cfg, spool, name)
-    finally:
-        os.close(lock)
+def cmd_quarantine_release(cfg: Config, args: argparse.Namespace) -> int:
+    with _locked_spool(cfg, "quarantine release") as spool:
+        return _quarantine_release(cfg, spool, args.name)
 
 
 def _quarantine_release(cfg: Config, spool: Spool, name: str) -> int:
@@ -390,29 +389,11 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         return _fail(f"config error: {exc}", EXIT_CONFIG)
     try:
-        if args.command == "run":
-            return cmd_run(cfg)
-        if args.command == "init":
-            return cmd_init(cfg)
-        if args.command == "status":
-            return cmd_status(cfg, args.json)
-        if args.command == "reindex":
-            return cmd_reindex(cfg)
-        if args.command == "vault":
-            return cmd_vault_rotate(cfg)
-        if args.command == "quarantine":
-            if args.action == "list":
-                return cmd_quarantine_list(cfg)
-            if args.action == "export":
-                return cmd_quarantine_export(cfg, args.name, args.out)
-            return cmd_quarantine_release(cfg, args.name)
-        if args.command == "audit":
-            return cmd_audit_rotate(cfg) if args.action == "rotate-key" else cmd_audit_verify(cfg)
+        return args.func(cfg, args)
     except (VaultKeyError, AuditError, _CliError) as exc:
         return _fail(str(exc))
     except KeyboardInterrupt:
         return 130
-    return _fail(f"unknown command {args.command}")
 
 
 if __name__ == "__main__":

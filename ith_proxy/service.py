@@ -18,13 +18,13 @@ import resource
 import signal
 import threading
 import time
-from pathlib import Path
 
 from ith_proxy import logs
 from ith_proxy.config import Config
 from ith_proxy.dicom import scp_stream
 from ith_proxy.dicom.libsetup import configure_libraries
 from ith_proxy.dicom.scp import StorageSCP
+from ith_proxy.health import Liveness, problems
 from ith_proxy.store.catalog import Catalog
 from ith_proxy.store.spool import Spool
 from ith_proxy.vault import stream as vault_stream
@@ -40,18 +40,6 @@ log = logging.getLogger("ith_proxy.service")
 
 class StartupError(RuntimeError):
     """The service cannot start; the message is one line for the operator."""
-
-
-def catalog_path(cfg: Config) -> Path:
-    return cfg.spool.dir / "catalog.sqlite3"
-
-
-def vault_path(cfg: Config) -> Path:
-    return cfg.spool.dir / "vault.phi"
-
-
-def audit_path(cfg: Config) -> Path:
-    return cfg.spool.dir / "logs" / "audit.log"
 
 
 class Service:
@@ -74,7 +62,7 @@ class Service:
             self.spool.ensure()
         except OSError as exc:
             raise StartupError(f"cannot create spool {self.spool.root}: {exc.strerror}") from None
-        links = self.spool.symlinks(extra=(vault_path(self.cfg), catalog_path(self.cfg)))
+        links = self.spool.symlinks(extra=(self.spool.vault_file, self.spool.catalog_file))
         if links:  # before anything opens them: lock, logs, catalog (apsw), vault
             raise StartupError(f"refusing to start: {links[0]} is a symbolic link; the "
                                "spool's files are never opened through links")
@@ -84,15 +72,15 @@ class Service:
         logs.setup(self.spool.logs, self.cfg.log)
         # Keys are created only for a new spool (no vault, no catalog); otherwise a
         # missing one stops the start, naming it, before anything is created.
-        new_spool = not vault_path(self.cfg).exists() and not catalog_path(self.cfg).exists()
+        new_spool = not self.spool.vault_file.exists() and not self.spool.catalog_file.exists()
         ensure_secrets(self.cfg.vault.key_file, new_spool,
                        audit_in_use=self.cfg.vault.audit_anchor_file.exists())
         warning = shared_volume_warning(self.cfg.vault.key_file, self.spool.root)
         if warning:
             log.warning("%s", warning)
         load_site_secret(self.cfg.vault.secret_file)  # check it before the workers
-        Vault(vault_path(self.cfg), self.cfg.vault.key_file).close()  # key check
-        Catalog(catalog_path(self.cfg)).close()  # migrations
+        Vault(self.spool.vault_file, self.cfg.vault.key_file).close()  # key check
+        Catalog(self.spool.catalog_file).close()  # migrations
         removed = self.spool.clean_tmp(0)
         if removed:
             log.info("removed %d partial file(s) left in tmp/", removed)
@@ -119,7 +107,7 @@ class Service:
             self._start_indexer()
 
     def _run_scheduler_thread(self) -> None:
-        catalog = Catalog(catalog_path(self.cfg))
+        catalog = Catalog(self.spool.catalog_file)
         try:
             Scheduler(self.cfg, self.spool, catalog).run(self.stop_event)
         finally:
@@ -161,33 +149,12 @@ class Service:
     # --- supervision ---
 
     def health(self) -> list[str]:
-        problems = []
-        if self.cfg.scp.auto_start and not (self.scp and self.scp.alive()):
-            problems.append("dicom listener is not running")
-        if self.indexer is None or not self.indexer.is_alive():
-            problems.append("indexer is not running")
-        t = self.threads.get("scheduler")
-        if t is None or not t.is_alive():
-            problems.append("scheduler is not running")
-        try:
-            if self.spool.free_mb() < self.cfg.spool.min_free_mb:
-                problems.append("free disk is below the minimum; C-STORE is refused")
-            waiting, oldest = self.spool.oldest_incoming()
-            age = time.time() - oldest if oldest is not None else 0.0
-            if age > self.cfg.indexer.stuck_after:
-                problems.append(f"indexer is behind or stuck: {waiting} file(s) in incoming/, "
-                                f"the oldest for {age:.0f} s (see error.log)")
-        except OSError:
-            problems.append("spool is not accessible")
-        try:
-            cat = Catalog(catalog_path(self.cfg), readonly=True)
-            try:
-                cat.ping()
-            finally:
-                cat.close()
-        except Exception:
-            problems.append("catalog is not accessible")
-        return problems
+        """The problems /api/health/ reports (policy in ``health``)."""
+        scheduler = self.threads.get("scheduler")
+        return problems(self.cfg, self.spool, Liveness(
+            dicom=self.scp is not None and self.scp.alive(),
+            indexer=self.indexer is not None and self.indexer.is_alive(),
+            scheduler=scheduler is not None and scheduler.is_alive()))
 
     def stop(self) -> None:
         log.info("shutting down")
@@ -253,11 +220,12 @@ def indexer_process(cfg: Config, stop, log_queue, parent_pid: int) -> None:
             if os.getppid() != parent_pid:
                 stop.set()
     threading.Thread(target=orphan_watch, name="orphan-watch", daemon=True).start()
-    catalog = Catalog(catalog_path(cfg))
-    vault = Vault(vault_path(cfg), cfg.vault.key_file)
+    spool = Spool(cfg.spool.dir)
+    catalog = Catalog(spool.catalog_file)
+    vault = Vault(spool.vault_file, cfg.vault.key_file)
     try:
         secret = load_site_secret(cfg.vault.secret_file)
-        Indexer(cfg, Spool(cfg.spool.dir), catalog, vault, secret).run(stop)
+        Indexer(cfg, spool, catalog, vault, secret).run(stop)
     finally:
         vault.close()
         catalog.close()

@@ -27,8 +27,9 @@ ALLOWED_ROOMS: dict[str, set[str] | None] = {
     "logs": {"config"},
     # durable file primitives (fsync_dir, private write, whole append), stdlib only
     "fsio": set(),
-    # what the health check, the metrics and the status page report
-    "health": {"config"},
+    # what the health check, the metrics and the status page report: the policy reads
+    # the spool and the catalog; worker liveness is passed in by the service
+    "health": {"config", "store.spool", "store.catalog"},
     "service": None,  # wires everything
     "cli": None,      # thin, may call any room
     # store/: the spool folders, the catalog (all SQL), the audit log

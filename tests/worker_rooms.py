@@ -36,8 +36,8 @@ class Rooms:
         self.spool = Spool(self.cfg.spool.dir)
         self.spool.ensure()
         init_secrets(self.cfg.vault.key_file)  # a new site's keys, as `run` makes them
-        self.catalog = Catalog(self.cfg.spool.dir / "catalog.sqlite3")
-        self.vault = Vault(self.cfg.spool.dir / "vault.phi", self.cfg.vault.key_file)
+        self.catalog = Catalog(self.spool.catalog_file)
+        self.vault = Vault(self.spool.vault_file, self.cfg.vault.key_file)
         self.indexer = Indexer(self.cfg, self.spool, self.catalog, self.vault,
                                load_site_secret(self.cfg.vault.secret_file))
 

@@ -12,7 +12,7 @@ the target directory is fsynced.  Nothing is ever rewritten in place.
     studies/<S>/study.json    non-PHI summary (atomic rewrite)
     quarantine/<reason>/      input that could not be processed + <name>.json
     attempts/                 the indexer's in-progress markers (attempts per file)
-    logs/
+    logs/                     rotated logs and audit.log
 
 What is inside a raw input file (plaintext, or encrypted by ``vault.stream``)
 is not this module's business: writers and transforms are passed in.
@@ -78,6 +78,9 @@ class Spool:
         self.studies = self.root / "studies"
         self.quarantine_dir = self.root / "quarantine"
         self.logs = self.root / "logs"
+        self.catalog_file = self.root / "catalog.sqlite3"  # with its -wal and -shm journals
+        self.vault_file = self.root / "vault.phi"
+        self.audit_file = self.logs / "audit.log"
         self._tmp_s = str(self.tmp)
         self._incoming_s = str(self.incoming)
         self._syncfs = False  # libc syncfs, looked up on first use (None: unavailable)
@@ -490,7 +493,7 @@ class Spool:
         """Replace vault.phi or a raw input file with a new version: tmp, fsync,
         rename over it, fsync dir (never in place).  Its times are kept."""
         path = Path(path)
-        allowed = path == self.root / "vault.phi" or path.parent == self.incoming \
+        allowed = path == self.vault_file or path.parent == self.incoming \
             or path.parent.parent == self.quarantine_dir
         if not allowed or not regular_file(path):
             raise ValueError(f"not a rewritable spool file: {path}")

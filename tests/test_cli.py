@@ -1,0 +1,72 @@
+"""The CLI's wiring: every verb carries its own function (``set_defaults``),
+and the offline commands take the spool lock through one helper and let it
+go when they finish.  In-process on a real site, so a lock left open shows."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import pytest
+import tools
+
+from ith_proxy import cli
+
+
+def _leaves(parser: argparse.ArgumentParser, prefix: tuple[str, ...] = ()) -> list[tuple]:
+    out = []
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                out += _leaves(sub, prefix + (name,)) or [prefix + (name,)]
+    return out
+
+
+def test_every_verb_names_its_function() -> None:
+    parser = cli._parser()
+    leaves = _leaves(parser)
+    assert ("quarantine", "release") in leaves and ("audit", "rotate-key") in leaves
+    for words in leaves:
+        name = ["NAME"] if words[0] == "quarantine" and words[1] != "list" else []
+        args = parser.parse_args([*words, *name])
+        assert callable(args.func), words
+        assert args.func.__name__.startswith("cmd_"), words
+
+
+@pytest.fixture
+def site(rooms, monkeypatch):
+    """The rooms' site as the environment of an in-process ``cli.main``."""
+    for key in os.environ:
+        if key.startswith(tools.PROXY_ENV_PREFIXES):
+            monkeypatch.delenv(key)
+    for key, value in rooms.env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.chdir(rooms.root)
+    return rooms
+
+
+@pytest.mark.parametrize("command", [["reindex"], ["audit", "rotate-key"]])
+def test_offline_commands_refuse_a_held_lock_and_release_their_own(site, capsys,
+                                                                   command) -> None:
+    held = site.spool.lock()  # as the running proxy holds it
+    assert held is not None
+    try:
+        assert cli.main(command) == 1
+    finally:
+        os.close(held)
+    assert capsys.readouterr().err == ("ith-proxy: the proxy is running on this spool; "
+                                       f"stop it before {' '.join(command)}\n")
+    assert cli.main(command) == 0
+    again = site.spool.lock()  # flock is per open file: a leaked descriptor would hold it
+    assert again is not None, "the command left the spool lock taken"
+    os.close(again)
+
+
+def test_reindex_refuses_a_linked_lock_file(site, capsys, tmp_path) -> None:
+    (tmp_path / "elsewhere").write_text("")
+    (site.spool.root / ".lock").unlink(missing_ok=True)
+    (site.spool.root / ".lock").symlink_to(tmp_path / "elsewhere")
+    assert cli.main(["reindex"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"ith-proxy: cannot take the spool lock {site.spool.root / '.lock'}")
+    assert err.count("\n") == 1

@@ -112,3 +112,17 @@ def replace_private(path: Path, data: bytes) -> None:
         tmp.unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+
+
+def keeping_times(src: Path, write: Callable[[BinaryIO], object]
+                   ) -> tuple[Callable[[BinaryIO], None], list]:
+    """Wrap a writer so the new file keeps src's times (the mtime of a raw
+    file is when it was received); the writer's result lands in the list."""
+    st = os.stat(src)
+    result: list = [None]
+
+    def wrapped(out: BinaryIO) -> None:
+        result[0] = write(out)
+        out.flush()
+        os.utime(out.fileno(), ns=(st.st_atime_ns, st.st_mtime_ns))
+    return wrapped, result

@@ -34,7 +34,8 @@ ALLOWED_ROOMS: dict[str, set[str] | None] = {
     "cli": None,      # thin, may call any room
     # store/: the spool folders, the catalog (all SQL), the audit log
     "store": set(),
-    "store.spool": {"config", "fsio"},
+    "store.spool": {"config", "fsio", "store.quarantine"},
+    "store.quarantine": {"fsio"},  # the quarantine folder's part of the spool
     "store.catalog": {"config"},
     "store.audit": {"config", "fsio"},
     # vault/: keys (the only cryptography), key files, vault.phi, encrypted spool files

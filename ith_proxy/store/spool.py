@@ -21,6 +21,8 @@ Symbolic links are never followed: files are opened with ``O_NOFOLLOW``, only
 regular files are listed, handed out or moved (a link planted in incoming/ or
 quarantine/ is skipped, never read), and ``symlinks()`` lets the service refuse
 to start when the spool's folders, logs, vault or catalog are links.
+
+The quarantine folder's part of the spool is ``store/quarantine.py``.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from typing import BinaryIO, Callable, Iterable, Iterator
 from ith_proxy.fsio import (
     fsync_dir,
     is_regular_entry,
+    keeping_times,
     load_syncfs,
     read_nofollow,
     real_dir,
@@ -43,25 +46,11 @@ from ith_proxy.fsio import (
     unique_name,
     writev_all,
 )
+from ith_proxy.store.quarantine import QuarantineFolder
 
 FILE_MODE = 0o600
 DIR_MODE = 0o700
 _UID_RE = re.compile(r"[0-9]+(\.[0-9]+)*")
-_REASON_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,40}")
-
-
-def _keeping_times(src: Path, write: Callable[[BinaryIO], object]
-                   ) -> tuple[Callable[[BinaryIO], None], list]:
-    """Wrap a writer so the new file keeps src's times (the mtime of a raw
-    file is when it was received); the writer's result lands in the list."""
-    st = os.stat(src)
-    result: list = [None]
-
-    def wrapped(out: BinaryIO) -> None:
-        result[0] = write(out)
-        out.flush()
-        os.utime(out.fileno(), ns=(st.st_atime_ns, st.st_mtime_ns))
-    return wrapped, result
 
 
 def _check_uid(uid: str) -> str:
@@ -70,7 +59,7 @@ def _check_uid(uid: str) -> str:
     return uid
 
 
-class Spool:
+class Spool(QuarantineFolder):
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
         self.tmp = self.root / "tmp"
@@ -380,105 +369,6 @@ class Spool:
                     if inst.name.endswith(".dcm") and is_regular_entry(inst):
                         yield study.name, series.name, inst.name[:-4], Path(inst.path)
 
-    # --- quarantine/ : input the indexer could not process ---
-
-    def quarantine(self, name: str, reason: str, detail: dict,
-                   seal: Callable[[Path, BinaryIO], dict] | None = None) -> Path:
-        """Move incoming/<name> to quarantine/<reason>/ with a .json saying why.
-
-        Without ``seal`` the file is renamed as it is (it is already
-        encrypted): the .json goes first, then the rename, so a crash leaves
-        the file in incoming/ (processed again) or both in place.  With
-        ``seal(src, out) -> dict`` an encrypted copy is written through tmp/
-        (its result, e.g. size and sha256, goes into the .json), then the
-        .json, and only then is the raw file removed.
-        """
-        if not _REASON_RE.fullmatch(reason):
-            raise ValueError(f"bad quarantine reason {reason!r}")
-        qdir = self.quarantine_dir / reason
-        if not qdir.is_dir():
-            qdir.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
-            fsync_dir(self.quarantine_dir)
-        src, target = self.incoming / name, qdir / name
-        info = {"name": name, "reason": reason,
-                "quarantined_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                **detail}
-        if seal is None:
-            if not src.exists():
-                raise FileNotFoundError(src)
-            self._write_json(qdir / f"{name}.json", info)
-            os.rename(src, target)
-            fsync_dir(qdir)
-        else:
-            write, result = _keeping_times(src, lambda out: seal(src, out))
-            self._deliver(target, write)
-            info.update(result[0] or {})
-            self._write_json(qdir / f"{name}.json", info)
-            os.unlink(src)
-        fsync_dir(self.incoming)
-        return target
-
-    def _write_json(self, path: Path, info: dict) -> None:
-        data = json.dumps(info, indent=2, sort_keys=True).encode() + b"\n"
-        self._deliver(path, chunks=[data])
-
-    def quarantined(self) -> list[dict]:
-        out = []
-        for reason in sorted(p for p in self.quarantine_dir.iterdir() if real_dir(p)):
-            for meta in sorted(reason.glob("*.json")):
-                try:
-                    info = json.loads(read_nofollow(meta))
-                except (OSError, ValueError):
-                    info = {"name": meta.stem, "reason": reason.name, "error": "unreadable"}
-                info["present"] = regular_file(reason / meta.stem)
-                out.append(info)
-        return out
-
-    def quarantined_item(self, name: str) -> tuple[Path, dict]:
-        """(data file, .json content) of a quarantined item named NAME or REASON/NAME.
-
-        Raises KeyError when there is no such item (names are checked, so
-        nothing outside quarantine/ can be reached, and a symbolic link is
-        never an item).
-        """
-        reason, _, base = name.rpartition("/")
-        if base in ("", ".", "..") or "\0" in name or base.endswith(".json") \
-                or (reason and not _REASON_RE.fullmatch(reason)):
-            raise KeyError(name)
-        dirs = [self.quarantine_dir / reason] if reason else \
-            sorted(p for p in self.quarantine_dir.iterdir() if real_dir(p))
-        for qdir in dirs:
-            data = qdir / base
-            if regular_file(data):
-                try:
-                    info = json.loads(read_nofollow(qdir / f"{base}.json"))
-                except (OSError, ValueError):
-                    info = {"name": base, "reason": qdir.name}
-                return data, info
-        raise KeyError(name)
-
-    def release(self, name: str, write: Callable[[Path, BinaryIO], object] | None = None
-                ) -> Path:
-        """Move a quarantined item back to incoming/ under its name, for another try.
-
-        Without ``write`` it is renamed as it is; with ``write(src, out)`` a
-        transformed copy (decrypted or encrypted) is made durable in
-        incoming/ first.  The quarantine files are removed last.
-        """
-        data, _ = self.quarantined_item(name)
-        target = self.incoming / data.name
-        if target.exists():
-            raise FileExistsError(f"incoming/{data.name} already exists")
-        if write is None:
-            os.rename(data, target)
-        else:
-            self._deliver(target, _keeping_times(data, lambda out: write(data, out))[0])
-            os.unlink(data)
-        fsync_dir(self.incoming)
-        (data.parent / f"{data.name}.json").unlink(missing_ok=True)
-        fsync_dir(data.parent)
-        return target
-
     # --- raw input at rest: key rotation rewrites these ---
 
     def raw_input_files(self) -> list[Path]:
@@ -497,4 +387,4 @@ class Spool:
             or path.parent.parent == self.quarantine_dir
         if not allowed or not regular_file(path):
             raise ValueError(f"not a rewritable spool file: {path}")
-        self._deliver(path, _keeping_times(path, write)[0])
+        self._deliver(path, keeping_times(path, write)[0])

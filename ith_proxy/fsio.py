@@ -3,19 +3,22 @@ file the crash-safe way needs (Maildir discipline: write a private file,
 fsync it, rename it into place, fsync the folder), and reads that never
 follow a symbolic link.
 
-Rooms that own files (``spool``, ``vault.keyfiles``, ``audit``, ``vault``,
-``vault.stream``) use these instead of their own copies.
+Rooms that own files (``store.spool``, ``store.audit``, ``vault.keyfiles``,
+``vault.keys``, ``vault.records``, ``vault.stream``) use these instead of
+their own copies; the append-only logs (``vault.phi``, ``audit.log``) append
+a record whole or not at all with ``append_whole``.
 """
 
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 import secrets
 import stat
 import time
 from pathlib import Path
-from typing import BinaryIO, Callable
+from typing import BinaryIO, Callable, Iterable
 
 
 def is_regular_entry(entry: os.DirEntry) -> bool:
@@ -57,6 +60,27 @@ def writev_all(fd: int, chunks: list) -> None:
             views.pop(0)
         if views and written:
             views[0] = views[0][written:]
+
+
+def append_whole(fd: int, pieces: Iterable[bytes | bytearray], size: int,
+                 sync: bool = False) -> None:
+    """Append ``pieces`` to the file open on ``fd`` (O_APPEND), whose length
+    is ``size``, as one whole record, or not at all: a short write (a full
+    disk) raises ENOSPC, and on any failure, even one raised while the pieces
+    are produced, the file is cut back to ``size`` so no torn record stays.
+    The caller holds the lock that makes ``size`` the current length."""
+    try:
+        for piece in pieces:
+            if os.write(fd, piece) != len(piece):  # a full disk gives a short write
+                raise OSError(errno.ENOSPC, "short write")
+        if sync:
+            os.fsync(fd)
+    except BaseException:
+        try:
+            os.ftruncate(fd, size)
+        except OSError:
+            pass
+        raise
 
 
 def fsync_dir(path: Path | str) -> None:

@@ -42,7 +42,7 @@ ALLOWED_ROOMS: dict[str, set[str] | None] = {
     "vault": set(),
     "vault.keyfiles": {"fsio"},
     "vault.keys": {"fsio", "vault.keyfiles"},
-    "vault.records": {"vault.keys"},
+    "vault.records": {"fsio", "vault.keys"},
     "vault.stream": {"config", "fsio", "vault.keys"},
     "vault.rotate": {"config", "store.spool", "vault.keys", "vault.records", "vault.stream"},
     # deid/: one room, pure functions over data sets

@@ -43,7 +43,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from ith_proxy.fsio import replace_private
+from ith_proxy.fsio import append_whole, fsync_dir, replace_private
 
 GENESIS = "0" * 64
 _KEY_LABEL = b"ith-proxy audit log v1"
@@ -244,23 +244,10 @@ class AuditLog:
         data = (b"\n" if needs_newline else b"") + b"".join(
             json.dumps(b, sort_keys=True, separators=(",", ":")).encode() + b"\n"
             for b in bodies)
-        size = os.fstat(fd).st_size
-        try:
-            if os.write(fd, data) != len(data):  # a full disk gives a short write
-                raise OSError(errno.ENOSPC, "short write")
-            os.fsync(fd)
-        except OSError:
-            try:  # leave no torn record behind (we hold the lock: nobody appended since)
-                os.ftruncate(fd, size)
-            except OSError:
-                pass
-            raise
+        # whole or not at all (we hold the lock: nobody appended since fstat)
+        append_whole(fd, [data], os.fstat(fd).st_size, sync=True)
         if created:
-            dfd = os.open(self.path.parent, os.O_RDONLY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
+            fsync_dir(self.path.parent)
         if self.anchor is not None:
             try:
                 _write_anchor(self.anchor, {"seq": body["seq"], "mac": body["mac"],

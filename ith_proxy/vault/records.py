@@ -31,7 +31,6 @@ line is as long as the old one and every offset stays valid.
 from __future__ import annotations
 
 import binascii
-import errno
 import json
 import os
 import struct
@@ -39,6 +38,7 @@ import threading
 from pathlib import Path
 from typing import BinaryIO, Iterable, Iterator, Sequence
 
+from ith_proxy.fsio import append_whole
 from ith_proxy.vault.keys import Keyring
 
 MAGIC = b"V2 "
@@ -261,15 +261,9 @@ class Vault:
         with self._lock:
             fd = self._open_append()
             offset = os.fstat(fd).st_size
-            try:  # one write if small, else one per ~1 MiB piece
-                for piece in seal(parts, self.keyring, offset):
-                    if os.write(fd, piece) != len(piece):  # a full disk gives a short write
-                        raise OSError(errno.ENOSPC, "short write to the vault")
+            try:  # one write if small, else one per ~1 MiB piece; all or nothing
+                append_whole(fd, seal(parts, self.keyring, offset), offset)
             except BaseException:
-                try:  # drop the torn tail so the vault stays whole records
-                    os.ftruncate(fd, offset)
-                except OSError:
-                    pass
                 os.close(fd)  # a reopen seals whatever tail is left with a newline
                 self._fd = None
                 raise

@@ -28,8 +28,8 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -214,8 +214,11 @@ def main() -> int:
         if name in rates:
             rate = r["count"] / r["anonymize"]
             faster = rate > rates[name]
-            print(f"{name}: indexer path {rate:.1f} inst/s vs network ingest {rates[name]:.1f} inst/s: "
-                  f"{'faster (keeps up)' if faster else 'SLOWER (falls behind)'}")
+            print(
+                f"{name}: indexer path {rate:.1f} inst/s "
+                f"vs network ingest {rates[name]:.1f} inst/s: "
+                f"{'faster (keeps up)' if faster else 'SLOWER (falls behind)'}"
+            )
     return 0 if ok else 1
 
 

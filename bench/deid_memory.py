@@ -174,7 +174,9 @@ def write_instance(path: Path, frames: int) -> int:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--frames", type=int, default=2000, help="512x512x2-byte frames (2000 = ~1.05 GB)")
+    ap.add_argument(
+        "--frames", type=int, default=2000, help="512x512x2-byte frames (2000 = ~1.05 GB)"
+    )
     ap.add_argument("--limit-mb", type=float, default=LIMIT_MB)
     ap.add_argument("--keep", action="store_true", help="keep the temp dir")
     args = ap.parse_args()
@@ -192,18 +194,25 @@ def main() -> int:
               f"(written in {time.perf_counter() - t0:.1f} s)", flush=True)
 
         env = dict(os.environ)
-        env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        env["PYTHONPATH"] = str(REPO) + (
+            os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else ""
+        )
         for k in [k for k in env if k.startswith(("DICOM_", "ITH_", "API_", "JWT_", "VAULT_"))]:
             del env[k]
-        proc = subprocess.run([sys.executable, "-c", CHILD, str(tmp), str(Path(__file__).resolve().parent)], cwd=tmp, env=env,
-                              capture_output=True, text=True)
+        proc = subprocess.run(
+            [sys.executable, "-c", CHILD, str(tmp), str(Path(__file__).resolve().parent)],
+            cwd=tmp,
+            env=env,
+            capture_output=True,
+            text=True,
+        )
         if proc.returncode != 0:
             print(proc.stderr[-3000:], file=sys.stderr)
             print("FAIL: the indexer subprocess failed")
             return 1
         report = json.loads(proc.stdout.strip().splitlines()[-1])
         outputs = list((spool / "studies").glob("*/*/*.dcm"))
-        quarantine = [p for p in (spool / "quarantine").rglob("*.json")]
+        quarantine = list((spool / "quarantine").rglob("*.json"))
         peak_mb = max(report["maxrss_kb"], report["vmhwm_kb"]) / 1024
         print(f"indexer run_once: {report['seconds']:.1f} s, handled {report['handled']}, "
               f"processed {report['processed']}, quarantined {report['quarantined']}")

@@ -46,7 +46,7 @@ def base_env() -> dict[str, str]:
 def find_tool(name: str) -> str | None:
     """First ``name`` on PATH (+ /usr/bin, /usr/sbin) that is the real thing: pynetdicom
     installs look-alike storescu/storescp/echoscu scripts into venvs."""
-    dirs = os.environ.get("PATH", "").split(os.pathsep) + ["/usr/bin", "/usr/sbin"]
+    dirs = [*os.environ.get("PATH", "").split(os.pathsep), "/usr/bin", "/usr/sbin"]
     for d in dict.fromkeys(filter(None, dirs)):
         path = shutil.which(name, path=d)
         if path is None:
@@ -204,7 +204,11 @@ def run_proxy(work: Path, data: Path, n: int, proxy_cmd: list[str]) -> dict[str,
             f"http://127.0.0.1:{api_port}/api/health/", lambda b: b.get("status") == "ok"))
         t0 = time.perf_counter()
         ack = storescu(PROXY_AET, dicom_port, data)
-        incoming, db, quarantine = spool / "incoming", spool / "catalog.sqlite3", spool / "quarantine"
+        incoming, db, quarantine = (
+            spool / "incoming",
+            spool / "catalog.sqlite3",
+            spool / "quarantine",
+        )
         while True:
             with os.scandir(incoming) as it:
                 pending = any(it)
@@ -300,7 +304,7 @@ def main() -> int:
             return 1
         TOOLS[tool] = path
     try:
-        import pydicom  # noqa: F401
+        import pydicom  # noqa: F401  # only: is it installed?
     except ImportError:
         print("bench: pydicom is not installed for this Python", file=sys.stderr)
         return 1
@@ -338,7 +342,7 @@ def main() -> int:
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)
 
-    agg = "median of %d runs" % args.runs if args.runs > 1 else "1 run"
+    agg = f"median of {args.runs} runs" if args.runs > 1 else "1 run"
     rate = {(d, f): statistics.median(sizes[d][0] / s for s in v)
             for d, figs in results.items() for f, v in figs.items()}
     print(f"\nRESULTS ({agg}; storescu, one association, TCP_NODELAY=1; MB = 10^6 bytes)")

@@ -29,8 +29,8 @@ import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import ingest  # noqa: E402  (the receivers and tools of the ingest bench)
-from deid_memory import write_instance  # noqa: E402
+import ingest  # the receivers and tools of the ingest bench
+from deid_memory import write_instance
 
 LIMIT_MB = 64.0
 

@@ -166,9 +166,10 @@ def _uncaught_thread(args: threading.ExceptHookArgs) -> None:
     if args.exc_type is SystemExit:
         return
     name = args.thread.name if args.thread is not None else "?"
+    exc = args.exc_value
     logging.getLogger(f"{OWN}.uncaught").error(
         "uncaught %s in thread %s", args.exc_type.__name__, name,
-        exc_info=(args.exc_type, args.exc_value, args.exc_traceback))
+        exc_info=(args.exc_type, exc, args.exc_traceback) if exc is not None else None)
 
 
 def _uncaught(kind, value, tb) -> None:

@@ -48,10 +48,11 @@ import re
 import secrets
 import time
 import warnings
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import date, timedelta
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any
 
 from pydicom import config as pydicom_config
 from pydicom.datadict import dictionary_VR, keyword_for_tag
@@ -224,7 +225,13 @@ def load_table(path: Path | None = None) -> Table:
         raw_rows = data["rows"] if isinstance(data, dict) else data
         rows = []
         for r in raw_rows:
-            basic = r.get("basic") or r.get("basic_action") or r.get("basicProfile") or r.get("action") or ""
+            basic = (
+                r.get("basic")
+                or r.get("basic_action")
+                or r.get("basicProfile")
+                or r.get("action")
+                or ""
+            )
             options = dict(r.get("options") or {})
             for alias in _OPTION_ALIASES:
                 if alias in r:
@@ -280,7 +287,9 @@ class Marker:
 
     @property
     def top_level(self) -> bool:
-        return "." not in self.path and "[" not in self.path and self.kind not in ("meta", "preamble")
+        return (
+            "." not in self.path and "[" not in self.path and self.kind not in ("meta", "preamble")
+        )
 
 
 @dataclass
@@ -359,20 +368,43 @@ class Canary:
 # values
 # --------------------------------------------------------------------------
 
-_STUDY_KEYWORDS = frozenset({
-    "AccessionNumber", "StudyID", "StudyDate", "StudyTime", "StudyDescription",
-    "ReferringPhysicianName", "ReferringPhysicianAddress", "ReferringPhysicianTelephoneNumbers",
-    "ReferringPhysicianIdentificationSequence", "ConsultingPhysicianName",
-    "ConsultingPhysicianIdentificationSequence", "NameOfPhysiciansReadingStudy",
-    "PhysiciansReadingStudyIdentificationSequence", "PhysiciansOfRecord",
-    "PhysiciansOfRecordIdentificationSequence", "RequestingPhysician", "RequestingService",
-    "ReasonForStudy", "StudyComments", "StudyIDIssuer", "StudyInstanceUID", "FrameOfReferenceUID",
-    "SynchronizationFrameOfReferenceUID", "RequestedProcedureDescription",
-    "RequestedProcedureCodeSequence", "AdmittingDiagnosesDescription",
-    "AdmittingDiagnosesCodeSequence", "ReasonForVisit", "ReasonForVisitCodeSequence",
-    "IssuerOfAccessionNumberSequence", "ReferencedPatientSequence", "PlacerOrderNumberImagingServiceRequest",
-    "FillerOrderNumberImagingServiceRequest",
-})
+_STUDY_KEYWORDS = frozenset(
+    {
+        "AccessionNumber",
+        "StudyID",
+        "StudyDate",
+        "StudyTime",
+        "StudyDescription",
+        "ReferringPhysicianName",
+        "ReferringPhysicianAddress",
+        "ReferringPhysicianTelephoneNumbers",
+        "ReferringPhysicianIdentificationSequence",
+        "ConsultingPhysicianName",
+        "ConsultingPhysicianIdentificationSequence",
+        "NameOfPhysiciansReadingStudy",
+        "PhysiciansReadingStudyIdentificationSequence",
+        "PhysiciansOfRecord",
+        "PhysiciansOfRecordIdentificationSequence",
+        "RequestingPhysician",
+        "RequestingService",
+        "ReasonForStudy",
+        "StudyComments",
+        "StudyIDIssuer",
+        "StudyInstanceUID",
+        "FrameOfReferenceUID",
+        "SynchronizationFrameOfReferenceUID",
+        "RequestedProcedureDescription",
+        "RequestedProcedureCodeSequence",
+        "AdmittingDiagnosesDescription",
+        "AdmittingDiagnosesCodeSequence",
+        "ReasonForVisit",
+        "ReasonForVisitCodeSequence",
+        "IssuerOfAccessionNumberSequence",
+        "ReferencedPatientSequence",
+        "PlacerOrderNumberImagingServiceRequest",
+        "FillerOrderNumberImagingServiceRequest",
+    }
+)
 _SERIES_KEYWORDS = frozenset({
     "SeriesDate", "SeriesTime", "SeriesDescription", "SeriesInstanceUID", "OperatorsName",
     "OperatorIdentificationSequence", "PerformingPhysicianName",
@@ -393,7 +425,8 @@ _IDENTITY_UIDS = {0x0020000D: "StudyInstanceUID", 0x0020000E: "SeriesInstanceUID
                   0x00080018: "SOPInstanceUID", 0x00200052: "FrameOfReferenceUID"}
 
 _CT = str(CTImageStorage)
-_STUDY_REF_CLASS = "1.2.840.10008.3.1.2.3.1"  # Detached Study Management (retired), as modalities use it
+# Detached Study Management (retired), as modalities use it
+_STUDY_REF_CLASS = "1.2.840.10008.3.1.2.3.1"
 _PRIVATE_CREATOR = "CANARY PRIVATE"
 _MAX_LEN = {"AE": 16, "CS": 16, "SH": 16, "LO": 64, "PN": 64, "ST": 1024, "LT": 10240,
             "UT": 1 << 30, "UC": 1 << 30, "UR": 1 << 30}
@@ -641,7 +674,7 @@ def _base(ds: Dataset, inst: CanaryInstance, rows: int, cols: int, thickness: fl
 
 def _chain(levels: list[tuple[int, Dataset]]) -> Dataset:
     """Nest ``levels`` = [(sequence tag, item), ...] outermost first; return the outer item."""
-    for (tag, item), (_, parent) in zip(reversed(levels[1:]), reversed(levels[:-1])):
+    for (tag, item), (_, parent) in zip(reversed(levels[1:]), reversed(levels[:-1]), strict=True):
         parent.add(DataElement(tag, "SQ", Sequence([item])))
     return levels[0][1]
 
@@ -697,11 +730,20 @@ def build_canary(out_dir: str | Path, *, series: tuple[int, ...] = (2, 2), drop:
         plan += [(s, i, True) for i in range(1, count + 1)]
     if drop:
         plan.append((len(series), series[-1] + 1, False))
-    instances = [CanaryInstance(index=i, path=out / f"CANARY_{s:02d}_{n:03d}{'' if net else '_DROP'}.dcm",
-                                series_number=s, instance_number=n, study_uid=study_uid,
-                                series_uid=series_uids[s - 1], sop_uid=v.uid(v.next()),
-                                frame_uid=frame_uid, network=net)
-                 for i, (s, n, net) in enumerate(plan)]
+    instances = [
+        CanaryInstance(
+            index=i,
+            path=out / f"CANARY_{s:02d}_{n:03d}{'' if net else '_DROP'}.dcm",
+            series_number=s,
+            instance_number=n,
+            study_uid=study_uid,
+            series_uid=series_uids[s - 1],
+            sop_uid=v.uid(v.next()),
+            frame_uid=frame_uid,
+            network=net,
+        )
+        for i, (s, n, net) in enumerate(plan)
+    ]
 
     share: dict[tuple[str, str], Marker] = {}
     # the identity UIDs are markers of their own rows
@@ -709,15 +751,30 @@ def build_canary(out_dir: str | Path, *, series: tuple[int, ...] = (2, 2), drop:
     for tag, kw in _IDENTITY_UIDS.items():
         row = by_tag.get(tag)
         for inst in instances:
-            value = getattr(inst, {"StudyInstanceUID": "study_uid", "SeriesInstanceUID": "series_uid",
-                                   "SOPInstanceUID": "sop_uid", "FrameOfReferenceUID": "frame_uid"}[kw])
+            value = getattr(
+                inst,
+                {
+                    "StudyInstanceUID": "study_uid",
+                    "SeriesInstanceUID": "series_uid",
+                    "SOPInstanceUID": "sop_uid",
+                    "FrameOfReferenceUID": "frame_uid",
+                }[kw],
+            )
             key = (kw, value)
             if key in share:
                 share[key].instances.append(inst.index)
             else:
-                share[key] = b.add(inst.index, value, value, kw, tag, "UI", "table", row,
-                                   {"SOPInstanceUID": "instance", "SeriesInstanceUID": "series"}.get(
-                                       kw, "study"))
+                share[key] = b.add(
+                    inst.index,
+                    value,
+                    value,
+                    kw,
+                    tag,
+                    "UI",
+                    "table",
+                    row,
+                    {"SOPInstanceUID": "instance", "SeriesInstanceUID": "series"}.get(kw, "study"),
+                )
 
     # rows that are not plain attributes
     for row in table.rows:
@@ -732,7 +789,9 @@ def build_canary(out_dir: str | Path, *, series: tuple[int, ...] = (2, 2), drop:
         if row.basic in ("K", ""):
             continue
         if group == 0x0000:
-            b.skipped.append((f"{row.tag} {row.keyword}", "command group (0000): not part of a stored dataset"))
+            b.skipped.append(
+                (f"{row.tag} {row.keyword}", "command group (0000): not part of a stored dataset")
+            )
         elif group == 0x0002 and row.value != 0x00020003:
             b.skipped.append((f"{row.tag} {row.keyword}", "file meta element: see meta markers"))
         elif group == 0x0004 and not drop:
@@ -795,12 +854,23 @@ def build_canary(out_dir: str | Path, *, series: tuple[int, ...] = (2, 2), drop:
             m.value = m.needle = patient_name
     pid_marker = next((m for m in b.markers if m.path == "PatientID"), None)
     name_marker = next((m for m in b.markers if m.path == "PatientName"), None)
-    return Canary(instances=instances, markers=b.markers, skipped=b.skipped, table=table,
-                  corpus=corpus,
-                  patient_id=patient_id if patient_id is not None else str(pid_marker.value if pid_marker else ""),
-                  patient_name=patient_name if patient_name is not None else str(name_marker.value if name_marker else ""),
-                  study_uid=study_uid, frame_uid=frame_uid,
-                  chain_a=_prefix(_CHAIN_A_NAMES), chain_b=_prefix(_CHAIN_B_NAMES))
+    return Canary(
+        instances=instances,
+        markers=b.markers,
+        skipped=b.skipped,
+        table=table,
+        corpus=corpus,
+        patient_id=patient_id
+        if patient_id is not None
+        else str(pid_marker.value if pid_marker else ""),
+        patient_name=patient_name
+        if patient_name is not None
+        else str(name_marker.value if name_marker else ""),
+        study_uid=study_uid,
+        frame_uid=frame_uid,
+        chain_a=_prefix(_CHAIN_A_NAMES),
+        chain_b=_prefix(_CHAIN_B_NAMES),
+    )
 
 
 def _plant_chains(b: _Builder, ds: Dataset, inst: CanaryInstance, instances: list[CanaryInstance],
@@ -842,7 +912,9 @@ def _plant_chains(b: _Builder, ds: Dataset, inst: CanaryInstance, instances: lis
     setv, value, needle, _ = b.value_for("LO", None)
     block.add_new(0x20, "LO", setv)
     b.add(inst.index, value, needle, f"{p[1]}.(0009,1020)", 0x00091020, "LO", "private")
-    ds.add(DataElement(_CHAIN_A[0], "SQ", Sequence([_chain(list(zip(_CHAIN_A, items)))])))
+    ds.add(
+        DataElement(_CHAIN_A[0], "SQ", Sequence([_chain(list(zip(_CHAIN_A, items, strict=True)))]))
+    )
 
     # chain B: under Referenced Study Sequence (X/Z), marker at depth 5 in a non-table attribute
     items = [Dataset() for _ in _CHAIN_B]
@@ -858,7 +930,9 @@ def _plant_chains(b: _Builder, ds: Dataset, inst: CanaryInstance, instances: lis
     q = _prefix(_CHAIN_B_NAMES)
     b.add(inst.index, value, needle, f"{q}.TextValue", 0x0040A160, "UT", "nested",
           by_tag.get(0x00081110))
-    ds.add(DataElement(_CHAIN_B[0], "SQ", Sequence([_chain(list(zip(_CHAIN_B, items)))])))
+    ds.add(
+        DataElement(_CHAIN_B[0], "SQ", Sequence([_chain(list(zip(_CHAIN_B, items, strict=True)))]))
+    )
 
 
 def _plant_private(b: _Builder, ds: Dataset, inst: CanaryInstance) -> None:
@@ -1109,7 +1183,7 @@ def marker_holds(elem: DataElement | None, marker: Marker) -> bool:
                                          if isinstance(value, bytes) else False)
     if isinstance(marker.value, (int, float)):
         try:
-            return float(value) == float(marker.value)  # type: ignore[arg-type]
+            return float(value) == float(marker.value)  # type: ignore[arg-type]  # TypeError is caught below
         except (TypeError, ValueError):
             return False
     return marker.needle in str(value) if marker.needle else str(value) == str(marker.value)
@@ -1187,7 +1261,9 @@ def quarantine_records(spool: Path) -> list[dict]:
     return out
 
 
-def wait_ingested(spool: Path, expected: int, timeout: float = 120, stall: float = 30) -> list[dict]:
+def wait_ingested(
+    spool: Path, expected: int, timeout: float = 120, stall: float = 30
+) -> list[dict]:
     """Wait until incoming/ is empty and ``expected`` instances are either in
     the catalog or in quarantine/; return the quarantine records. Fails early,
     with the tail of error.log, when nothing moves for ``stall`` seconds."""
@@ -1225,8 +1301,11 @@ def run_proxy(work: Path, files: list[Path], drop_files: list[Path] = (), config
     import tools
     from helpers import wait_until
 
-    proxy = tools.ProxyProcess(work, config_text="[spool]\nencrypt_incoming = false\n" + config_text,
-                               env={"DICOM_STUDY_TIMEOUT": "2", **(env or {})})
+    proxy = tools.ProxyProcess(
+        work,
+        config_text="[spool]\nencrypt_incoming = false\n" + config_text,
+        env={"DICOM_STUDY_TIMEOUT": "2", **(env or {})},
+    )
     if before_start is not None:
         before_start(proxy)
     proxy.start()
@@ -1251,6 +1330,7 @@ def run_proxy(work: Path, files: list[Path], drop_files: list[Path] = (), config
 def outputs_by_key(spool: Path) -> dict[tuple[int, int], Path]:
     """Stored files by (SeriesNumber, InstanceNumber)."""
     import pydicom
+
     from helpers import stored_files
 
     out: dict[tuple[int, int], Path] = {}
@@ -1279,7 +1359,9 @@ def ingest(work: Path, corpus: Canary, config_text: str = "", drop: bool = True,
 
 def deid_config(*options: str, **values: str) -> str:
     """``[deid]`` section text switching ``options`` on (and setting ``values``)."""
-    lines = ["[deid]"] + [f"{o} = true" for o in options] + [f"{k} = {v}" for k, v in values.items()]
+    lines = (
+        ["[deid]"] + [f"{o} = true" for o in options] + [f"{k} = {v}" for k, v in values.items()]
+    )
     return "\n".join(lines) + "\n"
 
 

@@ -21,9 +21,9 @@ from __future__ import annotations
 import functools
 import random
 import secrets
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
 
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
@@ -45,17 +45,17 @@ from pydicom.uid import (
 )
 
 __all__ = [
+    "MARKER_PREFIX",
+    "SUPPORTED_TRANSFER_SYNTAXES",
     "Series",
-    "make_series",
+    "iter_files",
     "make_ct_series",
-    "make_small_series",
-    "make_mr_instance",
-    "make_pet_instance",
     "make_instance",
     "make_instance_of_class",
-    "iter_files",
-    "SUPPORTED_TRANSFER_SYNTAXES",
-    "MARKER_PREFIX",
+    "make_mr_instance",
+    "make_pet_instance",
+    "make_series",
+    "make_small_series",
 ]
 
 #: Every marker string starts with this; grep for it to find any leak at all.
@@ -321,7 +321,9 @@ def _base_dataset(
 
     item = Dataset()
     item.RequestedProcedureID = other_phi["RequestAttributesSequence[0].RequestedProcedureID"]
-    item.ScheduledProcedureStepID = other_phi["RequestAttributesSequence[0].ScheduledProcedureStepID"]
+    item.ScheduledProcedureStepID = other_phi[
+        "RequestAttributesSequence[0].ScheduledProcedureStepID"
+    ]
     ds.RequestAttributesSequence = Sequence([item])
 
     block = ds.private_block(_PRIVATE_GROUP, _PRIVATE_CREATOR, create=True)
@@ -562,7 +564,7 @@ def make_ct_series(
         transfer_syntax=transfer_syntax,
         sop_class=sop_class,
         seed=seed,
-        **kwargs,  # type: ignore[arg-type]
+        **kwargs,  # type: ignore[arg-type]  # make_series' keywords
     )
 
 
@@ -571,24 +573,24 @@ def make_small_series(
 ) -> Series:
     """Like :func:`make_ct_series` (or any ``modality=``) but 64x64 by default."""
     kwargs.setdefault("modality", "CT")
-    return make_series(out_dir, n, rows=rows, cols=cols, **kwargs)  # type: ignore[arg-type]
+    return make_series(out_dir, n, rows=rows, cols=cols, **kwargs)  # type: ignore[arg-type]  # make_series' keywords
 
 
 def make_instance(
     out_dir: str | Path, modality: str = "CT", rows: int = 64, cols: int = 64, **kwargs: object
 ) -> Series:
     """One minimal valid instance of ``modality`` ("CT", "MR" or "PT")."""
-    return make_series(out_dir, 1, modality=modality, rows=rows, cols=cols, **kwargs)  # type: ignore[arg-type]
+    return make_series(out_dir, 1, modality=modality, rows=rows, cols=cols, **kwargs)  # type: ignore[arg-type]  # make_series' keywords
 
 
 def make_mr_instance(out_dir: str | Path, **kwargs: object) -> Series:
     """One minimal valid MR Image Storage instance."""
-    return make_instance(out_dir, "MR", **kwargs)  # type: ignore[arg-type]
+    return make_instance(out_dir, "MR", **kwargs)  # type: ignore[arg-type]  # make_series' keywords
 
 
 def make_pet_instance(out_dir: str | Path, **kwargs: object) -> Series:
     """One minimal valid PET Image Storage instance."""
-    return make_instance(out_dir, "PT", **kwargs)  # type: ignore[arg-type]
+    return make_instance(out_dir, "PT", **kwargs)  # type: ignore[arg-type]  # make_series' keywords
 
 
 def make_instance_of_class(

@@ -5,8 +5,8 @@ from __future__ import annotations
 import io
 import json
 import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Callable, Iterable
 
 import pydicom
 
@@ -62,7 +62,7 @@ def wait_indexed(spool: Path, instances: int, timeout: float = 120) -> dict:
         if counts["instances"] >= instances and not any((spool / "incoming").iterdir()):
             return counts
         return None
-    return wait_until(done, timeout, f"{instances} indexed instances")  # type: ignore[return-value]
+    return wait_until(done, timeout, f"{instances} indexed instances")  # type: ignore[return-value]  # done()'s counts
 
 
 def stored_files(spool: Path) -> list[Path]:

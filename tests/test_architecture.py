@@ -149,7 +149,9 @@ def _modules() -> list[Path]:
 
 def test_every_module_is_a_known_room() -> None:
     unknown = {_room(_dotted(p)) for p in _modules()} - set(ALLOWED_ROOMS)
-    assert not unknown, f"rooms missing from the rules (add them to docs/architecture.md): {unknown}"
+    assert not unknown, (
+        f"rooms missing from the rules (add them to docs/architecture.md): {unknown}"
+    )
 
 
 def test_rooms_import_only_what_they_may() -> None:

@@ -11,18 +11,18 @@ import threading
 import time
 from pathlib import Path
 
-import dicomgen
 import pynetdicom.association
 import pynetdicom.dul
 import pynetdicom.fsm
 import pytest
-import tools
-from helpers import wait_until
 from pynetdicom import AE
 from pynetdicom._globals import MODE_ACCEPTOR
 from pynetdicom.association import Association
 from pynetdicom.transport import AssociationSocket
 
+import dicomgen
+import tools
+from helpers import wait_until
 from ith_proxy.dicom import wake as assoc_wake
 
 LONG = 5.0  # a wait that would fail the test if it ran its full length

@@ -5,14 +5,15 @@ record before they touch PHI (quarantine export/release, vault rotate-key) plus
 
 from __future__ import annotations
 
+import itertools
 import json
 import multiprocessing
 import os
 from pathlib import Path
 
-import dicomgen
 import pytest
 
+import dicomgen
 from ith_proxy.store.audit import GENESIS, AuditBroken, AuditError, AuditLog, audit_key
 
 KEY = audit_key(b"s" * 64)
@@ -35,7 +36,7 @@ def test_records_chain_and_verify(tmp_path: Path) -> None:
     records = [json.loads(line) for line in _lines(log.path)]
     assert [r["seq"] for r in records] == [1, 2, 3, 4, 5]
     assert records[0]["prev"] == GENESIS
-    assert all(b["prev"] == a["mac"] for a, b in zip(records, records[1:]))
+    assert all(b["prev"] == a["mac"] for a, b in itertools.pairwise(records))
     assert records[2]["target"] == "unparseable/item-2" and records[2]["actor"] == "cli:test"
     assert records[2]["detail"] == {"out": "/tmp/2.dcm"}
     summary = log.verify()

@@ -14,9 +14,9 @@ import stat
 from pathlib import Path
 
 import pytest
-from worker_rooms import Rooms
 
 from ith_proxy.store.audit import AuditLog, audit_key
+from worker_rooms import Rooms
 
 
 @pytest.fixture

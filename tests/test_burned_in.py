@@ -12,21 +12,22 @@ and one instance of each kind end to end through the proxy with storescu.
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import os
 import struct
 from pathlib import Path
 
-import dicomgen
 import pydicom
 import pytest
+from pydicom.encaps import generate_frames
+
+import dicomgen
 import tools
 from helpers import find_bytes, stored_files, vault_records, wait_until
-from pydicom.encaps import generate_frames
-from worker_rooms import Rooms
-
 from ith_proxy.dicom import files as dicomfile
 from ith_proxy.vault import stream as vault_stream
+from worker_rooms import Rooms
 
 JPEG_LOSSLESS = "1.2.840.10008.1.2.4.70"
 TOKEN = "PHIMARK-CODESTREAM-7f3a"  # stands for a patient name in a comment
@@ -88,7 +89,7 @@ def _encapsulate(fragments: list[bytes]) -> bytes:
 
 def _split(frame: bytes, at: list[int]) -> list[bytes]:
     bounds = [0, *at, len(frame)]
-    return [frame[a:b] for a, b in zip(bounds, bounds[1:])]
+    return [frame[a:b] for a, b in itertools.pairwise(bounds)]
 
 
 def _with_pixels(path: Path, out: Path, fragments: list[bytes]) -> Path:

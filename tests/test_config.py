@@ -14,7 +14,9 @@ from ith_proxy import config
 REPO = Path(__file__).resolve().parent.parent
 
 
-def _cli(args: list[str], cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+def _cli(
+    args: list[str], cwd: Path, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
     clean = {k: v for k, v in os.environ.items()
              if not k.startswith(("DICOM_", "ITH_", "API_", "JWT_", "VAULT_"))}
     clean["PYTHONPATH"] = str(REPO)
@@ -75,7 +77,9 @@ def test_layers_apply_in_order(tmp_path: Path) -> None:
     ini.parent.mkdir()
     ini.write_text("[scp]\nport = 2000\nae_title = FROMINI\nmax_associations = 3\n"
                    "[scheduler]\nstudy_timeout = 5\n")
-    (tmp_path / ".env").write_text("# comment\nexport DICOM_PORT=3000\nDICOM_AE_TITLE='FROMENVFILE'\n")
+    (tmp_path / ".env").write_text(
+        "# comment\nexport DICOM_PORT=3000\nDICOM_AE_TITLE='FROMENVFILE'\n"
+    )
     cfg = config.load(env={"DICOM_PORT": "4000"}, cwd=tmp_path)
     assert cfg.scp.port == 4000                   # environment beats .env
     assert cfg.scp.ae_title == "FROMENVFILE"      # .env beats the INI
@@ -177,5 +181,5 @@ def test_deid_option_names_are_written_once() -> None:
     assert set(profile.OPTION_COLUMNS) == names
     assert set(profile.METHOD_CODES) - {"basic"} == names
     assert names <= set(build_table.OPTION_KEYS)
-    every = config.DeidConfig(anonymize=True, **{n: True for n in names})
+    every = config.DeidConfig(anonymize=True, **dict.fromkeys(names, True))
     assert every.options() == names

@@ -13,9 +13,10 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pytest
+
 import canary
 import dicomgen
-import pytest
 import tools
 from helpers import stored_files
 

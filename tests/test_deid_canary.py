@@ -26,9 +26,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import canary
 import pydicom
 import pytest
+
+import canary
 from helpers import vault_records
 
 CALLING_AE = "CANARYSCU"  # not a marker: the SCP may log it, but it must not reach studies/
@@ -137,8 +138,10 @@ def test_every_marker_comes_back_from_the_vault(run: canary.Run) -> None:
     missing = [f"{m.kind:15} {m.path} {m.value!r}" for m in run.corpus.markers
                if m.kind != "preamble" and run.corpus.delivered(m)
                and not any(canary.record_has(r, m) for r in records)]
-    assert missing == [], f"{len(missing)} of {len(run.corpus.markers)} markers not in the vault:\n" \
+    assert missing == [], (
+        f"{len(missing)} of {len(run.corpus.markers)} markers not in the vault:\n"
         + "\n".join(missing[:300])
+    )
 
 
 def test_each_instance_record_holds_its_own_values(run: canary.Run) -> None:
@@ -180,7 +183,9 @@ def test_retained_attributes_and_pixels_are_unchanged(run: canary.Run) -> None:
         for kw in canary.RETAINED:
             old = canary.plain(before[kw] if kw in before else None)
             if old != canary.plain(after[kw] if kw in after else None):
-                changed.append(f"instance {inst.index}: {kw} {before.get(kw)!r} -> {after.get(kw)!r}")
+                changed.append(
+                    f"instance {inst.index}: {kw} {before.get(kw)!r} -> {after.get(kw)!r}"
+                )
         if bytes(before.PixelData) != bytes(after.PixelData):
             changed.append(f"instance {inst.index}: pixel data differs")
         assert after.file_meta.TransferSyntaxUID == before.file_meta.TransferSyntaxUID
@@ -215,7 +220,9 @@ def test_uid_references_are_remapped_consistently(run: canary.Run) -> None:
                 want = str(h.get(target, ""))
             got = None if elem is None else str(elem.value)
             if got != want:
-                problems.append(f"instance {inst.index}: {ref_path} = {got}, expected {want} ({target})")
+                problems.append(
+                    f"instance {inst.index}: {ref_path} = {got}, expected {want} ({target})"
+                )
     # a value shared by several instances maps to one value everywhere
     for m in corpus.markers:
         if m.vr != "UI" or len(m.instances) < 2 or not m.top_level:

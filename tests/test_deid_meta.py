@@ -21,10 +21,8 @@ import struct
 from datetime import date, datetime, timedelta
 from pathlib import Path
 
-import canary
 import pydicom
 import pytest
-from helpers import deidentify_file, stored_files, vault_records
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filebase import DicomFileLike
@@ -32,6 +30,8 @@ from pydicom.filewriter import write_data_element, write_dataset, write_file_met
 from pydicom.sequence import Sequence
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 
+import canary
+from helpers import deidentify_file, stored_files, vault_records
 from ith_proxy.deid.engine import Deidentifier
 from ith_proxy.dicom import files as dicomfile
 
@@ -161,7 +161,7 @@ def test_the_input_holds_the_injected_elements(tmp_path: Path) -> None:
 def test_output_meta_is_the_allow_list_and_nothing_injected_survives(tmp_path: Path) -> None:
     data, record = deidentify(meta_file(tmp_path / "meta.dcm"))
     out = pydicom.dcmread(io.BytesIO(data))
-    assert set(int(t) for t in out.file_meta.keys()) <= ALLOWED_META
+    assert {int(t) for t in out.file_meta.keys()} <= ALLOWED_META
     assert out.file_meta.FileMetaInformationVersion == b"\x00\x01"
     assert out.file_meta.ImplementationVersionName == "ITH_PROXY_01"
     assert out.file_meta.MediaStorageSOPInstanceUID == out.SOPInstanceUID
@@ -270,4 +270,4 @@ def test_end_to_end_through_the_proxy(tmp_path: Path) -> None:
         assert any(_in_vault(r, value) for r in records), value
     for path in outputs:
         out = pydicom.dcmread(path)
-        assert set(int(t) for t in out.file_meta.keys()) <= ALLOWED_META
+        assert {int(t) for t in out.file_meta.keys()} <= ALLOWED_META

@@ -19,13 +19,14 @@ import os
 from datetime import datetime, timedelta
 from pathlib import Path
 
-import canary
-import dicomgen
 import pydicom
 import pytest
+from pydicom.dataset import Dataset
+
+import canary
+import dicomgen
 from canary import BASIC_CODE, OPTION_CODES, deid_config, method_codes
 from helpers import catalog_counts, stored_files, vault_records
-from pydicom.dataset import Dataset
 
 LTIM = {"retain_long_full_dates": "UNMODIFIED", "retain_long_modified_dates": "MODIFIED"}
 
@@ -142,7 +143,9 @@ def dt(date: str, time: str = "") -> datetime:
     value = (str(date) + str(time)).split("+")[0].split("-")[0]
     main, _, frac = value.partition(".")
     main = (main + "000000")[:14]
-    return datetime.strptime(main, "%Y%m%d%H%M%S") + timedelta(microseconds=int((frac + "000000")[:6]))
+    return datetime.strptime(main, "%Y%m%d%H%M%S") + timedelta(
+        microseconds=int((frac + "000000")[:6])
+    )
 
 
 def tm_seconds(tm: str) -> float:
@@ -179,8 +182,10 @@ def test_retain_option_keeps_its_rows_and_nothing_else(tmp_path: Path, option: s
     missing = [kw for kw in NAMED_KEPT[option] if kw not in checked]
     assert missing == [], f"not K rows under {option} in the table: {missing}"
     leaks = untouched_markers_absent(run, option)
-    assert leaks == [], f"{len(leaks)} markers of rows {option} does not keep:\n" + "\n".join(leaks[:100])
-    for i, path in run.outputs.items():
+    assert leaks == [], f"{len(leaks)} markers of rows {option} does not keep:\n" + "\n".join(
+        leaks[:100]
+    )
+    for i in run.outputs:
         check_declared(run.header(i), (option,), f"instance {i}")
     check_retained(run)
     if option == "retain_uids":
@@ -192,11 +197,19 @@ def test_retain_option_keeps_its_rows_and_nothing_else(tmp_path: Path, option: s
             assert out.file_meta.MediaStorageSOPInstanceUID == inst.sop_uid
             for ref, target in inst.references.items():
                 elem = canary.get_path(out, ref)
-                want = (run.corpus.instances[int(target.split(":")[1])].sop_uid
-                        if target.startswith("instance:") else getattr(
-                            inst, {"StudyInstanceUID": "study_uid", "SeriesInstanceUID": "series_uid",
-                                   "SOPInstanceUID": "sop_uid",
-                                   "FrameOfReferenceUID": "frame_uid"}[target]))
+                want = (
+                    run.corpus.instances[int(target.split(":")[1])].sop_uid
+                    if target.startswith("instance:")
+                    else getattr(
+                        inst,
+                        {
+                            "StudyInstanceUID": "study_uid",
+                            "SeriesInstanceUID": "series_uid",
+                            "SOPInstanceUID": "sop_uid",
+                            "FrameOfReferenceUID": "frame_uid",
+                        }[target],
+                    )
+                )
                 assert elem is not None and str(elem.value) == want, ref
 
 
@@ -323,8 +336,12 @@ def test_modified_dates_keep_pet_decay_timing_and_suv(tmp_path: Path) -> None:
         half = float(radio.RadionuclideHalfLife)
         return {
             "decay_dt": decay,
-            "decay_tm": (tm_seconds(ds.SeriesTime) - tm_seconds(radio.RadiopharmaceuticalStartTime)) % 86400,
-            "acq_tm": (tm_seconds(ds.AcquisitionTime) - tm_seconds(radio.RadiopharmaceuticalStartTime)) % 86400,
+            "decay_tm": (tm_seconds(ds.SeriesTime) - tm_seconds(radio.RadiopharmaceuticalStartTime))
+            % 86400,
+            "acq_tm": (
+                tm_seconds(ds.AcquisitionTime) - tm_seconds(radio.RadiopharmaceuticalStartTime)
+            )
+            % 86400,
             "suv_factor": weight_g / (dose * 2 ** (-decay / half)),
         }
 
@@ -401,7 +418,9 @@ def test_clean_descriptors_keeps_every_descriptor_row_cleaned(tmp_path: Path) ->
             if not all(w in text for w in words):
                 problems.append(f"instance {i}: {m.path} {m.value!r} -> {text!r}")
     assert checked > 50
-    assert problems == [], f"{len(problems)} descriptors removed or mangled:\n" + "\n".join(problems[:100])
+    assert problems == [], f"{len(problems)} descriptors removed or mangled:\n" + "\n".join(
+        problems[:100]
+    )
     leaks = untouched_markers_absent(run, option)
     assert leaks == [], "\n".join(leaks[:100])
     for i in run.outputs:
@@ -504,6 +523,6 @@ def test_method_codes_and_temporal_flag_follow_the_options(tmp_path: Path, optio
     assert quarantined == []
     out = one_output(proxy)
     check_declared(out, options)
-    codes = [item for item in out.DeidentificationMethodCodeSequence]
+    codes = list(out.DeidentificationMethodCodeSequence)
     assert all(str(c.CodingSchemeDesignator) == "DCM" and str(c.CodeMeaning).strip() for c in codes)
     assert len(codes) == len({str(c.CodeValue) for c in codes})  # no duplicates

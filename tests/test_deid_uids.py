@@ -19,14 +19,14 @@ import re
 import struct
 from pathlib import Path
 
-import canary
 import pytest
-from helpers import stored_files
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filebase import DicomFileLike
 from pydicom.filewriter import write_data_element, write_file_meta_info
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 
+import canary
+from helpers import stored_files
 from ith_proxy import config
 from ith_proxy.deid import remap_uid
 from ith_proxy.store.spool import Spool
@@ -115,7 +115,10 @@ def _file(path: Path, n: int, sop: bytes | None = None, study: bytes | None = No
 def _corpus(tmp_path: Path) -> tuple[list[Path], list[Path]]:
     """(files with a bad UID, files with good ones); raw values of even length."""
     tmp_path.mkdir(parents=True, exist_ok=True)
-    sop = lambda n: f"{ROOT}.3.{n}".encode()  # noqa: E731
+
+    def sop(n: int) -> bytes:
+        return f"{ROOT}.3.{n}".encode()
+
     bad = [
         _file(tmp_path / "nl.dcm", 11, sop=sop(11) + b"\n"),             # newline
         _file(tmp_path / "sp.dcm", 13, sop=sop(13) + b" "),              # space

@@ -30,15 +30,15 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 
-import canary
 import pydicom
 import pytest
-from helpers import deidentify_file, vault_records
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filebase import DicomFileLike
 from pydicom.filewriter import write_data_element, write_dataset, write_file_meta_info
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
+import canary
+from helpers import deidentify_file, vault_records
 from ith_proxy.deid.dates import shift_days
 from ith_proxy.deid.engine import _text
 from ith_proxy.deid.pseudo import patient_key
@@ -270,7 +270,7 @@ def test_a_nested_patient_name_gets_the_pseudonym_and_dates_the_shift(corpus) ->
     """Options apply inside too: with Retain Longitudinal (modified dates) a
     nested date is shifted like a top-level one, not kept."""
     c, files = corpus
-    data, record = deidentify(files[0], frozenset({"retain_long_modified_dates"}))
+    data, _record = deidentify(files[0], frozenset({"retain_long_modified_dates"}))
     out = pydicom.dcmread(io.BytesIO(data))
     names = [str(e.value) for path, e in canary.walk(out) if e.keyword == "PatientName"]
     assert names and all(n.startswith("ANON^ITH-") for n in names)

@@ -14,9 +14,10 @@ import threading
 import tracemalloc
 from pathlib import Path
 
-import dicomgen
 import pydicom
 import pytest
+
+import dicomgen
 import tools
 from helpers import (
     encrypt_v1,
@@ -28,12 +29,11 @@ from helpers import (
     wait_indexed,
     wait_until,
 )
-from worker_rooms import Rooms
-
 from ith_proxy.dicom import files as dicomfile
 from ith_proxy.dicom.scp import StorageSCP
 from ith_proxy.vault import stream as vault_stream
 from ith_proxy.vault.keys import Keyring
+from worker_rooms import Rooms
 
 CHUNK = vault_stream.CHUNK
 
@@ -136,9 +136,9 @@ def test_v2_is_the_documented_format(tmp_path: Path) -> None:
 
 def _fails(path: Path, keyring: Keyring, raw: bytes) -> str:
     path.write_bytes(raw)
-    with pytest.raises(vault_stream.EncryptedFileError) as exc:
-        with vault_stream.open_source(path, keyring) as fh:
-            fh.read()
+    with pytest.raises(vault_stream.EncryptedFileError) as exc, \
+            vault_stream.open_source(path, keyring) as fh:
+        fh.read()
     return str(exc.value)
 
 

@@ -13,12 +13,12 @@ import json
 import subprocess
 from pathlib import Path
 
-import dicomgen
 import pydicom
 import pytest
+
+import dicomgen
 import tools
 from helpers import original_to_anonymized_sop, stored_files, wait_indexed, wait_until
-
 from ith_proxy.store.audit import AuditLog, audit_key
 from ith_proxy.vault.keyfiles import init_secrets
 from ith_proxy.vault.records import Vault
@@ -101,7 +101,7 @@ def test_health_reports_an_indexer_that_cannot_write(tmp_path: Path) -> None:
         try:
             result = tools.storescu(proxy.dicom_port, series.files)
             assert len(tools.acked_files(result)) == 2  # the SCP does not depend on it
-            status, body = wait_until(lambda: (h := proxy.health())[0] == 503 and h, 20,
+            _status, body = wait_until(lambda: (h := proxy.health())[0] == 503 and h, 20,
                                       "health reports the stuck indexer")
             stuck = [p for p in body["problems"] if p.startswith("indexer is behind or stuck")]
             assert stuck and "2 file(s) in incoming/" in stuck[0], body
@@ -138,5 +138,8 @@ def test_vault_and_audit_log_stay_whole_on_a_full_disk(tmp_path: Path, small_dis
     assert vault.get(offset)["i"] == "after"
     audit.record("cli:test", "quarantine.export", "after")
     summary = audit.verify()
-    assert summary.torn == 0 and json.loads(audit.path.read_text().splitlines()[-1])["target"] == "after"
+    assert (
+        summary.torn == 0
+        and json.loads(audit.path.read_text().splitlines()[-1])["target"] == "after"
+    )
     vault.close()

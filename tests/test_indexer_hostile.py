@@ -13,12 +13,12 @@ import sys
 import zlib
 from pathlib import Path
 
-import dicomgen
 import pydicom
 import pytest
+
+import dicomgen
 import tools
 from helpers import catalog_counts, stored_files, vault_records, wait_indexed, wait_until
-
 from ith_proxy.dicom import files as dicomfile
 from ith_proxy.dicom import scp
 from ith_proxy.workers.indexer import reindex

@@ -12,9 +12,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import dicomgen
 import pydicom
 import pytest
+
+import dicomgen
 import tools
 from helpers import (
     catalog_counts,
@@ -68,7 +69,7 @@ def test_echo(ct_study) -> None:
 
 
 def test_ct_study_is_stored_finalized_and_counted(ct_study) -> None:
-    proxy, series = ct_study
+    proxy, _series = ct_study
     study_dir = _study_dir(proxy)
     files = stored_files(proxy.spool)
     assert len(files) == 200
@@ -103,7 +104,7 @@ def test_files_are_anonymized_consistently(ct_study) -> None:
     assert {str(h.StudyInstanceUID) for h in headers} == {files[0].parent.parent.name}
     assert {str(h.SeriesInstanceUID) for h in headers} == {files[0].parent.name}
     assert len({str(h.FrameOfReferenceUID) for h in headers}) == 1
-    for path, h in zip(files, headers):
+    for path, h in zip(files, headers, strict=True):
         assert path.stem == str(h.SOPInstanceUID) == str(h.file_meta.MediaStorageSOPInstanceUID)
         for uid in (h.StudyInstanceUID, h.SeriesInstanceUID, h.SOPInstanceUID,
                     h.FrameOfReferenceUID):

@@ -13,8 +13,8 @@ import sys
 from pathlib import Path
 
 import pytest
-import tools
 
+import tools
 from ith_proxy.vault.keyfiles import VaultKeyError, load_site_secret
 from ith_proxy.vault.keys import load_keys
 

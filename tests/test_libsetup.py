@@ -39,15 +39,20 @@ def settings():
 
 
 def test_importing_ith_proxy_changes_no_library_global(tmp_path: Path) -> None:
-    res = _run_python(_SETTINGS + """
+    res = _run_python(
+        _SETTINGS
+        + """
 before = settings()
-import ith_proxy.dicom.scp, ith_proxy.dicom.files, ith_proxy.workers.indexer, ith_proxy.service, ith_proxy.cli
+import ith_proxy.dicom.scp, ith_proxy.dicom.files, ith_proxy.workers.indexer
+import ith_proxy.service, ith_proxy.cli
 import ith_proxy.deid, ith_proxy.dicom.wake, ith_proxy.web.app, ith_proxy.vault.keys
 print(json.dumps([before, settings(), pc.IGNORE]), flush=True)
 from ith_proxy.dicom.libsetup import configure_libraries
 configure_libraries()
 print(json.dumps(settings()))
-""", tmp_path)
+""",
+        tmp_path,
+    )
     before, after_import, ignore = json.loads(res.stdout.splitlines()[0])
     assert after_import == before
     assert res.returncode == 0, res.stderr

@@ -21,16 +21,16 @@ import textwrap
 import threading
 from pathlib import Path
 
-import dicomgen
 import pydicom
 import pytest
-import tools
-from helpers import catalog_counts, find_bytes, wait_until
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 from pynetdicom import AE, _config, evt
 
+import dicomgen
+import tools
+from helpers import catalog_counts, find_bytes, wait_until
 from ith_proxy import logs
 
 REPO = Path(__file__).resolve().parent.parent
@@ -402,7 +402,7 @@ def test_no_uid_or_canary_reaches_any_log_end_to_end(tmp_path: Path, monkeypatch
         _abort_mid_transfer(_client(), proxy.dicom_port, big)
         assert tools.echoscu(proxy.dicom_port).returncode == 0
         quarantine = proxy.spool / "quarantine"
-        wait_until(lambda: len([p for p in quarantine.rglob("*.json")]) >= 3
+        wait_until(lambda: len(list(quarantine.rglob("*.json"))) >= 3
                    and catalog_counts(proxy.spool)["instances"] >= 1, 120, "ingest")
     logs_dir = proxy.spool / "logs"
     needles = uids.needles() | canaries

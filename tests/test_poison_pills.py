@@ -16,8 +16,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import dicomgen
 import pydicom
+
+import dicomgen
 import tools
 from helpers import catalog_counts, original_to_anonymized_sop, wait_until
 from worker_rooms import Rooms
@@ -98,7 +99,7 @@ def test_a_crash_charges_the_file_in_flight_not_its_batch(tmp_path) -> None:
     marker = f"KILL-{series.token}"
     _make_pill(series.files[3], marker)
     names = [f"{i}-file" for i in range(1, 7)]
-    for name, f in zip(names, series.files):
+    for name, f in zip(names, series.files, strict=True):
         rooms.drop(name, f.read_bytes())
     attempts = rooms.spool.root / "attempts"
     env = {**os.environ, KILL: marker, "PYTHONPATH": str(REPO)}

@@ -12,13 +12,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-import dicomgen
 import pydicom
+
+import dicomgen
 import tools
 from helpers import find_bytes, stored_files, vault_records, wait_indexed, wait_until
-from worker_rooms import Rooms
-
 from ith_proxy.vault import stream as vault_stream
+from worker_rooms import Rooms
 
 
 def _no_uid(src: Path) -> bytes:

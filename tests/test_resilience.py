@@ -10,6 +10,8 @@ import threading
 import time
 from pathlib import Path
 
+from pynetdicom import AE
+
 import dicomgen
 import tools
 from helpers import (
@@ -23,7 +25,6 @@ from helpers import (
     wait_indexed,
     wait_until,
 )
-from pynetdicom import AE
 
 
 def _only_study(spool: Path) -> str:
@@ -200,8 +201,12 @@ def test_port_probes_do_not_hold_association_slots(tmp_path: Path) -> None:
 def test_accepted_sockets_have_nodelay_and_listen_backlog_is_raised(tmp_path: Path) -> None:
     ini = "[scp]\nmax_associations = 40\n"
     with tools.ProxyProcess(tmp_path / "p", config_text=ini) as proxy:
-        listing = subprocess.run([tools.require_tool("ss"), "-Hltn", f"sport = :{proxy.dicom_port}"],
-                                 capture_output=True, text=True, check=True).stdout.split()
+        listing = subprocess.run(
+            [tools.require_tool("ss"), "-Hltn", f"sport = :{proxy.dicom_port}"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.split()
         backlog = int(listing[2])  # Send-Q of a listening socket is its backlog
         assert backlog >= 40
         pid = proxy.pid
@@ -210,8 +215,12 @@ def test_accepted_sockets_have_nodelay_and_listen_backlog_is_raised(tmp_path: Pa
         assert assoc.is_established
         try:
             local_port = assoc.dul.socket.socket.getsockname()[1]
-            info = subprocess.run([tools.require_tool("ss"), "-Htni", "-p", f"dport = :{local_port}"],
-                                  capture_output=True, text=True, check=True).stdout
+            info = subprocess.run(
+                [tools.require_tool("ss"), "-Htni", "-p", f"dport = :{local_port}"],
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout
             assert f"pid={pid}" in info, info
             # ss shows no nodelay flag; read it from the proxy side via /proc instead
             assert _server_socket_nodelay(pid, proxy.dicom_port, local_port)
@@ -241,8 +250,8 @@ def _server_socket_nodelay(pid: int, server_port: int, peer_port: int) -> bool:
 def _pidfd_getfd(pidfd: int, fd: int) -> int:
     import ctypes
     libc = ctypes.CDLL(None, use_errno=True)
-    SYS_pidfd_getfd = 438
-    new = libc.syscall(SYS_pidfd_getfd, pidfd, fd, 0)
+    sys_pidfd_getfd = 438  # SYS_pidfd_getfd
+    new = libc.syscall(sys_pidfd_getfd, pidfd, fd, 0)
     if new < 0:
         raise OSError(ctypes.get_errno(), "pidfd_getfd failed")
     return new

@@ -20,11 +20,12 @@ from io import BytesIO
 from pathlib import Path
 
 import pytest
-import tools
-from helpers import stored_files, wait_indexed, wait_until
 from pynetdicom import AE
 from pynetdicom.dimse_messages import C_STORE_RQ
 from pynetdicom.dimse_primitives import C_STORE
+
+import tools
+from helpers import stored_files, wait_indexed, wait_until
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 EXPLICIT_LE = "1.2.840.10008.1.2.1"
@@ -45,7 +46,7 @@ def _dataset(sop: str, pixel_bytes: int = 512, meta: bool = False) -> bytes:
     cols = 16 if pixel_bytes < 1024 else 512
     head = b""
     if meta:  # what a hostile sender puts in front: deflate, never negotiated
-        head = (_el(2, 0x0001, b"OB", b"\x00\x01") + _el(2, 0x0010, b"UI", b"1.2.840.10008.1.2.1.99"))
+        head = _el(2, 0x0001, b"OB", b"\x00\x01") + _el(2, 0x0010, b"UI", b"1.2.840.10008.1.2.1.99")
     body = b"".join((
         _el(0x0008, 0x0016, b"UI", CT.encode()), _el(0x0008, 0x0018, b"UI", sop.encode()),
         _el(0x0008, 0x0060, b"CS", b"CT"), _el(0x0010, 0x0010, b"PN", CANARY),
@@ -114,7 +115,7 @@ def proxy(tmp_path: Path):
     systmp = tmp_path / "system-tmp"
     systmp.mkdir()
     with tools.ProxyProcess(tmp_path / "p", env={"TMPDIR": str(systmp)}) as p:
-        p.system_tmp = systmp  # type: ignore[attr-defined]
+        p.system_tmp = systmp  # type: ignore[attr-defined]  # the fixture adds the proxy's TMPDIR
         yield p
 
 
@@ -145,8 +146,11 @@ def test_partial_instance_streams_encrypted_to_spool_tmp_and_abort_removes_it(pr
     try:
         _send_all_but_last(assoc, sop, _dataset(sop, pixel_bytes=6 << 20))
         # the bytes are on disk in spool/tmp/ before the message is complete
-        partial = wait_until(lambda: [p for p in _files(spool / "tmp") if p.stat().st_size > 1 << 20],
-                             30, "a partial instance in spool/tmp/")
+        partial = wait_until(
+            lambda: [p for p in _files(spool / "tmp") if p.stat().st_size > 1 << 20],
+            30,
+            "a partial instance in spool/tmp/",
+        )
         raw = partial[0].read_bytes()
         assert raw.startswith(b"ITH-PROXY-ENCRYPTED v2\n")  # encrypt_incoming is on by default
         assert CANARY not in raw

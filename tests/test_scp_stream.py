@@ -17,11 +17,11 @@ import shutil
 import sys
 from pathlib import Path
 
-import dicomgen
 import pytest
+
+import dicomgen
 import tools
 from helpers import stored_files, wait_indexed
-
 from ith_proxy.store.spool import Spool
 from ith_proxy.vault import stream as vault_stream
 from ith_proxy.vault.keys import Keyring
@@ -29,7 +29,7 @@ from ith_proxy.vault.keys import Keyring
 try:  # imported here so that the other tests still run (and fail) without the module
     from ith_proxy.dicom import scp_stream
 except ImportError:  # main before issue 6
-    scp_stream = None  # type: ignore[assignment]
+    scp_stream = None  # type: ignore[assignment]  # tests needing it fail
 
 REPO = Path(__file__).resolve().parent.parent
 CHUNK = vault_stream.CHUNK
@@ -39,7 +39,7 @@ RSS_GROWTH_LIMIT_MB = 64
 def _load_bench(name: str):
     spec = importlib.util.spec_from_file_location(name, REPO / "bench" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    spec.loader.exec_module(module)  # type: ignore[union-attr]  # a file's spec has a loader
     return module
 
 
@@ -167,7 +167,7 @@ def test_size_limit_and_empty_data_set(tmp_path: Path) -> None:
 
 def test_version_check() -> None:
     scp_stream.check_library()  # the installed one is what it was written for
-    with pytest.raises(scp_stream.LibraryMismatch, match="pynetdicom 3.0.5"):
+    with pytest.raises(scp_stream.LibraryMismatch, match=r"pynetdicom 3\.0\.5"):
         scp_stream.check_library("3.0.5")
 
 

@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 
 import pytest
+
 import tools
 
 SECRET = b"root:x:0:0:PHIMARK-target-outside-the-spool\n"

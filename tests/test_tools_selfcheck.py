@@ -9,10 +9,8 @@ import textwrap
 import time
 from pathlib import Path
 
-import dicomgen
 import pydicom
 import pytest
-import tools
 from pydicom.uid import (
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
@@ -21,6 +19,9 @@ from pydicom.uid import (
     RTPlanStorage,
     SecondaryCaptureImageStorage,
 )
+
+import dicomgen
+import tools
 
 # --------------------------------------------------------------------------
 # dicomgen
@@ -38,7 +39,12 @@ def test_generated_files_are_readable_by_dcmdump(tmp_path: Path) -> None:
     series += [
         dicomgen.make_small_series(tmp_path / f"ts{i}", 1, transfer_syntax=ts)
         for i, ts in enumerate(
-            [ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, RLELossless]
+            [
+                ImplicitVRLittleEndian,
+                DeflatedExplicitVRLittleEndian,
+                ExplicitVRBigEndian,
+                RLELossless,
+            ]
         )
     ]
     for s in series:
@@ -217,7 +223,8 @@ _FAKE_PROXY = textwrap.dedent(
             self.wfile.write(body)
         def log_message(self, *a):
             print("http", *a, file=sys.stderr)
-    srv = http.server.ThreadingHTTPServer((os.environ["API_BIND_ADDRESS"], int(os.environ["API_PORT"])), H)
+    address = (os.environ["API_BIND_ADDRESS"], int(os.environ["API_PORT"]))
+    srv = http.server.ThreadingHTTPServer(address, H)
     signal.signal(signal.SIGTERM, lambda *a: threading.Thread(target=srv.shutdown).start())
     print("fake proxy up", file=sys.stderr, flush=True)
     srv.serve_forever()
@@ -280,7 +287,11 @@ def test_proxy_process_lifecycle(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 
 
 def test_proxy_process_reports_early_exit(tmp_path: Path) -> None:
-    cmd = [sys.executable, "-c", "import sys; print('boom: bad config', file=sys.stderr); sys.exit(3)"]
+    cmd = [
+        sys.executable,
+        "-c",
+        "import sys; print('boom: bad config', file=sys.stderr); sys.exit(3)",
+    ]
     proxy = tools.ProxyProcess(tmp_path, command=cmd)
     with pytest.raises(tools.ProxyStartError, match=r"(?s)code 3.*boom: bad config"):
         proxy.start()

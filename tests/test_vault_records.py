@@ -12,13 +12,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-import dicomgen
 import pydicom
 import pytest
-import tools
-from helpers import wait_indexed
 from pydicom.dataset import Dataset
 
+import dicomgen
+import tools
+from helpers import wait_indexed
 from ith_proxy.deid import Deidentifier
 from ith_proxy.store.spool import Spool
 from ith_proxy.vault.keyfiles import init_secrets
@@ -49,7 +49,10 @@ def _with_private_ob(value: bytes) -> Dataset:
     """A header with a private OB that the default profile removes (to the vault)."""
     ds = Dataset()
     ds.PatientName, ds.PatientID = "VAULT^BIG", "BIG123"
-    ds.StudyInstanceUID, ds.SeriesInstanceUID = "1.2.826.0.1.3680043.8.498.1", "1.2.826.0.1.3680043.8.498.2"
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = (
+        "1.2.826.0.1.3680043.8.498.1",
+        "1.2.826.0.1.3680043.8.498.2",
+    )
     ds.SOPInstanceUID, ds.SOPClassUID = "1.2.826.0.1.3680043.8.498.3", "1.2.840.10008.5.1.4.1.1.7"
     ds.Modality = "OT"
     ds.add_new(0x00090010, "LO", "ACME BIG")
@@ -223,14 +226,14 @@ def test_a_torn_v2_tail_is_sealed_and_isolated(tmp_path: Path) -> None:
     new = vault.put(after)
     vault.close()
     assert new == torn_at + len(line) // 2 + 1  # the torn tail got its newline
-    for offset, record in zip(offsets, records):
+    for offset, record in zip(offsets, records, strict=True):
         assert vault.get(offset) == record
     assert vault.get(new) == after
     with pytest.raises(VaultRecordError, match=f"offset {torn_at} is corrupt"):
         vault.get(torn_at)
     scanned = dict(vault.scan())
     assert isinstance(scanned.pop(torn_at), VaultRecordError)
-    assert scanned == {**dict(zip(offsets, records)), new: after}
+    assert scanned == {**dict(zip(offsets, records, strict=True)), new: after}
 
 
 @pytest.mark.parametrize("size", [3000, MB + 3])  # opened in one call / in pieces
@@ -293,7 +296,7 @@ def test_rotation_rotates_v1_and_v2_records_and_keeps_every_offset(tmp_path: Pat
     assert (rotation.records, rotation.corrupt_records) == (6, [])
     after = vault.path.read_bytes().splitlines(True)
     assert [len(x) for x in after] == [len(x) for x in before]
-    assert all(a != b for a, b in zip(before, after))
+    assert all(a != b for a, b in zip(before, after, strict=True))
     assert [x.startswith(V2) for x in after] == \
         [x.startswith(V2) for x in before] == [True, False] * 3
     vault = _vault(tmp_path)
@@ -314,7 +317,7 @@ def _with_keyring(vault: Vault, keyring: Keyring) -> Vault:
 @pytest.mark.parametrize("kind", ["v1", "v2"])
 def test_a_length_change_aborts_the_rotation_for_either_kind(tmp_path: Path, monkeypatch,
                                                             kind: str) -> None:
-    spool, vault, records = _mixed(tmp_path)
+    spool, vault, _records = _mixed(tmp_path)
     before = vault.path.read_bytes()
     if kind == "v1":
         real = Keyring.encrypt

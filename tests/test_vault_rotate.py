@@ -10,11 +10,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-import dicomgen
 import pytest
+
+import dicomgen
 import tools
 from helpers import encrypt_v1, vault_records, wait_indexed, wait_until
-
 from ith_proxy.store.catalog import Catalog
 from ith_proxy.store.spool import Spool
 from ith_proxy.vault import stream as vault_stream
@@ -93,7 +93,7 @@ def test_rotation_keeps_every_record_and_offset(site) -> None:
     assert len(after) == len(before)
     old_lines, new_lines = before.splitlines(True), after.splitlines(True)
     assert [len(x) for x in old_lines] == [len(x) for x in new_lines]
-    assert all(a != b for a, b in zip(old_lines, new_lines))
+    assert all(a != b for a, b in zip(old_lines, new_lines, strict=True))
     _assert_all_readable(spool, vault_path, key_file, records, blobs)
     assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
     assert stat.S_IMODE(vault_path.stat().st_mode) == 0o600
@@ -112,7 +112,7 @@ def _key_id(path: Path) -> bytes:
 
 
 def test_v1_files_are_rotated_to_v2(site) -> None:
-    spool, vault_path, key_file, records, blobs = site
+    spool, vault_path, key_file, _records, blobs = site
     legacy = spool.root / "incoming" / "legacy-v1"
     assert legacy.read_bytes().startswith(vault_stream.MAGIC_V1)
     os.utime(legacy, (1_600_000_000, 1_600_000_000))  # the quiet timer of a waiting instance
@@ -126,7 +126,7 @@ def test_v1_files_are_rotated_to_v2(site) -> None:
 
 def test_the_key_id_selects_the_key_after_rotation(site, tmp_path: Path) -> None:
     """First key writes, every key reads: each v2 file names its key by id."""
-    spool, vault_path, key_file, records, blobs = site
+    spool, vault_path, key_file, _records, blobs = site
     old_key = load_keys(key_file)[0]
     old = Keyring([old_key])
     v2_files = [spool.root / rel for rel in blobs if rel != "incoming/legacy-v1"]
@@ -271,7 +271,7 @@ def test_corrupt_record_stays_corrupt_and_the_others_rotate(site) -> None:
 
 
 def test_torn_last_record_is_kept(site) -> None:
-    spool, vault_path, key_file, records, blobs = site
+    spool, vault_path, key_file, records, _blobs = site
     torn_at = vault_path.stat().st_size
     with open(vault_path, "ab") as fh:
         fh.write(b"gAAAAABtorn-by-a-crash")  # no newline: the service died mid-append

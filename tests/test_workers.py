@@ -8,13 +8,13 @@ import os
 import time
 from pathlib import Path
 
-import dicomgen
 import pydicom
 import pytest
-import tools
-from helpers import stored_files, wait_indexed
 from pydicom.uid import RLELossless
 
+import dicomgen
+import tools
+from helpers import stored_files, wait_indexed
 from ith_proxy import config
 from ith_proxy.dicom.libsetup import configure_libraries
 from ith_proxy.store.catalog import Catalog

@@ -27,9 +27,10 @@ import time
 import urllib.error
 import urllib.request
 import weakref
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Iterable, Mapping, Sequence
+from typing import IO, Any
 
 import pytest
 
@@ -228,7 +229,9 @@ def wait_http(url: str, timeout: float = 30.0, statuses: Iterable[int] = (200, 5
         except (OSError, urllib.error.URLError) as e:
             last = e
         time.sleep(0.1)
-    raise TimeoutError(f"{url} did not answer {sorted(wanted)} within {timeout:.0f}s (last: {last})")
+    raise TimeoutError(
+        f"{url} did not answer {sorted(wanted)} within {timeout:.0f}s (last: {last})"
+    )
 
 
 # --------------------------------------------------------------------------
@@ -250,7 +253,7 @@ def _tail(path: Path, offset: int = 0, lines: int = 40) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
 
-_live_processes: "weakref.WeakSet[ProxyProcess]" = weakref.WeakSet()
+_live_processes: weakref.WeakSet[ProxyProcess] = weakref.WeakSet()
 
 
 @atexit.register
@@ -371,7 +374,7 @@ class ProxyProcess:
 
     def start(
         self, wait: bool = True, timeout: float = 30.0, wait_dicom: bool | None = None
-    ) -> "ProxyProcess":
+    ) -> ProxyProcess:
         """Start the process. With ``wait``: until ``GET /api/health/`` answers
         at all (any HTTP status), and, unless ``wait_dicom`` is False (default:
         True unless ``DICOM_AUTO_START`` is false), until the DICOM port is
@@ -381,8 +384,8 @@ class ProxyProcess:
         if self.running:
             raise RuntimeError("proxy already running")
         self._close_files()
-        out = open(self.stdout_path, "ab")
-        err = open(self.stderr_path, "ab")
+        out = open(self.stdout_path, "ab")  # noqa: SIM115  # open while it runs: _close_files
+        err = open(self.stderr_path, "ab")  # noqa: SIM115  # open while it runs: _close_files
         self._files = [out, err]
         self._stdout_offset, self._stderr_offset = out.tell(), err.tell()
         self._proc = subprocess.Popen(
@@ -413,7 +416,9 @@ class ProxyProcess:
             assert self._proc is not None
             rc = self._proc.poll()
             if rc is not None:
-                raise ProxyStartError(f"proxy exited with code {rc} during start\n{self._start_tail()}")
+                raise ProxyStartError(
+                    f"proxy exited with code {rc} during start\n{self._start_tail()}"
+                )
             if not api_up:
                 try:
                     http_json("GET", self.api_url + "/api/health/", timeout=1)
@@ -479,7 +484,7 @@ class ProxyProcess:
         if self._proc is not None and self._proc.poll() is None:
             self._proc.send_signal(sig)
 
-    def restart(self, wait: bool = True, timeout: float = 30.0) -> "ProxyProcess":
+    def restart(self, wait: bool = True, timeout: float = 30.0) -> ProxyProcess:
         """stop() then start() with the same ports, config and ``self.env``."""
         self.stop()
         return self.start(wait=wait, timeout=timeout)
@@ -492,7 +497,7 @@ class ProxyProcess:
                 pass
         self._files = []
 
-    def __enter__(self) -> "ProxyProcess":
+    def __enter__(self) -> ProxyProcess:
         if not self.running:
             self.start()
         return self
@@ -503,7 +508,13 @@ class ProxyProcess:
     # -- talking to it ------------------------------------------------------
 
     def api(
-        self, method: str, path: str, body: Any = None, *, token: str | None = None, timeout: float = 10.0
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        *,
+        token: str | None = None,
+        timeout: float = 10.0,
     ) -> tuple[int, Any]:
         """HTTP request to the proxy's API; ``path`` starts with ``/``."""
         return http_json(method, self.api_url + path, body, token=token, timeout=timeout)
@@ -597,7 +608,8 @@ def echoscu(
 ) -> subprocess.CompletedProcess[str]:
     """DCMTK ``echoscu -v``; ``returncode == 0`` means the C-ECHO succeeded."""
     return run_tool(
-        [require_tool("echoscu"), "-v", "-aet", aet, "-aec", aec, *extra, host, str(port)], timeout=timeout
+        [require_tool("echoscu"), "-v", "-aet", aet, "-aec", aec, *extra, host, str(port)],
+        timeout=timeout,
     )
 
 
@@ -723,12 +735,21 @@ class StoreSCP:
         self.log_path = self.out_dir.parent / f"storescp-{self.port}.log"
         self._proc: subprocess.Popen[bytes] | None = None
 
-    def start(self, timeout: float = 10.0) -> "StoreSCP":
+    def start(self, timeout: float = 10.0) -> StoreSCP:
         exe = require_tool("storescp")
         self.out_dir.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:
             self._proc = subprocess.Popen(
-                [exe, "-v", "-aet", self.aet, "-od", str(self.out_dir), *self.extra, str(self.port)],
+                [
+                    exe,
+                    "-v",
+                    "-aet",
+                    self.aet,
+                    "-od",
+                    str(self.out_dir),
+                    *self.extra,
+                    str(self.port),
+                ],
                 env=dcmtk_env(),
                 stdin=subprocess.DEVNULL,
                 stdout=log,
@@ -739,7 +760,9 @@ class StoreSCP:
         while not port_listening(self.port):
             if self._proc.poll() is not None or time.monotonic() > deadline:
                 self.stop()
-                raise RuntimeError(f"storescp did not start on port {self.port}:\n{_tail(self.log_path)}")
+                raise RuntimeError(
+                    f"storescp did not start on port {self.port}:\n{_tail(self.log_path)}"
+                )
             time.sleep(0.05)
         return self
 
@@ -756,12 +779,14 @@ class StoreSCP:
         """Files received so far (excluding storescp's temporary files)."""
         if not self.out_dir.exists():
             return []
-        return sorted(p for p in self.out_dir.iterdir() if p.is_file() and not p.name.endswith(".tmp"))
+        return sorted(
+            p for p in self.out_dir.iterdir() if p.is_file() and not p.name.endswith(".tmp")
+        )
 
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
-    def __enter__(self) -> "StoreSCP":
+    def __enter__(self) -> StoreSCP:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import tools
-
 from ith_proxy import config
 from ith_proxy.dicom.libsetup import configure_libraries
 from ith_proxy.store.catalog import Catalog

@@ -21,6 +21,7 @@ import logging
 import select
 import socket
 import socketserver
+from collections.abc import Callable
 from typing import Any
 
 from pynetdicom import AE
@@ -49,6 +50,8 @@ DEFAULT_TRANSFER_SYNTAXES = ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1")
 
 
 class AssociationHandler(RequestHandler):
+    server: Server  # only ever made by a Server, which carries the store_opener
+
     def _create_association(self) -> Any:
         assoc = super()._create_association()
         # data sets stream to spool/tmp/ instead of a BytesIO (scp_stream.py)
@@ -60,6 +63,9 @@ class AssociationHandler(RequestHandler):
 class Server(ThreadedAssociationServer):
     daemon_threads = True
     artim_timeout = 5.0
+    # set by the SCP (dicom/scp.py) on its subclass: per association, the maker
+    # of each C-STORE's Incoming
+    store_opener: Callable[[Any], Callable[[Any, str], scp_stream.Incoming]]
 
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
         client, address = super().get_request()

@@ -64,7 +64,7 @@ def scan(src: BinaryIO, split) -> list[str]:
     head = src.read(12)
     if head[:4] != b"\xe0\x7f\x10\x00":
         return []  # Float / Double Float Pixel Data: native only
-    if not (head[4:6] in (b"OB", b"OW") and head[8:12] == b"\xff\xff\xff\xff"
+    if not ((head[4:6] in (b"OB", b"OW") and head[8:12] == b"\xff\xff\xff\xff")
             or head[4:8] == b"\xff\xff\xff\xff"):
         return []  # native pixel data: no codestream (and nothing a decoder would parse)
     transfer_syntax = split.transfer_syntax  # only now: reading it costs as much as the rest
@@ -217,8 +217,8 @@ def _jpeg_frame(s: _Fragments, kind: str) -> str | None:
             return "JPEG COM segment (comment text)"
         if 0xE0 <= code <= 0xEF:
             payload = s.exact(body) if body <= 16 else b""
-            if code == 0xE0 and _JFIF.fullmatch(payload) or \
-                    code == 0xEE and _ADOBE.fullmatch(payload):
+            if (code == 0xE0 and _JFIF.fullmatch(payload)) or \
+                    (code == 0xEE and _ADOBE.fullmatch(payload)):
                 continue
             return f"JPEG APP{code - 0xE0} segment (application data)"
         if code in _SOF or code == 0xDA:

@@ -21,8 +21,9 @@ import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, cast
 
+from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
 from pydicom.filebase import DicomFileLike
 from pydicom.filereader import read_dataset
@@ -35,7 +36,21 @@ from ith_proxy.fsio import open_read
 # libsetup.configure_libraries(), which every entry point calls.
 
 CHUNK = 1 << 20
-_LONG_VRS = {b"OB", b"OW", b"OF", b"OD", b"OL", b"OV", b"SQ", b"UC", b"UN", b"UR", b"UT", b"SV", b"UV"}
+_LONG_VRS = {
+    b"OB",
+    b"OW",
+    b"OF",
+    b"OD",
+    b"OL",
+    b"OV",
+    b"SQ",
+    b"UC",
+    b"UN",
+    b"UR",
+    b"UT",
+    b"SV",
+    b"UV",
+}
 DEFLATED = {"1.2.840.10008.1.2.1.99", "1.2.840.10008.1.2.4.95"}
 
 
@@ -180,10 +195,9 @@ def _read_split(fh: BinaryIO, path: Path | None) -> SplitFile:
         raise DicomFileError(f"unreadable DICOM: {type(exc).__name__}") from None
     if dataset._dict and min(dataset._dict) >> 16 < FIRST_DATASET_GROUP:
         raise DicomFileError("dataset holds file meta or command elements")
-    header = FileDataset(fh, dataset, preamble, meta,
-                         dataset._read_implicit, dataset._read_little)
-    header.set_original_encoding(dataset._read_implicit, dataset._read_little,
-                                 dataset._character_set)
+    # read_dataset gave the dataset this encoding (its _read_implicit/_read_little)
+    header = FileDataset(fh, dataset, preamble, meta, implicit, little)
+    header.set_original_encoding(implicit, little, dataset._character_set)
     start = fh.tell()
     if start >= size:
         return SplitFile(path, header, size, size, None, size)
@@ -265,26 +279,30 @@ def _encode_dataset(ds: Dataset, implicit: bool, little: bool) -> bytes:
     short, long_ = struct.Struct(order + "HH2sH"), struct.Struct(order + "HH2s2xL")
     implicit_head = struct.Struct(order + "HHL")
     encodings = ds.get("SpecificCharacterSet", "iso8859")
-    fp = DicomFileLike(io.BytesIO())
+    buf = io.BytesIO()
+    fp = DicomFileLike(buf)
     fp.is_little_endian, fp.is_implicit_VR = little, implicit
     for tag in sorted(ds.keys()):
         if not tag & 0xFFFF or tag >> 16 in (0x0000, 0x0002):  # int ops: no property calls
             continue  # command and file meta groups are no dataset content; group lengths
-        elem = ds.get_item(tag)
-        raw = getattr(elem, "is_raw", False) and elem.value is not None \
-            and elem.length != 0xFFFFFFFF and elem.is_implicit_VR == implicit \
-            and elem.is_little_endian == little and (implicit or elem.VR)
-        if raw and implicit:
-            fp.write(implicit_head.pack(tag.group, tag.element, len(elem.value)) + elem.value)
-        elif raw and elem.VR in _LONG_VR_NAMES:
-            fp.write(long_.pack(tag.group, tag.element, elem.VR.encode(), len(elem.value))
-                     + elem.value)
-        elif raw and len(elem.value) <= 0xFFFF:
-            fp.write(short.pack(tag.group, tag.element, elem.VR.encode(), len(elem.value))
-                     + elem.value)
-        else:
-            write_data_element(fp, ds[tag], encodings)
-    return fp.parent.getvalue()
+        # get_item gives the raw element while it is undecoded (its overload says
+        # DataElement only)
+        elem = cast("DataElement | RawDataElement", ds.get_item(tag))
+        if isinstance(elem, RawDataElement) and elem.value is not None \
+                and elem.length != 0xFFFFFFFF and elem.is_implicit_VR == implicit \
+                and elem.is_little_endian == little:
+            value, vr = elem.value, elem.VR
+            if implicit:
+                fp.write(implicit_head.pack(tag.group, tag.element, len(value)) + value)
+                continue
+            if vr in _LONG_VR_NAMES:
+                fp.write(long_.pack(tag.group, tag.element, vr.encode(), len(value)) + value)
+                continue
+            if vr and len(value) <= 0xFFFF:
+                fp.write(short.pack(tag.group, tag.element, vr.encode(), len(value)) + value)
+                continue
+        write_data_element(fp, ds[tag], encodings)
+    return buf.getvalue()
 
 
 # The file meta elements an output may have (PS3.10 7.1); the de-identifier
@@ -316,10 +334,11 @@ def write_joined(out: BinaryIO, split: SplitFile, src: BinaryIO | None = None) -
             return write_joined(out, split, fh)
     ts = split.header.file_meta.TransferSyntaxUID
     implicit, little = ts.is_implicit_VR, ts.is_little_endian
-    head = DicomFileLike(io.BytesIO())
+    buf = io.BytesIO()
+    head = DicomFileLike(buf)
     head.write(b"\x00" * 128 + b"DICM")  # preamble zeroed (CVE-2019-11687)
     write_file_meta_info(head, _allowed_meta(split.header.file_meta), enforce_standard=True)
-    out.write(head.parent.getvalue() + _encode_dataset(split.header, implicit, little))
+    out.write(buf.getvalue() + _encode_dataset(split.header, implicit, little))
     src.seek(split.pixel_start)
     _copy_range(out, src, split.pixel_end - split.pixel_start)
     if split.trailer is not None and len(split.trailer):

@@ -21,9 +21,12 @@ from __future__ import annotations
 import logging
 import struct
 import threading
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from pynetdicom import evt
+from pynetdicom.events import EventHandlerType
+from pynetdicom.transport import ThreadedAssociationServer
 
 from ith_proxy.config import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION, Config
 from ith_proxy.dicom import scp_stream
@@ -103,24 +106,24 @@ class StorageSCP:
     """
 
     def __init__(self, cfg: Config, spool: Spool,
-                 encryptor: Callable[[Callable[[list], object]], Any] | None = None) -> None:
+                 encryptor: scp_stream.WriterFactory | None = None) -> None:
         scp_stream.check_library()  # raises LibraryMismatch on another pynetdicom
         self.cfg = cfg
         self.spool = spool
         self.encryptor = encryptor
         self.ae = build_ae(cfg)
-        self.server: Server | None = None
+        self.server: ThreadedAssociationServer | None = None
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
-        handlers = [
+        handlers: list[EventHandlerType] = [
             (evt.EVT_C_ECHO, handle_echo),
             (evt.EVT_C_STORE, handle_store),
             (evt.EVT_ACCEPTED, _log_assoc, ["accepted"]),
             (evt.EVT_REJECTED, _log_assoc, ["rejected"]),
             (evt.EVT_ABORTED, _log_assoc, ["aborted"]),
         ]
-        server_cls = type("Server", (Server,), {
+        server_cls: type[Server] = type("Server", (Server,), {
             "request_queue_size": max(self.cfg.scp.max_associations * 2, 64),
             "artim_timeout": self.cfg.scp.artim_timeout,
             "store_opener": staticmethod(self._store_opener),

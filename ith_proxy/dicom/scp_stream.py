@@ -43,8 +43,9 @@ from __future__ import annotations
 import logging
 import struct
 import threading
+from collections.abc import Callable
 from io import BytesIO
-from typing import Any, Callable
+from typing import Any, Protocol
 
 import pynetdicom
 from pynetdicom import evt
@@ -82,11 +83,25 @@ def check_library(version: str | None = None) -> None:
             f"data set assembly of pynetdicom {WRITTEN_FOR} only (pin it, or port that module)")
 
 
+class Writer(Protocol):
+    """Where an Incoming's bytes go, handed on to ``out(list_of_buffers)``:
+    ``_Buffered``, or the service's stream encryptor's writer."""
+
+    def write(self, data: memoryview) -> None: ...
+
+    def close(self) -> None: ...
+
+
+# ``factory(out)`` makes the Writer of one file (the service's stream encryptor)
+WriterFactory = Callable[[Callable[[list], object]], Writer]
+
+
 class _Buffered:
     """The plain writer: holds received views up to FLUSH bytes, then one writev."""
 
     def __init__(self, out: Callable[[list], object]) -> None:
-        self._out, self._held, self._fill = out, [], 0
+        self._out, self._fill = out, 0
+        self._held: list[memoryview] = []
 
     def write(self, data: memoryview) -> None:
         self._held.append(data)
@@ -108,7 +123,7 @@ class Incoming:
     while the data set is being kept, else the failure status to answer.
     """
 
-    def __init__(self, spool: Any, head: bytes, encryptor: Callable | None,
+    def __init__(self, spool: Any, head: bytes, encryptor: WriterFactory | None,
                  big_endian: bool, max_bytes: int, min_free_mb: int) -> None:
         self.spool = spool
         self.size = 0
@@ -117,7 +132,8 @@ class Incoming:
         self._max_bytes, self._min_free_mb = max_bytes, min_free_mb
         self._first = b""  # the data set's first bytes, until the group is known
         self._fd, self._path = -1, ""
-        self._writer = (encryptor or _Buffered)(self._out)
+        self._writer: Writer | None = (encryptor or _Buffered)(self._out)
+        self.owner: Receiver | None = None  # the receiver that has it, until taken
         if spool.free_mb() < min_free_mb:
             self._refuse(OUT_OF_RESOURCES, "free disk below [spool] min_free_mb")
         else:
@@ -150,7 +166,7 @@ class Incoming:
         if self.size > self._max_bytes:
             self.discard()
             return False
-        if self.status:
+        if self.status or self._writer is None:  # refused or discarded: status says why
             return True
         if len(self._first) < 2:
             self._first += bytes(data[:2 - len(self._first)])
@@ -160,7 +176,7 @@ class Incoming:
                     self._refuse(CANNOT_UNDERSTAND, "the data set starts in a group below 0008")
                     return True
         try:
-            self._writer.write(data)  # type: ignore[union-attr]
+            self._writer.write(data)
         except OSError as exc:
             self._refuse(OUT_OF_RESOURCES, f"I/O error ({exc.strerror or type(exc).__name__})")
         return True
@@ -169,10 +185,10 @@ class Incoming:
         """(status, name in incoming/): durable before success is answered."""
         if not self.status and len(self._first) < 2:
             self._refuse(CANNOT_UNDERSTAND, "the data set is empty")
-        if self.status:
+        if self.status or self._writer is None:  # refused or discarded: status says why
             return self.status, None
         try:
-            self._writer.close()  # type: ignore[union-attr]
+            self._writer.close()
             fd, path, self._fd, self._path = self._fd, self._path, -1, ""
             return 0, self.spool.promote_incoming(fd, path)
         except OSError as exc:
@@ -254,7 +270,7 @@ class Receiver:
         cx = self._assoc._accepted_cx.get(context_id)
         incoming = self._open_store(msg.command_set,
                                     cx.transfer_syntax[0] if cx is not None else "")
-        incoming.owner = self  # type: ignore[attr-defined]
+        incoming.owner = self
         if cx is None:
             incoming.discard()  # pynetdicom refuses the message itself
         return incoming

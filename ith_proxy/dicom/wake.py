@@ -42,7 +42,8 @@ import select
 import threading
 import time
 import weakref
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import pynetdicom.association
 import pynetdicom.dul
@@ -91,7 +92,7 @@ def install() -> None:
         return
     for module in (pynetdicom.association, pynetdicom.dul):
         if not isinstance(module.time, _Time):
-            module.time = _Time()  # type: ignore[assignment]
+            module.time = _Time()  # type: ignore[attr-defined]  # swaps the module's `time`
 
 
 class _WakeQueue(queue.Queue):

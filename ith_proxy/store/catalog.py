@@ -11,9 +11,9 @@ Only anonymized values are stored here.  The filesystem is the truth:
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
 
 import apsw
 
@@ -233,7 +233,7 @@ class Catalog:
         keys = ("study_instance_uid", "patient_id", "patient_name", "state", "first_received",
                 "last_received", "completed_at", "reopened", "version", "series_count",
                 "instance_count", "bytes", "modalities")
-        out = dict(zip(keys, row))
+        out = dict(zip(keys, row, strict=True))
         out["modalities"] = [m for m in (out["modalities"] or "").split(",") if m]
         out["events"] = [{"ts": ts, "event": ev} for ts, ev in self.conn.execute(
             "SELECT ts, event FROM study_events WHERE study_uid = ? ORDER BY ts, id",

@@ -16,8 +16,8 @@ import logging
 import os
 import secrets
 import stat
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from ith_proxy.fsio import fsync_dir, replace_private, write_private
 

@@ -24,8 +24,8 @@ import base64
 import hashlib
 import logging
 import os
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
 
 from cryptography.exceptions import InvalidTag
 from cryptography.fernet import Fernet, InvalidToken, MultiFernet
@@ -114,7 +114,7 @@ class Keyring:
         return Fernet.generate_key()
 
     @classmethod
-    def load(cls, key_file: Path, create: bool = False) -> "Keyring":
+    def load(cls, key_file: Path, create: bool = False) -> Keyring:
         return cls(load_keys(key_file, create))
 
     def encrypt(self, data: bytes) -> bytes:

@@ -29,6 +29,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 from ith_proxy.store.spool import Spool
@@ -79,7 +80,7 @@ def step_reencrypt(spool: Spool, vault_path: Path, key_file: Path) -> Rotation:
         try:
             if not vault_stream.is_encrypted(path):
                 continue
-            spool.rewrite(path, lambda out, p=path: vault_stream.reencrypt(p, out, keyring))
+            spool.rewrite(path, partial(vault_stream.reencrypt, path, keyring=keyring))
         except FileNotFoundError:
             continue
         except EncryptedFileError as exc:

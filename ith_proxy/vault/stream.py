@@ -36,15 +36,29 @@ import hashlib
 import io
 import os
 import struct
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import BinaryIO, Callable, Iterable, Iterator
+from typing import Any, BinaryIO
 
 from ith_proxy.fsio import fsync_dir, open_read, write_private
 from ith_proxy.vault.keys import STREAM_KEY_ID, STREAM_OVERHEAD, DecryptError, Keyring
 
-__all__ = ["CHUNK", "EncryptedFileError", "EncryptingWriter", "Keyring", "DecryptingReader",
-           "decrypt_to", "digest", "encrypt_stream", "encryptor", "export_plain", "is_encrypted",
-           "open_source", "reencrypt", "seal"]
+__all__ = [
+    "CHUNK",
+    "DecryptingReader",
+    "EncryptedFileError",
+    "EncryptingWriter",
+    "Keyring",
+    "decrypt_to",
+    "digest",
+    "encrypt_stream",
+    "encryptor",
+    "export_plain",
+    "is_encrypted",
+    "open_source",
+    "reencrypt",
+    "seal",
+]
 
 MAGIC = b"ITH-PROXY-ENCRYPTED v"           # common prefix of every version
 MAGIC_V1 = b"ITH-PROXY-ENCRYPTED v1 chunk="
@@ -54,6 +68,7 @@ _MIN_CHUNK, _MAX_CHUNK = 4096, 64 << 20
 _V2_FIELDS = struct.Struct(f">I{STREAM_KEY_ID}s16s")  # chunk size, key id, file id
 HEADER_V2 = len(MAGIC_V2) + _V2_FIELDS.size
 _CHUNK_HEAD = struct.Struct(">QB")  # chunk index, 1 if last (v2: in the AAD; v1: in the token)
+_NO_BUFFER = memoryview(b"")  # a reader's reused buffers, for v1 and once closed
 
 
 class EncryptedFileError(ValueError):
@@ -191,7 +206,7 @@ class DecryptingReader(io.RawIOBase):
         self._keyring = keyring
         self._fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
         self._cached: tuple[int, memoryview] | None = None
-        self._last = self._sealed = self._plain = None  # v2: views of one reused buffer
+        self._last = self._sealed = self._plain = _NO_BUFFER  # v2: views of one reused buffer
         try:
             head = os.pread(self._fd, 64, 0)
             self._end = os.fstat(self._fd).st_size
@@ -267,7 +282,7 @@ class DecryptingReader(io.RawIOBase):
             return self._cached[1]
         if self.version == 2:
             if i == self._count - 1:
-                return self._last  # type: ignore[return-value]
+                return self._last
             data = self._open_chunk(i, self._plain)
         else:
             data = self._payload_v1(i)
@@ -325,7 +340,7 @@ class DecryptingReader(io.RawIOBase):
         self._pos = base + offset
         return self._pos
 
-    def readinto(self, b) -> int:  # type: ignore[override]
+    def readinto(self, b: Any) -> int:  # b: any writable buffer (typeshed: WriteableBuffer)
         if self._pos >= self._size:
             return 0
         i, off = divmod(self._pos, self._chunk)
@@ -340,7 +355,8 @@ class DecryptingReader(io.RawIOBase):
         fd, self._fd = getattr(self, "_fd", -1), -1
         if fd >= 0:
             os.close(fd)
-        self._cached = self._last = self._sealed = self._plain = None
+        self._cached = None
+        self._last = self._sealed = self._plain = _NO_BUFFER
         super().close()
 
 
@@ -349,10 +365,14 @@ class _BufferedDecrypting(io.BufferedReader):
     that can also write a byte range straight to a file: ``copy_to``, which
     ``dicom.files`` uses for pixel data instead of read()/write() pairs."""
 
+    def __init__(self, reader: DecryptingReader, buffer_size: int) -> None:
+        super().__init__(reader, buffer_size)
+        self._reader = reader  # self.raw, typed
+
     def copy_to(self, out: BinaryIO, length: int) -> None:
         """Write the next ``length`` plaintext bytes to ``out``; advance past them."""
         pos = self.tell()
-        self.raw.copy_range(out, pos, length)  # type: ignore[attr-defined]
+        self._reader.copy_range(out, pos, length)
         self.seek(pos + length)
 
 

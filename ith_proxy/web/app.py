@@ -12,10 +12,10 @@ import json
 import logging
 import sys
 import threading
-from typing import Callable
+from collections.abc import Callable
 
 import bottle
-from waitress.server import create_server
+from waitress.server import BaseWSGIServer, MultiSocketServer, create_server
 
 from ith_proxy.config import ApiConfig
 
@@ -81,6 +81,16 @@ def _errors_to_log(app: bottle.Bottle):
     return wsgi
 
 
+def listening(server: MultiSocketServer | BaseWSGIServer) -> str:
+    """``host:port`` of each listening socket: a bind address that resolves to
+    several addresses (``localhost``: 127.0.0.1 and ::1) gets one socket each,
+    and waitress then returns a MultiSocketServer."""
+    if isinstance(server, MultiSocketServer):
+        return ", ".join(f"{host}:{port}" for host, port in server.effective_listen)
+    host, port = server.getsockname()
+    return f"{host}:{port}"
+
+
 class ApiServer:
     """waitress in a thread, with a clean shutdown."""
 
@@ -97,8 +107,7 @@ class ApiServer:
 
     def start(self) -> None:
         self._thread.start()
-        log.info("API listening on %s:%s", self.server.effective_host,
-                 self.server.effective_port)
+        log.info("API listening on %s", listening(self.server))
 
     def alive(self) -> bool:
         return self._thread.is_alive()

@@ -170,7 +170,7 @@ class Indexer:
                               "it is retried alone", name)
         self._recovered = True
 
-    def _process_batch(self, claimed: tuple | None = None) -> "_Batch | None":
+    def _process_batch(self, claimed: tuple | None = None) -> _Batch | None:
         """Stage 1: parse, de-identify, write outputs and vault records (not yet durable)."""
         names, prev, marker = claimed if claimed is not None else self._claim()
         if not names:
@@ -183,7 +183,7 @@ class Indexer:
                 self._inflight.difference_update(names)
             raise
 
-    def _process_names(self, names: list[str], prev: dict[str, int], marker) -> "_Batch":
+    def _process_names(self, names: list[str], prev: dict[str, int], marker) -> _Batch:
         batch = _Batch(names=names, prev=prev, marker=marker)
         for index, name in enumerate(names):
             if index:
@@ -204,7 +204,7 @@ class Indexer:
         batch.handled += len(batch.done)
         return batch
 
-    def _attempt(self, name: str, before: int, batch: "_Batch") -> InstanceRow | None:
+    def _attempt(self, name: str, before: int, batch: _Batch) -> InstanceRow | None:
         """One attempt at one file: its row, or None when it was quarantined."""
         if before >= self.cfg.indexer.max_attempts:
             batch.handled += self._quarantine(
@@ -222,7 +222,7 @@ class Indexer:
             batch.handled += self._quarantine(name, "failed", _internal_error(exc), before + 1)
         return None
 
-    def _commit(self, batch: "_Batch") -> None:
+    def _commit(self, batch: _Batch) -> None:
         """Stage 2: make the batch durable, record it, then drop the raw files."""
         try:
             if batch.rows:
@@ -357,14 +357,16 @@ class Indexer:
                     try:
                         claimed = self._claim()
                         if claimed[1] and pending is not None:  # a suspect runs alone
-                            pending = _finish(pending)
+                            _finish(pending)
+                            pending = None
                         batch = self._process_batch(claimed)
                     except Exception:
                         log.exception("indexer pass failed; retrying")
                         batch = None
                         stop.wait(1.0)
                     if pending is not None:
-                        pending = _finish(pending)
+                        _finish(pending)
+                        pending = None
                     if batch is not None and batch.solo:
                         _finish(pool.submit(self._commit, batch))
                     elif batch is not None:
@@ -419,7 +421,8 @@ class _Wake(FileSystemEventHandler):
 
 def reindex(spool: Spool, catalog: Catalog, vault: Vault | None) -> dict:
     """Rebuild the catalog from studies/ plus the vault; return the new counts."""
-    offsets: dict[tuple[str, str], int] = {}  # (study, sop) -> the instance's own record
+    # (study, sop) -> the instance's own record (a record without a study never matches)
+    offsets: dict[tuple[str | None, str], int] = {}
     if vault is not None:
         for offset, record in vault.scan():
             if isinstance(record, dict) and "sop" in record:

@@ -15,8 +15,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from datetime import datetime, timezone
-from typing import Callable
+from collections.abc import Callable
+from datetime import UTC, datetime
 
 from ith_proxy.config import Config
 from ith_proxy.store.catalog import Catalog
@@ -28,7 +28,7 @@ log = logging.getLogger("ith_proxy.scheduler")
 def _iso(ts: float | None) -> str | None:
     if ts is None:
         return None
-    return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="milliseconds")
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds")
 
 
 def study_summary(row: dict) -> dict:

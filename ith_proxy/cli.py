@@ -11,10 +11,11 @@ import json
 import os
 import sys
 import urllib.request
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Callable, Iterator, TypeAlias
+from typing import BinaryIO, TypeAlias
 
 from ith_proxy import config as config_mod
 from ith_proxy.config import Config, ConfigError
@@ -148,7 +149,7 @@ def cmd_status(cfg: Config, args: argparse.Namespace) -> int:
           f"{counts['series']} series, {counts['instances']} instances "
           f"({counts['bytes'] / 2**20:.1f} MB)\n"
           f"studies:     {states}\n"
-          f"as of:       {datetime.now(timezone.utc).isoformat(timespec='seconds')}")
+          f"as of:       {datetime.now(UTC).isoformat(timespec='seconds')}")
     return 0
 
 
@@ -362,13 +363,16 @@ def cmd_quarantine_release(cfg: Config, args: argparse.Namespace) -> int:
 
 
 def _quarantine_release(cfg: Config, spool: Spool, name: str) -> int:
-    data, info = _quarantined(spool, name)
+    data, _info = _quarantined(spool, name)
     encrypted = vault_stream.is_encrypted(data)
-    write = None
+    write: Callable[[Path, BinaryIO], object] | None = None
     if encrypted != cfg.spool.encrypt_incoming:
         keyring = Keyring.load(cfg.vault.key_file, create=False)
         transform = vault_stream.seal if cfg.spool.encrypt_incoming else vault_stream.decrypt_to
-        write = lambda src, out: transform(src, out, keyring)  # noqa: E731
+
+        def transformed(src: Path, out: BinaryIO) -> object:
+            return transform(src, out, keyring)
+        write = transformed
     _audit(cfg, "quarantine.release", f"{data.parent.name}/{data.name}")
     try:
         spool.release(name, write)

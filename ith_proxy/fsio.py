@@ -17,8 +17,10 @@ import os
 import secrets
 import stat
 import time
+from collections.abc import Callable, Iterable
+from io import BufferedReader
 from pathlib import Path
-from typing import BinaryIO, Callable, Iterable
+from typing import BinaryIO
 
 
 def is_regular_entry(entry: os.DirEntry) -> bool:
@@ -46,7 +48,7 @@ def read_nofollow(path: Path | str) -> bytes:
         return fh.read()
 
 
-def open_read(path: Path | str) -> BinaryIO:
+def open_read(path: Path | str) -> BufferedReader:
     """A binary file object for reading, never through a symbolic link (ELOOP)."""
     return os.fdopen(os.open(path, os.O_RDONLY | os.O_NOFOLLOW), "rb")
 
@@ -91,7 +93,7 @@ def fsync_dir(path: Path | str) -> None:
         os.close(fd)
 
 
-def load_syncfs():
+def load_syncfs() -> Callable[[int], int] | None:
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         return libc.syncfs

@@ -12,7 +12,9 @@ the log files.  The child exits by itself if this process dies.
 from __future__ import annotations
 
 import logging
+import logging.handlers
 import multiprocessing
+import multiprocessing.process
 import os
 import resource
 import signal
@@ -51,8 +53,8 @@ class Service:
         self.scp: StorageSCP | None = None
         self.api: ApiServer | None = None
         self._lock_fd: int | None = None
-        self.indexer = None
-        self._log_listener = None
+        self.indexer: multiprocessing.process.BaseProcess | None = None
+        self._log_listener: logging.handlers.QueueListener | None = None
 
     # --- start-up ---
 
@@ -91,10 +93,11 @@ class Service:
         thread.start()
 
     def _start_indexer(self) -> None:
-        self.indexer = self._mp.Process(
+        indexer = self._mp.Process(
             target=indexer_main, name="ith-proxy-indexer",
             args=(self.cfg, self._mp_stop, self._log_queue, os.getpid()), daemon=True)
-        self.indexer.start()
+        indexer.start()
+        self.indexer = indexer
         self._indexer_started = time.monotonic()
 
     def _supervise(self) -> None:

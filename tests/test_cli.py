@@ -8,8 +8,8 @@ import argparse
 import os
 
 import pytest
-import tools
 
+import tools
 from ith_proxy import cli
 
 
@@ -18,7 +18,7 @@ def _leaves(parser: argparse.ArgumentParser, prefix: tuple[str, ...] = ()) -> li
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
             for name, sub in action.choices.items():
-                out += _leaves(sub, prefix + (name,)) or [prefix + (name,)]
+                out += _leaves(sub, (*prefix, name)) or [(*prefix, name)]
     return out
 
 

@@ -19,8 +19,6 @@ _REASON = re.compile(r"[A-Za-z]{2,}")
 # Comments in modules other branches of issue 7 were editing; they get their
 # reason when those branches are merged, and leave this list then.
 PENDING = {
-    ("ith_proxy/cli.py", "# noqa: E731"),
-    ("ith_proxy/store/spool.py", "# type: ignore[misc]"),
 }
 
 

@@ -40,7 +40,7 @@ import json
 import os
 import pwd
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from ith_proxy.fsio import append_whole, fsync_dir, replace_private
@@ -98,12 +98,12 @@ class AuditKeys:
     legacy: bytes | None      # verifies records without a kid
 
     @classmethod
-    def of(cls, keys: list[bytes], legacy: bytes | None = None) -> "AuditKeys":
+    def of(cls, keys: list[bytes], legacy: bytes | None = None) -> AuditKeys:
         """From audit.key's keys (the first signs) and the legacy key, if any."""
         return cls(keys[0], key_id(keys[0]), {key_id(k): k for k in keys}, legacy)
 
     @classmethod
-    def legacy_only(cls, key: bytes) -> "AuditKeys":
+    def legacy_only(cls, key: bytes) -> AuditKeys:
         return cls(key, None, {}, key)
 
     def key_for(self, kid: str | None) -> bytes | None:
@@ -172,7 +172,7 @@ def _last_line(fd: int) -> tuple[bytes, bool, bool]:
 
 
 class AuditLog:
-    def __init__(self, path: Path, keys: "AuditKeys | bytes",
+    def __init__(self, path: Path, keys: AuditKeys | bytes,
                  anchor: Path | None = None) -> None:
         self.path = Path(path)
         self.keys = keys if isinstance(keys, AuditKeys) else AuditKeys.legacy_only(keys)
@@ -199,7 +199,7 @@ class AuditLog:
 
     def _body(self, seq: int, prev: str, kid: str | None, actor: str, action: str,
               target: str, detail: dict, torn: bool) -> dict:
-        body: dict = {"seq": seq, "at": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
+        body: dict = {"seq": seq, "at": datetime.now(UTC).isoformat(timespec="milliseconds"),
                       "actor": actor, "action": action, "target": target, "prev": prev}
         if kid:
             body["kid"] = kid

@@ -15,8 +15,9 @@ import json
 import os
 import re
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import BinaryIO, Callable
+from typing import BinaryIO
 
 from ith_proxy.fsio import fsync_dir, keeping_times, read_nofollow, real_dir, regular_file
 

@@ -32,8 +32,9 @@ import json
 import os
 import re
 import time
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import BinaryIO, Callable, Iterable, Iterator
+from typing import BinaryIO, Literal, TypeAlias
 
 from ith_proxy.fsio import (
     fsync_dir,
@@ -48,6 +49,7 @@ from ith_proxy.fsio import (
 )
 from ith_proxy.store.quarantine import QuarantineFolder
 
+_Chunk: TypeAlias = bytes | bytearray | memoryview  # what writev takes
 FILE_MODE = 0o600
 DIR_MODE = 0o700
 _UID_RE = re.compile(r"[0-9]+(\.[0-9]+)*")
@@ -72,7 +74,8 @@ class Spool(QuarantineFolder):
         self.audit_file = self.logs / "audit.log"
         self._tmp_s = str(self.tmp)
         self._incoming_s = str(self.incoming)
-        self._syncfs = False  # libc syncfs, looked up on first use (None: unavailable)
+        # libc syncfs, looked up on first use (None: unavailable)
+        self._syncfs: Callable[[int], int] | Literal[False] | None = False
 
     # --- set-up and housekeeping ---
 
@@ -115,9 +118,10 @@ class Spool(QuarantineFolder):
         """
         if self._syncfs is False:
             self._syncfs = load_syncfs()  # once; ctypes lookup, not per batch
+        syncfs = self._syncfs
         fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
         try:
-            if self._syncfs is None or self._syncfs(fd) != 0:
+            if syncfs is None or syncfs(fd) != 0:
                 os.sync()
         finally:
             os.close(fd)
@@ -142,7 +146,7 @@ class Spool(QuarantineFolder):
     # --- the one write primitive ---
 
     def _deliver(self, target: Path | str, write: Callable[[BinaryIO], None] | None = None,
-                 sync: bool = True, chunks: Iterable[bytes] | None = None) -> Path:
+                 sync: bool = True, chunks: Iterable[_Chunk] | None = None) -> Path:
         """Write through tmp/, fsync, rename to target, fsync its directory.
 
         Either ``write(fh)`` fills a buffered file, or ``chunks`` (bytes or
@@ -164,9 +168,12 @@ class Spool(QuarantineFolder):
                         os.fsync(fd)
                 finally:
                     os.close(fd)
+            elif write is None:
+                os.close(fd)
+                raise TypeError("_deliver needs write or chunks")
             else:
                 with os.fdopen(fd, "wb") as fh:
-                    write(fh)  # type: ignore[misc]
+                    write(fh)
                     fh.flush()
                     if sync:
                         os.fsync(fh.fileno())
@@ -183,15 +190,16 @@ class Spool(QuarantineFolder):
 
     # --- incoming/ : owned by the SCP (writer) and the indexer (consumer) ---
 
-    def deliver_incoming(self, data: bytes | Iterable[bytes]) -> str:
+    def deliver_incoming(self, data: _Chunk | Iterable[_Chunk]) -> str:
         """Make raw received bytes durable in incoming/; return the opaque name.
 
         ``data`` is the file's content: bytes, a list of pieces, or an
         iterator of pieces (the SCP's encrypting stream).
         """
         name = unique_name()
-        chunks = [data] if isinstance(data, (bytes, bytearray, memoryview)) else data
-        self._deliver(os.path.join(self._incoming_s, name), chunks=chunks)
+        if isinstance(data, (bytes, bytearray, memoryview)):
+            data = [data]
+        self._deliver(os.path.join(self._incoming_s, name), chunks=data)
         return name
 
     def open_tmp(self) -> tuple[int, str]:

@@ -35,8 +35,10 @@ import json
 import os
 import struct
 import threading
+from collections.abc import Iterable, Iterator, Sequence
+from io import BufferedReader
 from pathlib import Path
-from typing import BinaryIO, Iterable, Iterator, Sequence
+from typing import BinaryIO
 
 from ith_proxy.fsio import append_whole
 from ith_proxy.vault.keys import Keyring
@@ -112,7 +114,7 @@ def _encoded(sealed: Iterable[bytes]) -> Iterator[bytes]:
 
 # --- reading ---
 
-def read_line(fh: BinaryIO) -> bytes | bytearray:
+def read_line(fh: BufferedReader) -> bytes | bytearray:
     """The line at ``fh``'s position (newline included; b"" at the end),
     read once into one buffer: a long line is measured in pieces first, so
     it is never also held as a list of chunks being joined."""
@@ -131,7 +133,8 @@ def read_line(fh: BinaryIO) -> bytes | bytearray:
     return line if got == length else line[:got]
 
 
-def open_line(line: bytes, keyring: Keyring, offset: int) -> tuple[int, bytes | bytearray]:
+def open_line(line: bytes | bytearray, keyring: Keyring,
+              offset: int) -> tuple[int, bytes | bytearray]:
     """(format, decrypted payload) of one line; ValueError if it does not open."""
     if not line.startswith(MAGIC):
         return 1, keyring.decrypt(bytes(line.strip()))
@@ -188,7 +191,8 @@ def parse(version: int, payload: bytes | bytearray) -> dict:
 
 # --- key rotation ---
 
-def reencrypt_records(src: BinaryIO, out: BinaryIO, keyring: Keyring) -> tuple[int, list[int]]:
+def reencrypt_records(src: BufferedReader, out: BinaryIO,
+                      keyring: Keyring) -> tuple[int, list[int]]:
     """Rotation step (b) for vault.phi: copy every record line to ``out`` under
     the keyring's first key, each in its own format; return (records
     re-encrypted, offsets kept as they were).
@@ -212,8 +216,8 @@ def reencrypt_records(src: BinaryIO, out: BinaryIO, keyring: Keyring) -> tuple[i
                 if version == 1:
                     token = line.strip()
                     at = line.index(token)
-                    pieces: Iterable[bytes] = [
-                        line[:at], keyring.encrypt(payload), line[at + len(token):]]
+                    pieces: Iterable[bytes | bytearray] = [
+                        line[:at], keyring.encrypt(bytes(payload)), line[at + len(token):]]
                 else:
                     del line
                     pieces = seal([payload], keyring, offset)
@@ -280,7 +284,7 @@ class Vault:
                 os.close(self._fd)
                 self._fd = None
 
-    def _open(self, offset: int, line: bytes) -> tuple[int, bytes | bytearray]:
+    def _open(self, offset: int, line: bytes | bytearray) -> tuple[int, bytes | bytearray]:
         try:
             return open_line(line, self.keyring, offset)
         except ValueError:  # DecryptError, base64, framing
@@ -318,6 +322,7 @@ class Vault:
             return
         with fh:
             offset = 0
+            opened: tuple[int, bytes | bytearray] | None
             while line := read_line(fh):
                 length = len(line)
                 if not line.isspace():  # (strip would copy a large line)

@@ -21,11 +21,12 @@ from pydicom.tag import BaseTag
 
 from ith_proxy.deid import meta as file_meta
 from ith_proxy.deid import un
-from ith_proxy.deid.dates import clean_text, identifier_fragments, shift_days, shift_value
+from ith_proxy.deid.dates import shift_days, shift_value
 from ith_proxy.deid.private import SafePrivate
 from ith_proxy.deid.profile import METHOD_CODES, Profile, level_of
 from ith_proxy.deid.pseudo import patient_key, patient_pseudonym, remap_uid
 from ith_proxy.deid.raw import encode_raw, read_text, replace_text
+from ith_proxy.deid.text import clean_text, identifier_fragments
 
 _DUMMY_BY_VR = {
     "DA": "19000101", "TM": "000000", "DT": "19000101000000", "PN": "ANONYMIZED",

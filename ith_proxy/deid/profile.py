@@ -1,6 +1,6 @@
 """The de-identification profile: PS3.15 Annex E Table E.1-1 held as data.
 
-``table_e1_1.json`` (built by ``build_table.py``, see docs/deid-table.md)
+``table_e1_1.json`` (built by ``tools/build_table.py``, see docs/deid-table.md)
 lists every attribute row with its Basic Profile action and its option
 columns.  ``Profile`` resolves, once, the action for each tag under the
 options a site has switched on:

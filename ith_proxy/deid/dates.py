@@ -1,4 +1,4 @@
-"""Date shifting and descriptor cleaning: pure functions.
+"""Date shifting: pure functions (descriptor cleaning is in ``text.py``).
 
 Retain Longitudinal Temporal Information with Modified Dates shifts every
 date of a patient by the same keyed number of whole days.  Times of day are
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import re
 from datetime import date, timedelta
 
 MAX_SHIFT_DAYS = 3650  # up to ten years back
@@ -52,31 +51,3 @@ def shift_value(vr: str, value: str, days: int) -> str:
             out.append(shifted + part[8:] if shifted else "")
     return "\\".join(out)
 
-
-def clean_text(text: str, identifiers: list[str]) -> str:
-    """Remove identifying substrings from a descriptor.
-
-    ``identifiers`` are the instance's original identifying values (names and
-    their components, IDs, accession number, dates, institution...).  Every
-    occurrence, case-insensitive, is replaced with ``*``; so are digit runs of
-    six or more (phone numbers, MRNs, dates written inside free text).
-    """
-    cleaned = text
-    for ident in sorted({i for i in identifiers if i and len(i) >= 2}, key=len, reverse=True):
-        cleaned = re.sub(re.escape(ident), "*", cleaned, flags=re.IGNORECASE)
-    cleaned = re.sub(r"\d{6,}", "*", cleaned)
-    return cleaned
-
-
-def identifier_fragments(values: list[str]) -> list[str]:
-    """Values plus their name components (``DOE^JOHN`` -> ``DOE``, ``JOHN``)."""
-    out: list[str] = []
-    for v in values:
-        v = str(v).strip()
-        if not v:
-            continue
-        out.append(v)
-        for part in re.split(r"[\^=\\ ,]+", v):
-            if len(part) >= 3 and not part.isdigit() or len(part) >= 6:
-                out.append(part)
-    return out

@@ -5,7 +5,9 @@ caller streams pixel data separately) and returns every value it replaced or
 removed, keyed by level and by an attribute path such as ``PatientName`` or
 ``ReferencedSeriesSequence[0].SeriesInstanceUID``, so the vault can give
 every original back exactly.  The table applies at every depth of nested
-sequences.  Elements that need no action stay raw (undecoded).
+sequences.  Elements that need no action stay raw (undecoded); text that
+does is replaced raw too (``raw.py``).  What a value becomes under an action
+is decided in one place, ``actions.replacement``, for both paths.
 """
 
 from __future__ import annotations
@@ -21,20 +23,15 @@ from pydicom.tag import BaseTag
 
 from ith_proxy.deid import meta as file_meta
 from ith_proxy.deid import un
-from ith_proxy.deid.dates import clean_text, identifier_fragments, shift_days, shift_value
+from ith_proxy.deid.actions import CLEANABLE_VRS, KEEP, REMOVE, Context, replacement
+from ith_proxy.deid.dates import shift_days
 from ith_proxy.deid.private import SafePrivate
 from ith_proxy.deid.profile import METHOD_CODES, Profile, level_of
 from ith_proxy.deid.pseudo import patient_key, patient_pseudonym, remap_uid
 from ith_proxy.deid.raw import encode_raw, read_text, replace_text
+from ith_proxy.deid.text import identifier_fragments
 
-_DUMMY_BY_VR = {
-    "DA": "19000101", "TM": "000000", "DT": "19000101000000", "PN": "ANONYMIZED",
-    "AS": "000Y", "IS": "0", "DS": "0", "US": 0, "SS": 0, "UL": 0, "SL": 0,
-    "FL": 0.0, "FD": 0.0, "AE": "ANONYMIZED", "CS": "ANONYMIZED",
-}
-_BINARY_VRS = {"OB", "OW", "OF", "OD", "OL", "OV", "UN", "SV", "UV"}
-_TEXT_VRS = {"PN", "LO", "SH", "ST", "LT", "UT", "AE", "UC"}
-_PSEUDONYMS = ("PatientName", "PatientID")
+
 @dataclass
 class DeidResult:
     patient_id: str
@@ -52,10 +49,9 @@ class DeidResult:
 
 @dataclass
 class _Pass:
-    """State of one apply(): the result plus what cleaning and shifting need."""
+    """State of one apply(): the result, and what the actions need (``actions.Context``)."""
     result: DeidResult
-    days: int
-    identifiers: list[str]
+    ctx: Context
 
 
 def _plain(value: object) -> object:
@@ -137,10 +133,9 @@ class Deidentifier:
             series_uid=self._uid(_text(ds, 0x0020000E)),
             sop_uid=self._uid(_text(ds, 0x00080018)),
             dates=self.date_mode)
-        state = _Pass(result, shift_days(self.secret, key),
-                      identifiers=self._identifiers(ds) if self._cleans_text else [])
-        result.shift, result.identifiers = state.days, state.identifiers
-        self._walk(ds, "", state, top=True)
+        result.shift = shift_days(self.secret, key)
+        result.identifiers = self._identifiers(ds) if self._cleans_text else []
+        self._walk(ds, "", self._pass(result), top=True)
         self._mark(ds)
         if hasattr(ds, "file_meta"):
             self.rewrite_meta(ds.file_meta, result.sop_uid, result)
@@ -149,7 +144,7 @@ class Deidentifier:
     def apply_fragment(self, ds: Dataset, result: DeidResult) -> None:
         """De-identify elements that follow the pixel data, into the same result,
         with the same per-patient date shift and cleaning as ``apply`` used."""
-        self._walk(ds, "", _Pass(result, result.shift, result.identifiers), top=True)
+        self._walk(ds, "", self._pass(result), top=True)
 
     def rewrite_meta(self, meta: FileMetaDataset, sop_uid: str,
                      result: DeidResult | None = None) -> None:
@@ -164,6 +159,10 @@ class Deidentifier:
     def _uid(self, uid: str) -> str:
         return uid if "retain_uids" in self.options else remap_uid(self.secret, uid)
 
+    def _pass(self, result: DeidResult) -> _Pass:
+        return _Pass(result, Context(self.secret, result.patient_id, result.patient_name,
+                                     self.date_mode, result.shift, tuple(result.identifiers)))
+
     @staticmethod
     def _record(result: DeidResult, level: str, path: str, value: object) -> None:
         result.phi.setdefault(level, {})[path] = value
@@ -176,7 +175,7 @@ class Deidentifier:
             if rule is None or rule.action in ("K", "C"):
                 continue
             elem = ds[tag]
-            if elem.VR in _TEXT_VRS | {"DA"} and not _empty(elem):
+            if (elem.VR in CLEANABLE_VRS or elem.VR == "DA") and not _empty(elem):
                 values.append(str(elem.value))
         return identifier_fragments(values)
 
@@ -235,10 +234,10 @@ class Deidentifier:
                       top: bool) -> bool:
         """A safe private element stays, but not blindly: a sequence's items get the
         whole walk (standard attributes nested in it get their rules), a UID is
-        remapped like the study's own UIDs (kept under Retain UIDs), and an element the parser could not type (UN,
-        implicit VR with an unknown creator) that the table lists as a sequence or
-        UID, or with no VR, is removed since what it holds cannot be checked.
-        Returns whether it stays."""
+        remapped like the study's own UIDs (kept under Retain UIDs), and an element
+        the parser could not type (UN, implicit VR with an unknown creator) that the
+        table lists as a sequence or UID, or with no VR, is removed since what it
+        holds cannot be checked.  Returns whether it stays."""
         path = f"{prefix}({tag.group:04X},{tag.element:04X})"
         if _is_sequence(ds, tag):
             for i, item in enumerate(ds[tag].value):
@@ -253,49 +252,34 @@ class Deidentifier:
             return False
         return True
 
-    def _remove(self, ds: Dataset, tag: BaseTag, prefix: str, state: _Pass, top: bool) -> None:
+    def _remove(self, ds: Dataset, tag: BaseTag, prefix: str, state: _Pass, top: bool,
+                original: object = None) -> None:
         elem = ds[tag]
         path = prefix + (elem.keyword or f"({tag.group:04X},{tag.element:04X})")
         self._record(state.result, level_of(elem.keyword) if top else "instance", path,
-                     _original(elem))
+                     _original(elem) if original is None else original)
         del ds[tag]
 
     def _act(self, ds: Dataset, tag: BaseTag, action: str, prefix: str, state: _Pass,
              top: bool) -> None:
+        """Apply ``action`` to one element: raw if it is undecoded text (but for
+        cleaning, whose text may need the character set), else decoded.  What
+        the value becomes is ``actions.replacement``'s on both paths."""
         if action != "C" and self._act_raw(ds, tag, action, prefix, state, top):
             return
         elem = ds[tag]
-        keyword = elem.keyword
-        path = prefix + (keyword or f"({tag.group:04X},{tag.element:04X})")
-        level = level_of(keyword) if top else "instance"
-        result = state.result
-        if action == "X":
-            self._remove(ds, tag, prefix, state, top)
-            return
-        if _empty(elem) and action in ("Z", "D?", "C", "U") and keyword not in _PSEUDONYMS:
-            return  # nothing to hide
         original = _original(elem)
-        if keyword == "PatientID":
-            elem.value = result.patient_id
-        elif keyword == "PatientName":
-            elem.value = result.patient_name
-        elif action == "Z":
-            elem.value = [] if elem.VR == "SQ" else None
-        elif action in ("D", "D?"):
-            self._dummy(elem)
-        elif action == "U":
-            if elem.VR != "UI":
-                elem.value = [] if elem.VR == "SQ" else None
-            else:
-                # the rule says U, so remap even under Retain UIDs (its column
-                # says K for the UIDs it keeps, and those never get here)
-                values = elem.value if isinstance(elem.value, MultiValue) else [elem.value]
-                new = [remap_uid(self.secret, str(v)) for v in values if v is not None]
-                elem.value = new if isinstance(elem.value, MultiValue) else (new[0] if new else "")
-        elif action == "C":
-            self._clean(elem, state)
+        new = replacement(action, elem.VR, elem.keyword, original, state.ctx)
+        if new is REMOVE:
+            self._remove(ds, tag, prefix, state, top, original)
+            return
+        if new is KEEP:
+            return
+        elem.value = new  # pydicom splits backslash-joined values
         if _plain(elem.value) != original:
-            self._record(result, level, path, original)
+            path = prefix + (elem.keyword or f"({tag.group:04X},{tag.element:04X})")
+            self._record(state.result, level_of(elem.keyword) if top else "instance", path,
+                         original)
 
     def _act_raw(self, ds: Dataset, tag: BaseTag, action: str, prefix: str, state: _Pass,
                  top: bool) -> bool:
@@ -305,59 +289,22 @@ class Deidentifier:
             return False
         raw, vr, text = found
         keyword = keyword_for_tag(tag)
+        new = replacement(action, vr, keyword, text, state.ctx)
+        if new is KEEP:
+            return True
         path = prefix + (keyword or f"({tag.group:04X},{tag.element:04X})")
         level = level_of(keyword) if top else "instance"
-        result = state.result
-        if action == "X":
-            self._record(result, level, path, text)
+        if new is REMOVE:
+            self._record(state.result, level, path, text)
             del ds[tag]
             return True
-        if keyword == "PatientID":
-            new = result.patient_id
-        elif keyword == "PatientName":
-            new = result.patient_name
-        elif not text:
-            return True  # nothing to hide
-        elif action == "Z":
-            new = ""
-        elif action in ("D", "D?"):
-            new = remap_uid(self.secret, text) if vr == "UI" else str(_DUMMY_BY_VR.get(vr, "ANONYMIZED"))
-        elif action == "U" and vr == "UI":
-            new = "\\".join(remap_uid(self.secret, v) for v in text.split("\\"))
-        elif action == "U":
-            new = ""
-        else:
-            return False
-        if new != text:
-            self._record(result, level, path, text)
-            replace_text(ds, raw, vr, new)
+        value = "" if new is None else new
+        if not isinstance(value, str) or not value.isascii():
+            return False  # not ASCII text (never so today): the general path encodes it
+        if value != text:
+            self._record(state.result, level, path, text)
+            replace_text(ds, raw, vr, value)
         return True
-
-    def _dummy(self, elem: DataElement) -> None:
-        if elem.VR == "SQ":
-            elem.value = []
-        elif elem.VR in _BINARY_VRS:
-            elem.value = b"\x00\x00"
-        elif elem.VR == "AT":
-            elem.value = 0
-        elif elem.VR == "UI":
-            elem.value = remap_uid(self.secret, str(elem.value))
-        else:
-            elem.value = _DUMMY_BY_VR.get(elem.VR, "ANONYMIZED")
-
-    def _clean(self, elem: DataElement, state: _Pass) -> None:
-        if elem.VR in ("DA", "DT"):
-            if self.date_mode == "MODIFIED":
-                elem.value = shift_value(elem.VR, _plain(elem.value) or "", state.days)
-            else:
-                elem.value = None
-        elif elem.VR == "TM":
-            if self.date_mode != "MODIFIED":
-                elem.value = None  # whole-day shifts keep times of day
-        elif elem.VR in _TEXT_VRS:
-            elem.value = clean_text(str(_plain(elem.value)), state.identifiers)
-        else:
-            elem.value = None  # cannot be cleaned safely: emptied
 
     def _mark(self, ds: Dataset) -> None:
         """PatientIdentityRemoved, DeidentificationMethod(+CodeSequence) and

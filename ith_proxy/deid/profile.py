@@ -1,6 +1,6 @@
 """The de-identification profile: PS3.15 Annex E Table E.1-1 held as data.
 
-``table_e1_1.json`` (built by ``build_table.py``, see docs/deid-table.md)
+``table_e1_1.json`` (built by ``tools/build_table.py``, see docs/deid-table.md)
 lists every attribute row with its Basic Profile action and its option
 columns.  ``Profile`` resolves, once, the action for each tag under the
 options a site has switched on:
@@ -39,8 +39,10 @@ OPTION_COLUMNS = {name: name for name in DEID_OPTIONS}
 METHOD_CODES = {
     "basic": ("113100", "Basic Application Confidentiality Profile"),
     "clean_descriptors": ("113105", "Clean Descriptors Option"),
-    "retain_long_full_dates": ("113106", "Retain Longitudinal Temporal Information Full Dates Option"),
-    "retain_long_modified_dates": ("113107", "Retain Longitudinal Temporal Information Modified Dates Option"),
+    "retain_long_full_dates": (
+        "113106", "Retain Longitudinal Temporal Information Full Dates Option"),
+    "retain_long_modified_dates": (
+        "113107", "Retain Longitudinal Temporal Information Modified Dates Option"),
     "retain_patient_characteristics": ("113108", "Retain Patient Characteristics Option"),
     "retain_device_identity": ("113109", "Retain Device Identity Option"),
     "retain_uids": ("113110", "Retain UIDs Option"),

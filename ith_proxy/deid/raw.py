@@ -5,7 +5,9 @@ Converting each one to a pydicom DataElement and back costs more than all the
 rest of de-identification together, so text elements are read straight from
 their raw bytes and replaced by new raw elements, which the writer frames
 and copies as they are.  Anything else (sequences, binary and numeric
-values, cleaning) takes the general path in the engine.
+values, cleaning) takes the general path in the engine.  This module only
+reads and writes: what the new value is, on either path, is
+``actions.replacement``'s decision.
 """
 
 from __future__ import annotations
@@ -25,8 +27,9 @@ from ith_proxy.deid.pseudo import unpad_uid
 
 TEXT_VRS = frozenset("AE AS CS DA DS DT IS LO LT PN SH ST TM UC UI UR UT".split())
 _CHARSET_VRS = frozenset({"PN", "LO", "SH", "ST", "LT", "UT", "UC"})
-_DELIMITERS = {0x5C, 0x3D, 0x5E}
-_LONG = frozenset({"OB", "OW", "OF", "OD", "OL", "OV", "SQ", "UC", "UN", "UR", "UT", "SV", "UV"})  # backslash, '=', '^' reset the character set
+_DELIMITERS = {0x5C, 0x3D, 0x5E}  # backslash, '=', '^' reset the character set
+# VRs with a 4-byte length (and 2 reserved bytes) in explicit VR
+_LONG = frozenset({"OB", "OW", "OF", "OD", "OL", "OV", "SQ", "UC", "UN", "UR", "UT", "SV", "UV"})
 
 
 def vr_of(raw: RawDataElement, tag: BaseTag) -> str | None:

@@ -2,8 +2,11 @@
 
 Usage::
 
-    python -m ith_proxy.deid.build_table SOURCE > ith_proxy/deid/table_e1_1.json
-    python -m ith_proxy.deid.build_table SOURCE --out ith_proxy/deid/table_e1_1.json
+    python tools/build_table.py SOURCE > ith_proxy/deid/table_e1_1.json
+    python tools/build_table.py SOURCE --out ith_proxy/deid/table_e1_1.json
+
+A developer tool, run from the repository root: it lives outside the package,
+which reads only the table it writes (``ith_proxy/deid/profile.py``).
 
 SOURCE is a public machine-readable copy of the table; its format is recognised
 from the content:
@@ -19,8 +22,8 @@ the Basic Profile action and all ten option columns ("" where a column is blank)
 Rows that name a family rather than one tag keep it as a pattern: ``x`` for a
 wildcard hex digit, ``(gggg,eeee)`` for the private (odd group) attributes.
 
-The script needs only the standard library (``python ith_proxy/deid/build_table.py``
-runs anywhere).  Keywords come from pydicom's data dictionary when pydicom is
+The script needs only the standard library and imports nothing from ``ith_proxy``,
+so it runs anywhere.  Keywords come from pydicom's data dictionary when pydicom is
 importable, so run it with the project's venv; without pydicom, or for a tag
 pydicom does not know yet, the keyword is "".  A summary goes to stderr.
 """

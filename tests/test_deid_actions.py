@@ -143,7 +143,7 @@ def _dataset(tag: int, vr: str, value: object, decoded: bool) -> Dataset:
         ds[0x00090010] = DataElement(0x00090010, "LO", "ACME 1.0")
     ds._dict[BaseTag(tag)] = _raw(tag, vr, value)  # as read from a file (setitem decodes private)
     if decoded:
-        ds[tag]  # noqa: B018 - pydicom decodes on access and keeps the DataElement
+        ds[tag]
         assert not getattr(ds.get_item(tag), "is_raw", False)
     return ds
 

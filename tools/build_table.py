@@ -163,7 +163,7 @@ def read_docbook(path: Path) -> tuple[str, list[dict]]:
     table = tables[0]
     header = [_squash(_cell_text(th)) for th in table.iter(f"{_DOCBOOK}th")]
     if len(header) != len(DOCBOOK_HEADER) or not all(
-            h.startswith(want) for h, want in zip(header, DOCBOOK_HEADER)):
+            h.startswith(want) for h, want in zip(header, DOCBOOK_HEADER, strict=True)):
         raise SourceError(f"unexpected Table E.1-1 header: {header}")
     rows = []
     for tbody in table.iter(f"{_DOCBOOK}tbody"):
@@ -173,7 +173,7 @@ def read_docbook(path: Path) -> tuple[str, list[dict]]:
                 raise SourceError(f"row with {len(cells)} cells: {cells[:2]}")
             name, tag, retired, in_std, basic, *opts = cells
             rows.append(make_row(name, tag, retired, in_std, basic,
-                                 dict(zip(OPTION_KEYS, opts))))
+                                 dict(zip(OPTION_KEYS, opts, strict=True))))
     return edition, rows
 
 

@@ -248,9 +248,8 @@ class Deidentifier:
             if "retain_uids" not in self.options:
                 self._act(ds, tag, "U", prefix, state, top)
             return True
-        if vr == "UN" and (listed in ("SQ", "UI", "") or un.holds_items(ds.get_item(tag).value)):
-            return False
-        return True
+        return not (vr == "UN" and (listed in ("SQ", "UI", "")
+                                    or un.holds_items(ds.get_item(tag).value)))
 
     def _remove(self, ds: Dataset, tag: BaseTag, prefix: str, state: _Pass, top: bool,
                 original: object = None) -> None:

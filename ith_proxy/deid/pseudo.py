@@ -34,7 +34,7 @@ def unpad_uid(value: bytes) -> str:
 
 
 def _digest(secret: bytes, domain: str, value: str) -> bytes:
-    return hmac.new(secret, f"{domain}\x00{value}".encode("utf-8"), hashlib.sha256).digest()
+    return hmac.new(secret, f"{domain}\x00{value}".encode(), hashlib.sha256).digest()
 
 
 def remap_uid(secret: bytes, uid: str) -> str:

@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import io
 import struct
+from typing import cast
 
 from pydicom.charset import decode_bytes
 from pydicom.datadict import dictionary_VR, tag_for_keyword
-from pydicom.dataelem import RawDataElement
+from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.filebase import DicomFileLike
 from pydicom.filewriter import write_data_element, write_dataset
@@ -25,7 +26,8 @@ from pydicom.tag import BaseTag
 
 from ith_proxy.deid.pseudo import unpad_uid
 
-TEXT_VRS = frozenset("AE AS CS DA DS DT IS LO LT PN SH ST TM UC UI UR UT".split())
+TEXT_VRS = frozenset({"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN", "SH", "ST", "TM",
+                      "UC", "UI", "UR", "UT"})
 _CHARSET_VRS = frozenset({"PN", "LO", "SH", "ST", "LT", "UT", "UC"})
 _DELIMITERS = {0x5C, 0x3D, 0x5E}  # backslash, '=', '^' reset the character set
 # VRs with a 4-byte length (and 2 reserved bytes) in explicit VR
@@ -43,8 +45,8 @@ def vr_of(raw: RawDataElement, tag: BaseTag) -> str | None:
 
 def read_text(ds: Dataset, tag: BaseTag) -> tuple[RawDataElement, str, str] | None:
     """(raw element, VR, text) for an undecoded text element, else None."""
-    raw = ds.get_item(tag)
-    if not getattr(raw, "is_raw", False) or raw.value is None or raw.length == 0xFFFFFFFF:
+    raw = cast("DataElement | RawDataElement | None", ds.get_item(tag))
+    if not isinstance(raw, RawDataElement) or raw.value is None or raw.length == 0xFFFFFFFF:
         return None
     vr = vr_of(raw, tag)
     if vr not in TEXT_VRS:
@@ -60,10 +62,11 @@ def stored_uid(ds: Dataset, keyword: str) -> str:
     """A UI element's value as stored, less its one legal NUL pad ("" if absent).
     Read from the raw bytes: decoding strips any trailing whitespace, so
     ``1.2.3\\n`` would read as ``1.2.3``."""
-    raw = ds.get_item(tag_for_keyword(keyword))
+    tag = tag_for_keyword(keyword)
+    raw = cast("DataElement | RawDataElement | None", ds.get_item(tag) if tag is not None else None)
     if raw is None or raw.value is None:
         return ""
-    if getattr(raw, "is_raw", False):
+    if isinstance(raw, RawDataElement):
         return unpad_uid(bytes(raw.value))
     return str(raw.value)
 
@@ -77,10 +80,11 @@ def replace_text(ds: Dataset, raw: RawDataElement, vr: str, text: str) -> None:
                                  raw.is_implicit_VR, raw.is_little_endian)
 
 
-def _writer(implicit: bool, little: bool) -> DicomFileLike:
-    fp = DicomFileLike(io.BytesIO())
+def _writer(implicit: bool, little: bool) -> tuple[DicomFileLike, io.BytesIO]:
+    buf = io.BytesIO()
+    fp = DicomFileLike(buf)
     fp.is_implicit_VR, fp.is_little_endian = implicit, little
-    return fp
+    return fp, buf
 
 
 def _value_bytes(elem, implicit: bool, little: bool) -> bytes:
@@ -89,15 +93,15 @@ def _value_bytes(elem, implicit: bool, little: bool) -> bytes:
         order = "<" if little else ">"
         items = []
         for item in elem.value:
-            fp = _writer(implicit, little)
+            fp, buf = _writer(implicit, little)
             write_dataset(fp, item)
-            content = fp.parent.getvalue()
+            content = buf.getvalue()
             items.append(struct.pack(order + "HHL", 0xFFFE, 0xE000, len(content)) + content)
         return b"".join(items)
-    fp = _writer(implicit, little)
+    fp, buf = _writer(implicit, little)
     write_data_element(fp, elem)
     head = 8 if implicit or elem.VR not in _LONG else 12
-    return fp.parent.getvalue()[head:]
+    return buf.getvalue()[head:]
 
 
 def encode_raw(elements: list, implicit: bool, little: bool) -> list[RawDataElement]:

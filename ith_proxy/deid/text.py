@@ -36,6 +36,6 @@ def identifier_fragments(values: list[str]) -> list[str]:
             continue
         out.append(v)
         for part in re.split(r"[\^=\\ ,]+", v):
-            if len(part) >= 3 and not part.isdigit() or len(part) >= 6:
+            if (len(part) >= 3 and not part.isdigit()) or len(part) >= 6:
                 out.append(part)
     return out

@@ -49,7 +49,7 @@ def _as_sequence(tag: BaseTag, value: bytes) -> DataElement | None:
     try:
         elem = convert_raw_data_element(
             RawDataElement(tag, "SQ", len(value), value, 0, True, True))
-    except Exception:  # noqa: BLE001 - pydicom raises many types on garbage
+    except Exception:
         return None
     return elem if elem.VR == "SQ" and isinstance(elem.value, Sequence) else None
 

@@ -155,7 +155,7 @@ def cmd_status(cfg: Config, args: argparse.Namespace) -> int:
 
 def cmd_reindex(cfg: Config, args: argparse.Namespace) -> int:
     from ith_proxy.dicom.libsetup import configure_libraries
-    from ith_proxy.workers.indexer import reindex
+    from ith_proxy.workers.reindex import reindex
     configure_libraries()  # reindex reads every stored header
     if not Spool(cfg.spool.dir).studies.is_dir():
         return _fail(f"no spool at {cfg.spool.dir}")

@@ -63,6 +63,8 @@ ALLOWED_ROOMS: dict[str, set[str] | None] = {
     "workers.indexer": {"config", "store.spool", "store.catalog", "vault.records",
                         "vault.stream", "deid", "dicom.files", "dicom.codestream"},
     "workers.scheduler": {"config", "store.spool", "store.catalog"},
+    # the offline rebuild of the catalog (`ith-proxy reindex`)
+    "workers.reindex": {"store.spool", "store.catalog", "vault.records", "dicom.files"},
     "workers.forwarder": {"config", "store.spool", "store.catalog", "dicom"},
     # web/: the HTTP API
     "web": {"config", "health", "store.catalog", "store.audit", "vault.records", "web"},
@@ -72,7 +74,7 @@ ALLOWED_ROOMS: dict[str, set[str] | None] = {
 }
 
 # a worker is a room (or package) that runs on its own; workers never import each other
-WORKERS = {"dicom.scp", "dicom.qr", "workers.indexer", "workers.scheduler",
+WORKERS = {"dicom.scp", "dicom.qr", "workers.indexer", "workers.scheduler", "workers.reindex",
            "workers.forwarder", "web", "link"}
 
 # third-party package -> the rooms or packages allowed to import it

@@ -21,7 +21,7 @@ import tools
 from helpers import catalog_counts, stored_files, vault_records, wait_indexed, wait_until
 from ith_proxy.dicom import files as dicomfile
 from ith_proxy.dicom import scp
-from ith_proxy.workers.indexer import reindex
+from ith_proxy.workers.reindex import reindex
 
 REPO = Path(__file__).resolve().parent.parent
 DEFLATE_TS = "1.2.840.10008.1.2.1.99"

@@ -73,6 +73,7 @@ def risk_check() -> Callable:
         from ith_proxy.dicom import codestream
     except ImportError:  # before deid/risk.py: header only
         from ith_proxy.workers.indexer import _phi_risk
+
         return lambda split, src: _phi_risk(split.header)
     return lambda split, src: phi_risk(split.header, codestream.scan(src, split))
 
@@ -80,6 +81,7 @@ def risk_check() -> Callable:
 def make_anonymizer(deid, vault, with_vault: bool) -> Callable[[Path, Path], None]:
     """One instance through the indexer's path (its _process, without the spool)."""
     from ith_proxy.dicom import files as dicomfile
+
     at_risk = risk_check()
 
     read_params = len(inspect.signature(dicomfile.read_split).parameters)
@@ -87,26 +89,39 @@ def make_anonymizer(deid, vault, with_vault: bool) -> Callable[[Path, Path], Non
 
     def anonymize(src_path: Path, out_path: Path) -> None:
         with open(src_path, "rb") as src:
-            split = dicomfile.read_split(src, src_path) if read_params >= 2 else \
-                dicomfile.read_split(src_path)
+            split = (
+                dicomfile.read_split(src, src_path)
+                if read_params >= 2
+                else dicomfile.read_split(src_path)
+            )
             if at_risk(split, src):
                 raise RuntimeError("bench data is a phi-risk")
             result = deid.apply(split.header)
             if split.trailer is not None:
                 deid.apply_fragment(split.trailer, result)
             if with_vault:
-                vault.put({"v": 1, "study": result.study_uid, "series": result.series_uid,
-                           "sop": result.sop_uid, "patient": result.patient_id, "phi": result.phi})
+                vault.put(
+                    {
+                        "v": 1,
+                        "study": result.study_uid,
+                        "series": result.series_uid,
+                        "sop": result.sop_uid,
+                        "patient": result.patient_id,
+                        "phi": result.phi,
+                    }
+                )
             with open(out_path, "wb") as out:
                 if write_params >= 3:
                     dicomfile.write_joined(out, split, src)
                 else:
                     dicomfile.write_joined(out, split)
+
     return anonymize
 
 
 def plain(src_path: Path, out_path: Path) -> None:
     import pydicom
+
     ds = pydicom.dcmread(src_path)
     pydicom.dcmwrite(out_path, ds)
 
@@ -145,11 +160,19 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--runs", type=int, default=3, help="alternating runs per method; medians")
     ap.add_argument("--only", choices=sorted(DATASETS), help="run one data set")
-    ap.add_argument("--with-vault", action="store_true",
-                    help="include the vault record (JSON + Fernet) in the anonymize path")
-    ap.add_argument("--ingest-rate", action="append", default=[], metavar="[large=|small=]R",
-                    help="network ingest rate in instances/s from bench/ingest.py "
-                         "(a bare number applies to both data sets)")
+    ap.add_argument(
+        "--with-vault",
+        action="store_true",
+        help="include the vault record (JSON + Fernet) in the anonymize path",
+    )
+    ap.add_argument(
+        "--ingest-rate",
+        action="append",
+        default=[],
+        metavar="[large=|small=]R",
+        help="network ingest rate in instances/s from bench/ingest.py "
+        "(a bare number applies to both data sets)",
+    )
     ap.add_argument("--keep", action="store_true", help="keep the temp dir")
     args = ap.parse_args()
     rates = parse_rates(args.ingest_rate)
@@ -166,8 +189,11 @@ def main() -> int:
             t0 = time.perf_counter()
             nbytes = make_dataset(data, count, size)
             files = sorted(data.iterdir())
-            print(f"{name}: {label}: {count} files, {nbytes / 1e6:.1f} MB "
-                  f"(generated in {time.perf_counter() - t0:.1f} s)", flush=True)
+            print(
+                f"{name}: {label}: {count} files, {nbytes / 1e6:.1f} MB "
+                f"(generated in {time.perf_counter() - t0:.1f} s)",
+                flush=True,
+            )
             warm(files)
             timed_pass(anonymize, files[:5], tmp / "out-warmup")  # imports, caches
             timed_pass(plain, files[:5], tmp / "out-warmup")
@@ -179,11 +205,16 @@ def main() -> int:
                 for method, fn in order:
                     secs = timed_pass(fn, files, tmp / f"out-{method}")
                     times[method].append(secs)
-                    print(f"  run {run + 1} {method:9} {secs:7.2f} s  {count / secs:8.1f} inst/s",
-                          flush=True)
-            results[name] = {"count": count, "bytes": nbytes,
-                             **{m: statistics.median(v) for m, v in times.items()},
-                             **{f"{m}_best": min(v) for m, v in times.items()}}
+                    print(
+                        f"  run {run + 1} {method:9} {secs:7.2f} s  {count / secs:8.1f} inst/s",
+                        flush=True,
+                    )
+            results[name] = {
+                "count": count,
+                "bytes": nbytes,
+                **{m: statistics.median(v) for m, v in times.items()},
+                **{f"{m}_best": min(v) for m, v in times.items()},
+            }
             shutil.rmtree(data)
         vault.close()
         catalog.close()
@@ -199,8 +230,10 @@ def main() -> int:
     for name, r in results.items():
         for method in ("anonymize", "plain"):
             secs = r[method]
-            print(f"{name:10} {method:10} {secs:8.2f} {r['count'] / secs:9.1f} "
-                  f"{r['bytes'] / 1e6 / secs:8.1f} {r[method + '_best']:8.2f}")
+            print(
+                f"{name:10} {method:10} {secs:8.2f} {r['count'] / secs:9.1f} "
+                f"{r['bytes'] / 1e6 / secs:8.1f} {r[method + '_best']:8.2f}"
+            )
     print("\nRATIOS (anonymize time / plain read+write time)")
     ok = True
     for name, r in results.items():
@@ -208,8 +241,10 @@ def main() -> int:
         verdict = "PASS" if ratio <= TARGET_RATIO else "FAIL"
         ok &= verdict == "PASS"
         best = r["anonymize_best"] / r["plain_best"]
-        print(f"target {name} anonymize <= {TARGET_RATIO:.2f}x plain: {verdict} ({ratio:.2f}x; "
-              f"best-of-runs ratio {best:.2f}x)")
+        print(
+            f"target {name} anonymize <= {TARGET_RATIO:.2f}x plain: {verdict} ({ratio:.2f}x; "
+            f"best-of-runs ratio {best:.2f}x)"
+        )
     for name, r in results.items():
         if name in rates:
             rate = r["count"] / r["anonymize"]

@@ -105,8 +105,8 @@ def header_dataset(frames: int):
     ds.DimensionOrganizationSequence[0].DimensionOrganizationUID = dim_uid
     index = Dataset()
     index.DimensionOrganizationUID = dim_uid
-    index.DimensionIndexPointer = 0x00209057      # In-Stack Position Number
-    index.FunctionalGroupPointer = 0x00209111     # Frame Content Sequence
+    index.DimensionIndexPointer = 0x00209057  # In-Stack Position Number
+    index.FunctionalGroupPointer = 0x00209111  # Frame Content Sequence
     ds.DimensionIndexSequence = Sequence([index])
 
     shared = Dataset()
@@ -190,8 +190,11 @@ def main() -> int:
         t0 = time.perf_counter()
         size = write_instance(staged, args.frames)
         os.rename(staged, spool / "incoming" / "enhanced-ct.dcm")
-        print(f"Enhanced CT: {args.frames} frames 512x512x16 bit, {size / 1e6:.0f} MB "
-              f"(written in {time.perf_counter() - t0:.1f} s)", flush=True)
+        print(
+            f"Enhanced CT: {args.frames} frames 512x512x16 bit, {size / 1e6:.0f} MB "
+            f"(written in {time.perf_counter() - t0:.1f} s)",
+            flush=True,
+        )
 
         env = dict(os.environ)
         env["PYTHONPATH"] = str(REPO) + (
@@ -214,20 +217,26 @@ def main() -> int:
         outputs = list((spool / "studies").glob("*/*/*.dcm"))
         quarantine = list((spool / "quarantine").rglob("*.json"))
         peak_mb = max(report["maxrss_kb"], report["vmhwm_kb"]) / 1024
-        print(f"indexer run_once: {report['seconds']:.1f} s, handled {report['handled']}, "
-              f"processed {report['processed']}, quarantined {report['quarantined']}")
+        print(
+            f"indexer run_once: {report['seconds']:.1f} s, handled {report['handled']}, "
+            f"processed {report['processed']}, quarantined {report['quarantined']}"
+        )
         if quarantine:
             for q in quarantine:
                 print(f"  quarantined: {q.parent.name}: {json.loads(q.read_text()).get('error')}")
         if outputs:
             print(f"output: {outputs[0].stat().st_size / 1e6:.0f} MB")
         print(f"RSS after imports and setup: {report['maxrss_before_kb'] / 1024:.1f} MB")
-        print(f"peak RSS (ru_maxrss {report['maxrss_kb'] / 1024:.1f} MB, "
-              f"VmHWM {report['vmhwm_kb'] / 1024:.1f} MB): {peak_mb:.1f} MB")
+        print(
+            f"peak RSS (ru_maxrss {report['maxrss_kb'] / 1024:.1f} MB, "
+            f"VmHWM {report['vmhwm_kb'] / 1024:.1f} MB): {peak_mb:.1f} MB"
+        )
         ok = report["processed"] == 1 and len(outputs) == 1 and peak_mb < args.limit_mb
         why = "" if report["processed"] == 1 and outputs else " (instance not processed)"
-        print(f"target peak RSS < {args.limit_mb:.0f} MB: {'PASS' if ok else 'FAIL'} "
-              f"({peak_mb:.1f} MB){why}")
+        print(
+            f"target peak RSS < {args.limit_mb:.0f} MB: {'PASS' if ok else 'FAIL'} "
+            f"({peak_mb:.1f} MB){why}"
+        )
         return 0 if ok else 1
     finally:
         if args.keep:

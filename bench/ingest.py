@@ -27,8 +27,10 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
-DATASETS = {"large": (200, 512, "200-slice 512x512 16-bit CT"),
-            "small": (1000, 64, "1000 small 64x64 CT instances")}
+DATASETS = {
+    "large": (200, 512, "200-slice 512x512 16-bit CT"),
+    "small": (1000, 64, "1000 small 64x64 CT instances"),
+}
 PROXY_AET, E2E_TIMEOUT, START_TIMEOUT = "DICOMRCV", 600.0, 60.0
 TOOLS: dict[str, str] = {}  # name -> absolute path of the DCMTK / Orthanc binary
 
@@ -67,10 +69,12 @@ def free_port() -> int:
 
 # --- data -------------------------------------------------------------------
 
+
 def make_dataset(out: Path, count: int, size: int) -> int:
     """Write ``count`` CT slices of size x size into ``out``; return total bytes."""
     from pydicom.dataset import FileDataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
     out.mkdir(parents=True)
     pixels = bytearray(os.urandom(size * size * 2))
     pixels[1::2] = bytes(b & 0x0F for b in pixels[1::2])  # 12 bits stored
@@ -118,11 +122,13 @@ def make_dataset(out: Path, count: int, size: int) -> int:
 
 # --- processes ---------------------------------------------------------------
 
+
 def start(cmd: list[str], log: Path, cwd: Path, env: dict[str, str]) -> subprocess.Popen:
     try:
         with open(log, "wb") as fh:
-            return subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=cwd, env=env,
-                                    start_new_session=True)
+            return subprocess.Popen(
+                cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=cwd, env=env, start_new_session=True
+            )
     except OSError as exc:
         raise BenchError(f"cannot start {cmd[0]}: {exc}") from None
 
@@ -158,19 +164,32 @@ def http_ok(url: str, want=None) -> bool:
 
 
 def echo_ok(aet: str, port: int) -> bool:
-    return subprocess.run([TOOLS["echoscu"], "-aec", aet, "127.0.0.1", str(port)], env=base_env(),
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode == 0
+    return (
+        subprocess.run(
+            [TOOLS["echoscu"], "-aec", aet, "127.0.0.1", str(port)],
+            env=base_env(),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        ).returncode
+        == 0
+    )
 
 
 def storescu(aet: str, port: int, data: Path) -> float:
     """Send every file of ``data`` in one association; return elapsed seconds."""
     t0 = time.perf_counter()
-    r = subprocess.run([TOOLS["storescu"], "-aec", aet, "127.0.0.1", str(port), "+sd", str(data)],
-                       env=base_env(), capture_output=True, text=True)
+    r = subprocess.run(
+        [TOOLS["storescu"], "-aec", aet, "127.0.0.1", str(port), "+sd", str(data)],
+        env=base_env(),
+        capture_output=True,
+        text=True,
+    )
     elapsed = time.perf_counter() - t0
     if r.returncode != 0 or "E:" in r.stderr or "Failed" in r.stderr:
-        raise BenchError(f"storescu to {aet}:{port} failed (rc {r.returncode}): "
-                         + " | ".join((r.stdout + r.stderr).strip().splitlines()[-3:]))
+        raise BenchError(
+            f"storescu to {aet}:{port} failed (rc {r.returncode}): "
+            + " | ".join((r.stdout + r.stderr).strip().splitlines()[-3:])
+        )
     return elapsed
 
 
@@ -193,15 +212,26 @@ def run_proxy(work: Path, data: Path, n: int, proxy_cmd: list[str]) -> dict[str,
     env.pop("DICOM_MAX_PDU_SIZE", None)
     env.pop("DICOM_AE_TITLE", None)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    env.update(DICOM_PORT=str(dicom_port), API_PORT=str(api_port),
-               DICOM_BIND_ADDRESS="127.0.0.1", API_BIND_ADDRESS="127.0.0.1",
-               DICOM_STORAGE_DIR=str(spool), VAULT_KEY_FILE=str(work / "secrets" / "vault.key"),
-               DICOM_STUDY_TIMEOUT="600")
+    env.update(
+        DICOM_PORT=str(dicom_port),
+        API_PORT=str(api_port),
+        DICOM_BIND_ADDRESS="127.0.0.1",
+        API_BIND_ADDRESS="127.0.0.1",
+        DICOM_STORAGE_DIR=str(spool),
+        VAULT_KEY_FILE=str(work / "secrets" / "vault.key"),
+        DICOM_STUDY_TIMEOUT="600",
+    )
     log = work / "proxy.log"
     proc = start(proxy_cmd, log, work, env)  # cwd=work: no conf/proxy.ini or .env picked up
     try:  # never probe the DICOM port: readiness comes from the health API only
-        wait_ready(proc, log, "proxy", lambda: http_ok(
-            f"http://127.0.0.1:{api_port}/api/health/", lambda b: b.get("status") == "ok"))
+        wait_ready(
+            proc,
+            log,
+            "proxy",
+            lambda: http_ok(
+                f"http://127.0.0.1:{api_port}/api/health/", lambda b: b.get("status") == "ok"
+            ),
+        )
         t0 = time.perf_counter()
         ack = storescu(PROXY_AET, dicom_port, data)
         incoming, db, quarantine = (
@@ -219,8 +249,10 @@ def run_proxy(work: Path, data: Path, n: int, proxy_cmd: list[str]) -> dict[str,
                 if any(f for _, _, fs in os.walk(quarantine) for f in fs):
                     raise BenchError(f"proxy quarantined input ({got}/{n} cataloged); see {spool}")
             if time.perf_counter() - t0 > E2E_TIMEOUT:
-                raise BenchError(f"proxy: only {catalog_count(db)}/{n} instances cataloged "
-                                 f"after {E2E_TIMEOUT:.0f} s")
+                raise BenchError(
+                    f"proxy: only {catalog_count(db)}/{n} instances cataloged "
+                    f"after {E2E_TIMEOUT:.0f} s"
+                )
             time.sleep(0.02)
         return {"proxy ack": ack, "proxy e2e": time.perf_counter() - t0}
     finally:
@@ -245,11 +277,20 @@ def start_orthanc(work: Path) -> tuple[subprocess.Popen, int, str]:
     """Orthanc on free ports with a fresh SQLite index, no plugins, no
     compression; ready when it returns: (process, DICOM port, HTTP base URL)."""
     dicom_port, http_port, log = free_port(), free_port(), work / "orthanc.log"
-    cfg = {"Name": "bench", "StorageDirectory": str(work / "storage"),
-           "IndexDirectory": str(work / "index"), "DicomAet": "ORTHANC",
-           "DicomPort": dicom_port, "HttpPort": http_port, "RemoteAccessAllowed": False,
-           "AuthenticationEnabled": False, "DicomCheckCalledAet": False, "Plugins": [],
-           "StorageCompression": False, "OverwriteInstances": True}
+    cfg = {
+        "Name": "bench",
+        "StorageDirectory": str(work / "storage"),
+        "IndexDirectory": str(work / "index"),
+        "DicomAet": "ORTHANC",
+        "DicomPort": dicom_port,
+        "HttpPort": http_port,
+        "RemoteAccessAllowed": False,
+        "AuthenticationEnabled": False,
+        "DicomCheckCalledAet": False,
+        "Plugins": [],
+        "StorageCompression": False,
+        "OverwriteInstances": True,
+    }
     (work / "orthanc.json").write_text(json.dumps(cfg, indent=2))
     proc = start([TOOLS["Orthanc"], str(work / "orthanc.json")], log, work, base_env())
     base = f"http://127.0.0.1:{http_port}"
@@ -292,8 +333,11 @@ def main() -> int:
     args = ap.parse_args()
     if args.runs < 1:
         ap.error("--runs must be >= 1")
-    proxy_cmd = (shlex.split(args.proxy_cmd) if args.proxy_cmd
-                 else [sys.executable, "-m", "ith_proxy.cli", "run"])
+    proxy_cmd = (
+        shlex.split(args.proxy_cmd)
+        if args.proxy_cmd
+        else [sys.executable, "-m", "ith_proxy.cli", "run"]
+    )
     if shutil.which(proxy_cmd[0]) is None:
         print(f"bench: proxy command '{proxy_cmd[0]}' not found", file=sys.stderr)
         return 1
@@ -318,18 +362,26 @@ def main() -> int:
             t = time.perf_counter()
             nbytes = make_dataset(root / "data" / name, count, px)
             sizes[name] = (count, nbytes)
-            print(f"[{name}] {label}: {count} instances, {nbytes / 1e6:.1f} MB "
-                  f"(generated in {time.perf_counter() - t:.1f} s)", flush=True)
+            print(
+                f"[{name}] {label}: {count} instances, {nbytes / 1e6:.1f} MB "
+                f"(generated in {time.perf_counter() - t:.1f} s)",
+                flush=True,
+            )
             results[name] = {f: [] for f in FIGURES}
             for run in range(1, args.runs + 1):
-                for peer, fn in (("proxy", lambda w, d, n: run_proxy(w, d, n, proxy_cmd)),
-                                 ("storescp", run_storescp), ("orthanc", run_orthanc)):
+                for peer, fn in (
+                    ("proxy", lambda w, d, n: run_proxy(w, d, n, proxy_cmd)),
+                    ("storescp", run_storescp),
+                    ("orthanc", run_orthanc),
+                ):
                     work = root / f"{name}-run{run}-{peer}"
                     work.mkdir()
                     for fig, secs in fn(work, root / "data" / name, count).items():
                         results[name][fig].append(secs)
-                        print(f"  run {run}/{args.runs}  {fig:10s}{fmt_rate(secs, count, nbytes)}",
-                              flush=True)
+                        print(
+                            f"  run {run}/{args.runs}  {fig:10s}{fmt_rate(secs, count, nbytes)}",
+                            flush=True,
+                        )
                     if not args.keep:
                         shutil.rmtree(work, ignore_errors=True)
     except BenchError as exc:
@@ -343,8 +395,11 @@ def main() -> int:
             shutil.rmtree(root, ignore_errors=True)
 
     agg = f"median of {args.runs} runs" if args.runs > 1 else "1 run"
-    rate = {(d, f): statistics.median(sizes[d][0] / s for s in v)
-            for d, figs in results.items() for f, v in figs.items()}
+    rate = {
+        (d, f): statistics.median(sizes[d][0] / s for s in v)
+        for d, figs in results.items()
+        for f, v in figs.items()
+    }
     print(f"\nRESULTS ({agg}; storescu, one association, TCP_NODELAY=1; MB = 10^6 bytes)")
     print(f"{'data set':9s} {'receiver':12s} {'seconds':>9s} {'inst/s':>9s} {'MB/s':>8s}")
     for (d, f), r in rate.items():
@@ -354,12 +409,16 @@ def main() -> int:
     print(f"{'data set':9s} {'proxy figure':12s} {'/ Orthanc':>10s} {'/ storescp':>11s}")
     for d in results:
         for f in ("proxy e2e", "proxy ack"):
-            print(f"{d:9s} {f:12s} {rate[d, f] / rate[d, 'Orthanc']:9.2f}x "
-                  f"{rate[d, f] / rate[d, 'storescp']:10.2f}x")
+            print(
+                f"{d:9s} {f:12s} {rate[d, f] / rate[d, 'Orthanc']:9.2f}x "
+                f"{rate[d, f] / rate[d, 'storescp']:10.2f}x"
+            )
     if "large" in results:
         ratio = rate["large", "proxy e2e"] / rate["large", "Orthanc"]
-        print(f"\ntarget large-CT e2e >= 0.8x Orthanc: {'PASS' if ratio >= 0.8 else 'FAIL'} "
-              f"({ratio:.2f}x)")
+        print(
+            f"\ntarget large-CT e2e >= 0.8x Orthanc: {'PASS' if ratio >= 0.8 else 'FAIL'} "
+            f"({ratio:.2f}x)"
+        )
     else:
         print("\ntarget large-CT e2e >= 0.8x Orthanc: NOT RUN (--only small)")
     if args.keep:

@@ -46,15 +46,25 @@ def status_kb(pid: int, field: str) -> int:
 def send(aet: str, port: int, pid: int, path: Path) -> dict[str, float]:
     before = status_kb(pid, "VmRSS")
     t0 = time.perf_counter()
-    r = subprocess.run([ingest.TOOLS["storescu"], "-aec", aet, "127.0.0.1", str(port), str(path)],
-                       env=ingest.base_env(), capture_output=True, text=True)
+    r = subprocess.run(
+        [ingest.TOOLS["storescu"], "-aec", aet, "127.0.0.1", str(port), str(path)],
+        env=ingest.base_env(),
+        capture_output=True,
+        text=True,
+    )
     secs = time.perf_counter() - t0
     peak = status_kb(pid, "VmHWM")
     if r.returncode != 0 or "E:" in r.stderr:
-        raise ingest.BenchError(f"storescu to {aet}:{port} failed (rc {r.returncode}): "
-                                + " | ".join((r.stdout + r.stderr).strip().splitlines()[-3:]))
-    return {"before": before / 1024, "peak": peak / 1024, "growth": (peak - before) / 1024,
-            "seconds": secs}
+        raise ingest.BenchError(
+            f"storescu to {aet}:{port} failed (rc {r.returncode}): "
+            + " | ".join((r.stdout + r.stderr).strip().splitlines()[-3:])
+        )
+    return {
+        "before": before / 1024,
+        "peak": peak / 1024,
+        "growth": (peak - before) / 1024,
+        "seconds": secs,
+    }
 
 
 def run_proxy(work: Path, path: Path, encrypt: bool) -> dict[str, float]:
@@ -63,16 +73,28 @@ def run_proxy(work: Path, path: Path, encrypt: bool) -> dict[str, float]:
     for key in [k for k in env if k.startswith(("DICOM_", "ITH_", "API_", "JWT_", "VAULT_"))]:
         del env[key]
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ingest.REPO), env.get("PYTHONPATH")]))
-    env.update(DICOM_PORT=str(dicom_port), API_PORT=str(api_port),
-               DICOM_BIND_ADDRESS="127.0.0.1", API_BIND_ADDRESS="127.0.0.1",
-               DICOM_STORAGE_DIR=str(spool), VAULT_KEY_FILE=str(work / "secrets" / "vault.key"),
-               DICOM_STUDY_TIMEOUT="600", ITH_PROXY_CONFIG=str(work / "proxy.ini"))
+    env.update(
+        DICOM_PORT=str(dicom_port),
+        API_PORT=str(api_port),
+        DICOM_BIND_ADDRESS="127.0.0.1",
+        API_BIND_ADDRESS="127.0.0.1",
+        DICOM_STORAGE_DIR=str(spool),
+        VAULT_KEY_FILE=str(work / "secrets" / "vault.key"),
+        DICOM_STUDY_TIMEOUT="600",
+        ITH_PROXY_CONFIG=str(work / "proxy.ini"),
+    )
     (work / "proxy.ini").write_text(f"[spool]\nencrypt_incoming = {str(encrypt).lower()}\n")
     log = work / "proxy.log"
     proc = ingest.start([sys.executable, "-m", "ith_proxy.cli", "run"], log, work, env)
     try:
-        ingest.wait_ready(proc, log, "proxy", lambda: ingest.http_ok(
-            f"http://127.0.0.1:{api_port}/api/health/", lambda b: b.get("status") == "ok"))
+        ingest.wait_ready(
+            proc,
+            log,
+            "proxy",
+            lambda: ingest.http_ok(
+                f"http://127.0.0.1:{api_port}/api/health/", lambda b: b.get("status") == "ok"
+            ),
+        )
         return send(ingest.PROXY_AET, dicom_port, proc.pid, path)
     finally:
         ingest.stop(proc)
@@ -81,8 +103,9 @@ def run_proxy(work: Path, path: Path, encrypt: bool) -> dict[str, float]:
 def run_storescp(work: Path, path: Path, extra: list[str]) -> dict[str, float]:
     out, port, log = work / "out", ingest.free_port(), work / "storescp.log"
     out.mkdir()
-    proc = ingest.start([ingest.TOOLS["storescp"], *extra, "-od", str(out), str(port)], log, work,
-                        ingest.base_env())
+    proc = ingest.start(
+        [ingest.TOOLS["storescp"], *extra, "-od", str(out), str(port)], log, work, ingest.base_env()
+    )
     try:
         ingest.wait_ready(proc, log, "storescp", lambda: ingest.echo_ok("STORESCP", port))
         return send("STORESCP", port, proc.pid, path)
@@ -104,8 +127,9 @@ def run_orthanc(work: Path, path: Path) -> dict[str, float]:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--frames", type=int, default=2000,
-                    help="512x512x2-byte frames (2000 = ~1.05 GB)")
+    ap.add_argument(
+        "--frames", type=int, default=2000, help="512x512x2-byte frames (2000 = ~1.05 GB)"
+    )
     ap.add_argument("--keep", action="store_true", help="keep the temp dir")
     args = ap.parse_args()
     for tool in ("storescu", "storescp", "echoscu", "Orthanc"):
@@ -124,20 +148,28 @@ def main() -> int:
         src = root / "enhanced-ct.dcm"
         t0 = time.perf_counter()
         size = write_instance(src, args.frames)
-        print(f"Enhanced CT: {args.frames} frames 512x512x16 bit, {size / 1e6:.0f} MB "
-              f"(written in {time.perf_counter() - t0:.1f} s)", flush=True)
-        peers = [("ith-proxy (encrypt_incoming)", lambda w: run_proxy(w, src, True)),
-                 ("ith-proxy (plain)", lambda w: run_proxy(w, src, False)),
-                 ("storescp +xa", lambda w: run_storescp(w, src, ["+xa"])),
-                 ("storescp +B", lambda w: run_storescp(w, src, ["+B"])),
-                 ("Orthanc", lambda w: run_orthanc(w, src))]
+        print(
+            f"Enhanced CT: {args.frames} frames 512x512x16 bit, {size / 1e6:.0f} MB "
+            f"(written in {time.perf_counter() - t0:.1f} s)",
+            flush=True,
+        )
+        peers = [
+            ("ith-proxy (encrypt_incoming)", lambda w: run_proxy(w, src, True)),
+            ("ith-proxy (plain)", lambda w: run_proxy(w, src, False)),
+            ("storescp +xa", lambda w: run_storescp(w, src, ["+xa"])),
+            ("storescp +B", lambda w: run_storescp(w, src, ["+B"])),
+            ("Orthanc", lambda w: run_orthanc(w, src)),
+        ]
         for i, (name, fn) in enumerate(peers):
             work = root / f"peer{i}"
             work.mkdir()
             rows.append((name, fn(work)))
             r = rows[-1][1]
-            print(f"  {name:30s} RSS {r['before']:7.0f} MB -> peak {r['peak']:7.0f} MB "
-                  f"(+{r['growth']:6.0f} MB), ack {r['seconds']:6.1f} s", flush=True)
+            print(
+                f"  {name:30s} RSS {r['before']:7.0f} MB -> peak {r['peak']:7.0f} MB "
+                f"(+{r['growth']:6.0f} MB), ack {r['seconds']:6.1f} s",
+                flush=True,
+            )
             if not args.keep:
                 shutil.rmtree(work, ignore_errors=True)
     except ingest.BenchError as exc:
@@ -149,11 +181,15 @@ def main() -> int:
     print(f"\nRESULTS (one {size / 1e6:.0f} MB instance, storescu, TCP_NODELAY=1)")
     print(f"{'receiver':30s} {'RSS before':>11s} {'peak':>9s} {'growth':>9s} {'ack s':>7s}")
     for name, r in rows:
-        print(f"{name:30s} {r['before']:8.0f} MB {r['peak']:6.0f} MB {r['growth']:6.0f} MB "
-              f"{r['seconds']:7.1f}")
+        print(
+            f"{name:30s} {r['before']:8.0f} MB {r['peak']:6.0f} MB {r['growth']:6.0f} MB "
+            f"{r['seconds']:7.1f}"
+        )
     worst = max(r["growth"] for name, r in rows if name.startswith("ith-proxy"))
-    print(f"\ntarget proxy RSS growth < {LIMIT_MB:.0f} MB: "
-          f"{'PASS' if worst < LIMIT_MB else 'FAIL'} ({worst:.1f} MB)")
+    print(
+        f"\ntarget proxy RSS growth < {LIMIT_MB:.0f} MB: "
+        f"{'PASS' if worst < LIMIT_MB else 'FAIL'} ({worst:.1f} MB)"
+    )
     if args.keep:
         print(f"temp dir kept in {root}")
     return 0 if worst < LIMIT_MB else 1

@@ -43,14 +43,21 @@ Verbs: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
 
 def _parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--config", metavar="PATH", default=argparse.SUPPRESS,
-                        help="INI file (default: $ITH_PROXY_CONFIG or conf/proxy.ini)")
+    common.add_argument(
+        "--config",
+        metavar="PATH",
+        default=argparse.SUPPRESS,
+        help="INI file (default: $ITH_PROXY_CONFIG or conf/proxy.ini)",
+    )
     parser = argparse.ArgumentParser(
-        prog="ith-proxy", parents=[common],
-        description="Edge DICOM proxy: receive, de-identify, catalog and forward studies.")
+        prog="ith-proxy",
+        parents=[common],
+        description="Edge DICOM proxy: receive, de-identify, catalog and forward studies.",
+    )
 
-    def verbs(group: argparse.ArgumentParser, dest: str = "action",
-              metavar: str = "<action>") -> Verbs:
+    def verbs(
+        group: argparse.ArgumentParser, dest: str = "action", metavar: str = "<action>"
+    ) -> Verbs:
         return group.add_subparsers(dest=dest, metavar=metavar, required=True)
 
     def add(subs: Verbs, name: str, func: Command | None, text: str) -> argparse.ArgumentParser:
@@ -61,29 +68,60 @@ def _parser() -> argparse.ArgumentParser:
 
     sub = verbs(parser, "command", "<command>")
     add(sub, "run", cmd_run, "run all services in one process")
-    add(sub, "init", cmd_init, "create the vault key, site secret and audit key for a new "
-        "site (refused when any of them exists)")
+    add(
+        sub,
+        "init",
+        cmd_init,
+        "create the vault key, site secret and audit key for a new "
+        "site (refused when any of them exists)",
+    )
     add(sub, "status", cmd_status, "print a human summary").add_argument(
-        "--json", action="store_true", help="machine-readable output")
-    add(sub, "reindex", cmd_reindex,
-        "rebuild the catalog from studies/ and the vault (service stopped)")
+        "--json", action="store_true", help="machine-readable output"
+    )
+    add(
+        sub,
+        "reindex",
+        cmd_reindex,
+        "rebuild the catalog from studies/ and the vault (service stopped)",
+    )
     vsub = verbs(add(sub, "vault", None, "vault key management"))
-    add(vsub, "rotate-key", cmd_vault_rotate, "re-encrypt the vault and encrypted spool "
-        "files under a new key and drop the old one (service stopped)")
+    add(
+        vsub,
+        "rotate-key",
+        cmd_vault_rotate,
+        "re-encrypt the vault and encrypted spool "
+        "files under a new key and drop the old one (service stopped)",
+    )
     qsub = verbs(add(sub, "quarantine", None, "inspect, export and release quarantined input"))
     add(qsub, "list", cmd_quarantine_list, "one line per quarantined item")
-    exp = add(qsub, "export", cmd_quarantine_export,
-              "write a readable (decrypted) copy of an item, mode 0600")
+    exp = add(
+        qsub,
+        "export",
+        cmd_quarantine_export,
+        "write a readable (decrypted) copy of an item, mode 0600",
+    )
     exp.add_argument("name", metavar="NAME", help="item name, or REASON/NAME")
     exp.add_argument("--out", metavar="PATH", help="output file (default: ./NAME.dcm)")
-    rel = add(qsub, "release", cmd_quarantine_release,
-              "move an item back to incoming/ for another attempt")
+    rel = add(
+        qsub,
+        "release",
+        cmd_quarantine_release,
+        "move an item back to incoming/ for another attempt",
+    )
     rel.add_argument("name", metavar="NAME", help="item name, or REASON/NAME")
     asub = verbs(add(sub, "audit", None, "the audit log of PHI access"))
-    add(asub, "verify", cmd_audit_verify,
-        "check every record's MAC and the hash chain of logs/audit.log")
-    add(asub, "rotate-key", cmd_audit_rotate,
-        "sign new audit records under a new key (the old ones stay, to verify)")
+    add(
+        asub,
+        "verify",
+        cmd_audit_verify,
+        "check every record's MAC and the hash chain of logs/audit.log",
+    )
+    add(
+        asub,
+        "rotate-key",
+        cmd_audit_rotate,
+        "sign new audit records under a new key (the old ones stay, to verify)",
+    )
     return parser
 
 
@@ -94,6 +132,7 @@ def _fail(message: str, code: int = 1) -> int:
 
 def cmd_run(cfg: Config, args: argparse.Namespace) -> int:
     from ith_proxy.service import Service, StartupError
+
     service = Service(cfg)
     try:
         service.run_forever()
@@ -128,7 +167,9 @@ def cmd_status(cfg: Config, args: argparse.Namespace) -> int:
         cat.close()
     info = {
         "service": _api_health(cfg),
-        "ae_title": cfg.scp.ae_title, "dicom_port": cfg.scp.port, "api_port": cfg.api.port,
+        "ae_title": cfg.scp.ae_title,
+        "dicom_port": cfg.scp.port,
+        "api_port": cfg.api.port,
         "spool": str(cfg.spool.dir),
         "mode": "offline" if cfg.link.offline else f"backend {cfg.link.ith_url}",
         "incoming": len(spool.incoming_names()),
@@ -140,22 +181,25 @@ def cmd_status(cfg: Config, args: argparse.Namespace) -> int:
         print(json.dumps(info, indent=2))
         return 0
     states = ", ".join(f"{k} {v}" for k, v in counts["studies_by_state"].items())
-    print(f"service:     {info['service']}\n"
-          f"dicom:       {cfg.scp.ae_title} on port {cfg.scp.port}; API on port {cfg.api.port}\n"
-          f"mode:        {info['mode']}\n"
-          f"spool:       {info['spool']} ({info['free_mb']} MB free)\n"
-          f"queues:      incoming {info['incoming']}, quarantined {info['quarantined']}\n"
-          f"catalog:     {counts['patients']} patients, {counts['studies']} studies, "
-          f"{counts['series']} series, {counts['instances']} instances "
-          f"({counts['bytes'] / 2**20:.1f} MB)\n"
-          f"studies:     {states}\n"
-          f"as of:       {datetime.now(UTC).isoformat(timespec='seconds')}")
+    print(
+        f"service:     {info['service']}\n"
+        f"dicom:       {cfg.scp.ae_title} on port {cfg.scp.port}; API on port {cfg.api.port}\n"
+        f"mode:        {info['mode']}\n"
+        f"spool:       {info['spool']} ({info['free_mb']} MB free)\n"
+        f"queues:      incoming {info['incoming']}, quarantined {info['quarantined']}\n"
+        f"catalog:     {counts['patients']} patients, {counts['studies']} studies, "
+        f"{counts['series']} series, {counts['instances']} instances "
+        f"({counts['bytes'] / 2**20:.1f} MB)\n"
+        f"studies:     {states}\n"
+        f"as of:       {datetime.now(UTC).isoformat(timespec='seconds')}"
+    )
     return 0
 
 
 def cmd_reindex(cfg: Config, args: argparse.Namespace) -> int:
     from ith_proxy.dicom.libsetup import configure_libraries
     from ith_proxy.workers.reindex import reindex
+
     configure_libraries()  # reindex reads every stored header
     if not Spool(cfg.spool.dir).studies.is_dir():
         return _fail(f"no spool at {cfg.spool.dir}")
@@ -168,8 +212,10 @@ def cmd_reindex(cfg: Config, args: argparse.Namespace) -> int:
             cat.close()
             if vault is not None:
                 vault.close()
-    print(f"reindexed: {counts['patients']} patients, {counts['studies']} studies, "
-          f"{counts['series']} series, {counts['instances']} instances")
+    print(
+        f"reindexed: {counts['patients']} patients, {counts['studies']} studies, "
+        f"{counts['series']} series, {counts['instances']} instances"
+    )
     return 0
 
 
@@ -183,8 +229,9 @@ def _locked_spool(cfg: Config, what: str) -> Iterator[Spool]:
     try:
         lock = spool.lock()
     except OSError as exc:  # e.g. ELOOP: .lock is a symbolic link
-        raise _CliError(f"cannot take the spool lock {spool.root / '.lock'}: "
-                        f"{exc.strerror or exc}") from None
+        raise _CliError(
+            f"cannot take the spool lock {spool.root / '.lock'}: {exc.strerror or exc}"
+        ) from None
     if lock is None:
         raise _CliError(f"the proxy is running on this spool; stop it before {what}")
     try:
@@ -204,17 +251,25 @@ def cmd_init(cfg: Config, args: argparse.Namespace) -> int:
     files = secret_files(cfg.vault.key_file)
     present = [str(p) for p in files.values() if p.exists() or p.is_symlink()]
     if present:
-        return _fail(f"keys already exist ({', '.join(present)}); init never replaces a "
-                     "key: nothing was changed")
+        return _fail(
+            f"keys already exist ({', '.join(present)}); init never replaces a "
+            "key: nothing was changed"
+        )
     os.umask(0o077)
     made = init_secrets(cfg.vault.key_file)
-    print(f"created {', '.join(str(p) for p in made)}: back them up now, apart from the "
-          "spool; they cannot be recovered")
+    print(
+        f"created {', '.join(str(p) for p in made)}: back them up now, apart from the "
+        "spool; they cannot be recovered"
+    )
     if spool.vault_file.exists() or spool.catalog_file.exists():
-        print(f"warning: {cfg.spool.dir} already holds a vault or catalog; what was written "
-              "under the old keys cannot be read with the new ones", file=sys.stderr)
-    warning = shared_volume_warning(cfg.vault.key_file, cfg.spool.dir) \
-        if cfg.spool.dir.is_dir() else None
+        print(
+            f"warning: {cfg.spool.dir} already holds a vault or catalog; what was written "
+            "under the old keys cannot be read with the new ones",
+            file=sys.stderr,
+        )
+    warning = (
+        shared_volume_warning(cfg.vault.key_file, cfg.spool.dir) if cfg.spool.dir.is_dir() else None
+    )
     if warning:
         print(f"warning: {warning}", file=sys.stderr)
     return 0
@@ -268,10 +323,15 @@ def cmd_audit_verify(cfg: Config, args: argparse.Namespace) -> int:
         why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         return _fail(f"cannot read audit log {log.path}: {why}")
     torn = f"; {summary.torn} torn line(s) from interrupted writes" if summary.torn else ""
-    anchor = f"; matches its anchor {log.anchor}" if summary.anchored else \
-        "; no anchor yet (written before anchors existed: truncation cannot be checked)"
-    print(f"{log.path}: {summary.records} records intact, chain unbroken "
-          f"({summary.first or '-'} .. {summary.last or '-'}){torn}{anchor}")
+    anchor = (
+        f"; matches its anchor {log.anchor}"
+        if summary.anchored
+        else "; no anchor yet (written before anchors existed: truncation cannot be checked)"
+    )
+    print(
+        f"{log.path}: {summary.records} records intact, chain unbroken "
+        f"({summary.first or '-'} .. {summary.last or '-'}){torn}{anchor}"
+    )
     return 0
 
 
@@ -284,13 +344,13 @@ def cmd_audit_rotate(cfg: Config, args: argparse.Namespace) -> int:
     with _locked_spool(cfg, "audit rotate-key"):  # one rotation at a time
         add_audit_key(key_file)
         _audit(cfg, "audit.rotate-key", str(key_file))
-    print(f"audit key rotated; back up {key_file} (its older keys verify older records: "
-          "keep them)")
+    print(f"audit key rotated; back up {key_file} (its older keys verify older records: keep them)")
     return 0
 
 
 def cmd_vault_rotate(cfg: Config, args: argparse.Namespace) -> int:
     from ith_proxy.vault.rotate import rotate
+
     if not cfg.vault.key_file.exists():
         return _fail(f"no vault key at {cfg.vault.key_file}: nothing to rotate")
     with _locked_spool(cfg, "vault rotate-key") as spool:
@@ -299,11 +359,15 @@ def cmd_vault_rotate(cfg: Config, args: argparse.Namespace) -> int:
             rotation = rotate(spool, spool.vault_file, cfg.vault.key_file)
         except (VaultRecordError, OSError) as exc:
             detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-            return _fail(f"vault key rotation stopped: {detail}; everything still decrypts "
-                         "with the key file as it is now; fix the cause and run it again")
+            return _fail(
+                f"vault key rotation stopped: {detail}; everything still decrypts "
+                "with the key file as it is now; fix the cause and run it again"
+            )
     print(rotation.summary())
-    print(f"back up the new key file {cfg.vault.key_file}; old copies of it can be destroyed",
-          file=sys.stderr)
+    print(
+        f"back up the new key file {cfg.vault.key_file}; old copies of it can be destroyed",
+        file=sys.stderr,
+    )
     return 0
 
 
@@ -319,8 +383,10 @@ def cmd_quarantine_list(cfg: Config, args: argparse.Namespace) -> int:
         if it.get("present", True) and not it.get("encrypted"):
             state = " [not encrypted]"
         error = " ".join(str(it.get("error", "")).split())
-        print(f"{it.get('reason', '?')}  {it.get('name', '?')}  {it.get('quarantined_at', '?')}"
-              f"  {size_text}  {error}{state}")
+        print(
+            f"{it.get('reason', '?')}  {it.get('name', '?')}  {it.get('quarantined_at', '?')}"
+            f"  {size_text}  {error}{state}"
+        )
     if not items:
         print("quarantine is empty")
     return 0
@@ -330,8 +396,9 @@ def _quarantined(spool: Spool, name: str) -> tuple[Path, dict]:
     try:
         return spool.quarantined_item(name)
     except (KeyError, FileNotFoundError):
-        raise _CliError(f"no quarantined item named {name!r} "
-                        "(see: ith-proxy quarantine list)") from None
+        raise _CliError(
+            f"no quarantined item named {name!r} (see: ith-proxy quarantine list)"
+        ) from None
 
 
 def cmd_quarantine_export(cfg: Config, args: argparse.Namespace) -> int:
@@ -352,8 +419,7 @@ def _quarantine_export(cfg: Config, spool: Spool, name: str, out: str | None) ->
         return _fail(f"cannot export {name}: {exc}")
     except OSError as exc:
         return _fail(f"cannot write {dest}: {exc.strerror or exc}")
-    print(f"wrote {dest} ({written['size']} bytes); it holds plaintext PHI: "
-          "delete it when done")
+    print(f"wrote {dest} ({written['size']} bytes); it holds plaintext PHI: delete it when done")
     return 0
 
 
@@ -372,6 +438,7 @@ def _quarantine_release(cfg: Config, spool: Spool, name: str) -> int:
 
         def transformed(src: Path, out: BinaryIO) -> object:
             return transform(src, out, keyring)
+
         write = transformed
     _audit(cfg, "quarantine.release", f"{data.parent.name}/{data.name}")
     try:
@@ -381,8 +448,10 @@ def _quarantine_release(cfg: Config, spool: Spool, name: str) -> int:
     except FileExistsError as exc:
         return _fail(f"cannot release {name}: {exc}")
     state = "encrypted" if cfg.spool.encrypt_incoming else "decrypted"
-    print(f"released {data.parent.name}/{data.name} to incoming/ ({state}); "
-          "the proxy processes it when it starts")
+    print(
+        f"released {data.parent.name}/{data.name} to incoming/ ({state}); "
+        "the proxy processes it when it starts"
+    )
     return 0
 
 

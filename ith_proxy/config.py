@@ -29,6 +29,7 @@ class ConfigError(ValueError):
 
 # --- value parsers: each takes the raw string and returns the typed value ---
 
+
 def _int(lo: int, hi: int) -> Callable[[str], int]:
     def parse(raw: str) -> int:
         try:
@@ -38,6 +39,7 @@ def _int(lo: int, hi: int) -> Callable[[str], int]:
         if not lo <= value <= hi:
             raise ValueError(f"{value} is outside {lo}..{hi}")
         return value
+
     return parse
 
 
@@ -103,6 +105,7 @@ def _choice(*options: str) -> Callable[[str], str]:
         if value not in options:
             raise ValueError(f"{raw!r} is not one of {', '.join(options)}")
         return value
+
     return parse
 
 
@@ -160,10 +163,16 @@ class Setting:
 
 # The PS3.15 Annex E options of [deid], each a boolean setting, a DeidConfig
 # field and a column of the table (deid.profile): the names are written here once.
-DEID_OPTIONS = ("retain_long_full_dates", "retain_long_modified_dates",
-                "retain_patient_characteristics", "retain_device_identity",
-                "retain_institution_identity", "retain_uids", "clean_descriptors",
-                "retain_safe_private")
+DEID_OPTIONS = (
+    "retain_long_full_dates",
+    "retain_long_modified_dates",
+    "retain_patient_characteristics",
+    "retain_device_identity",
+    "retain_institution_identity",
+    "retain_uids",
+    "clean_descriptors",
+    "retain_safe_private",
+)
 
 SETTINGS: tuple[Setting, ...] = (
     Setting("scp", "ae_title", "DICOMRCV", _ae_title, "DICOM_AE_TITLE"),
@@ -376,8 +385,9 @@ def ini_path(explicit: str | None, env: Mapping[str, str]) -> tuple[Path, bool]:
     return Path(DEFAULT_INI), False
 
 
-def load(path: str | None = None, env: Mapping[str, str] | None = None,
-         cwd: Path | None = None) -> Config:
+def load(
+    path: str | None = None, env: Mapping[str, str] | None = None, cwd: Path | None = None
+) -> Config:
     """Build the configuration from all layers; raise ConfigError on a bad value."""
     cwd = cwd or Path.cwd()
     environ = dict(os.environ if env is None else env)
@@ -406,8 +416,10 @@ def load(path: str | None = None, env: Mapping[str, str] | None = None,
         values.setdefault(s.section, {})[s.key] = value
 
     if values["deid"]["retain_long_full_dates"] and values["deid"]["retain_long_modified_dates"]:
-        raise ConfigError("[deid] retain_long_modified_dates: cannot be combined with "
-                          "retain_long_full_dates (choose one)")
+        raise ConfigError(
+            "[deid] retain_long_modified_dates: cannot be combined with "
+            "retain_long_full_dates (choose one)"
+        )
     spool_dir = Path(values["spool"]["dir"] or "./spool")
     if not spool_dir.is_absolute():
         spool_dir = (cwd / spool_dir).resolve()
@@ -420,9 +432,12 @@ def load(path: str | None = None, env: Mapping[str, str] | None = None,
 
     return Config(
         scp=ScpConfig(**values["scp"]),
-        spool=SpoolConfig(dir=spool_dir, min_free_mb=values["spool"]["min_free_mb"],
-                          tmp_max_age=values["spool"]["tmp_max_age"],
-                          encrypt_incoming=values["spool"]["encrypt_incoming"]),
+        spool=SpoolConfig(
+            dir=spool_dir,
+            min_free_mb=values["spool"]["min_free_mb"],
+            tmp_max_age=values["spool"]["tmp_max_age"],
+            encrypt_incoming=values["spool"]["encrypt_incoming"],
+        ),
         indexer=IndexerConfig(**values["indexer"]),
         scheduler=SchedulerConfig(**values["scheduler"]),
         deid=DeidConfig(**values["deid"]),

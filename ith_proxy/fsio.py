@@ -64,8 +64,9 @@ def writev_all(fd: int, chunks: list) -> None:
             views[0] = views[0][written:]
 
 
-def append_whole(fd: int, pieces: Iterable[bytes | bytearray], size: int,
-                 sync: bool = False) -> None:
+def append_whole(
+    fd: int, pieces: Iterable[bytes | bytearray], size: int, sync: bool = False
+) -> None:
     """Append ``pieces`` to the file open on ``fd`` (O_APPEND), whose length
     is ``size``, as one whole record, or not at all: a short write (a full
     disk) raises ENOSPC, and on any failure, even one raised while the pieces
@@ -140,8 +141,9 @@ def replace_private(path: Path, data: bytes) -> None:
     fsync_dir(path.parent)
 
 
-def keeping_times(src: Path, write: Callable[[BinaryIO], object]
-                   ) -> tuple[Callable[[BinaryIO], None], list]:
+def keeping_times(
+    src: Path, write: Callable[[BinaryIO], object]
+) -> tuple[Callable[[BinaryIO], None], list]:
     """Wrap a writer so the new file keeps src's times (the mtime of a raw
     file is when it was received); the writer's result lands in the list."""
     st = os.stat(src)
@@ -151,4 +153,5 @@ def keeping_times(src: Path, write: Callable[[BinaryIO], object]
         result[0] = write(out)
         out.flush()
         os.utime(out.fileno(), ns=(st.st_atime_ns, st.st_mtime_ns))
+
     return wrapped, result

@@ -59,8 +59,10 @@ def spool_problems(cfg: Config, spool: Spool) -> list[str]:
     waiting, oldest = spool.oldest_incoming()
     age = time.time() - oldest if oldest is not None else 0.0
     if age > cfg.indexer.stuck_after:
-        out.append(f"indexer is behind or stuck: {waiting} file(s) in incoming/, "
-                   f"the oldest for {age:.0f} s (see error.log)")
+        out.append(
+            f"indexer is behind or stuck: {waiting} file(s) in incoming/, "
+            f"the oldest for {age:.0f} s (see error.log)"
+        )
     return out
 
 

@@ -138,12 +138,17 @@ def _handler(handler: logging.Handler, level: int, fmt: str = FORMAT) -> logging
 
 
 def _rotating(path: Path, cfg: LogConfig, level: int) -> logging.Handler:
-    return _handler(logging.handlers.RotatingFileHandler(
-        path, maxBytes=cfg.max_bytes, backupCount=cfg.backups, encoding="utf-8"), level)
+    return _handler(
+        logging.handlers.RotatingFileHandler(
+            path, maxBytes=cfg.max_bytes, backupCount=cfg.backups, encoding="utf-8"
+        ),
+        level,
+    )
 
 
-def _attach(name: str, level: int | None, propagate: bool,
-            *handlers: logging.Handler) -> logging.Logger:
+def _attach(
+    name: str, level: int | None, propagate: bool, *handlers: logging.Handler
+) -> logging.Logger:
     logger = logging.getLogger(name)
     if level is not None:
         logger.setLevel(level)
@@ -168,13 +173,17 @@ def _uncaught_thread(args: threading.ExceptHookArgs) -> None:
     name = args.thread.name if args.thread is not None else "?"
     exc = args.exc_value
     logging.getLogger(f"{OWN}.uncaught").error(
-        "uncaught %s in thread %s", args.exc_type.__name__, name,
-        exc_info=(args.exc_type, exc, args.exc_traceback) if exc is not None else None)
+        "uncaught %s in thread %s",
+        args.exc_type.__name__,
+        name,
+        exc_info=(args.exc_type, exc, args.exc_traceback) if exc is not None else None,
+    )
 
 
 def _uncaught(kind, value, tb) -> None:
     logging.getLogger(f"{OWN}.uncaught").critical(
-        "uncaught %s", kind.__name__, exc_info=(kind, value, tb))
+        "uncaught %s", kind.__name__, exc_info=(kind, value, tb)
+    )
 
 
 def _common() -> None:
@@ -249,6 +258,8 @@ def uncaught_logged(fn):
             raise
         except BaseException as exc:
             logging.getLogger(f"{OWN}.uncaught").critical(
-                "%s ended on uncaught %s", fn.__name__, type(exc).__name__, exc_info=True)
+                "%s ended on uncaught %s", fn.__name__, type(exc).__name__, exc_info=True
+            )
             raise SystemExit(1) from None
+
     return run

@@ -66,8 +66,10 @@ class Service:
             raise StartupError(f"cannot create spool {self.spool.root}: {exc.strerror}") from None
         links = self.spool.symlinks(extra=(self.spool.vault_file, self.spool.catalog_file))
         if links:  # before anything opens them: lock, logs, catalog (apsw), vault
-            raise StartupError(f"refusing to start: {links[0]} is a symbolic link; the "
-                               "spool's files are never opened through links")
+            raise StartupError(
+                f"refusing to start: {links[0]} is a symbolic link; the "
+                "spool's files are never opened through links"
+            )
         self._lock_fd = self.spool.lock()
         if self._lock_fd is None:
             raise StartupError(f"another ith-proxy is already using {self.spool.root}")
@@ -75,8 +77,11 @@ class Service:
         # Keys are created only for a new spool (no vault, no catalog); otherwise a
         # missing one stops the start, naming it, before anything is created.
         new_spool = not self.spool.vault_file.exists() and not self.spool.catalog_file.exists()
-        ensure_secrets(self.cfg.vault.key_file, new_spool,
-                       audit_in_use=self.cfg.vault.audit_anchor_file.exists())
+        ensure_secrets(
+            self.cfg.vault.key_file,
+            new_spool,
+            audit_in_use=self.cfg.vault.audit_anchor_file.exists(),
+        )
         warning = shared_volume_warning(self.cfg.vault.key_file, self.spool.root)
         if warning:
             log.warning("%s", warning)
@@ -94,16 +99,18 @@ class Service:
 
     def _start_indexer(self) -> None:
         indexer = self._mp.Process(
-            target=indexer_main, name="ith-proxy-indexer",
-            args=(self.cfg, self._mp_stop, self._log_queue, os.getpid()), daemon=True)
+            target=indexer_main,
+            name="ith-proxy-indexer",
+            args=(self.cfg, self._mp_stop, self._log_queue, os.getpid()),
+            daemon=True,
+        )
         indexer.start()
         self.indexer = indexer
         self._indexer_started = time.monotonic()
 
     def _supervise(self) -> None:
         """Restart the indexer process if it died (with a short back-off)."""
-        if self.indexer is not None and not self.indexer.is_alive() \
-                and not self._mp_stop.is_set():
+        if self.indexer is not None and not self.indexer.is_alive() and not self._mp_stop.is_set():
             if time.monotonic() - self._indexer_started < 5:
                 return
             log.error("indexer process exited (code %s); restarting", self.indexer.exitcode)
@@ -138,13 +145,17 @@ class Service:
             try:
                 self.scp.start()
             except OSError as exc:
-                raise StartupError(f"cannot listen for DICOM on {self.cfg.scp.bind_address}:"
-                                   f"{self.cfg.scp.port}: {exc.strerror}") from None
+                raise StartupError(
+                    f"cannot listen for DICOM on {self.cfg.scp.bind_address}:"
+                    f"{self.cfg.scp.port}: {exc.strerror}"
+                ) from None
         try:
             self.api = ApiServer(self.cfg.api, make_app(self.health))
         except OSError as exc:
-            raise StartupError(f"cannot listen for HTTP on {self.cfg.api.bind_address}:"
-                               f"{self.cfg.api.port}: {exc.strerror}") from None
+            raise StartupError(
+                f"cannot listen for HTTP on {self.cfg.api.bind_address}:"
+                f"{self.cfg.api.port}: {exc.strerror}"
+            ) from None
         self.api.start()
         mode = "offline" if self.cfg.link.offline else f"backend {self.cfg.link.ith_url}"
         log.info("ith-proxy running (%s)", mode)
@@ -154,10 +165,15 @@ class Service:
     def health(self) -> list[str]:
         """The problems /api/health/ reports (policy in ``health``)."""
         scheduler = self.threads.get("scheduler")
-        return problems(self.cfg, self.spool, Liveness(
-            dicom=self.scp is not None and self.scp.alive(),
-            indexer=self.indexer is not None and self.indexer.is_alive(),
-            scheduler=scheduler is not None and scheduler.is_alive()))
+        return problems(
+            self.cfg,
+            self.spool,
+            Liveness(
+                dicom=self.scp is not None and self.scp.alive(),
+                indexer=self.indexer is not None and self.indexer.is_alive(),
+                scheduler=scheduler is not None and scheduler.is_alive(),
+            ),
+        )
 
     def stop(self) -> None:
         log.info("shutting down")
@@ -222,6 +238,7 @@ def indexer_process(cfg: Config, stop, log_queue, parent_pid: int) -> None:
         while not stop.wait(1.0):
             if os.getppid() != parent_pid:
                 stop.set()
+
     threading.Thread(target=orphan_watch, name="orphan-watch", daemon=True).start()
     spool = Spool(cfg.spool.dir)
     catalog = Catalog(spool.catalog_file)

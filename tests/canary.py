@@ -72,9 +72,16 @@ MARKER_PREFIX = "CANARY"
 UID_ROOT = "1.2.826.0.1.3680043.99"
 
 #: option names as in conf/proxy.ini [deid] (and the table's option columns)
-OPTIONS = ("retain_long_full_dates", "retain_long_modified_dates", "retain_patient_characteristics",
-           "retain_device_identity", "retain_institution_identity", "retain_uids",
-           "clean_descriptors", "retain_safe_private")
+OPTIONS = (
+    "retain_long_full_dates",
+    "retain_long_modified_dates",
+    "retain_patient_characteristics",
+    "retain_device_identity",
+    "retain_institution_identity",
+    "retain_uids",
+    "clean_descriptors",
+    "retain_safe_private",
+)
 #: CID 7050 code per option (113100 is the Basic Profile itself)
 OPTION_CODES = {
     "clean_descriptors": "113105",
@@ -89,10 +96,27 @@ OPTION_CODES = {
 BASIC_CODE = "113100"
 
 #: attributes that must come out unchanged under every option set
-RETAINED = ("Modality", "SOPClassUID", "PixelSpacing", "SliceThickness", "ImageOrientationPatient",
-            "ImagePositionPatient", "Rows", "Columns", "BitsAllocated", "BitsStored", "HighBit",
-            "PixelRepresentation", "RescaleIntercept", "RescaleSlope", "KVP", "SeriesNumber",
-            "InstanceNumber", "PhotometricInterpretation", "SamplesPerPixel")
+RETAINED = (
+    "Modality",
+    "SOPClassUID",
+    "PixelSpacing",
+    "SliceThickness",
+    "ImageOrientationPatient",
+    "ImagePositionPatient",
+    "Rows",
+    "Columns",
+    "BitsAllocated",
+    "BitsStored",
+    "HighBit",
+    "PixelRepresentation",
+    "RescaleIntercept",
+    "RescaleSlope",
+    "KVP",
+    "SeriesNumber",
+    "InstanceNumber",
+    "PhotometricInterpretation",
+    "SamplesPerPixel",
+)
 
 # option column aliases (the innolitics names, for a table in that form)
 _OPTION_ALIASES = {
@@ -178,11 +202,11 @@ _FALLBACK = """
 
 @dataclass(frozen=True)
 class TableRow:
-    tag: str                       # "(gggg,eeee)" as in the table (may hold x wildcards)
+    tag: str  # "(gggg,eeee)" as in the table (may hold x wildcards)
     keyword: str
-    basic: str                     # Basic Profile action, e.g. "X", "X/Z/D", "U"
-    options: dict[str, str]        # option name -> "", "K" or "C"
-    value: int | None              # the tag as an int, None for wildcard rows
+    basic: str  # Basic Profile action, e.g. "X", "X/Z/D", "U"
+    options: dict[str, str]  # option name -> "", "K" or "C"
+    value: int | None  # the tag as an int, None for wildcard rows
 
     def option(self, name: str) -> str:
         return self.options.get(name, "")
@@ -191,7 +215,7 @@ class TableRow:
 @dataclass(frozen=True)
 class Table:
     rows: list[TableRow]
-    source: str                    # "json:<edition>" or "fallback"
+    source: str  # "json:<edition>" or "fallback"
 
     @property
     def has_options(self) -> bool:
@@ -213,8 +237,13 @@ def _row(tag: str, keyword: str, basic: str, options: dict[str, str]) -> TableRo
     if value is not None and not keyword:
         keyword = keyword_for_tag(value) or ""
     opts = {_OPTION_ALIASES.get(k, k): (v or "").strip().upper() for k, v in options.items()}
-    return TableRow(tag=tag.strip(), keyword=keyword or "", basic=basic.strip().upper(),
-                    options=opts, value=value)
+    return TableRow(
+        tag=tag.strip(),
+        keyword=keyword or "",
+        basic=basic.strip().upper(),
+        options=opts,
+        value=value,
+    )
 
 
 def load_table(path: Path | None = None) -> Table:
@@ -302,7 +331,7 @@ class CanaryInstance:
     series_uid: str
     sop_uid: str
     frame_uid: str
-    network: bool                  # False: drop it into incoming/ directly
+    network: bool  # False: drop it into incoming/ directly
     #: UID references planted in kept sequences: path -> what it points to
     #: ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID",
     #: "FrameOfReferenceUID", or "instance:<index>" for another instance's SOP UID)
@@ -318,20 +347,22 @@ class CanaryInstance:
 class Canary:
     instances: list[CanaryInstance]
     markers: list[Marker]
-    skipped: list[tuple[str, str]]          # (row, why no marker)
+    skipped: list[tuple[str, str]]  # (row, why no marker)
     table: Table
     corpus: int
     patient_id: str
     patient_name: str
     study_uid: str
     frame_uid: str
-    chain_a: str                            # path prefix of the kept 5-deep chain
-    chain_b: str                            # path prefix of the chain under ReferencedStudySequence
+    chain_a: str  # path prefix of the kept 5-deep chain
+    chain_b: str  # path prefix of the chain under ReferencedStudySequence
     preamble: bytes = b""
 
     def __repr__(self) -> str:
-        return (f"<Canary corpus {self.corpus}: {len(self.instances)} instances, "
-                f"{len(self.markers)} markers, table {self.table.source}>")
+        return (
+            f"<Canary corpus {self.corpus}: {len(self.instances)} instances, "
+            f"{len(self.markers)} markers, table {self.table.source}>"
+        )
 
     @property
     def network_files(self) -> list[Path]:
@@ -357,8 +388,11 @@ class Canary:
         return [i for i in marker.instances if marker.network or not self.instances[i].network]
 
     def needles(self, network_only: bool = False) -> set[str]:
-        return {m.needle for m in self.markers
-                if m.greppable and m.needle and (self.travels(m) or not network_only)}
+        return {
+            m.needle
+            for m in self.markers
+            if m.greppable and m.needle and (self.travels(m) or not network_only)
+        }
 
     def rows_with_markers(self) -> set[str]:
         return {m.row for m in self.markers if m.row}
@@ -405,31 +439,69 @@ _STUDY_KEYWORDS = frozenset(
         "FillerOrderNumberImagingServiceRequest",
     }
 )
-_SERIES_KEYWORDS = frozenset({
-    "SeriesDate", "SeriesTime", "SeriesDescription", "SeriesInstanceUID", "OperatorsName",
-    "OperatorIdentificationSequence", "PerformingPhysicianName",
-    "PerformingPhysicianIdentificationSequence", "ProtocolName", "StationName",
-    "DeviceSerialNumber", "DeviceUID", "InstitutionName", "InstitutionAddress",
-    "InstitutionalDepartmentName", "InstitutionCodeSequence",
-    "InstitutionalDepartmentTypeCodeSequence", "PerformedProcedureStepStartDate",
-    "PerformedProcedureStepStartTime", "PerformedProcedureStepEndDate",
-    "PerformedProcedureStepEndTime", "PerformedProcedureStepID",
-    "PerformedProcedureStepDescription", "PerformedStationAETitle", "PerformedStationName",
-    "PerformedLocation", "RequestAttributesSequence", "ClinicalTrialSeriesID",
-    "ClinicalTrialSeriesDescription", "GantryID", "GeneratorID", "DetectorID",
-    "ManufacturerDeviceClassUID", "ReferencedPerformedProcedureStepSequence",
-})
+_SERIES_KEYWORDS = frozenset(
+    {
+        "SeriesDate",
+        "SeriesTime",
+        "SeriesDescription",
+        "SeriesInstanceUID",
+        "OperatorsName",
+        "OperatorIdentificationSequence",
+        "PerformingPhysicianName",
+        "PerformingPhysicianIdentificationSequence",
+        "ProtocolName",
+        "StationName",
+        "DeviceSerialNumber",
+        "DeviceUID",
+        "InstitutionName",
+        "InstitutionAddress",
+        "InstitutionalDepartmentName",
+        "InstitutionCodeSequence",
+        "InstitutionalDepartmentTypeCodeSequence",
+        "PerformedProcedureStepStartDate",
+        "PerformedProcedureStepStartTime",
+        "PerformedProcedureStepEndDate",
+        "PerformedProcedureStepEndTime",
+        "PerformedProcedureStepID",
+        "PerformedProcedureStepDescription",
+        "PerformedStationAETitle",
+        "PerformedStationName",
+        "PerformedLocation",
+        "RequestAttributesSequence",
+        "ClinicalTrialSeriesID",
+        "ClinicalTrialSeriesDescription",
+        "GantryID",
+        "GeneratorID",
+        "DetectorID",
+        "ManufacturerDeviceClassUID",
+        "ReferencedPerformedProcedureStepSequence",
+    }
+)
 
 #: rows whose value identifies the study/series/instance and is set by the builder itself
-_IDENTITY_UIDS = {0x0020000D: "StudyInstanceUID", 0x0020000E: "SeriesInstanceUID",
-                  0x00080018: "SOPInstanceUID", 0x00200052: "FrameOfReferenceUID"}
+_IDENTITY_UIDS = {
+    0x0020000D: "StudyInstanceUID",
+    0x0020000E: "SeriesInstanceUID",
+    0x00080018: "SOPInstanceUID",
+    0x00200052: "FrameOfReferenceUID",
+}
 
 _CT = str(CTImageStorage)
 # Detached Study Management (retired), as modalities use it
 _STUDY_REF_CLASS = "1.2.840.10008.3.1.2.3.1"
 _PRIVATE_CREATOR = "CANARY PRIVATE"
-_MAX_LEN = {"AE": 16, "CS": 16, "SH": 16, "LO": 64, "PN": 64, "ST": 1024, "LT": 10240,
-            "UT": 1 << 30, "UC": 1 << 30, "UR": 1 << 30}
+_MAX_LEN = {
+    "AE": 16,
+    "CS": 16,
+    "SH": 16,
+    "LO": 64,
+    "PN": 64,
+    "ST": 1024,
+    "LT": 10240,
+    "UT": 1 << 30,
+    "UC": 1 << 30,
+    "UR": 1 << 30,
+}
 _TEXT_VRS = frozenset(_MAX_LEN)
 _BYTES_VRS = frozenset({"OB", "OW", "OF", "OD", "OL", "OV", "UN"})
 _INT_VRS = frozenset({"US", "SS", "UL", "SL", "SV", "UV"})
@@ -491,8 +563,15 @@ def _fmt_tag(tag: int) -> str:
 
 
 class _Builder:
-    def __init__(self, out: Path, corpus: int, table: Table, rows: int, cols: int,
-                 descriptor_words: tuple[str, str]) -> None:
+    def __init__(
+        self,
+        out: Path,
+        corpus: int,
+        table: Table,
+        rows: int,
+        cols: int,
+        descriptor_words: tuple[str, str],
+    ) -> None:
         self.out = out
         self.table = table
         self.values = _Values(corpus)
@@ -503,17 +582,40 @@ class _Builder:
 
     # --- marker bookkeeping ---
 
-    def add(self, index: int, value: Any, needle: str, path: str, tag: int, vr: str, kind: str,
-            row: TableRow | None = None, scope: str = "instance", network: bool = True,
-            greppable: bool = True) -> Marker:
-        m = Marker(value=value, needle=needle, path=path, tag=_fmt_tag(tag), vr=vr, kind=kind,
-                   row=row.tag if row else "", action=row.basic if row else "", scope=scope,
-                   instances=[index], network=network, greppable=greppable)
+    def add(
+        self,
+        index: int,
+        value: Any,
+        needle: str,
+        path: str,
+        tag: int,
+        vr: str,
+        kind: str,
+        row: TableRow | None = None,
+        scope: str = "instance",
+        network: bool = True,
+        greppable: bool = True,
+    ) -> Marker:
+        m = Marker(
+            value=value,
+            needle=needle,
+            path=path,
+            tag=_fmt_tag(tag),
+            vr=vr,
+            kind=kind,
+            row=row.tag if row else "",
+            action=row.basic if row else "",
+            scope=scope,
+            instances=[index],
+            network=network,
+            greppable=greppable,
+        )
         self.markers.append(m)
         return m
 
-    def value_for(self, vr: str, row: TableRow | None, descriptor: bool = False
-                  ) -> tuple[Any, Any, str, bool]:
+    def value_for(
+        self, vr: str, row: TableRow | None, descriptor: bool = False
+    ) -> tuple[Any, Any, str, bool]:
         """(value to set, value the vault gives back, needle, greppable) for one VR."""
         v = self.values
         n = v.next()
@@ -559,8 +661,14 @@ class _Builder:
 
     # --- one table row into one dataset ---
 
-    def fill_row(self, ds: Dataset, index: int, row: TableRow, series: int,
-                 share: dict[tuple[str, str], Marker]) -> None:
+    def fill_row(
+        self,
+        ds: Dataset,
+        index: int,
+        row: TableRow,
+        series: int,
+        share: dict[tuple[str, str], Marker],
+    ) -> None:
         tag = row.value
         assert tag is not None
         vr = _vr_of(tag)
@@ -574,10 +682,17 @@ class _Builder:
             self.fill_sequence(ds, index, row, share, series)
             return
         scope = _scope(row)
-        key = (row.tag, "study" if scope == "study" else f"series{series}" if scope == "series"
-               else f"instance{index}")
+        key = (
+            row.tag,
+            "study"
+            if scope == "study"
+            else f"series{series}"
+            if scope == "series"
+            else f"instance{index}",
+        )
         descriptor = row.option("clean_descriptors") == "C" or (
-            not self.table.has_options and "Description" in row.keyword)
+            not self.table.has_options and "Description" in row.keyword
+        )
         if key in share:
             m = share[key]
             setv = m.needle if vr in ("IS", "DS") else m.value
@@ -585,32 +700,71 @@ class _Builder:
         else:
             setv, value, needle, greppable = self.value_for(vr, row, descriptor)
             path = row.keyword or _fmt_tag(tag)
-            m = self.add(index, value, needle, path, tag, vr,
-                         "descriptor" if descriptor and vr in _TEXT_VRS else kind, row, scope,
-                         greppable=greppable)
+            m = self.add(
+                index,
+                value,
+                needle,
+                path,
+                tag,
+                vr,
+                "descriptor" if descriptor and vr in _TEXT_VRS else kind,
+                row,
+                scope,
+                greppable=greppable,
+            )
             share[key] = m
         ds.add(DataElement(tag, vr, setv))
 
-    def fill_sequence(self, ds: Dataset, index: int, row: TableRow,
-                      share: dict[tuple[str, str], Marker], series: int) -> None:
+    def fill_sequence(
+        self,
+        ds: Dataset,
+        index: int,
+        row: TableRow,
+        share: dict[tuple[str, str], Marker],
+        series: int,
+    ) -> None:
         tag = row.value
         assert tag is not None
         path = row.keyword or _fmt_tag(tag)
         scope = _scope(row)
-        key = (row.tag, "study" if scope == "study" else f"series{series}" if scope == "series"
-               else f"instance{index}")
+        key = (
+            row.tag,
+            "study"
+            if scope == "study"
+            else f"series{series}"
+            if scope == "series"
+            else f"instance{index}",
+        )
         if key in share:
             m = share[key]
             m.instances.append(index)
             ds.add(DataElement(tag, "SQ", Sequence([self._item_for(row, m.value, m)])))
             return
         item_value, vault_value, needle, _ = self.value_for("UI" if "U" in row.basic else "LO", row)
-        if "U" in row.basic:   # X/Z/U*: a SOP reference whose UID must be replaced
-            m = self.add(index, vault_value, needle, f"{path}[0].ReferencedSOPInstanceUID",
-                         0x00081155, "UI", "table", row, scope)
-        else:                  # a code item; the marker in Code Value and Code Meaning
-            m = self.add(index, vault_value, needle, f"{path}[0].CodeMeaning", 0x00080104, "LO",
-                         "table", row, scope)
+        if "U" in row.basic:  # X/Z/U*: a SOP reference whose UID must be replaced
+            m = self.add(
+                index,
+                vault_value,
+                needle,
+                f"{path}[0].ReferencedSOPInstanceUID",
+                0x00081155,
+                "UI",
+                "table",
+                row,
+                scope,
+            )
+        else:  # a code item; the marker in Code Value and Code Meaning
+            m = self.add(
+                index,
+                vault_value,
+                needle,
+                f"{path}[0].CodeMeaning",
+                0x00080104,
+                "LO",
+                "table",
+                row,
+                scope,
+            )
         share[key] = m
         ds.add(DataElement(tag, "SQ", Sequence([self._item_for(row, item_value, m)])))
 
@@ -680,26 +834,43 @@ def _chain(levels: list[tuple[int, Dataset]]) -> Dataset:
 
 
 _CHAIN_A = (0x00081200, 0x00081115, 0x0008114A, 0x0040A170, 0x00081199)
-_CHAIN_A_NAMES = ("StudiesContainingOtherReferencedInstancesSequence", "ReferencedSeriesSequence",
-                  "ReferencedInstanceSequence", "PurposeOfReferenceCodeSequence",
-                  "ReferencedSOPSequence")
+_CHAIN_A_NAMES = (
+    "StudiesContainingOtherReferencedInstancesSequence",
+    "ReferencedSeriesSequence",
+    "ReferencedInstanceSequence",
+    "PurposeOfReferenceCodeSequence",
+    "ReferencedSOPSequence",
+)
 _CHAIN_B = (0x00081110, 0x00081115, 0x0008114A, 0x0040A170, 0x00081199)
-_CHAIN_B_NAMES = ("ReferencedStudySequence", "ReferencedSeriesSequence",
-                  "ReferencedInstanceSequence", "PurposeOfReferenceCodeSequence",
-                  "ReferencedSOPSequence")
+_CHAIN_B_NAMES = (
+    "ReferencedStudySequence",
+    "ReferencedSeriesSequence",
+    "ReferencedInstanceSequence",
+    "PurposeOfReferenceCodeSequence",
+    "ReferencedSOPSequence",
+)
 
 
 def _prefix(names: Iterable[str]) -> str:
     return ".".join(f"{n}[0]" for n in names)
 
 
-def build_canary(out_dir: str | Path, *, series: tuple[int, ...] = (2, 2), drop: bool = True,
-                 rows: int = 64, cols: int = 64, corpus: int | None = None,
-                 table: Table | None = None, patient_id: str | None = None,
-                 patient_name: str | None = None, study_uid: str | None = None,
-                 descriptor_words: tuple[str, str] = ("ROUTINE", "CHEST"),
-                 exclude: Iterable[str] = (),
-                 edit: Callable[[Dataset, CanaryInstance], None] | None = None) -> Canary:
+def build_canary(
+    out_dir: str | Path,
+    *,
+    series: tuple[int, ...] = (2, 2),
+    drop: bool = True,
+    rows: int = 64,
+    cols: int = 64,
+    corpus: int | None = None,
+    table: Table | None = None,
+    patient_id: str | None = None,
+    patient_name: str | None = None,
+    study_uid: str | None = None,
+    descriptor_words: tuple[str, str] = ("ROUTINE", "CHEST"),
+    exclude: Iterable[str] = (),
+    edit: Callable[[Dataset, CanaryInstance], None] | None = None,
+) -> Canary:
     """Write the canary study into ``out_dir``; see the module docstring.
 
     ``series`` gives the number of network instances per series; with ``drop``
@@ -725,7 +896,7 @@ def build_canary(out_dir: str | Path, *, series: tuple[int, ...] = (2, 2), drop:
     study_uid = study_uid or v.uid(v.next())
     frame_uid = v.uid(v.next())
     series_uids = [v.uid(v.next()) for _ in series]
-    plan: list[tuple[int, int, bool]] = []   # (series number, instance number, network)
+    plan: list[tuple[int, int, bool]] = []  # (series number, instance number, network)
     for s, count in enumerate(series, start=1):
         plan += [(s, i, True) for i in range(1, count + 1)]
     if drop:
@@ -795,8 +966,12 @@ def build_canary(out_dir: str | Path, *, series: tuple[int, ...] = (2, 2), drop:
         elif group == 0x0002 and row.value != 0x00020003:
             b.skipped.append((f"{row.tag} {row.keyword}", "file meta element: see meta markers"))
         elif group == 0x0004 and not drop:
-            b.skipped.append((f"{row.tag} {row.keyword}", "DICOMDIR group (0004): refused on the "
-                              "wire, planted only in the drop instance"))
+            b.skipped.append(
+                (
+                    f"{row.tag} {row.keyword}",
+                    "DICOMDIR group (0004): refused on the wire, planted only in the drop instance",
+                )
+            )
 
     thickness = 1.25
     for inst in instances:
@@ -873,8 +1048,13 @@ def build_canary(out_dir: str | Path, *, series: tuple[int, ...] = (2, 2), drop:
     )
 
 
-def _plant_chains(b: _Builder, ds: Dataset, inst: CanaryInstance, instances: list[CanaryInstance],
-                  by_tag: dict[int, TableRow]) -> None:
+def _plant_chains(
+    b: _Builder,
+    ds: Dataset,
+    inst: CanaryInstance,
+    instances: list[CanaryInstance],
+    by_tag: dict[int, TableRow],
+) -> None:
     # chain A: sequences the profile keeps, with UID references at depth 3 and 5
     peers = [o for o in instances if o.series_number != inst.series_number and o.network]
     peer = peers[0] if peers else instances[0]
@@ -891,22 +1071,37 @@ def _plant_chains(b: _Builder, ds: Dataset, inst: CanaryInstance, instances: lis
     deep.StudyInstanceUID = inst.study_uid
     deep.SeriesInstanceUID = inst.series_uid
     deep.FrameOfReferenceUID = inst.frame_uid
-    p = [f"{'.'.join(f'{n}[0]' for n in _CHAIN_A_NAMES[:k + 1])}" for k in range(5)]
-    inst.references.update({
-        f"{p[0]}.StudyInstanceUID": "StudyInstanceUID",
-        f"{p[1]}.SeriesInstanceUID": "SeriesInstanceUID",
-        f"{p[2]}.ReferencedSOPInstanceUID": f"instance:{peer.index}",
-        f"{p[4]}.ReferencedSOPInstanceUID": "SOPInstanceUID",
-        f"{p[4]}.StudyInstanceUID": "StudyInstanceUID",
-        f"{p[4]}.SeriesInstanceUID": "SeriesInstanceUID",
-        f"{p[4]}.FrameOfReferenceUID": "FrameOfReferenceUID",
-    })
-    for kw, tag, vr in (("PersonName", 0x0040A123, "PN"), ("OperatorsName", 0x00081070, "PN"),
-                        ("ImageComments", 0x00204000, "LT"), ("ContentDate", 0x00080023, "DA")):
+    p = [f"{'.'.join(f'{n}[0]' for n in _CHAIN_A_NAMES[: k + 1])}" for k in range(5)]
+    inst.references.update(
+        {
+            f"{p[0]}.StudyInstanceUID": "StudyInstanceUID",
+            f"{p[1]}.SeriesInstanceUID": "SeriesInstanceUID",
+            f"{p[2]}.ReferencedSOPInstanceUID": f"instance:{peer.index}",
+            f"{p[4]}.ReferencedSOPInstanceUID": "SOPInstanceUID",
+            f"{p[4]}.StudyInstanceUID": "StudyInstanceUID",
+            f"{p[4]}.SeriesInstanceUID": "SeriesInstanceUID",
+            f"{p[4]}.FrameOfReferenceUID": "FrameOfReferenceUID",
+        }
+    )
+    for kw, tag, vr in (
+        ("PersonName", 0x0040A123, "PN"),
+        ("OperatorsName", 0x00081070, "PN"),
+        ("ImageComments", 0x00204000, "LT"),
+        ("ContentDate", 0x00080023, "DA"),
+    ):
         setv, value, needle, grep = b.value_for(vr, None)
         deep.add(DataElement(tag, vr, setv))
-        b.add(inst.index, value, needle, f"{p[4]}.{kw}", tag, vr, "nested", by_tag.get(tag),
-              greppable=grep)
+        b.add(
+            inst.index,
+            value,
+            needle,
+            f"{p[4]}.{kw}",
+            tag,
+            vr,
+            "nested",
+            by_tag.get(tag),
+            greppable=grep,
+        )
     # a private block inside a kept sequence (depth 2)
     block = items[1].private_block(0x0009, _PRIVATE_CREATOR, create=True)
     setv, value, needle, _ = b.value_for("LO", None)
@@ -928,8 +1123,16 @@ def _plant_chains(b: _Builder, ds: Dataset, inst: CanaryInstance, instances: lis
     setv, value, needle, _ = b.value_for("UT", None)
     items[4].TextValue = setv
     q = _prefix(_CHAIN_B_NAMES)
-    b.add(inst.index, value, needle, f"{q}.TextValue", 0x0040A160, "UT", "nested",
-          by_tag.get(0x00081110))
+    b.add(
+        inst.index,
+        value,
+        needle,
+        f"{q}.TextValue",
+        0x0040A160,
+        "UT",
+        "nested",
+        by_tag.get(0x00081110),
+    )
     ds.add(
         DataElement(_CHAIN_B[0], "SQ", Sequence([_chain(list(zip(_CHAIN_B, items, strict=True)))]))
     )
@@ -940,8 +1143,16 @@ def _plant_private(b: _Builder, ds: Dataset, inst: CanaryInstance) -> None:
     for offset, vr in ((0x10, "LO"), (0x11, "UT"), (0x13, "UN"), (0x14, "DS")):
         setv, value, needle, grep = b.value_for(vr, None)
         block.add_new(offset, vr, setv)
-        b.add(inst.index, value, needle, _fmt_tag(0x00091000 | offset), 0x00091000 | offset, vr,
-              "private", greppable=grep)
+        b.add(
+            inst.index,
+            value,
+            needle,
+            _fmt_tag(0x00091000 | offset),
+            0x00091000 | offset,
+            vr,
+            "private",
+            greppable=grep,
+        )
     # a private sequence whose item holds its own private block
     item = Dataset()
     inner = item.private_block(0x0009, _PRIVATE_CREATOR, create=True)
@@ -960,25 +1171,31 @@ def _plant_private(b: _Builder, ds: Dataset, inst: CanaryInstance) -> None:
 
 def _plant_curve_overlay(b: _Builder, ds: Dataset, inst: CanaryInstance) -> None:
     row50 = next((r for r in b.table.rows if r.tag.lower().startswith("(50xx")), None)
-    ds.add_new(0x50000005, "US", 1)            # Curve Dimensions
-    ds.add_new(0x50000010, "US", 2)            # Number of Points
-    ds.add_new(0x50000020, "CS", "TAC")        # Type of Data
-    for tag, vr, kind in ((0x50000022, "LO", "curve"), (0x50002500, "LO", "curve"),
-                          (0x50003000, "OB", "curve")):
+    ds.add_new(0x50000005, "US", 1)  # Curve Dimensions
+    ds.add_new(0x50000010, "US", 2)  # Number of Points
+    ds.add_new(0x50000020, "CS", "TAC")  # Type of Data
+    for tag, vr, kind in (
+        (0x50000022, "LO", "curve"),
+        (0x50002500, "LO", "curve"),
+        (0x50003000, "OB", "curve"),
+    ):
         setv, value, needle, _ = b.value_for(vr, None)
         ds.add_new(tag, vr, setv)
         m = b.add(inst.index, value, needle, _fmt_tag(tag), tag, vr, kind, row50)
         m.row = row50.tag if row50 else ""
-    ds.add_new(0x60000010, "US", 8)            # Overlay Rows
-    ds.add_new(0x60000011, "US", 16)           # Overlay Columns (16 bytes of bits)
-    ds.add_new(0x60000040, "CS", "G")          # Overlay Type
-    ds.add_new(0x60000050, "SS", [1, 1])       # Overlay Origin
-    ds.add_new(0x60000100, "US", 1)            # Overlay Bits Allocated
-    ds.add_new(0x60000102, "US", 0)            # Overlay Bit Position
+    ds.add_new(0x60000010, "US", 8)  # Overlay Rows
+    ds.add_new(0x60000011, "US", 16)  # Overlay Columns (16 bytes of bits)
+    ds.add_new(0x60000040, "CS", "G")  # Overlay Type
+    ds.add_new(0x60000050, "SS", [1, 1])  # Overlay Origin
+    ds.add_new(0x60000100, "US", 1)  # Overlay Bits Allocated
+    ds.add_new(0x60000102, "US", 0)  # Overlay Bit Position
     rows60 = {r.tag.lower(): r for r in b.table.rows if r.tag.lower().startswith("(60xx")}
-    for tag, vr, row in ((0x60000022, "LO", None), (0x60001500, "LO", None),
-                         (0x60003000, "OW", rows60.get("(60xx,3000)")),
-                         (0x60004000, "LT", rows60.get("(60xx,4000)"))):
+    for tag, vr, row in (
+        (0x60000022, "LO", None),
+        (0x60001500, "LO", None),
+        (0x60003000, "OW", rows60.get("(60xx,3000)")),
+        (0x60004000, "LT", rows60.get("(60xx,4000)")),
+    ):
         setv, value, needle, _ = b.value_for(vr, None)
         ds.add_new(tag, vr, setv)
         b.add(inst.index, value, needle, _fmt_tag(tag), tag, vr, "overlay", row)
@@ -995,16 +1212,27 @@ def _plant_trailer_check(b: _Builder, ds: Dataset, inst: CanaryInstance) -> None
 
 
 def _plant_meta(b: _Builder, meta: FileMetaDataset, inst: CanaryInstance) -> None:
-    for kw, tag, vr in (("SourceApplicationEntityTitle", 0x00020016, "AE"),
-                        ("SendingApplicationEntityTitle", 0x00020017, "AE"),
-                        ("ReceivingApplicationEntityTitle", 0x00020018, "AE"),
-                        ("SourcePresentationAddress", 0x00020026, "UR"),
-                        ("PrivateInformationCreatorUID", 0x00020100, "UI"),
-                        ("PrivateInformation", 0x00020102, "OB")):
+    for kw, tag, vr in (
+        ("SourceApplicationEntityTitle", 0x00020016, "AE"),
+        ("SendingApplicationEntityTitle", 0x00020017, "AE"),
+        ("ReceivingApplicationEntityTitle", 0x00020018, "AE"),
+        ("SourcePresentationAddress", 0x00020026, "UR"),
+        ("PrivateInformationCreatorUID", 0x00020100, "UI"),
+        ("PrivateInformation", 0x00020102, "OB"),
+    ):
         setv, value, needle, grep = b.value_for(vr, None)
         meta.add(DataElement(tag, vr, setv))
-        b.add(inst.index, value, needle, f"FileMeta.{kw}", tag, vr, "meta", network=False,
-              greppable=grep)
+        b.add(
+            inst.index,
+            value,
+            needle,
+            f"FileMeta.{kw}",
+            tag,
+            vr,
+            "meta",
+            network=False,
+            greppable=grep,
+        )
 
 
 # --------------------------------------------------------------------------
@@ -1055,8 +1283,11 @@ def _hits(data: bytes, needle: bytes) -> bool:
         start = i + 1
 
 
-def find_needles(root: str | os.PathLike[str], needles: Iterable[str],
-                 skip: Iterable[str | os.PathLike[str]] = ()) -> list[str]:
+def find_needles(
+    root: str | os.PathLike[str],
+    needles: Iterable[str],
+    skip: Iterable[str | os.PathLike[str]] = (),
+) -> list[str]:
     """``"<relative path>: <needle>"`` for every needle found in a file under ``root``."""
     root = Path(root)
     skip_set = {Path(p).resolve() for p in skip}
@@ -1139,8 +1370,11 @@ def get_path(ds: Dataset, path: str) -> DataElement | None:
         tm = _TAG_RE.match(name)
         tag = Tag(int(tm.group(1) + tm.group(2), 16)) if tm else None
         try:
-            elem = cur.get(tag) if tag is not None else (
-                cur.data_element(name) if name in cur else None)
+            elem = (
+                cur.get(tag)
+                if tag is not None
+                else (cur.data_element(name) if name in cur else None)
+            )
         except Exception:
             return None
         if elem is None:
@@ -1179,8 +1413,9 @@ def marker_holds(elem: DataElement | None, marker: Marker) -> bool:
         return any(marker_holds(e, marker) for item in elem.value for e in item)
     value = plain(elem)
     if isinstance(marker.value, bytes):
-        return value == marker.value or (marker.needle.encode() in value
-                                         if isinstance(value, bytes) else False)
+        return value == marker.value or (
+            marker.needle.encode() in value if isinstance(value, bytes) else False
+        )
     if isinstance(marker.value, (int, float)):
         try:
             return float(value) == float(marker.value)  # type: ignore[arg-type]  # TypeError is caught below
@@ -1195,8 +1430,12 @@ def output_uids(ds: Dataset) -> list[tuple[str, str]]:
     for prefix, d in (("FileMeta.", getattr(ds, "file_meta", Dataset())), ("", ds)):
         for path, elem in walk(d, prefix):
             if elem.VR == "UI" and elem.value:
-                values = elem.value if isinstance(elem.value, (list, tuple)) or \
-                    type(elem.value).__name__ == "MultiValue" else [elem.value]
+                values = (
+                    elem.value
+                    if isinstance(elem.value, (list, tuple))
+                    or type(elem.value).__name__ == "MultiValue"
+                    else [elem.value]
+                )
                 out.extend((path, str(v)) for v in values)
     return out
 
@@ -1209,7 +1448,7 @@ def valid_output_uid(uid: str) -> bool:
     if uid.startswith("1.2.840.10008."):
         return True
     m = _UID_225.match(uid)
-    return bool(m) and len(uid) <= 64 and int(m.group(1)) < 2 ** 128
+    return bool(m) and len(uid) <= 64 and int(m.group(1)) < 2**128
 
 
 # --------------------------------------------------------------------------
@@ -1225,15 +1464,17 @@ def excluded_rows() -> list[str]:
 
 @dataclass(repr=False)
 class Run:
-    proxy: Any                         # tools.ProxyProcess (stopped)
+    proxy: Any  # tools.ProxyProcess (stopped)
     corpus: Canary
-    outputs: dict[int, Path]           # canary instance index -> stored file
+    outputs: dict[int, Path]  # canary instance index -> stored file
     quarantined: list[dict]
     expected: list[int] = field(default_factory=list)  # instances sent or dropped
 
     def __repr__(self) -> str:
-        return (f"<Run {self.proxy.workdir}: {len(self.outputs)} stored, "
-                f"{len(self.quarantined)} quarantined>")
+        return (
+            f"<Run {self.proxy.workdir}: {len(self.outputs)} stored, "
+            f"{len(self.quarantined)} quarantined>"
+        )
 
     def require_all_stored(self) -> None:
         """Fail (instead of passing vacuously) when not every instance was stored."""
@@ -1244,10 +1485,12 @@ class Run:
 
     def header(self, index: int) -> Dataset:
         import pydicom
+
         return pydicom.dcmread(self.outputs[index], stop_before_pixels=True)
 
     def input_header(self, index: int) -> Dataset:
         import pydicom
+
         return pydicom.dcmread(self.corpus.instances[index].path, stop_before_pixels=True)
 
 
@@ -1284,14 +1527,22 @@ def wait_ingested(
         if now - last_change > stall or now > deadline:
             log = spool / "logs" / "error.log"
             tail = log.read_text(errors="replace")[-3000:] if log.exists() else ""
-            raise AssertionError(f"ingest stuck: {waiting} in incoming/, {done} of {expected} "
-                                 f"indexed or quarantined; error.log tail:\n{tail}")
+            raise AssertionError(
+                f"ingest stuck: {waiting} in incoming/, {done} of {expected} "
+                f"indexed or quarantined; error.log tail:\n{tail}"
+            )
         time.sleep(0.1)
 
 
-def run_proxy(work: Path, files: list[Path], drop_files: list[Path] = (), config_text: str = "",
-              env: dict | None = None, calling_ae: str = "CANARYSCU",
-              before_start: Callable[[Any], None] | None = None) -> tuple[Any, list[dict]]:
+def run_proxy(
+    work: Path,
+    files: list[Path],
+    drop_files: list[Path] = (),
+    config_text: str = "",
+    env: dict | None = None,
+    calling_ae: str = "CANARYSCU",
+    before_start: Callable[[Any], None] | None = None,
+) -> tuple[Any, list[dict]]:
     """Start a proxy in ``work``, send ``files`` with storescu, drop
     ``drop_files`` into incoming/, wait until all are stored or quarantined
     (and a study is complete), stop the proxy. Returns (proxy, quarantine
@@ -1319,9 +1570,14 @@ def run_proxy(work: Path, files: list[Path], drop_files: list[Path] = (), config
         expected = len(files) + len(drop_files)
         quarantined = wait_ingested(proxy.spool, expected)
         if len(quarantined) < expected:  # let the scheduler finish (study.json is written too)
-            wait_until(lambda: any(
-                json.loads(p.read_text()).get("state") == "complete"
-                for p in (proxy.spool / "studies").glob("*/study.json")), 30, "study complete")
+            wait_until(
+                lambda: any(
+                    json.loads(p.read_text()).get("state") == "complete"
+                    for p in (proxy.spool / "studies").glob("*/study.json")
+                ),
+                30,
+                "study complete",
+            )
     finally:
         proxy.stop()
     return proxy, quarantined
@@ -1335,20 +1591,34 @@ def outputs_by_key(spool: Path) -> dict[tuple[int, int], Path]:
 
     out: dict[tuple[int, int], Path] = {}
     for path in stored_files(Path(spool)):
-        ds = pydicom.dcmread(path, stop_before_pixels=True,
-                             specific_tags=["SeriesNumber", "InstanceNumber"])
+        ds = pydicom.dcmread(
+            path, stop_before_pixels=True, specific_tags=["SeriesNumber", "InstanceNumber"]
+        )
         key = (int(ds.SeriesNumber), int(ds.InstanceNumber))
         assert key not in out, f"two outputs with SeriesNumber/InstanceNumber {key}"
         out[key] = path
     return out
 
 
-def ingest(work: Path, corpus: Canary, config_text: str = "", drop: bool = True,
-           env: dict | None = None, calling_ae: str = "CANARYSCU",
-           before_start: Callable[[Any], None] | None = None) -> Run:
+def ingest(
+    work: Path,
+    corpus: Canary,
+    config_text: str = "",
+    drop: bool = True,
+    env: dict | None = None,
+    calling_ae: str = "CANARYSCU",
+    before_start: Callable[[Any], None] | None = None,
+) -> Run:
     """:func:`run_proxy` for a canary corpus; outputs mapped to its instances."""
-    proxy, quarantined = run_proxy(work, corpus.network_files, corpus.drop_files if drop else [],
-                                   config_text, env, calling_ae, before_start)
+    proxy, quarantined = run_proxy(
+        work,
+        corpus.network_files,
+        corpus.drop_files if drop else [],
+        config_text,
+        env,
+        calling_ae,
+        before_start,
+    )
     instances = [i for i in corpus.instances if i.network or drop]
     by_key = outputs_by_key(proxy.spool)
     unexpected = set(by_key) - {i.key for i in instances}
@@ -1366,5 +1636,8 @@ def deid_config(*options: str, **values: str) -> str:
 
 
 def method_codes(ds: Dataset) -> set[str]:
-    return {str(item.get("CodeValue")) for item in ds.get("DeidentificationMethodCodeSequence", [])
-            if str(item.get("CodingSchemeDesignator", "")) == "DCM"}
+    return {
+        str(item.get("CodeValue"))
+        for item in ds.get("DeidentificationMethodCodeSequence", [])
+        if str(item.get("CodingSchemeDesignator", "")) == "DCM"
+    }

@@ -16,8 +16,9 @@ from ith_proxy.store.catalog import Catalog
 from ith_proxy.vault.records import Vault
 
 
-def wait_until(predicate: Callable[[], object], timeout: float, what: str,
-               interval: float = 0.1) -> object:
+def wait_until(
+    predicate: Callable[[], object], timeout: float, what: str, interval: float = 0.1
+) -> object:
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
@@ -57,11 +58,13 @@ def catalog_study(spool: Path, study_uid: str) -> dict | None:
 
 def wait_indexed(spool: Path, instances: int, timeout: float = 120) -> dict:
     """Until the catalog holds ``instances`` rows and incoming/ is empty."""
+
     def done() -> dict | None:
         counts = catalog_counts(spool)
         if counts["instances"] >= instances and not any((spool / "incoming").iterdir()):
             return counts
         return None
+
     return wait_until(done, timeout, f"{instances} indexed instances")  # type: ignore[return-value]  # done()'s counts
 
 
@@ -106,7 +109,8 @@ def encrypt_v1(keyring, data: bytes, chunk: int = 1 << 20) -> bytes:
     writes v2 only): a magic line, then per chunk one Fernet token holding an
     8-byte index, a last-chunk flag and the chunk."""
     import struct
-    pieces = [data[i:i + chunk] for i in range(0, len(data), chunk)] or [b""]
+
+    pieces = [data[i : i + chunk] for i in range(0, len(data), chunk)] or [b""]
     lines = [f"ITH-PROXY-ENCRYPTED v1 chunk={chunk}\n".encode()]
     for i, piece in enumerate(pieces):
         token = keyring.encrypt(struct.pack(">QB", i, i == len(pieces) - 1) + piece)
@@ -114,8 +118,9 @@ def encrypt_v1(keyring, data: bytes, chunk: int = 1 << 20) -> bytes:
     return b"".join(lines)
 
 
-def deidentify_file(path: Path, secret: bytes,
-                    options: frozenset[str] = frozenset()) -> tuple[bytes, dict]:
+def deidentify_file(
+    path: Path, secret: bytes, options: frozenset[str] = frozenset()
+) -> tuple[bytes, dict]:
     """What the indexer does with one file: its output bytes and vault record."""
     deid = Deidentifier(secret, options)
     with open(path, "rb") as src:

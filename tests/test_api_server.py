@@ -35,6 +35,7 @@ def test_start_logs_the_address(caplog: pytest.LogCaptureFixture) -> None:
             server.start()
         assert server.alive()
         assert [r.getMessage() for r in caplog.records] == [
-            f"API listening on {listening(server.server)}"]
+            f"API listening on {listening(server.server)}"
+        ]
     finally:
         server.stop()

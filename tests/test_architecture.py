@@ -31,7 +31,7 @@ ALLOWED_ROOMS: dict[str, set[str] | None] = {
     # the spool and the catalog; worker liveness is passed in by the service
     "health": {"config", "store.spool", "store.catalog"},
     "service": None,  # wires everything
-    "cli": None,      # thin, may call any room
+    "cli": None,  # thin, may call any room
     # store/: the spool folders, the catalog (all SQL), the audit log
     "store": set(),
     "store.spool": {"config", "fsio", "store.quarantine"},
@@ -50,9 +50,9 @@ ALLOWED_ROOMS: dict[str, set[str] | None] = {
     # dicom/: every pynetdicom import; the files we read and write
     "dicom": set(),
     "dicom.files": {"config", "fsio"},
-    "dicom.codestream": set(),   # marker segments of JPEG / JPEG 2000 (stdlib only)
-    "dicom.wake": set(),         # reactor wake-ups, for every room that makes associations
-    "dicom.libsetup": set(),     # library settings, applied by explicit call only
+    "dicom.codestream": set(),  # marker segments of JPEG / JPEG 2000 (stdlib only)
+    "dicom.wake": set(),  # reactor wake-ups, for every room that makes associations
+    "dicom.libsetup": set(),  # library settings, applied by explicit call only
     "dicom.scp_stream": {"config"},  # the one replacement of pynetdicom's data set assembly
     "dicom.ae": {"config", "dicom.scp_stream", "dicom.wake"},
     # the SCP gets a stream-encryptor factory from the service; it imports no vault room
@@ -60,8 +60,16 @@ ALLOWED_ROOMS: dict[str, set[str] | None] = {
     "dicom.qr": {"config", "store.spool", "store.catalog", "dicom.ae", "dicom.files"},
     # workers/: processes and threads that move instances through the spool
     "workers": set(),
-    "workers.indexer": {"config", "store.spool", "store.catalog", "vault.records",
-                        "vault.stream", "deid", "dicom.files", "dicom.codestream"},
+    "workers.indexer": {
+        "config",
+        "store.spool",
+        "store.catalog",
+        "vault.records",
+        "vault.stream",
+        "deid",
+        "dicom.files",
+        "dicom.codestream",
+    },
     "workers.scheduler": {"config", "store.spool", "store.catalog"},
     # the offline rebuild of the catalog (`ith-proxy reindex`)
     "workers.reindex": {"store.spool", "store.catalog", "vault.records", "dicom.files"},
@@ -74,8 +82,16 @@ ALLOWED_ROOMS: dict[str, set[str] | None] = {
 }
 
 # a worker is a room (or package) that runs on its own; workers never import each other
-WORKERS = {"dicom.scp", "dicom.qr", "workers.indexer", "workers.scheduler", "workers.reindex",
-           "workers.forwarder", "web", "link"}
+WORKERS = {
+    "dicom.scp",
+    "dicom.qr",
+    "workers.indexer",
+    "workers.scheduler",
+    "workers.reindex",
+    "workers.forwarder",
+    "web",
+    "link",
+}
 
 # third-party package -> the rooms or packages allowed to import it
 THIRD_PARTY: dict[str, set[str]] = {
@@ -139,8 +155,11 @@ def _imports(path: Path) -> list[tuple[str, int]]:
                 mod = ".".join(base + ([node.module] if node.module else []))
             else:
                 mod = node.module or ""
-            subs = [f"{mod}.{a.name}" for a in node.names
-                    if mod.split(".")[0] == "ith_proxy" and _is_module(f"{mod}.{a.name}")]
+            subs = [
+                f"{mod}.{a.name}"
+                for a in node.names
+                if mod.split(".")[0] == "ith_proxy" and _is_module(f"{mod}.{a.name}")
+            ]
             out.extend((m, node.lineno) for m in subs or [mod])
     return out
 
@@ -194,12 +213,16 @@ def test_the_rules_catch_a_stray_import(tmp_path: Path) -> None:
     assert _worker("web.app") == "web" and _worker("workers.indexer") == "workers.indexer"
     assert _worker("store.spool") is None
     assert ("ith_proxy.dicom.scp_stream", 1) in [
-        (m, 1) for m, _ in _imports(PKG / "dicom" / "scp.py")]
+        (m, 1) for m, _ in _imports(PKG / "dicom" / "scp.py")
+    ]
 
 
 def test_rooms_stay_small() -> None:
-    big = {str(p.relative_to(PKG.parent)): n for p in _modules()
-           if (n := len(p.read_text().splitlines())) > 500}
+    big = {
+        str(p.relative_to(PKG.parent)): n
+        for p in _modules()
+        if (n := len(p.read_text().splitlines())) > 500
+    }
     assert not big, f"a room over 500 lines is probably two rooms: {big}"
 
 
@@ -216,8 +239,9 @@ def test_no_module_level_mutable_state() -> None:
                 targets, value = [node.target], node.value
             else:
                 continue
-            if not isinstance(value, (ast.List, ast.Dict, ast.Set, ast.ListComp,
-                                      ast.DictComp, ast.SetComp)):
+            if not isinstance(
+                value, (ast.List, ast.Dict, ast.Set, ast.ListComp, ast.DictComp, ast.SetComp)
+            ):
                 continue
             for t in targets:
                 if isinstance(t, ast.Name) and not t.id.isupper() and t.id != "__all__":

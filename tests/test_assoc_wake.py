@@ -59,8 +59,9 @@ def _timed_wait(wait, trigger) -> float:
 def test_install_replaces_time_in_both_reactor_modules_only_once() -> None:
     assoc_wake.install()
     shim = pynetdicom.dul.time
-    assert isinstance(shim, assoc_wake._Time) and isinstance(pynetdicom.association.time,
-                                                              assoc_wake._Time)
+    assert isinstance(shim, assoc_wake._Time) and isinstance(
+        pynetdicom.association.time, assoc_wake._Time
+    )
     assoc_wake.install()
     assert pynetdicom.dul.time is shim
     assert shim.monotonic is time.monotonic  # everything else is the real module
@@ -73,8 +74,10 @@ def test_dul_wakes_when_its_socket_turns_readable(wired) -> None:
 
 def test_dul_wakes_when_a_primitive_is_queued_to_send(wired) -> None:
     assoc, _ = wired
-    assert _timed_wait(assoc.dul._ith_wait,
-                       lambda: assoc.dul.to_provider_queue.put("primitive")) < LONG / 2
+    assert (
+        _timed_wait(assoc.dul._ith_wait, lambda: assoc.dul.to_provider_queue.put("primitive"))
+        < LONG / 2
+    )
     assert assoc.dul.to_provider_queue.get_nowait() == "primitive"
 
 
@@ -128,8 +131,11 @@ def test_many_associations_leave_no_descriptor_behind(tmp_path: Path) -> None:
             else:
                 assert tools.storescu(proxy.dicom_port, series.files).returncode == 0
         # each association had its own eventfd; all are closed when their DUL ends
-        wait_until(lambda: _fds(proxy.pid) <= before + 2, 10,
-                   f"descriptors back to {before} (now {_fds(proxy.pid)})")
+        wait_until(
+            lambda: _fds(proxy.pid) <= before + 2,
+            10,
+            f"descriptors back to {before} (now {_fds(proxy.pid)})",
+        )
 
 
 def test_the_pynetdicom_internals_it_relies_on_are_still_there() -> None:

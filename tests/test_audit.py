@@ -44,15 +44,19 @@ def test_records_chain_and_verify(tmp_path: Path) -> None:
     assert summary.first == records[0]["at"] and summary.last == records[-1]["at"]
 
 
-@pytest.mark.parametrize("tamper, line, reason", [
-    ("edit", 3, "MAC mismatch"),
-    ("delete", 3, "chain broken"),
-    ("swap", 2, "chain broken"),
-    ("truncate-head", 1, "chain broken"),
-    ("garbage", 3, "unreadable record"),
-])
-def test_verify_points_at_the_tampered_line(tmp_path: Path, tamper: str, line: int,
-                                            reason: str) -> None:
+@pytest.mark.parametrize(
+    "tamper, line, reason",
+    [
+        ("edit", 3, "MAC mismatch"),
+        ("delete", 3, "chain broken"),
+        ("swap", 2, "chain broken"),
+        ("truncate-head", 1, "chain broken"),
+        ("garbage", 3, "unreadable record"),
+    ],
+)
+def test_verify_points_at_the_tampered_line(
+    tmp_path: Path, tamper: str, line: int, reason: str
+) -> None:
     log = _filled(tmp_path)
     lines = _lines(log.path)
     if tamper == "edit":

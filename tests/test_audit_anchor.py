@@ -49,12 +49,18 @@ def _site_secret(rooms: Rooms) -> bytes:
 def _forge(rooms: Rooms, after: dict) -> None:
     """Append a record MACed under the site-secret-derived key, as anyone who
     reads the site secret could (the algorithm is public)."""
-    body = {"seq": after["seq"] + 1, "at": after["at"], "actor": "cli:mallory",
-            "action": "quarantine.export", "target": "unparseable/garbage-4",
-            "prev": after["mac"]}
+    body = {
+        "seq": after["seq"] + 1,
+        "at": after["at"],
+        "actor": "cli:mallory",
+        "action": "quarantine.export",
+        "target": "unparseable/garbage-4",
+        "prev": after["mac"],
+    }
     text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
-    body["mac"] = hmac.new(audit_key(_site_secret(rooms)), text.encode(),
-                           hashlib.sha256).hexdigest()
+    body["mac"] = hmac.new(
+        audit_key(_site_secret(rooms)), text.encode(), hashlib.sha256
+    ).hexdigest()
     with open(rooms.spool.logs / "audit.log", "ab") as fh:
         fh.write(json.dumps(body, sort_keys=True, separators=(",", ":")).encode() + b"\n")
 
@@ -72,16 +78,21 @@ def test_records_are_macd_under_the_audit_key_not_the_site_secret(rooms, tmp_pat
     assert "is broken at line 2" in broken.stderr, broken.stderr
 
 
-def test_a_log_from_the_site_secret_era_still_verifies_after_the_key_change(rooms,
-                                                                             tmp_path) -> None:
+def test_a_log_from_the_site_secret_era_still_verifies_after_the_key_change(
+    rooms, tmp_path
+) -> None:
     legacy = AuditLog(rooms.spool.logs / "audit.log", audit_key(_site_secret(rooms)))
     legacy.record("cli:old", "quarantine.export", "unparseable/garbage-1")
     legacy.record("cli:old", "quarantine.release", "unparseable/garbage-2")
     assert rooms.cli("audit", "verify").returncode == 0
     assert _export(rooms, "garbage-3", tmp_path).returncode == 0
     records = _records(rooms)
-    assert [r["action"] for r in records] == ["quarantine.export", "quarantine.release",
-                                              "audit.key-change", "quarantine.export"]
+    assert [r["action"] for r in records] == [
+        "quarantine.export",
+        "quarantine.release",
+        "audit.key-change",
+        "quarantine.export",
+    ]
     change, export = records[2], records[3]
     assert "kid" not in change  # signed by the old (site-secret-derived) key
     assert change["detail"]["new"] == export["kid"] == change["target"]
@@ -123,8 +134,16 @@ def test_verify_fails_when_the_log_is_deleted(rooms, tmp_path) -> None:
 
 
 def test_actor_is_the_real_uid_not_user(rooms, tmp_path) -> None:
-    result = _export(rooms, "garbage-1", tmp_path, USER="mallory", LOGNAME="mallory",
-                     LNAME="mallory", USERNAME="mallory", SUDO_USER="alice")
+    result = _export(
+        rooms,
+        "garbage-1",
+        tmp_path,
+        USER="mallory",
+        LOGNAME="mallory",
+        LNAME="mallory",
+        USERNAME="mallory",
+        SUDO_USER="alice",
+    )
     assert result.returncode == 0, result.stderr
     actor = _records(rooms)[-1]["actor"]
     me = pwd.getpwuid(os.getuid()).pw_name
@@ -140,8 +159,12 @@ def test_audit_key_rotation_is_recorded_and_old_records_still_verify(rooms, tmp_
     assert len(key_file.read_bytes().split()) == 2 and oct(key_file.stat().st_mode)[-3:] == "600"
     assert _export(rooms, "garbage-2", tmp_path).returncode == 0
     records = _records(rooms)
-    assert [r["action"] for r in records] == ["quarantine.export", "audit.key-change",
-                                              "audit.rotate-key", "quarantine.export"]
+    assert [r["action"] for r in records] == [
+        "quarantine.export",
+        "audit.key-change",
+        "audit.rotate-key",
+        "quarantine.export",
+    ]
     old, new = records[0]["kid"], records[2]["kid"]
     assert old != new and records[1]["kid"] == old and records[1]["detail"]["new"] == new
     assert records[3]["kid"] == new

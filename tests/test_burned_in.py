@@ -37,6 +37,7 @@ TOKEN = "PHIMARK-CODESTREAM-7f3a"  # stands for a patient name in a comment
 # making codestreams
 # --------------------------------------------------------------------------
 
+
 def _segment(code: int, payload: bytes) -> bytes:
     return bytes([0xFF, code]) + struct.pack(">H", len(payload) + 2) + payload
 
@@ -71,6 +72,7 @@ def _multiframe(n: int):
     def change(ds) -> None:
         ds.NumberOfFrames = n
         ds.PixelData = ds.PixelData * n
+
     return change
 
 
@@ -94,10 +96,12 @@ def _split(frame: bytes, at: list[int]) -> list[bytes]:
 
 def _with_pixels(path: Path, out: Path, fragments: list[bytes]) -> Path:
     """path's dataset with its encapsulated pixel data replaced by fragments."""
+
     def change(ds) -> None:
         ds.PixelData = _encapsulate(fragments)
         ds["PixelData"].VR = "OB"
         ds["PixelData"].is_undefined_length = True
+
     return _edit(path, out, change)
 
 
@@ -107,6 +111,7 @@ def _insert(frame: bytes, at: int, segment: bytes) -> bytes:
 
 def _scan(path: Path) -> list[str]:
     from ith_proxy.dicom import codestream
+
     split = dicomfile.read_split(path)
     with open(path, "rb") as fh:
         return codestream.scan(fh, split)
@@ -120,15 +125,18 @@ def jpeg(tmp_path_factory) -> dict[str, Path]:
     ct = dicomgen.make_ct_series(d / "ct", 1, rows=64, cols=64).files[0]
     multi = _edit(ct, d / "multi.dcm", _multiframe(3))
     rgb = _edit(ct, d / "rgb.dcm", _rgb)
-    return {"lossless": _compress(ct, d / "lossless.dcm"),
-            "multi": _compress(multi, d / "multi-jpeg.dcm"),
-            "ls": _compress(ct, d / "ls.dcm", "dcmcjpls"),
-            "ls-rgb": _compress(rgb, d / "ls-rgb.dcm", "dcmcjpls", "+in")}
+    return {
+        "lossless": _compress(ct, d / "lossless.dcm"),
+        "multi": _compress(multi, d / "multi-jpeg.dcm"),
+        "ls": _compress(ct, d / "ls.dcm", "dcmcjpls"),
+        "ls-rgb": _compress(rgb, d / "ls-rgb.dcm", "dcmcjpls", "+in"),
+    }
 
 
 # --------------------------------------------------------------------------
 # the room: codestream.scan
 # --------------------------------------------------------------------------
+
 
 def test_clean_dcmtk_output_has_no_finding(jpeg) -> None:
     for name, path in jpeg.items():
@@ -137,10 +145,17 @@ def test_clean_dcmtk_output_has_no_finding(jpeg) -> None:
     assert b"JFIF" in _frames(jpeg["lossless"])[0][:20]  # structural APP0, allowed
 
 
-@pytest.mark.parametrize("segment,finding", [
-    (COM, "JPEG COM segment"), (EXIF, "JPEG APP1 segment"),
-    (JFIF_THUMB, "JPEG APP0 segment"), (ADOBE_LONG, "JPEG APP14 segment"), (ADOBE, None)],
-    ids=["com", "app1-exif", "app0-thumbnail", "app14-long", "app14-adobe"])
+@pytest.mark.parametrize(
+    "segment,finding",
+    [
+        (COM, "JPEG COM segment"),
+        (EXIF, "JPEG APP1 segment"),
+        (JFIF_THUMB, "JPEG APP0 segment"),
+        (ADOBE_LONG, "JPEG APP14 segment"),
+        (ADOBE, None),
+    ],
+    ids=["com", "app1-exif", "app0-thumbnail", "app14-long", "app14-adobe"],
+)
 def test_com_and_app_segments_are_found(jpeg, tmp_path, segment, finding) -> None:
     frame = _insert(_frames(jpeg["lossless"])[0], 2, segment)
     found = _scan(_with_pixels(jpeg["lossless"], tmp_path / "x.dcm", [frame]))
@@ -151,8 +166,11 @@ def test_com_and_app_segments_are_found(jpeg, tmp_path, segment, finding) -> Non
         assert TOKEN not in found[0]
 
 
-@pytest.mark.parametrize("at", [[4], [2, 20], [2, 4, 6, 8], [22]],
-                         ids=["in-marker", "after-app0", "two-byte-fragments", "in-length"])
+@pytest.mark.parametrize(
+    "at",
+    [[4], [2, 20], [2, 4, 6, 8], [22]],
+    ids=["in-marker", "after-app0", "two-byte-fragments", "in-length"],
+)
 def test_a_segment_split_across_fragments_is_found(jpeg, tmp_path, at) -> None:
     """A frame's header may span fragments; the marker itself may be split."""
     frame = _frames(jpeg["lossless"])[0]
@@ -180,7 +198,7 @@ def test_segments_between_scans_are_found(jpeg, tmp_path) -> None:
     """Uninterleaved colour JPEG-LS has one scan per component; a COM between
     them is found by searching the coded data for the next marker."""
     frame = _frames(jpeg["ls-rgb"])[0]
-    sos = [i for i in range(len(frame) - 1) if frame[i:i + 2] == b"\xff\xda"]
+    sos = [i for i in range(len(frame) - 1) if frame[i : i + 2] == b"\xff\xda"]
     assert len(sos) == 3
     for where in sos[1:]:
         bad = _insert(frame, where, COM)
@@ -195,9 +213,11 @@ def test_segments_between_scans_are_found(jpeg, tmp_path) -> None:
 def test_a_frame_that_is_not_a_plain_codestream_cannot_be_checked(jpeg, tmp_path) -> None:
     frame = _frames(jpeg["lossless"])[0]
     jp2 = b"\x00\x00\x00\x0cjP  \r\n\x87\n" + frame
-    for fragments, why in (([jp2], "does not start with SOI"),
-                           ([frame[:40]], "truncated"),
-                           ([frame[:2] + b"\x00" + frame[3:]], "marker is missing")):
+    for fragments, why in (
+        ([jp2], "does not start with SOI"),
+        ([frame[:40]], "truncated"),
+        ([frame[:2] + b"\x00" + frame[3:]], "marker is missing"),
+    ):
         found = _scan(_with_pixels(jpeg["lossless"], tmp_path / "x.dcm", fragments))
         assert len(found) == 1 and why in found[0] and "cannot be checked" in found[0]
 
@@ -205,9 +225,10 @@ def test_a_frame_that_is_not_a_plain_codestream_cannot_be_checked(jpeg, tmp_path
 def test_the_scan_reads_only_marker_segments(jpeg, tmp_path) -> None:
     """Bounded work: a 4 MB frame costs a few KB of reads."""
     from ith_proxy.dicom import codestream
+
     frame = _frames(jpeg["lossless"])[0]
     sos = frame.index(b"\xff\xda")
-    end = sos + 2 + struct.unpack(">H", frame[sos + 2:sos + 4])[0]
+    end = sos + 2 + struct.unpack(">H", frame[sos + 2 : sos + 4])[0]
     big = frame[:end] + b"\x5a" * (4 << 20) + b"\xff\xd9"
     path = _with_pixels(jpeg["lossless"], tmp_path / "big.dcm", [big] + [big] * 3)
     split = dicomfile.read_split(path)
@@ -219,6 +240,7 @@ def test_the_scan_reads_only_marker_segments(jpeg, tmp_path) -> None:
             data = super().read(n)
             Counting.total += len(data)
             return data
+
     with Counting(path, "rb") as fh:
         assert codestream.scan(fh, split) == []
     assert Counting.total < 64 * 1024, Counting.total
@@ -226,8 +248,9 @@ def test_the_scan_reads_only_marker_segments(jpeg, tmp_path) -> None:
 
 # JPEG 2000: SOC, SIZ, COD, QCD, [main], then tile-parts SOT [tile] SOD data, EOC
 def _j2k(main: bytes = b"", tile: tuple[bytes, ...] = (b"", b"")) -> bytes:
-    siz = _segment(0x51, struct.pack(">HLLLLLLLLH", 0, 64, 64, 0, 0, 32, 64, 0, 0, 1)
-                   + b"\x0f\x01\x01")
+    siz = _segment(
+        0x51, struct.pack(">HLLLLLLLLH", 0, 64, 64, 0, 0, 32, 64, 0, 0, 1) + b"\x0f\x01\x01"
+    )
     cod = _segment(0x52, bytes([0, 0, 0, 1, 0, 5, 4, 4, 0, 1]))
     qcd = _segment(0x5C, b"\x40" + b"\x48" * 16)
     parts = b""
@@ -239,34 +262,44 @@ def _j2k(main: bytes = b"", tile: tuple[bytes, ...] = (b"", b"")) -> bytes:
     return b"\xff\x4f" + siz + cod + qcd + main + parts + b"\xff\xd9"
 
 
-@pytest.mark.parametrize("ts", ["1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91",
-                                "1.2.840.10008.1.2.4.201"])
+@pytest.mark.parametrize(
+    "ts", ["1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91", "1.2.840.10008.1.2.4.201"]
+)
 def test_jpeg2000_comments_are_found_in_main_and_tile_part_headers(jpeg, tmp_path, ts) -> None:
     j2k_com = _segment(0x64, b"\x00\x01" + TOKEN.encode())
 
     def as_j2k(frame: bytes, name: str) -> Path:
         out = _with_pixels(jpeg["lossless"], tmp_path / name, [frame])
         return _edit(out, out, lambda ds: setattr(ds.file_meta, "TransferSyntaxUID", ts))
+
     assert _scan(as_j2k(_j2k(), "clean.dcm")) == []
     assert _scan(as_j2k(_j2k(main=j2k_com), "main.dcm"))[0].startswith(
-        "frame 1: JPEG 2000 COM segment")
+        "frame 1: JPEG 2000 COM segment"
+    )
     assert _scan(as_j2k(_j2k(tile=(b"", j2k_com)), "tile.dcm"))[0].startswith(
-        "frame 1: JPEG 2000 COM segment")
-    assert "does not start with SOC" in _scan(
-        as_j2k(b"\x00\x00\x00\x0cjP  \r\n\x87\n" + _j2k(), "jp2.dcm"))[0]
+        "frame 1: JPEG 2000 COM segment"
+    )
+    assert (
+        "does not start with SOC"
+        in _scan(as_j2k(b"\x00\x00\x00\x0cjP  \r\n\x87\n" + _j2k(), "jp2.dcm"))[0]
+    )
 
 
 def test_risk_room_reasons() -> None:
     from ith_proxy.deid import risk
+
     ds = pydicom.Dataset()
     ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
     assert risk.phi_risk(ds, []) is None
     ds.RecognizableVisualFeatures = "YES"
-    assert risk.phi_risk(ds, []) == \
-        "RecognizableVisualFeatures is YES (identifying features in the pixels)"
+    assert (
+        risk.phi_risk(ds, [])
+        == "RecognizableVisualFeatures is YES (identifying features in the pixels)"
+    )
     assert risk.phi_risk(ds, [], burned_in=False) is None
-    assert risk.phi_risk(ds, ["frame 1: JPEG COM segment (comment text)"],
-                         burned_in=False).startswith("pixel data codestream may carry")
+    assert risk.phi_risk(
+        ds, ["frame 1: JPEG COM segment (comment text)"], burned_in=False
+    ).startswith("pixel data codestream may carry")
     ds.RecognizableVisualFeatures = "NO"
     ds.BurnedInAnnotation = "NO"
     assert risk.phi_risk(ds, []) is None
@@ -276,16 +309,22 @@ def test_risk_room_reasons() -> None:
 # the indexer, and end to end
 # --------------------------------------------------------------------------
 
+
 def _inputs(tmp_path: Path) -> tuple[dicomgen.Series, dict[str, Path]]:
     """Three CT instances of one series: JPEG with a COM naming the patient,
     clean JPEG, and uncompressed with Recognizable Visual Features YES."""
     series = dicomgen.make_ct_series(tmp_path / "in", 3, rows=64, cols=64)
     com_src = _compress(series.files[0], tmp_path / "com-src.dcm")
     frame = _insert(_frames(com_src)[0], 2, COM)
-    files = {"com": _with_pixels(com_src, tmp_path / "com.dcm", [frame]),
-             "clean": _compress(series.files[1], tmp_path / "clean.dcm"),
-             "rvf": _edit(series.files[2], tmp_path / "rvf.dcm",
-                          lambda ds: setattr(ds, "RecognizableVisualFeatures", "YES"))}
+    files = {
+        "com": _with_pixels(com_src, tmp_path / "com.dcm", [frame]),
+        "clean": _compress(series.files[1], tmp_path / "clean.dcm"),
+        "rvf": _edit(
+            series.files[2],
+            tmp_path / "rvf.dcm",
+            lambda ds: setattr(ds, "RecognizableVisualFeatures", "YES"),
+        ),
+    }
     return series, files
 
 
@@ -298,17 +337,27 @@ def test_indexer_quarantines_codestream_text_and_recognizable_features(tmp_path)
         assert rooms.indexer.run_once() == 3
         q = rooms.spool.quarantine_dir
         assert sorted(p.relative_to(q).as_posix() for p in q.rglob("*.json")) == [
-            "phi-risk/com.json", "phi-risk/rvf.json"]
-        assert json.loads((q / "phi-risk" / "rvf.json").read_text())["error"] == \
-            "RecognizableVisualFeatures is YES (identifying features in the pixels)"
-        assert json.loads((q / "phi-risk" / "com.json").read_text())["error"] == \
-            "pixel data codestream may carry identifying text: " \
+            "phi-risk/com.json",
+            "phi-risk/rvf.json",
+        ]
+        assert (
+            json.loads((q / "phi-risk" / "rvf.json").read_text())["error"]
+            == "RecognizableVisualFeatures is YES (identifying features in the pixels)"
+        )
+        assert (
+            json.loads((q / "phi-risk" / "com.json").read_text())["error"]
+            == "pixel data codestream may carry identifying text: "
             "frame 1: JPEG COM segment (comment text)"
+        )
         stored = stored_files(rooms.spool.root)
         assert len(stored) == 1  # the clean JPEG, its pixel data copied as it was
         assert _frames(stored[0]) == _frames(files["clean"])
-        assert find_bytes(rooms.spool.root, {TOKEN, *series.markers()},
-                          skip=[rooms.spool.root / "vault.phi"]) == []
+        assert (
+            find_bytes(
+                rooms.spool.root, {TOKEN, *series.markers()}, skip=[rooms.spool.root / "vault.phi"]
+            )
+            == []
+        )
     finally:
         rooms.close()
 
@@ -339,19 +388,24 @@ def test_codestream_text_is_quarantined_end_to_end(tmp_path) -> None:
             incoming = list((proxy.spool / "incoming").iterdir())
             done = len(stored_files(proxy.spool)) + len(list(q.glob("*.json")))
             return not incoming and done == 3
+
         wait_until(settled, 60, "three instances indexed or quarantined")
         errors = sorted(json.loads(p.read_text())["error"] for p in q.glob("*.json"))
         assert errors == [
             "RecognizableVisualFeatures is YES (identifying features in the pixels)",
             "pixel data codestream may carry identifying text: "
-            "frame 1: JPEG COM segment (comment text)"]
+            "frame 1: JPEG COM segment (comment text)",
+        ]
         assert all(vault_stream.is_encrypted(p.with_suffix("")) for p in q.glob("*.json"))
         stored = stored_files(proxy.spool)
         assert len(stored) == 1
         assert str(pydicom.dcmread(stored[0]).file_meta.TransferSyntaxUID) == JPEG_LOSSLESS
-        originals = {rec["phi"]["instance"]["SOPInstanceUID"]
-                     for rec in vault_records(proxy.workdir)}
+        originals = {
+            rec["phi"]["instance"]["SOPInstanceUID"] for rec in vault_records(proxy.workdir)
+        }
         assert originals == {series.sop_uids[1]}
-        assert find_bytes(proxy.spool, {TOKEN, *series.markers()},
-                          skip=[proxy.spool / "vault.phi"]) == []
+        assert (
+            find_bytes(proxy.spool, {TOKEN, *series.markers()}, skip=[proxy.spool / "vault.phi"])
+            == []
+        )
         assert os.path.getsize(stored[0]) > 0

@@ -46,16 +46,16 @@ def site(rooms, monkeypatch):
 
 
 @pytest.mark.parametrize("command", [["reindex"], ["audit", "rotate-key"]])
-def test_offline_commands_refuse_a_held_lock_and_release_their_own(site, capsys,
-                                                                   command) -> None:
+def test_offline_commands_refuse_a_held_lock_and_release_their_own(site, capsys, command) -> None:
     held = site.spool.lock()  # as the running proxy holds it
     assert held is not None
     try:
         assert cli.main(command) == 1
     finally:
         os.close(held)
-    assert capsys.readouterr().err == ("ith-proxy: the proxy is running on this spool; "
-                                       f"stop it before {' '.join(command)}\n")
+    assert capsys.readouterr().err == (
+        f"ith-proxy: the proxy is running on this spool; stop it before {' '.join(command)}\n"
+    )
     assert cli.main(command) == 0
     again = site.spool.lock()  # flock is per open file: a leaked descriptor would hold it
     assert again is not None, "the command left the spool lock taken"

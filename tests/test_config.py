@@ -17,12 +17,21 @@ REPO = Path(__file__).resolve().parent.parent
 def _cli(
     args: list[str], cwd: Path, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess:
-    clean = {k: v for k, v in os.environ.items()
-             if not k.startswith(("DICOM_", "ITH_", "API_", "JWT_", "VAULT_"))}
+    clean = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("DICOM_", "ITH_", "API_", "JWT_", "VAULT_"))
+    }
     clean["PYTHONPATH"] = str(REPO)
     clean.update(env or {})
-    return subprocess.run([sys.executable, "-m", "ith_proxy.cli", *args], cwd=cwd, env=clean,
-                          capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "ith_proxy.cli", *args],
+        cwd=cwd,
+        env=clean,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 def test_defaults_match_the_design(tmp_path: Path) -> None:
@@ -41,21 +50,32 @@ def test_defaults_match_the_design(tmp_path: Path) -> None:
     assert cfg.api.port == 8080 and cfg.api.bind_address == "0.0.0.0"
     assert cfg.vault.key_file == tmp_path / "secrets" / "vault.key"
     assert cfg.scp.transfer_syntaxes == ()
-    assert cfg.spool.encrypt_incoming is True   # measured under 10% (docs/deid.md)
+    assert cfg.spool.encrypt_incoming is True  # measured under 10% (docs/deid.md)
     assert cfg.deid.options() == frozenset() and cfg.deid.quarantine_burned_in is True
 
 
 def test_every_design_environment_variable_works(tmp_path: Path) -> None:
     pubkey = tmp_path / "pub.pem"
     env = {
-        "DICOM_AE_TITLE": "EDGE1", "DICOM_PORT": "4242", "DICOM_BIND_ADDRESS": "127.0.0.1",
-        "DICOM_MAX_PDU_SIZE": "65536", "DICOM_ACSE_TIMEOUT": "12",
-        "DICOM_MAX_ASSOCIATIONS": "7", "DICOM_STUDY_TIMEOUT": "90",
-        "DICOM_STORAGE_DIR": str(tmp_path / "s"), "DICOM_AUTO_START": "false",
-        "DICOM_ANONYMIZE_PATIENTS": "no", "ITH_URL": "https://ith.example/",
-        "ITH_TOKEN": "tok", "API_BIND_ADDRESS": "127.0.0.2", "API_PORT": "9090",
-        "JWT_SECRET": "s3", "JWT_PUBLIC_KEY_FILE": str(pubkey), "JWT_AUDIENCE": "aud",
-        "JWT_ISSUER": "iss", "VAULT_KEY_FILE": str(tmp_path / "k" / "v.key"),
+        "DICOM_AE_TITLE": "EDGE1",
+        "DICOM_PORT": "4242",
+        "DICOM_BIND_ADDRESS": "127.0.0.1",
+        "DICOM_MAX_PDU_SIZE": "65536",
+        "DICOM_ACSE_TIMEOUT": "12",
+        "DICOM_MAX_ASSOCIATIONS": "7",
+        "DICOM_STUDY_TIMEOUT": "90",
+        "DICOM_STORAGE_DIR": str(tmp_path / "s"),
+        "DICOM_AUTO_START": "false",
+        "DICOM_ANONYMIZE_PATIENTS": "no",
+        "ITH_URL": "https://ith.example/",
+        "ITH_TOKEN": "tok",
+        "API_BIND_ADDRESS": "127.0.0.2",
+        "API_PORT": "9090",
+        "JWT_SECRET": "s3",
+        "JWT_PUBLIC_KEY_FILE": str(pubkey),
+        "JWT_AUDIENCE": "aud",
+        "JWT_ISSUER": "iss",
+        "VAULT_KEY_FILE": str(tmp_path / "k" / "v.key"),
     }
     cfg = config.load(env=env, cwd=tmp_path)
     assert (cfg.scp.ae_title, cfg.scp.port, cfg.scp.bind_address) == ("EDGE1", 4242, "127.0.0.1")
@@ -75,17 +95,19 @@ def test_every_design_environment_variable_works(tmp_path: Path) -> None:
 def test_layers_apply_in_order(tmp_path: Path) -> None:
     ini = tmp_path / "conf" / "proxy.ini"
     ini.parent.mkdir()
-    ini.write_text("[scp]\nport = 2000\nae_title = FROMINI\nmax_associations = 3\n"
-                   "[scheduler]\nstudy_timeout = 5\n")
+    ini.write_text(
+        "[scp]\nport = 2000\nae_title = FROMINI\nmax_associations = 3\n"
+        "[scheduler]\nstudy_timeout = 5\n"
+    )
     (tmp_path / ".env").write_text(
         "# comment\nexport DICOM_PORT=3000\nDICOM_AE_TITLE='FROMENVFILE'\n"
     )
     cfg = config.load(env={"DICOM_PORT": "4000"}, cwd=tmp_path)
-    assert cfg.scp.port == 4000                   # environment beats .env
-    assert cfg.scp.ae_title == "FROMENVFILE"      # .env beats the INI
-    assert cfg.scp.max_associations == 3          # INI beats the default
+    assert cfg.scp.port == 4000  # environment beats .env
+    assert cfg.scp.ae_title == "FROMENVFILE"  # .env beats the INI
+    assert cfg.scp.max_associations == 3  # INI beats the default
     assert cfg.scheduler.study_timeout == 5
-    assert cfg.scp.acse_timeout == 30             # default
+    assert cfg.scp.acse_timeout == 30  # default
 
 
 def test_ith_proxy_config_and_flag_pick_the_file(tmp_path: Path) -> None:
@@ -121,18 +143,21 @@ def test_shipped_ini_documents_every_key() -> None:
     assert shipped.scp == config.load(env={}, cwd=Path("/nonexistent-dir")).scp
 
 
-@pytest.mark.parametrize("env, key", [
-    ({"DICOM_PORT": "abc"}, "[scp] port"),
-    ({"DICOM_PORT": "70000"}, "[scp] port"),
-    ({"DICOM_STUDY_TIMEOUT": "-1"}, "[scheduler] study_timeout"),
-    ({"DICOM_ACSE_TIMEOUT": "0"}, "[scp] acse_timeout"),
-    ({"DICOM_AE_TITLE": "A_TITLE_LONGER_THAN_16"}, "[scp] ae_title"),
-    ({"DICOM_MAX_ASSOCIATIONS": "0"}, "[scp] max_associations"),
-    ({"DICOM_MAX_PDU_SIZE": "100"}, "[scp] max_pdu_size"),
-    ({"DICOM_ANONYMIZE_PATIENTS": "maybe"}, "[deid] anonymize"),
-    ({"API_PORT": "http"}, "[api] port"),
-    ({"ITH_URL": "ftp://x"}, "[link] ith_url"),
-])
+@pytest.mark.parametrize(
+    "env, key",
+    [
+        ({"DICOM_PORT": "abc"}, "[scp] port"),
+        ({"DICOM_PORT": "70000"}, "[scp] port"),
+        ({"DICOM_STUDY_TIMEOUT": "-1"}, "[scheduler] study_timeout"),
+        ({"DICOM_ACSE_TIMEOUT": "0"}, "[scp] acse_timeout"),
+        ({"DICOM_AE_TITLE": "A_TITLE_LONGER_THAN_16"}, "[scp] ae_title"),
+        ({"DICOM_MAX_ASSOCIATIONS": "0"}, "[scp] max_associations"),
+        ({"DICOM_MAX_PDU_SIZE": "100"}, "[scp] max_pdu_size"),
+        ({"DICOM_ANONYMIZE_PATIENTS": "maybe"}, "[deid] anonymize"),
+        ({"API_PORT": "http"}, "[api] port"),
+        ({"ITH_URL": "ftp://x"}, "[link] ith_url"),
+    ],
+)
 def test_bad_value_stops_startup_naming_the_key(tmp_path: Path, env: dict, key: str) -> None:
     result = _cli(["run"], tmp_path, env)
     assert result.returncode == 2, result.stderr

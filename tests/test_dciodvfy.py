@@ -30,7 +30,7 @@ def dciodvfy_errors(path: Path) -> set[str]:
     for line in text.splitlines():
         if "Error -" not in line:
             continue
-        line = line[line.index("Error -"):]
+        line = line[line.index("Error -") :]
         line = re.sub(r" = <[^>]*>", " = <>", line)  # values only; Element=<Kw> stays
         errors.add(re.sub(r"\s+", " ", line).strip())
     return errors
@@ -41,8 +41,9 @@ def dciodvfy_errors(path: Path) -> set[str]:
 def test_output_has_no_new_dciodvfy_errors(tmp_path: Path, modality: str, options) -> None:
     tools.require_tool("dciodvfy")
     s = dicomgen.make_instance(tmp_path / "in", modality)
-    proxy, quarantined = canary.run_proxy(tmp_path / "proxy", s.files,
-                                          config_text=canary.deid_config(*options))
+    proxy, quarantined = canary.run_proxy(
+        tmp_path / "proxy", s.files, config_text=canary.deid_config(*options)
+    )
     assert quarantined == []
     outputs = stored_files(proxy.spool)
     assert len(outputs) == 1

@@ -43,16 +43,26 @@ def _item() -> Dataset:
 # or a Dataset list for a sequence
 CASES = [
     # empty values, every action
-    *[(f"empty {vr} {a}", tag, vr, a, b"")
-      for tag, vr in ((0x00080050, "SH"), (0x00080020, "DA"), (0x0020000D, "UI"),
-                      (0x0040A123, "PN"), (0x00080080, "LO"))
-      for a in ("X", "Z", "D", "D?", "U", "C")],
+    *[
+        (f"empty {vr} {a}", tag, vr, a, b"")
+        for tag, vr in (
+            (0x00080050, "SH"),
+            (0x00080020, "DA"),
+            (0x0020000D, "UI"),
+            (0x0040A123, "PN"),
+            (0x00080080, "LO"),
+        )
+        for a in ("X", "Z", "D", "D?", "U", "C")
+    ],
     ("padding only SH Z", 0x00080050, "SH", "Z", b"  "),
     ("padding only UI U", 0x0020000D, "UI", "U", b"\x00\x00"),
     # pseudonyms: replaced even when empty, whatever the action but X
-    *[(f"{kw} {a} {v!r}", tag, "LO" if kw == "PatientID" else "PN", a, v)
-      for kw, tag in (("PatientID", 0x00100020), ("PatientName", 0x00100010))
-      for a in ("X", "Z", "D", "U", "C") for v in (b"", b"DOE^JOHN")],
+    *[
+        (f"{kw} {a} {v!r}", tag, "LO" if kw == "PatientID" else "PN", a, v)
+        for kw, tag in (("PatientID", 0x00100020), ("PatientName", 0x00100010))
+        for a in ("X", "Z", "D", "U", "C")
+        for v in (b"", b"DOE^JOHN")
+    ],
     # text
     ("SH Z", 0x00080050, "SH", "Z", b"ACC123"),
     ("SH D", 0x00080050, "SH", "D", b"ACC123"),
@@ -155,13 +165,27 @@ def _encoded(ds: Dataset) -> bytes:
     return fp.parent.getvalue()
 
 
-def _run(deid: Deidentifier, tag: int, vr: str, action: str, value: object,
-         decoded: bool, monkeypatch: pytest.MonkeyPatch) -> tuple[bytes, dict, bool]:
+def _run(
+    deid: Deidentifier,
+    tag: int,
+    vr: str,
+    action: str,
+    value: object,
+    decoded: bool,
+    monkeypatch: pytest.MonkeyPatch,
+) -> tuple[bytes, dict, bool]:
     """(the dataset encoded after the action, what was recorded, whether the raw path took it)"""
     ds = _dataset(tag, vr, value, decoded)
-    result = DeidResult(patient_id="ITH-TESTPSEUDO1", patient_name="ANON^ITH-TESTPSEUDO1",
-                        study_uid="", series_uid="", sop_uid="", dates=deid.date_mode,
-                        shift=DAYS, identifiers=IDENTIFIERS)
+    result = DeidResult(
+        patient_id="ITH-TESTPSEUDO1",
+        patient_name="ANON^ITH-TESTPSEUDO1",
+        study_uid="",
+        series_uid="",
+        sop_uid="",
+        dates=deid.date_mode,
+        shift=DAYS,
+        identifiers=IDENTIFIERS,
+    )
     state = deid._pass(result)
     taken: list[bool] = []
     act_raw = Deidentifier._act_raw
@@ -176,12 +200,21 @@ def _run(deid: Deidentifier, tag: int, vr: str, action: str, value: object,
     return _encoded(ds), result.phi, any(taken)
 
 
-@pytest.mark.parametrize("options", [frozenset(), frozenset({"retain_long_modified_dates"})],
-                         ids=["dates-removed", "dates-modified"])
+@pytest.mark.parametrize(
+    "options",
+    [frozenset(), frozenset({"retain_long_modified_dates"})],
+    ids=["dates-removed", "dates-modified"],
+)
 @pytest.mark.parametrize("name,tag,vr,action,value", CASES, ids=[c[0] for c in CASES])
-def test_both_paths_decide_alike(name: str, tag: int, vr: str, action: str, value: object,
-                                 options: frozenset[str],
-                                 monkeypatch: pytest.MonkeyPatch) -> None:
+def test_both_paths_decide_alike(
+    name: str,
+    tag: int,
+    vr: str,
+    action: str,
+    value: object,
+    options: frozenset[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     deid = Deidentifier(SECRET, options)
     raw_bytes, raw_phi, raw_path = _run(deid, tag, vr, action, value, False, monkeypatch)
     dec_bytes, dec_phi, dec_path = _run(deid, tag, vr, action, value, True, monkeypatch)
@@ -192,39 +225,48 @@ def test_both_paths_decide_alike(name: str, tag: int, vr: str, action: str, valu
     assert raw_phi == dec_phi
 
 
-CTX = Context(SECRET, "ITH-TESTPSEUDO1", "ANON^ITH-TESTPSEUDO1", "MODIFIED", DAYS,
-              tuple(IDENTIFIERS))
+CTX = Context(
+    SECRET, "ITH-TESTPSEUDO1", "ANON^ITH-TESTPSEUDO1", "MODIFIED", DAYS, tuple(IDENTIFIERS)
+)
 
 
-@pytest.mark.parametrize("action,vr,keyword,value,expected", [
-    ("X", "LO", "InstitutionName", "GENERAL", REMOVE),
-    ("X", "PN", "PatientName", "DOE^JOHN", REMOVE),        # X removes even the pseudonyms
-    ("Z", "PN", "PatientName", "", "ANON^ITH-TESTPSEUDO1"),  # which no other action leaves out
-    ("C", "LO", "PatientID", "MRN12345", "ITH-TESTPSEUDO1"),
-    ("K", "LO", "InstitutionName", "GENERAL", KEEP),
-    ("Z", "LO", "InstitutionName", "GENERAL", None),
-    ("Z", "SQ", "ContentSequence", [{"CodeValue": "1"}], []),
-    ("Z", "LO", "InstitutionName", "", KEEP),             # an empty value hides nothing...
-    ("D?", "DA", "SeriesDate", "", KEEP),
-    ("U", "UI", "StudyInstanceUID", None, KEEP),
-    ("D", "DA", "Date", "", "19000101"),                  # ...but D asks for a value
-    ("D", "LO", "ContainerIdentifier", "", "ANONYMIZED"),
-    ("D", "UI", "AnnotationGroupUID", "", ""),            # the remap of no UID is none
-    ("D", "US", "Rows", 512, 0),
-    ("D", "OB", "EncapsulatedDocument", b"%PDF", b"\x00\x00"),
-    ("D", "UN", "SelectorUNValue", b"DOE", b"\x00\x00"),
-    ("D", "AT", "FrameIncrementPointer", 0x00181063, 0),
-    ("D", "SQ", "ContentSequence", [], []),
-    ("U", "SH", "AccessionNumber", "ACC", None),
-    ("U", "UI", "StudyInstanceUID", "1.2.840.10008.1.2\\1.2.3.4\\",
-     "1.2.840.10008.1.2\\" + remap_uid(SECRET, "1.2.3.4") + "\\"),
-    ("D", "UI", "AnnotationGroupUID", "1.2.3.4", remap_uid(SECRET, "1.2.3.4")),
-    ("C", "DA", "StudyDate", "20240131", "20221227"),
-    ("C", "DT", "AcquisitionDateTime", "20240131120000", "20221227120000"),
-    ("C", "TM", "StudyTime", "120000", KEEP),             # whole-day shifts keep times of day
-    ("C", "LO", "StudyDescription", "CT John Doe 5551234567", "CT * * *"),
-    ("C", "DS", "PatientWeight", "75", None),             # cannot be cleaned: emptied
-])
+@pytest.mark.parametrize(
+    "action,vr,keyword,value,expected",
+    [
+        ("X", "LO", "InstitutionName", "GENERAL", REMOVE),
+        ("X", "PN", "PatientName", "DOE^JOHN", REMOVE),  # X removes even the pseudonyms
+        ("Z", "PN", "PatientName", "", "ANON^ITH-TESTPSEUDO1"),  # which no other action leaves out
+        ("C", "LO", "PatientID", "MRN12345", "ITH-TESTPSEUDO1"),
+        ("K", "LO", "InstitutionName", "GENERAL", KEEP),
+        ("Z", "LO", "InstitutionName", "GENERAL", None),
+        ("Z", "SQ", "ContentSequence", [{"CodeValue": "1"}], []),
+        ("Z", "LO", "InstitutionName", "", KEEP),  # an empty value hides nothing...
+        ("D?", "DA", "SeriesDate", "", KEEP),
+        ("U", "UI", "StudyInstanceUID", None, KEEP),
+        ("D", "DA", "Date", "", "19000101"),  # ...but D asks for a value
+        ("D", "LO", "ContainerIdentifier", "", "ANONYMIZED"),
+        ("D", "UI", "AnnotationGroupUID", "", ""),  # the remap of no UID is none
+        ("D", "US", "Rows", 512, 0),
+        ("D", "OB", "EncapsulatedDocument", b"%PDF", b"\x00\x00"),
+        ("D", "UN", "SelectorUNValue", b"DOE", b"\x00\x00"),
+        ("D", "AT", "FrameIncrementPointer", 0x00181063, 0),
+        ("D", "SQ", "ContentSequence", [], []),
+        ("U", "SH", "AccessionNumber", "ACC", None),
+        (
+            "U",
+            "UI",
+            "StudyInstanceUID",
+            "1.2.840.10008.1.2\\1.2.3.4\\",
+            "1.2.840.10008.1.2\\" + remap_uid(SECRET, "1.2.3.4") + "\\",
+        ),
+        ("D", "UI", "AnnotationGroupUID", "1.2.3.4", remap_uid(SECRET, "1.2.3.4")),
+        ("C", "DA", "StudyDate", "20240131", "20221227"),
+        ("C", "DT", "AcquisitionDateTime", "20240131120000", "20221227120000"),
+        ("C", "TM", "StudyTime", "120000", KEEP),  # whole-day shifts keep times of day
+        ("C", "LO", "StudyDescription", "CT John Doe 5551234567", "CT * * *"),
+        ("C", "DS", "PatientWeight", "75", None),  # cannot be cleaned: emptied
+    ],
+)
 def test_the_rule(action: str, vr: str, keyword: str, value: object, expected: object) -> None:
     assert replacement(action, vr, keyword, value, CTX) == expected
 

@@ -84,12 +84,16 @@ def test_corpus_markers_survive_the_wire(tmp_path: Path) -> None:
     meant to travel over DICOM must be there, so the leak and vault checks
     below test the engine and not DCMTK."""
     corpus = canary.build_canary(tmp_path / "in", drop=False)
-    r = canary.ingest(tmp_path / "proxy", corpus, drop=False,
-                      env={"DICOM_ANONYMIZE_PATIENTS": "false"})
+    r = canary.ingest(
+        tmp_path / "proxy", corpus, drop=False, env={"DICOM_ANONYMIZE_PATIENTS": "false"}
+    )
     assert r.quarantined == []
     data = b"".join(p.read_bytes() for p in r.outputs.values())
-    lost = [f"{m.path} {m.needle}" for m in corpus.markers
-            if corpus.travels(m) and m.greppable and not canary._hits(data, m.needle.encode())]
+    lost = [
+        f"{m.path} {m.needle}"
+        for m in corpus.markers
+        if corpus.travels(m) and m.greppable and not canary._hits(data, m.needle.encode())
+    ]
     assert lost == []
 
 
@@ -112,8 +116,10 @@ def test_no_marker_outside_the_vault(run: canary.Run) -> None:
     needles = run.corpus.needles()
     hits = canary.find_needles(run.proxy.workdir, needles, skip=[vault])
     by_marker = {m.needle: m for m in run.corpus.markers}
-    report = [f"{h}  <- {by_marker[h.split(': ', 1)[1]].kind} "
-              f"{by_marker[h.split(': ', 1)[1]].path}" for h in hits]
+    report = [
+        f"{h}  <- {by_marker[h.split(': ', 1)[1]].kind} {by_marker[h.split(': ', 1)[1]].path}"
+        for h in hits
+    ]
     assert report == [], f"{len(report)} leaks:\n" + "\n".join(report[:200])
 
 
@@ -135,9 +141,13 @@ def test_every_marker_comes_back_from_the_vault(run: canary.Run) -> None:
     run.require_all_stored()
     records = vault_records(run.proxy.workdir)
     assert records, "vault is empty"
-    missing = [f"{m.kind:15} {m.path} {m.value!r}" for m in run.corpus.markers
-               if m.kind != "preamble" and run.corpus.delivered(m)
-               and not any(canary.record_has(r, m) for r in records)]
+    missing = [
+        f"{m.kind:15} {m.path} {m.value!r}"
+        for m in run.corpus.markers
+        if m.kind != "preamble"
+        and run.corpus.delivered(m)
+        and not any(canary.record_has(r, m) for r in records)
+    ]
     assert missing == [], (
         f"{len(missing)} of {len(run.corpus.markers)} markers not in the vault:\n"
         + "\n".join(missing[:300])
@@ -161,15 +171,21 @@ def test_each_instance_record_holds_its_own_values(run: canary.Run) -> None:
             continue
         assert all(r.get("study") == str(run.header(inst.index).StudyInstanceUID) for r in recs)
         for m in run.corpus.markers_in(inst.index):
-            if m.scope != "instance" or m.kind == "preamble" \
-                    or inst.index not in run.corpus.delivered(m):
+            if (
+                m.scope != "instance"
+                or m.kind == "preamble"
+                or inst.index not in run.corpus.delivered(m)
+            ):
                 continue
             if not any(canary.record_has(r, m) for r in recs):
                 problems.append(f"instance {inst.index}: {m.path} {m.value!r} not in its record")
             elif m.top_level and not any(
-                    canary.same_value(leaf, m)
-                    for r in recs for level in r.get("phi", {}).values() if isinstance(level, dict)
-                    for leaf in canary.vault_leaves(level.get(m.path))):
+                canary.same_value(leaf, m)
+                for r in recs
+                for level in r.get("phi", {}).values()
+                if isinstance(level, dict)
+                for leaf in canary.vault_leaves(level.get(m.path))
+            ):
                 problems.append(f"instance {inst.index}: {m.path} not recorded under that path")
     assert problems == [], "\n".join(problems[:300])
 
@@ -227,8 +243,11 @@ def test_uid_references_are_remapped_consistently(run: canary.Run) -> None:
     for m in corpus.markers:
         if m.vr != "UI" or len(m.instances) < 2 or not m.top_level:
             continue
-        outs = {str(e.value) for i in m.instances
-                if (e := canary.get_path(heads[i], m.path)) is not None}
+        outs = {
+            str(e.value)
+            for i in m.instances
+            if (e := canary.get_path(heads[i], m.path)) is not None
+        }
         if len(outs) > 1:
             problems.append(f"{m.path}: one input UID became {sorted(outs)}")
     assert problems == [], "\n".join(problems)
@@ -253,8 +272,10 @@ def test_deidentification_is_declared(run: canary.Run) -> None:
         ds = run.header(index)
         assert ds.get("PatientIdentityRemoved") == "YES"
         assert str(ds.get("DeidentificationMethod", "")).strip()
-        codes = [(str(i.get("CodeValue")), str(i.get("CodingSchemeDesignator")))
-                 for i in ds.get("DeidentificationMethodCodeSequence", [])]
+        codes = [
+            (str(i.get("CodeValue")), str(i.get("CodingSchemeDesignator")))
+            for i in ds.get("DeidentificationMethodCodeSequence", [])
+        ]
         assert (canary.BASIC_CODE, "DCM") in codes
         assert {c for c, _ in codes} == {canary.BASIC_CODE}  # no option is on
         assert ds.get("LongitudinalTemporalInformationModified") == "REMOVED"
@@ -267,9 +288,14 @@ def test_preamble_is_zeroed_and_file_meta_rewritten(run: canary.Run) -> None:
         assert head[:128] == b"\0" * 128, f"instance {index}: preamble not zeroed"
         assert head[128:] == b"DICM"
         meta = pydicom.dcmread(path, stop_before_pixels=True).file_meta
-        for kw in ("SourceApplicationEntityTitle", "SendingApplicationEntityTitle",
-                   "ReceivingApplicationEntityTitle", "SourcePresentationAddress",
-                   "PrivateInformationCreatorUID", "PrivateInformation"):
+        for kw in (
+            "SourceApplicationEntityTitle",
+            "SendingApplicationEntityTitle",
+            "ReceivingApplicationEntityTitle",
+            "SourcePresentationAddress",
+            "PrivateInformationCreatorUID",
+            "PrivateInformation",
+        ):
             assert kw not in meta, f"instance {index}: file meta keeps {kw}"
         assert meta.MediaStorageSOPClassUID == pydicom.uid.CTImageStorage
     assert canary.find_needles(run.proxy.spool / "studies", [CALLING_AE]) == []

@@ -36,31 +36,30 @@ from ith_proxy.deid.engine import Deidentifier
 from ith_proxy.dicom import files as dicomfile
 
 SECRET = b"0123456789abcdef0123456789abcdef-meta-tests"
-ALLOWED_META = {0x00020000, 0x00020001, 0x00020002, 0x00020003, 0x00020010, 0x00020012,
-                0x00020013}
+ALLOWED_META = {0x00020000, 0x00020001, 0x00020002, 0x00020003, 0x00020010, 0x00020012, 0x00020013}
 
 #: injected file meta: (tag, VR, value) -- each value a marker
 INJECTED_META = [
-    (0x00020016, "AE", "CANARYMETA0016"),               # Source AE Title
-    (0x00020017, "AE", "CANARYMETA0017"),               # Sending AE Title
-    (0x00020018, "AE", "CANARYMETA0018"),               # Receiving AE Title
+    (0x00020016, "AE", "CANARYMETA0016"),  # Source AE Title
+    (0x00020017, "AE", "CANARYMETA0017"),  # Sending AE Title
+    (0x00020018, "AE", "CANARYMETA0018"),  # Receiving AE Title
     (0x00020026, "UR", "http://canary.invalid/CANARYMETA0026"),
-    (0x00020100, "UI", "1.2.826.0.1.3680043.99.555.100"),   # PrivateInformationCreatorUID
-    (0x00020102, "OB", b"CANARYMETA0102~~"),            # PrivateInformation
-    (0x00020005, "LO", "CANARYMETA0005"),               # defined by no standard
-    (0x00020011, "LO", "CANARYMETA0011"),               # defined by no standard, < 0x0016
+    (0x00020100, "UI", "1.2.826.0.1.3680043.99.555.100"),  # PrivateInformationCreatorUID
+    (0x00020102, "OB", b"CANARYMETA0102~~"),  # PrivateInformation
+    (0x00020005, "LO", "CANARYMETA0005"),  # defined by no standard
+    (0x00020011, "LO", "CANARYMETA0011"),  # defined by no standard, < 0x0016
     (0x00020014, "SH", "CANARYMETA0014"),
 ]
 #: allow-listed elements whose values we replace: the markers must go to the vault too
 REPLACED_META = [
-    (0x00020001, "OB", b"CANARYMETA0001~~"),            # FileMetaInformationVersion
+    (0x00020001, "OB", b"CANARYMETA0001~~"),  # FileMetaInformationVersion
     (0x00020012, "UI", "1.2.826.0.1.3680043.99.555.12"),  # ImplementationClassUID
-    (0x00020013, "SH", "CANARYMETA0013"),               # ImplementationVersionName
+    (0x00020013, "SH", "CANARYMETA0013"),  # ImplementationVersionName
 ]
 #: group 0000 / 0002 elements inside the dataset body
 BODY_MARKERS = [
-    (0x00000902, "LO", "CANARYBODY0902"),               # Error Comment (command group)
-    (0x00020102, "OB", b"CANARYBODY0102~~"),            # PrivateInformation in the body
+    (0x00000902, "LO", "CANARYBODY0902"),  # Error Comment (command group)
+    (0x00020102, "OB", b"CANARYBODY0102~~"),  # PrivateInformation in the body
 ]
 NESTED_MARKER = (0x00020100, "UI", "1.2.826.0.1.3680043.99.555.200")
 
@@ -128,7 +127,8 @@ def _in_vault(record: dict, value) -> bool:
     if isinstance(value, bytes):
         return any(isinstance(v, bytes) and v == value for v in leaves)
     return any(isinstance(v, str) and v == value for v in leaves) or any(
-        isinstance(v, bytes) and v.rstrip(b" \x00") == value.encode() for v in leaves)
+        isinstance(v, bytes) and v.rstrip(b" \x00") == value.encode() for v in leaves
+    )
 
 
 # --------------------------------------------------------------------------
@@ -143,8 +143,9 @@ def meta_file(path: Path, index: int = 1, body: bool = False) -> Path:
     item.ReferencedSOPInstanceUID = "1.2.826.0.1.3680043.99.556.9"
     item[NESTED_MARKER[0]] = DataElement(*NESTED_MARKER)
     ds.ReferencedImageSequence = Sequence([item])
-    write_file(path, ds, meta_extra=INJECTED_META + REPLACED_META,
-               body_extra=BODY_MARKERS if body else ())
+    write_file(
+        path, ds, meta_extra=INJECTED_META + REPLACED_META, body_extra=BODY_MARKERS if body else ()
+    )
     return path
 
 
@@ -197,11 +198,11 @@ def test_the_engine_removes_group_0000_0002_from_a_dataset(tmp_path: Path) -> No
 # --------------------------------------------------------------------------
 
 TRAILER_DATES = {  # tag -> (VR, value): every one a date the option shifts
-    0x00080021: ("DA", "20200116"),            # Series Date
-    0x00080023: ("DA", "20200117"),            # Content Date
-    0x0008002A: ("DT", "20200118101010"),      # Acquisition DateTime
+    0x00080021: ("DA", "20200116"),  # Series Date
+    0x00080023: ("DA", "20200117"),  # Content Date
+    0x0008002A: ("DT", "20200118101010"),  # Acquisition DateTime
 }
-TRAILER_NESTED = ("DT", "20200115083000")      # Radiopharmaceutical Start DateTime, nested
+TRAILER_NESTED = ("DT", "20200115083000")  # Radiopharmaceutical Start DateTime, nested
 DESCRIPTION = "CT DOEMETA JOHNATHAN CHEST"
 
 
@@ -210,8 +211,10 @@ def trailer_file(path: Path, index: int = 2) -> Path:
     item = Dataset()
     item.RadiopharmaceuticalStartDateTime = TRAILER_NESTED[1]
     trailer = [DataElement(t, vr, v) for t, (vr, v) in TRAILER_DATES.items()]
-    trailer += [DataElement(0x00081030, "LO", DESCRIPTION),  # Study Description
-                DataElement(0x00540016, "SQ", Sequence([item]))]
+    trailer += [
+        DataElement(0x00081030, "LO", DESCRIPTION),  # Study Description
+        DataElement(0x00540016, "SQ", Sequence([item])),
+    ]
     write_file(path, ds, trailer=trailer)
     return path
 
@@ -228,12 +231,15 @@ def test_the_trailer_is_parsed_as_a_trailer(tmp_path: Path) -> None:
 
 
 def test_trailer_dates_get_the_same_shift_as_the_header(tmp_path: Path) -> None:
-    data, record = deidentify(trailer_file(tmp_path / "t.dcm"),
-                              frozenset({"retain_long_modified_dates", "clean_descriptors"}))
+    data, record = deidentify(
+        trailer_file(tmp_path / "t.dcm"),
+        frozenset({"retain_long_modified_dates", "clean_descriptors"}),
+    )
     out = pydicom.dcmread(io.BytesIO(data))
     assert out.LongitudinalTemporalInformationModified == "MODIFIED"
-    days = (datetime.strptime(out.StudyDate, "%Y%m%d")
-            - datetime.strptime("20200115", "%Y%m%d")).days
+    days = (
+        datetime.strptime(out.StudyDate, "%Y%m%d") - datetime.strptime("20200115", "%Y%m%d")
+    ).days
     assert days != 0
     for tag, (_, value) in TRAILER_DATES.items():
         assert str(out[tag].value) == _shift(value, days), hex(tag)
@@ -256,14 +262,20 @@ def test_trailer_dates_get_the_same_shift_as_the_header(tmp_path: Path) -> None:
 def test_end_to_end_through_the_proxy(tmp_path: Path) -> None:
     files = [meta_file(tmp_path / "meta.dcm", 1), trailer_file(tmp_path / "trailer.dcm", 2)]
     proxy, quarantined = canary.run_proxy(
-        tmp_path / "proxy", [], files,
-        canary.deid_config("retain_long_modified_dates", "clean_descriptors"))
+        tmp_path / "proxy",
+        [],
+        files,
+        canary.deid_config("retain_long_modified_dates", "clean_descriptors"),
+    )
     assert quarantined == []
     outputs = stored_files(proxy.spool)
     assert len(outputs) == 2
     everything = INJECTED_META + REPLACED_META + [NESTED_MARKER]
-    needles = [_needle(v) for _, _, v in everything] + [v for _, v in TRAILER_DATES.values()] \
+    needles = (
+        [_needle(v) for _, _, v in everything]
+        + [v for _, v in TRAILER_DATES.values()]
         + [TRAILER_NESTED[1], "DOEMETA", "JOHNATHAN"]
+    )
     assert canary.find_needles(proxy.workdir, needles, skip=[proxy.spool / "vault.phi"]) == []
     records = vault_records(proxy.workdir)
     for _, _, value in everything:

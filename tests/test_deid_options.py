@@ -32,15 +32,30 @@ LTIM = {"retain_long_full_dates": "UNMODIFIED", "retain_long_modified_dates": "M
 
 #: attributes named in the brief for each Retain option (all must be among the K rows)
 NAMED_KEPT = {
-    "retain_long_full_dates": ("StudyDate", "SeriesDate", "AcquisitionDate", "ContentDate",
-                               "StudyTime", "SeriesTime", "AcquisitionTime", "ContentTime",
-                               "AcquisitionDateTime"),
+    "retain_long_full_dates": (
+        "StudyDate",
+        "SeriesDate",
+        "AcquisitionDate",
+        "ContentDate",
+        "StudyTime",
+        "SeriesTime",
+        "AcquisitionTime",
+        "ContentTime",
+        "AcquisitionDateTime",
+    ),
     "retain_patient_characteristics": ("PatientSex", "PatientAge", "PatientWeight", "PatientSize"),
     "retain_device_identity": ("StationName", "DeviceSerialNumber"),
-    "retain_institution_identity": ("InstitutionName", "InstitutionAddress",
-                                    "InstitutionalDepartmentName"),
-    "retain_uids": ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID",
-                    "FrameOfReferenceUID"),
+    "retain_institution_identity": (
+        "InstitutionName",
+        "InstitutionAddress",
+        "InstitutionalDepartmentName",
+    ),
+    "retain_uids": (
+        "StudyInstanceUID",
+        "SeriesInstanceUID",
+        "SOPInstanceUID",
+        "FrameOfReferenceUID",
+    ),
 }
 
 FIXED_SECRET = b"f1e2d3c4b5a697887766554433221100f1e2d3c4b5a697887766554433221100\n"
@@ -52,8 +67,9 @@ FIXED_SECRET = b"f1e2d3c4b5a697887766554433221100f1e2d3c4b5a69788776655443322110
 
 
 def canary_run(tmp_path: Path, *options: str, **values: str) -> canary.Run:
-    corpus = canary.build_canary(tmp_path / "in", series=(1, 1), drop=False,
-                                 exclude=canary.excluded_rows())
+    corpus = canary.build_canary(
+        tmp_path / "in", series=(1, 1), drop=False, exclude=canary.excluded_rows()
+    )
     if not corpus.table.has_options:
         pytest.fail(f"Table E.1-1 option columns needed ({canary.TABLE_PATH} missing)")
     run = canary.ingest(tmp_path / "proxy", corpus, deid_config(*options, **values), drop=False)
@@ -157,8 +173,11 @@ def tm_seconds(tm: str) -> float:
 def private_element(ds: Dataset, group: int, creator: str, low: int):
     """The private element ``(group, xx<low>)`` of ``creator``'s block, or None."""
     for elem in ds:
-        if elem.tag.group == group and 0x10 <= elem.tag.element <= 0xFF \
-                and str(elem.value).strip().upper() == creator.upper():
+        if (
+            elem.tag.group == group
+            and 0x10 <= elem.tag.element <= 0xFF
+            and str(elem.value).strip().upper() == creator.upper()
+        ):
             return ds.get((group << 16) | (elem.tag.element << 8) | low)
     return None
 
@@ -191,8 +210,11 @@ def test_retain_option_keeps_its_rows_and_nothing_else(tmp_path: Path, option: s
     if option == "retain_uids":
         for inst in run.corpus.instances:
             path = run.outputs[inst.index]
-            assert (path.parent.parent.name, path.parent.name, path.stem) == \
-                (inst.study_uid, inst.series_uid, inst.sop_uid)
+            assert (path.parent.parent.name, path.parent.name, path.stem) == (
+                inst.study_uid,
+                inst.series_uid,
+                inst.sop_uid,
+            )
             out = run.header(inst.index)
             assert out.file_meta.MediaStorageSOPInstanceUID == inst.sop_uid
             for ref, target in inst.references.items():
@@ -221,8 +243,12 @@ def test_retain_long_modified_dates_shifts_every_date_by_one_offset(tmp_path: Pa
     da, dts, tms, problems = set(), set(), set(), []
     checked = set()
     for m in run.corpus.markers:
-        if not m.row or not m.top_level or m.vr not in ("DA", "DT", "TM") \
-                or rows[m.row].option(option) != "C":
+        if (
+            not m.row
+            or not m.top_level
+            or m.vr not in ("DA", "DT", "TM")
+            or rows[m.row].option(option) != "C"
+        ):
             continue
         checked.add(m.path)
         for i in run.corpus.delivered(m):
@@ -242,8 +268,14 @@ def test_retain_long_modified_dates_shifts_every_date_by_one_offset(tmp_path: Pa
             except ValueError:
                 problems.append(f"instance {i}: {m.path} {old!r} -> unparseable {new!r}")
     assert problems == [], "\n".join(problems[:100])
-    assert {"StudyDate", "SeriesDate", "AcquisitionDate", "ContentDate", "StudyTime",
-            "AcquisitionDateTime"} <= checked
+    assert {
+        "StudyDate",
+        "SeriesDate",
+        "AcquisitionDate",
+        "ContentDate",
+        "StudyTime",
+        "AcquisitionDateTime",
+    } <= checked
     assert len(da) == 1 and da != {0}, f"DA shifts {sorted(da)}"
     assert len(dts) == 1, f"DT shifts {sorted(dts)}"
     shift = dts.pop()
@@ -253,16 +285,19 @@ def test_retain_long_modified_dates_shifts_every_date_by_one_offset(tmp_path: Pa
     assert leaks == [], "\n".join(leaks[:100])
     for i in run.outputs:
         check_declared(after[i], (option,), f"instance {i}")
-        assert after[i].get("PatientBirthDate", "") in ("", None) or \
-            after[i].PatientBirthDate != before[i].PatientBirthDate
+        assert (
+            after[i].get("PatientBirthDate", "") in ("", None)
+            or after[i].PatientBirthDate != before[i].PatientBirthDate
+        )
     check_retained(run)
 
 
 def _study(out: Path, series_number: int, pid: str, name: str, day: str) -> Path:
     """One CT instance of a new study of patient ``pid`` on ``day``, with
     times that cross midnight (content on the next day)."""
-    s = dicomgen.make_ct_series(out, 1, rows=32, cols=32, patient_id=pid, patient_name=name,
-                                series_number=series_number)
+    s = dicomgen.make_ct_series(
+        out, 1, rows=32, cols=32, patient_id=pid, patient_name=name, series_number=series_number
+    )
     d = datetime.strptime(day, "%Y%m%d")
     nxt = (d + timedelta(days=1)).strftime("%Y%m%d")
 
@@ -273,24 +308,33 @@ def _study(out: Path, series_number: int, pid: str, name: str, day: str) -> Path
         ds.AcquisitionDateTime = day + "234510.25"
         ds.ContentDate, ds.ContentTime = nxt, "000730"
         ds.InstanceCreationDate, ds.InstanceCreationTime = nxt, "001000"
+
     edit(s.files[0], change)
     return s.files[0]
 
 
 def _points(ds: Dataset) -> dict[str, datetime]:
-    return {"study": dt(ds.StudyDate, ds.StudyTime), "series": dt(ds.SeriesDate, ds.SeriesTime),
-            "acquisition": dt(ds.AcquisitionDateTime),
-            "content": dt(ds.ContentDate, ds.ContentTime)}
+    return {
+        "study": dt(ds.StudyDate, ds.StudyTime),
+        "series": dt(ds.SeriesDate, ds.SeriesTime),
+        "acquisition": dt(ds.AcquisitionDateTime),
+        "content": dt(ds.ContentDate, ds.ContentTime),
+    }
 
 
 def test_modified_dates_shift_per_patient_and_keep_intervals(tmp_path: Path) -> None:
-    files = [_study(tmp_path / "a1", 1, "PAT-ALPHA", "ALPHA^ANNA", "20240115"),
-             _study(tmp_path / "a2", 2, "PAT-ALPHA", "ALPHA^ANNA", "20230601"),
-             _study(tmp_path / "b", 3, "PAT-BRAVO", "BRAVO^BEN", "20240115"),
-             _study(tmp_path / "c", 4, "PAT-CHARLIE", "CHARLIE^CARL", "20240115")]
-    proxy, quarantined = canary.run_proxy(tmp_path / "proxy", files,
-                                          config_text=deid_config("retain_long_modified_dates"),
-                                          before_start=write_site_secret)
+    files = [
+        _study(tmp_path / "a1", 1, "PAT-ALPHA", "ALPHA^ANNA", "20240115"),
+        _study(tmp_path / "a2", 2, "PAT-ALPHA", "ALPHA^ANNA", "20230601"),
+        _study(tmp_path / "b", 3, "PAT-BRAVO", "BRAVO^BEN", "20240115"),
+        _study(tmp_path / "c", 4, "PAT-CHARLIE", "CHARLIE^CARL", "20240115"),
+    ]
+    proxy, quarantined = canary.run_proxy(
+        tmp_path / "proxy",
+        files,
+        config_text=deid_config("retain_long_modified_dates"),
+        before_start=write_site_secret,
+    )
     assert quarantined == []
     outs = canary.outputs_by_key(proxy.spool)
     shifts = {}
@@ -321,10 +365,12 @@ def test_modified_dates_keep_pet_decay_timing_and_suv(tmp_path: Path) -> None:
         radio.RadiopharmaceuticalStartDateTime = "20240115093000"
         radio.RadionuclideTotalDose = "370000000"
         radio.RadionuclideHalfLife = "6586.2"
+
     edit(s.files[0], change)
     options = ("retain_long_modified_dates", "retain_patient_characteristics")
-    proxy, quarantined = canary.run_proxy(tmp_path / "proxy", s.files,
-                                          config_text=deid_config(*options))
+    proxy, quarantined = canary.run_proxy(
+        tmp_path / "proxy", s.files, config_text=deid_config(*options)
+    )
     assert quarantined == []
 
     def timing(ds: Dataset) -> dict[str, float]:
@@ -361,8 +407,9 @@ def test_modified_dates_keep_pet_decay_timing_and_suv(tmp_path: Path) -> None:
 
 
 def test_clean_descriptors_removes_identifiers_and_keeps_the_words(tmp_path: Path) -> None:
-    s = dicomgen.make_ct_series(tmp_path / "in", 1, rows=32, cols=32, patient_id="MRN4711X",
-                                patient_name="SMITHSON^JOHANNA")
+    s = dicomgen.make_ct_series(
+        tmp_path / "in", 1, rows=32, cols=32, patient_id="MRN4711X", patient_name="SMITHSON^JOHANNA"
+    )
     originals = {
         "StudyDescription": "CT CHEST SMITHSON FOLLOW UP",
         "SeriesDescription": "AXIAL MRN4711X SOFT TISSUE",
@@ -375,9 +422,11 @@ def test_clean_descriptors_removes_identifiers_and_keeps_the_words(tmp_path: Pat
         ds.PatientBirthDate = "19450317"
         for kw, value in originals.items():
             setattr(ds, kw, value)
+
     edit(s.files[0], change)
-    proxy, quarantined = canary.run_proxy(tmp_path / "proxy", s.files,
-                                          config_text=deid_config("clean_descriptors"))
+    proxy, quarantined = canary.run_proxy(
+        tmp_path / "proxy", s.files, config_text=deid_config("clean_descriptors")
+    )
     assert quarantined == []
     out = one_output(proxy)
     expect = {  # kept words, identifying fragments
@@ -439,16 +488,19 @@ def test_retain_safe_private_keeps_known_safe_and_drops_the_rest(tmp_path: Path)
 
     def change(ds: Dataset) -> None:
         safe = ds.private_block(0x0019, "ITH SAFE", create=True)
-        safe.add_new(0x10, "LO", "SAFE VALUE 1.25")          # configured safe
-        safe.add_new(0x11, "LO", secret + "-A")              # same creator, not listed
+        safe.add_new(0x10, "LO", "SAFE VALUE 1.25")  # configured safe
+        safe.add_new(0x11, "LO", secret + "-A")  # same creator, not listed
         siemens = ds.private_block(0x0019, "SIEMENS MR HEADER", create=True)
-        siemens.add_new(0x0C, "IS", "1000")                  # B value (PS3.15 E.3.10)
+        siemens.add_new(0x0C, "IS", "1000")  # B value (PS3.15 E.3.10)
         unsafe = ds.private_block(0x0029, "ITH UNSAFE", create=True)
         unsafe.add_new(0x10, "LO", secret + "-B")
+
     edit(s.files[0], change)
     proxy, quarantined = canary.run_proxy(
-        tmp_path / "proxy", s.files,
-        config_text=deid_config("retain_safe_private", safe_private="0019,xx10 ITH SAFE"))
+        tmp_path / "proxy",
+        s.files,
+        config_text=deid_config("retain_safe_private", safe_private="0019,xx10 ITH SAFE"),
+    )
     assert quarantined == []
     out = one_output(proxy)
     kept = private_element(out, 0x0019, "ITH SAFE", 0x10)
@@ -482,8 +534,11 @@ def test_burned_in_annotation_goes_to_phi_risk_quarantine_by_default(tmp_path: P
     s = _burned_in(tmp_path)
     proxy, quarantined = canary.run_proxy(tmp_path / "proxy", s.files)
     assert [q["reason_dir"] for q in quarantined] == ["phi-risk"]
-    assert [p.name for p in (proxy.spool / "quarantine" / "phi-risk").iterdir()
-            if not p.name.endswith(".json")] != []
+    assert [
+        p.name
+        for p in (proxy.spool / "quarantine" / "phi-risk").iterdir()
+        if not p.name.endswith(".json")
+    ] != []
     assert catalog_counts(proxy.spool)["instances"] == 0
     assert stored_files(proxy.spool) == []
 
@@ -498,8 +553,9 @@ def test_quarantined_burned_in_instance_is_not_stored_in_plaintext(tmp_path: Pat
 
 def test_burned_in_annotation_is_processed_when_quarantine_is_off(tmp_path: Path) -> None:
     s = _burned_in(tmp_path)
-    proxy, quarantined = canary.run_proxy(tmp_path / "proxy", s.files,
-                                          config_text=deid_config(quarantine_burned_in="false"))
+    proxy, quarantined = canary.run_proxy(
+        tmp_path / "proxy", s.files, config_text=deid_config(quarantine_burned_in="false")
+    )
     assert quarantined == []
     out = one_output(proxy)
     assert out.get("BurnedInAnnotation") == "YES"
@@ -511,15 +567,19 @@ def test_burned_in_annotation_is_processed_when_quarantine_is_off(tmp_path: Path
 # what the output declares
 # --------------------------------------------------------------------------
 
-CODE_CASES = [()] + [(o,) for o in canary.OPTIONS] + [
-    tuple(o for o in canary.OPTIONS if o != "retain_long_full_dates")]
+CODE_CASES = (
+    [()]
+    + [(o,) for o in canary.OPTIONS]
+    + [tuple(o for o in canary.OPTIONS if o != "retain_long_full_dates")]
+)
 
 
 @pytest.mark.parametrize("options", CODE_CASES, ids=lambda o: "+".join(o) or "basic")
 def test_method_codes_and_temporal_flag_follow_the_options(tmp_path: Path, options) -> None:
     s = dicomgen.make_instance(tmp_path / "in", "CT", rows=16, cols=16)
-    proxy, quarantined = canary.run_proxy(tmp_path / "proxy", s.files,
-                                          config_text=deid_config(*options))
+    proxy, quarantined = canary.run_proxy(
+        tmp_path / "proxy", s.files, config_text=deid_config(*options)
+    )
     assert quarantined == []
     out = one_output(proxy)
     check_declared(out, options)

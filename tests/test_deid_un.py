@@ -44,10 +44,10 @@ from ith_proxy.deid.engine import _text
 from ith_proxy.deid.pseudo import patient_key
 
 SECRET = b"0123456789abcdef0123456789abcdef-un-tests"
-RADIOPHARM = 0x00540016          # Radiopharmaceutical Information Sequence: SQ, no table row
+RADIOPHARM = 0x00540016  # Radiopharmaceutical Information Sequence: SQ, no table row
 UNKNOWN_SQ = (0x0018FFF0, 0x0018FFF2)  # even groups, unknown to the dictionary
-UNTYPED = 0x0018FFF4             # an untyped value no row lists
-PRIVATE = 0x00091010             # with creator (0009,0010) in the same item
+UNTYPED = 0x0018FFF4  # an untyped value no row lists
+PRIVATE = 0x00091010  # with creator (0009,0010) in the same item
 CREATOR = b"UN TEST CREATOR "
 STUDY, SERIES = "1.2.826.0.1.3680043.99.7.1", "1.2.826.0.1.3680043.99.7.2"
 ITEM, ITEM_END, SEQ_END = (0xFFFE, 0xE000), (0xFFFE, 0xE00D), (0xFFFE, 0xE0DD)
@@ -56,6 +56,7 @@ ITEM, ITEM_END, SEQ_END = (0xFFFE, 0xE000), (0xFFFE, 0xE00D), (0xFFFE, 0xE0DD)
 # --------------------------------------------------------------------------
 # encoding by hand (pydicom would not write UN sequences the way routers do)
 # --------------------------------------------------------------------------
+
 
 def _head(tag: tuple[int, int], length: int) -> bytes:
     return struct.pack("<HHL", *tag, length)
@@ -73,8 +74,12 @@ def _implicit(tag: int, value: bytes, undefined: bool = False) -> bytes:
 
 
 def _explicit_un(tag: int, value: bytes, undefined: bool = False) -> bytes:
-    return struct.pack("<HH2s2xL", tag >> 16, tag & 0xFFFF, b"UN",
-                       0xFFFFFFFF if undefined else len(value)) + value
+    return (
+        struct.pack(
+            "<HH2s2xL", tag >> 16, tag & 0xFFFF, b"UN", 0xFFFFFFFF if undefined else len(value)
+        )
+        + value
+    )
 
 
 def _creator(tag: int) -> bytes:
@@ -113,7 +118,7 @@ def _deep_item(corpus: canary.Canary) -> bytes:
 class Case:
     name: str
     implicit: bool
-    tags: tuple[int, ...]      # outermost first; depth 3
+    tags: tuple[int, ...]  # outermost first; depth 3
     undefined: bool
 
 
@@ -149,8 +154,7 @@ def write_case(path: Path, case: Case, index: int, deep: bytes) -> None:
     """A Part 10 file: the top level with the UN chain (and the untyped UN
     value) in tag order, then the pixel data."""
     top = _top(index)
-    extra = {case.tags[0]: _chain(case.tags, deep, case.undefined),
-             UNTYPED: b"UNTYPED-TOP-VALUE "}
+    extra = {case.tags[0]: _chain(case.tags, deep, case.undefined), UNTYPED: b"UNTYPED-TOP-VALUE "}
     if case.tags[0] == PRIVATE:
         extra[(PRIVATE & 0xFFFF0000) | 0x0010] = CREATOR
     meta = FileMetaDataset()
@@ -165,25 +169,35 @@ def write_case(path: Path, case: Case, index: int, deep: bytes) -> None:
     for tag in tags:
         if tag in extra and tag == (PRIVATE & 0xFFFF0000) | 0x0010:
             value = extra[tag]
-            fp.write(_implicit(tag, value) if case.implicit
-                     else struct.pack("<HH2sH", tag >> 16, tag & 0xFFFF, b"LO", len(value)) + value)
+            fp.write(
+                _implicit(tag, value)
+                if case.implicit
+                else struct.pack("<HH2sH", tag >> 16, tag & 0xFFFF, b"LO", len(value)) + value
+            )
         elif tag in extra:
             undefined = case.undefined and tag == case.tags[0]
-            fp.write(_implicit(tag, extra[tag], undefined) if case.implicit
-                     else _explicit_un(tag, extra[tag], undefined))
+            fp.write(
+                _implicit(tag, extra[tag], undefined)
+                if case.implicit
+                else _explicit_un(tag, extra[tag], undefined)
+            )
         else:
             write_data_element(fp, top[tag])
     pixels = b"\x01\x00" * 4
-    fp.write(_implicit(0x7FE00010, pixels) if case.implicit
-             else struct.pack("<HH2s2xL", 0x7FE0, 0x0010, b"OW", len(pixels)) + pixels)
+    fp.write(
+        _implicit(0x7FE00010, pixels)
+        if case.implicit
+        else struct.pack("<HH2s2xL", 0x7FE0, 0x0010, b"OW", len(pixels)) + pixels
+    )
     path.write_bytes(fp.parent.getvalue())
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> tuple[canary.Canary, list[Path]]:
     work = tmp_path_factory.mktemp("un")
-    corpus = canary.build_canary(work / "canary", series=(1,), drop=False,
-                                 exclude=canary.excluded_rows())
+    corpus = canary.build_canary(
+        work / "canary", series=(1,), drop=False, exclude=canary.excluded_rows()
+    )
     deep = _deep_item(corpus)
     files = []
     for i, case in enumerate(CASES):
@@ -205,8 +219,10 @@ def in_vault(record: dict, marker: canary.Marker) -> bool:
     if not isinstance(marker.value, str):
         return False
     want = marker.value.encode("latin-1")
-    return any(isinstance(leaf, bytes) and leaf.rstrip(b" \x00") == want
-               for leaf in canary.vault_leaves(record.get("phi", record)))
+    return any(
+        isinstance(leaf, bytes) and leaf.rstrip(b" \x00") == want
+        for leaf in canary.vault_leaves(record.get("phi", record))
+    )
 
 
 def _extra_needles() -> list[str]:
@@ -232,8 +248,10 @@ def test_the_markers_are_in_the_input_at_depth_3(corpus) -> None:
     assert len(_markers(c)) > 500
     for path in files:
         data = path.read_bytes()
-        assert _leaks(data, c) == [m.needle for m in _markers(c) if m.greppable and m.needle] \
-            + _extra_needles(), path.name
+        assert (
+            _leaks(data, c)
+            == [m.needle for m in _markers(c) if m.greppable and m.needle] + _extra_needles()
+        ), path.name
         ds = pydicom.dcmread(path, stop_before_pixels=True)
         assert ds.get_item(CASES[files.index(path)].tags[0]).VR in ("UN", None, "SQ")
 
@@ -248,8 +266,7 @@ def test_no_canary_in_the_output_and_every_one_in_the_vault(corpus, index: int) 
     c, files = corpus
     data, record = deidentify(files[index])
     assert _leaks(data, c) == []
-    missing = [f"{m.kind} {m.path} {m.value!r}" for m in _markers(c)
-               if not in_vault(record, m)]
+    missing = [f"{m.kind} {m.path} {m.value!r}" for m in _markers(c) if not in_vault(record, m)]
     assert missing == [], f"{len(missing)} markers not in the vault:\n" + "\n".join(missing[:50])
     leaves = list(canary.vault_leaves(record))
     for text in _extra_needles():  # untyped values: removed, their bytes in the vault
@@ -278,13 +295,16 @@ def test_a_nested_patient_name_gets_the_pseudonym_and_dates_the_shift(corpus) ->
     assert nested
     # the per-patient shift, as the engine computes it for this input
     src = pydicom.dcmread(files[0], stop_before_pixels=True)
-    days = shift_days(SECRET, patient_key(*(_text(src, t) for t in (0x00100020, 0x00100010,
-                                                                    0x00100030))))
+    days = shift_days(
+        SECRET, patient_key(*(_text(src, t) for t in (0x00100020, 0x00100010, 0x00100030)))
+    )
     assert days != 0
     dates = [m for m in _markers(c) if m.vr == "DA" and m.greppable]
     # corpus dates are consecutive days, so a shifted one may equal another's original
-    shifted = {(datetime.strptime(m.needle, "%Y%m%d") + timedelta(days=days)).strftime("%Y%m%d")
-               for m in dates}
+    shifted = {
+        (datetime.strptime(m.needle, "%Y%m%d") + timedelta(days=days)).strftime("%Y%m%d")
+        for m in dates
+    }
     for marker in dates:
         if marker.needle not in shifted:
             assert not canary._hits(data, marker.needle.encode()), marker.path

@@ -40,7 +40,7 @@ CHUNK = vault_stream.CHUNK
 
 def _encrypted(keyring: Keyring, data: bytes, pieces: int = 1) -> bytes:
     step = max(1, len(data) // pieces)
-    parts = [data[i:i + step] for i in range(0, len(data), step)] or [b""]
+    parts = [data[i : i + step] for i in range(0, len(data), step)] or [b""]
     return b"".join(vault_stream.encrypt_stream(keyring, parts))
 
 
@@ -62,22 +62,33 @@ def _read_at(path: Path, keyring: Keyring, data: bytes) -> None:
     size = len(data)
     with vault_stream.open_source(path, keyring) as fh:
         assert fh.seek(0, io.SEEK_END) == size
-        starts = {0, 1, size // 3, max(0, size - 7), max(0, CHUNK - 3), CHUNK, 2 * CHUNK + 1,
-                  max(0, size - CHUNK - 1), size}
+        starts = {
+            0,
+            1,
+            size // 3,
+            max(0, size - 7),
+            max(0, CHUNK - 3),
+            CHUNK,
+            2 * CHUNK + 1,
+            max(0, size - CHUNK - 1),
+            size,
+        }
         for start in sorted(starts, reverse=True):  # backwards: every read is a seek
             fh.seek(start)
-            assert fh.read(CHUNK + 10) == data[start:start + CHUNK + 10]
+            assert fh.read(CHUNK + 10) == data[start : start + CHUNK + 10]
         for start in sorted(s for s in starts if s <= size):
             fh.seek(start)
             n = min(size - start, CHUNK + 77)
             out = io.BytesIO()
             fh.copy_to(out, n)
-            assert out.getvalue() == data[start:start + n] and fh.tell() == start + n
-            assert fh.read(5) == data[start + n:start + n + 5]
+            assert out.getvalue() == data[start : start + n] and fh.tell() == start + n
+            assert fh.read(5) == data[start + n : start + n + 5]
         fh.seek(0)
         assert fh.read() == data
     assert vault_stream.digest(path, keyring) == {
-        "size": size, "sha256": hashlib.sha256(data).hexdigest()}
+        "size": size,
+        "sha256": hashlib.sha256(data).hexdigest(),
+    }
 
 
 @pytest.mark.parametrize("size", SIZES)
@@ -97,9 +108,10 @@ def test_v2_roundtrip_and_random_access(tmp_path: Path, size: int) -> None:
 
     def reused():
         for i in range(0, size, len(buf)):
-            piece = data[i:i + len(buf)]
-            buf[:len(piece)] = piece
-            yield memoryview(buf)[:len(piece)]
+            piece = data[i : i + len(buf)]
+            buf[: len(piece)] = piece
+            yield memoryview(buf)[: len(piece)]
+
     path.write_bytes(b"".join(vault_stream.encrypt_stream(keyring, reused())))
     _read_at(path, keyring, data)
 
@@ -113,10 +125,12 @@ def test_v2_is_the_documented_format(tmp_path: Path) -> None:
     from cryptography.hazmat.primitives import hashes
     from cryptography.hazmat.primitives.ciphers.aead import AESGCM
     from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
     key = Keyring.generate_key()
     keyring = Keyring([key])
-    derived = HKDF(algorithm=hashes.SHA256(), length=32, salt=None,
-                   info=b"ith-proxy stream v2").derive(base64.urlsafe_b64decode(key))
+    derived = HKDF(
+        algorithm=hashes.SHA256(), length=32, salt=None, info=b"ith-proxy stream v2"
+    ).derive(base64.urlsafe_b64decode(key))
     assert derived not in base64.urlsafe_b64decode(key)
     data = os.urandom(2 * CHUNK + 999)
     raw = _encrypted(keyring, data)
@@ -125,19 +139,22 @@ def test_v2_is_the_documented_format(tmp_path: Path) -> None:
     assert chunk == CHUNK and key_id == hashlib.sha256(derived).digest()[:8]
     plain, nonces = b"", set()
     for i in range(3):
-        record = raw[H + i * RECORD:H + (i + 1) * RECORD]
+        record = raw[H + i * RECORD : H + (i + 1) * RECORD]
         nonces.add(record[:12])
-        plain += AESGCM(derived).decrypt(record[:12], record[12:],
-                                         header + struct.pack(">QB", i, i == 2))
+        plain += AESGCM(derived).decrypt(
+            record[:12], record[12:], header + struct.pack(">QB", i, i == 2)
+        )
     assert plain == data and len(nonces) == 3
     other = _encrypted(keyring, data)
-    assert other[:H - 16] == header[:H - 16] and other[H - 16:H] != file_id  # a new file id
+    assert other[: H - 16] == header[: H - 16] and other[H - 16 : H] != file_id  # a new file id
 
 
 def _fails(path: Path, keyring: Keyring, raw: bytes) -> str:
     path.write_bytes(raw)
-    with pytest.raises(vault_stream.EncryptedFileError) as exc, \
-            vault_stream.open_source(path, keyring) as fh:
+    with (
+        pytest.raises(vault_stream.EncryptedFileError) as exc,
+        vault_stream.open_source(path, keyring) as fh,
+    ):
         fh.read()
     return str(exc.value)
 
@@ -146,7 +163,7 @@ def test_v2_detects_tampering(tmp_path: Path) -> None:
     key = Keyring.generate_key()
     keyring = Keyring([key])
     raw = _encrypted(keyring, os.urandom(3 * CHUNK + 100))
-    header, recs = raw[:H], [raw[H + i * RECORD:H + (i + 1) * RECORD] for i in range(4)]
+    header, recs = raw[:H], [raw[H + i * RECORD : H + (i + 1) * RECORD] for i in range(4)]
     assert b"".join([header, *recs]) == raw
     path = tmp_path / "f"
 
@@ -154,9 +171,16 @@ def test_v2_detects_tampering(tmp_path: Path) -> None:
         b = bytearray(data)
         b[at] ^= 0x01
         return bytes(b)
+
     bad = "authentication failed"
-    for at in (H + 3, H + 500, H + RECORD - 1, H + RECORD + 12, H + 2 * RECORD + 77777,
-               len(raw) - 1):  # nonce, ciphertext, tag, ... of several chunks
+    for at in (
+        H + 3,
+        H + 500,
+        H + RECORD - 1,
+        H + RECORD + 12,
+        H + 2 * RECORD + 77777,
+        len(raw) - 1,
+    ):  # nonce, ciphertext, tag, ... of several chunks
         assert bad in _fails(path, keyring, flipped(raw, at))
     for at in (23 + 2, 23 + 4 + 16):  # chunk size field, file id: bound by the AAD
         assert _fails(path, keyring, flipped(raw, at))
@@ -169,13 +193,13 @@ def test_v2_detects_tampering(tmp_path: Path) -> None:
     assert "chunk 2" in _fails(path, keyring, b"".join([header, *recs[:3]]))
     assert "chunk 0" in _fails(path, keyring, b"".join([header, recs[0]]))
     assert "chunk 3" in _fails(path, keyring, raw[:-10])
-    assert "damaged at chunk 3" in _fails(path, keyring, raw[:-(len(recs[3]) - 20)])
+    assert "damaged at chunk 3" in _fails(path, keyring, raw[: -(len(recs[3]) - 20)])
     assert "no content" in _fails(path, keyring, header)
-    assert "bad header" in _fails(path, keyring, raw[:H - 3])
+    assert "bad header" in _fails(path, keyring, raw[: H - 3])
     assert "chunk 4" in _fails(path, keyring, raw + recs[1])  # read as 5 chunks
     # a chunk from another file under the same key, at the same position
     other = _encrypted(keyring, os.urandom(3 * CHUNK + 100))
-    spliced = b"".join([header, recs[0], other[H + RECORD:H + 2 * RECORD], *recs[2:]])
+    spliced = b"".join([header, recs[0], other[H + RECORD : H + 2 * RECORD], *recs[2:]])
     assert "chunk 1" in _fails(path, keyring, spliced)
     # ... or with its header: the file id binds every chunk to its own header
     assert "chunk" in _fails(path, keyring, other[:H] + raw[H:])
@@ -228,13 +252,14 @@ def test_v1_damage_truncation_and_reordering_are_detected(tmp_path: Path) -> Non
 
     def variant(chosen: list[bytes], end: bytes = b"\n") -> str:
         return _fails(path, keyring, b"\n".join([head, *chosen]) + end)
-    assert "missing or out of order" in variant(lines[:-1])           # last chunk dropped
+
+    assert "missing or out of order" in variant(lines[:-1])  # last chunk dropped
     assert "missing or out of order" in variant([lines[1], lines[0], *lines[2:]])
     flipped = bytearray(lines[2])
     flipped[100] = ord("A") if flipped[100] != ord("A") else ord("B")
     assert "chunk 2" in variant([*lines[:2], bytes(flipped), lines[3]])
-    assert "damaged" in variant(lines, end=b"")                        # torn: no newline
-    assert "chunk 3" in variant([*lines[:-1], lines[-1][:-10]])        # torn inside
+    assert "damaged" in variant(lines, end=b"")  # torn: no newline
+    assert "chunk 3" in variant([*lines[:-1], lines[-1][:-10]])  # torn inside
     assert "not in the key file" in _fails(path, _keyring(), raw)
 
 
@@ -242,11 +267,15 @@ def test_v1_damage_truncation_and_reordering_are_detected(tmp_path: Path) -> Non
 # the SCP encrypts before the disk; the indexer reads both kinds
 # --------------------------------------------------------------------------
 
+
 def test_scp_writes_only_encrypted_bytes(tmp_path: Path) -> None:
     series = dicomgen.make_ct_series(tmp_path / "in", 3, rows=700, cols=800)  # > 1 chunk each
-    env = {"DICOM_STORAGE_DIR": str(tmp_path / "spool"), "DICOM_PORT": str(tools.free_port()),
-           "DICOM_BIND_ADDRESS": "127.0.0.1",
-           "VAULT_KEY_FILE": str(tmp_path / "secrets" / "vault.key")}
+    env = {
+        "DICOM_STORAGE_DIR": str(tmp_path / "spool"),
+        "DICOM_PORT": str(tools.free_port()),
+        "DICOM_BIND_ADDRESS": "127.0.0.1",
+        "VAULT_KEY_FILE": str(tmp_path / "secrets" / "vault.key"),
+    }
     rooms = Rooms(tmp_path, "[spool]\nencrypt_incoming = true\n", env)
     try:
         keyring = rooms.vault.keyring
@@ -337,8 +366,7 @@ def _big_instance(src: Path, rows: int, cols: int) -> tuple[bytes, list[bytes], 
 def test_large_encrypted_instance_is_streamed_not_loaded(rooms, tmp_path: Path) -> None:
     series = dicomgen.make_instance(tmp_path / "in")
     head, blocks, pixel_sha = _big_instance(series.files[0], 4096, 8192)  # 64 MiB of pixels
-    rooms.spool.deliver_incoming(vault_stream.encrypt_stream(rooms.vault.keyring,
-                                                             [head, *blocks]))
+    rooms.spool.deliver_incoming(vault_stream.encrypt_stream(rooms.vault.keyring, [head, *blocks]))
     del blocks
     tracemalloc.start()
     try:
@@ -369,16 +397,20 @@ def test_encrypted_pixel_bytes_are_copied_in_bulk(rooms, tmp_path: Path, monkeyp
     pixel bytes with copy_to: whole decrypted chunks straight into the output."""
     series = dicomgen.make_instance(tmp_path / "in")
     head, blocks, pixel_sha = _big_instance(series.files[0], 1024, 2048)  # 4 MiB of pixels
-    rooms.spool.deliver_incoming(vault_stream.encrypt_stream(rooms.vault.keyring,
-                                                             [head, *blocks]))
+    rooms.spool.deliver_incoming(vault_stream.encrypt_stream(rooms.vault.keyring, [head, *blocks]))
     read, copied = [], []
     real_readinto = vault_stream.DecryptingReader.readinto
     real_copy = vault_stream.DecryptingReader.copy_range
-    monkeypatch.setattr(vault_stream.DecryptingReader, "readinto",
-                        lambda self, b: read.append(real_readinto(self, b)) or read[-1])
-    monkeypatch.setattr(vault_stream.DecryptingReader, "copy_range",
-                        lambda self, out, start, n: copied.append(n) or
-                        real_copy(self, out, start, n))
+    monkeypatch.setattr(
+        vault_stream.DecryptingReader,
+        "readinto",
+        lambda self, b: read.append(real_readinto(self, b)) or read[-1],
+    )
+    monkeypatch.setattr(
+        vault_stream.DecryptingReader,
+        "copy_range",
+        lambda self, out, start, n: copied.append(n) or real_copy(self, out, start, n),
+    )
     assert rooms.indexer.run_once() == 1
     assert copied == [4 * CHUNK + 12]  # the pixel element, in one call
     assert sum(read) < 2 * len(head) + (1 << 16)  # the header (+ one read-ahead buffer)
@@ -389,6 +421,7 @@ def test_encrypted_pixel_bytes_are_copied_in_bulk(rooms, tmp_path: Path, monkeyp
 # --------------------------------------------------------------------------
 # end to end with storescu
 # --------------------------------------------------------------------------
+
 
 class Watcher(threading.Thread):
     """Reads every file under spool/ (but vault.phi) over and over, looking for
@@ -413,22 +446,29 @@ class Watcher(threading.Thread):
                     continue
                 if path.parent.name == "incoming" and data:
                     self.incoming_seen[path.name] = data.startswith(vault_stream.MAGIC)
-                self.hits.update(f"{path.relative_to(self.spool)}: {n.decode()}"
-                                 for n in self.needles if n in data)
+                self.hits.update(
+                    f"{path.relative_to(self.spool)}: {n.decode()}"
+                    for n in self.needles
+                    if n in data
+                )
             self.passes += 1
 
 
 def test_encrypt_incoming_end_to_end_no_plaintext_phi_on_disk(tmp_path: Path) -> None:
     series = dicomgen.make_ct_series(tmp_path / "in", 60)
     needles = series.leak_strings() | {series.patient_name, series.patient_id}
-    with tools.ProxyProcess(tmp_path / "p", config_text="[spool]\nencrypt_incoming = true\n",
-                            env={"DICOM_STUDY_TIMEOUT": "2"}) as proxy:
+    with tools.ProxyProcess(
+        tmp_path / "p",
+        config_text="[spool]\nencrypt_incoming = true\n",
+        env={"DICOM_STUDY_TIMEOUT": "2"},
+    ) as proxy:
         watcher = Watcher(proxy.spool, needles)
         watcher.start()
         try:
             result = tools.storescu(proxy.dicom_port, series.files)
-            assert result.returncode == 0 and len(tools.acked_files(result)) == 60, \
-                result.stderr[-1500:]
+            assert result.returncode == 0 and len(tools.acked_files(result)) == 60, result.stderr[
+                -1500:
+            ]
             wait_indexed(proxy.spool, 60)
             wait_until(lambda: list(proxy.spool.glob("studies/*/study.json")), 30, "study.json")
             passes = watcher.passes
@@ -437,8 +477,7 @@ def test_encrypt_incoming_end_to_end_no_plaintext_phi_on_disk(tmp_path: Path) ->
             watcher.stop.set()
             watcher.join()
         assert watcher.hits == set()
-        assert watcher.incoming_seen and all(watcher.incoming_seen.values()), \
-            watcher.incoming_seen
+        assert watcher.incoming_seen and all(watcher.incoming_seen.values()), watcher.incoming_seen
         vault = proxy.spool / "vault.phi"
         assert find_bytes(proxy.workdir, needles, skip=[vault]) == []
         assert len(vault_records(proxy.workdir)) == 60
@@ -461,8 +500,9 @@ def test_garbage_with_encrypt_incoming_is_quarantined_encrypted(tmp_path: Path) 
     del ds.StudyInstanceUID
     ds.save_as(series.files[1])
     needles = series.leak_strings() | {series.patient_name}
-    with tools.ProxyProcess(tmp_path / "p",
-                            config_text="[spool]\nencrypt_incoming = true\n") as proxy:
+    with tools.ProxyProcess(
+        tmp_path / "p", config_text="[spool]\nencrypt_incoming = true\n"
+    ) as proxy:
         garbage = b"\x00" * 132 + series.patient_name.encode() + os.urandom(5000)
         (proxy.spool / "incoming" / "garbage-1").write_bytes(garbage)  # dropped in plaintext
         result = tools.storescu(proxy.dicom_port, series.files)

@@ -63,8 +63,13 @@ def test_short_write_raises_enospc_and_leaves_no_torn_record(tmp_path: Path) -> 
         except OSError as exc:
             print("raised", errno.errorcode[exc.errno])
     """)
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=60)
+    res = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        timeout=60,
+    )
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == "raised ENOSPC"  # 96 bytes fitted: a short write
     assert path.read_bytes() == b"x" * 4000

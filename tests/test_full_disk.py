@@ -26,8 +26,11 @@ from ith_proxy.vault.records import Vault
 
 def _mount_tmpfs(path: Path, size_mb: int) -> None:
     path.mkdir(parents=True, exist_ok=True)
-    result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_mb}m,mode=0700",
-                             "tmpfs", str(path)], capture_output=True, text=True)
+    result = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size_mb}m,mode=0700", "tmpfs", str(path)],
+        capture_output=True,
+        text=True,
+    )
     if result.returncode != 0:
         msg = f"cannot mount a tmpfs for the full-disk test (needs root): {result.stderr.strip()}"
         if tools.in_ci():
@@ -73,8 +76,10 @@ def test_full_disk_loses_no_acknowledged_instance(tmp_path: Path, small_disk) ->
         wait_until(lambda: not list((spool / "incoming").iterdir()), 30, "incoming drained")
         assert not list((spool / "quarantine").rglob("*"))
         original_to_anon = original_to_anonymized_sop(workdir)
-        stored = {str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID)
-                  for f in stored_files(spool)}
+        stored = {
+            str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID)
+            for f in stored_files(spool)
+        }
         for path in acked:
             original = str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)
             assert original_to_anon[original] in stored
@@ -101,8 +106,11 @@ def test_health_reports_an_indexer_that_cannot_write(tmp_path: Path) -> None:
         try:
             result = tools.storescu(proxy.dicom_port, series.files)
             assert len(tools.acked_files(result)) == 2  # the SCP does not depend on it
-            _status, body = wait_until(lambda: (h := proxy.health())[0] == 503 and h, 20,
-                                      "health reports the stuck indexer")
+            _status, body = wait_until(
+                lambda: (h := proxy.health())[0] == 503 and h,
+                20,
+                "health reports the stuck indexer",
+            )
             stuck = [p for p in body["problems"] if p.startswith("indexer is behind or stuck")]
             assert stuck and "2 file(s) in incoming/" in stuck[0], body
         finally:

@@ -20,9 +20,14 @@ ALIVE = Liveness(dicom=True, indexer=True, scheduler=True)
 def _site(tmp_path: Path, ini: str = "", min_free_mb: int = 0) -> tuple[config.Config, Spool]:
     """A configuration from INI text and a spool with a catalog, as after a first run."""
     (tmp_path / "proxy.ini").write_text(f"[spool]\nmin_free_mb = {min_free_mb}\n" + ini)
-    cfg = config.load(env={"DICOM_STORAGE_DIR": str(tmp_path / "spool"),
-                           "VAULT_KEY_FILE": str(tmp_path / "secrets" / "vault.key"),
-                           "ITH_PROXY_CONFIG": str(tmp_path / "proxy.ini")}, cwd=tmp_path)
+    cfg = config.load(
+        env={
+            "DICOM_STORAGE_DIR": str(tmp_path / "spool"),
+            "VAULT_KEY_FILE": str(tmp_path / "secrets" / "vault.key"),
+            "ITH_PROXY_CONFIG": str(tmp_path / "proxy.ini"),
+        },
+        cwd=tmp_path,
+    )
     spool = Spool(cfg.spool.dir)
     spool.ensure()
     Catalog(spool.catalog_file).close()
@@ -37,7 +42,10 @@ def test_a_running_site_has_no_problems(tmp_path: Path) -> None:
 def test_workers_that_are_not_running(tmp_path: Path) -> None:
     cfg, spool = _site(tmp_path)
     assert problems(cfg, spool, Liveness(dicom=False, indexer=False, scheduler=False)) == [
-        "dicom listener is not running", "indexer is not running", "scheduler is not running"]
+        "dicom listener is not running",
+        "indexer is not running",
+        "scheduler is not running",
+    ]
     cfg, spool = _site(tmp_path, "[scp]\nauto_start = false\n")
     assert problems(cfg, spool, Liveness(dicom=False, indexer=True, scheduler=True)) == []
 
@@ -57,7 +65,9 @@ def test_files_waiting_in_incoming_longer_than_stuck_after(tmp_path: Path) -> No
     found = problems(cfg, spool, ALIVE)
     assert len(found) == 1 and re.fullmatch(
         r"indexer is behind or stuck: 2 file\(s\) in incoming/, the oldest for 100\d s "
-        r"\(see error\.log\)", found[0]), found
+        r"\(see error\.log\)",
+        found[0],
+    ), found
 
 
 def test_a_catalog_that_cannot_be_read(tmp_path: Path) -> None:

@@ -36,7 +36,7 @@ def _explicit(group: int, elem: int, vr: bytes, value: bytes) -> bytes:
 def _body(path: Path) -> bytes:
     """The dataset of a Part 10 file, after its file meta group."""
     raw = path.read_bytes()
-    return raw[144 + struct.unpack("<L", raw[140:144])[0]:]
+    return raw[144 + struct.unpack("<L", raw[140:144])[0] :]
 
 
 def _as_received(dataset: bytes, sop_class: str, sop: str, ts: str = EXPLICIT_LE) -> bytes:
@@ -69,8 +69,14 @@ print(json.dumps({"outcome": outcome, "vmhwm_mb": hwm / 1024}))
 
 def _read_split_in_child(path: Path) -> dict:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    out = subprocess.run([sys.executable, "-c", _CHILD, str(path)], env=env, text=True,
-                         capture_output=True, timeout=300, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", _CHILD, str(path)],
+        env=env,
+        text=True,
+        capture_output=True,
+        timeout=300,
+        check=True,
+    )
     return json.loads(out.stdout)
 
 
@@ -83,14 +89,19 @@ def _indexer_pid(proxy: tools.ProxyProcess) -> int:
 
 
 def _proc_field(pid: int, name: str) -> str:
-    return next(line.split(":", 1)[1].strip() for line in
-                Path(f"/proc/{pid}/status").read_text().splitlines()
-                if line.startswith(name + ":"))
+    return next(
+        line.split(":", 1)[1].strip()
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+        if line.startswith(name + ":")
+    )
 
 
 def _data_limit(pid: int) -> str:
-    line = next(x for x in Path(f"/proc/{pid}/limits").read_text().splitlines()
-                if x.startswith("Max data size"))
+    line = next(
+        x
+        for x in Path(f"/proc/{pid}/limits").read_text().splitlines()
+        if x.startswith("Max data size")
+    )
     return line.split()[3]
 
 
@@ -102,6 +113,7 @@ def _drop_incoming(spool: Path, name: str, data: bytes) -> None:
 
 
 # --- file meta: read up to its group length, never taken from the dataset ---
+
 
 def test_deflate_bomb_in_the_dataset_is_refused_before_inflating(tmp_path) -> None:
     """(0002,0010)=deflate at the head of the dataset must not override the
@@ -129,9 +141,13 @@ def test_file_meta_is_ours_up_to_its_group_length(tmp_path) -> None:
     # later in the body, too (out of order, so past the first-element check)
     ds_bytes = _explicit(0x0008, 0x0016, b"UI", series.sop_class_uid.encode() + b"\x00")
     later = tmp_path / "later"
-    later.write_bytes(_as_received(ds_bytes + _explicit(0x0002, 0x0010, b"UI",
-                                                        DEFLATE_TS.encode()),
-                                   series.sop_class_uid, series.sop_uids[0]))
+    later.write_bytes(
+        _as_received(
+            ds_bytes + _explicit(0x0002, 0x0010, b"UI", DEFLATE_TS.encode()),
+            series.sop_class_uid,
+            series.sop_uids[0],
+        )
+    )
     with pytest.raises(dicomfile.DicomFileError, match="file meta or command elements"):
         dicomfile.read_split(later)
     clean = tmp_path / "clean"
@@ -152,8 +168,9 @@ def test_deflate_bomb_in_incoming_is_quarantined_with_bounded_memory(tmp_path) -
         _drop_incoming(proxy.spool, "1000-bomb", bomb)
         assert tools.storescu(proxy.dicom_port, series.files).returncode == 0
         wait_indexed(proxy.spool, 2)
-        info = json.loads((proxy.spool / "quarantine" / "unparseable" / "1000-bomb.json")
-                          .read_text())
+        info = json.loads(
+            (proxy.spool / "quarantine" / "unparseable" / "1000-bomb.json").read_text()
+        )
         assert info["error"].startswith("dataset holds file meta")
         hwm_kb = int(_proc_field(_indexer_pid(proxy), "VmHWM").split()[0])
         assert hwm_kb < 200 * 1024, f"indexer peaked at {hwm_kb // 1024} MB"
@@ -161,12 +178,12 @@ def test_deflate_bomb_in_incoming_is_quarantined_with_bounded_memory(tmp_path) -
 
 # --- the indexer's memory ceiling ---
 
+
 def _huge_length_file(series) -> bytes:
     """A small file whose first element declares a 2 GB value: reading it
     asks for that much memory at once."""
     huge = struct.pack("<HH2s2xL", 0x0008, 0x0001, b"UN", 0x7FFFFFF0)
-    return _as_received(huge + _body(series.files[0]), series.sop_class_uid,
-                        series.sop_uids[0])
+    return _as_received(huge + _body(series.files[0]), series.sop_class_uid, series.sop_uids[0])
 
 
 def test_memory_ceiling_fails_one_file_not_the_indexer(tmp_path) -> None:
@@ -186,14 +203,16 @@ def test_memory_ceiling_fails_one_file_not_the_indexer(tmp_path) -> None:
 
 def test_memory_limit_zero_means_no_ceiling(tmp_path) -> None:
     series = dicomgen.make_instance(tmp_path / "in")
-    with tools.ProxyProcess(tmp_path / "proxy",
-                            config_text="[indexer]\nmemory_limit_mb = 0\n") as proxy:
+    with tools.ProxyProcess(
+        tmp_path / "proxy", config_text="[indexer]\nmemory_limit_mb = 0\n"
+    ) as proxy:
         assert tools.storescu(proxy.dicom_port, series.files).returncode == 0
         wait_indexed(proxy.spool, 1)  # the indexer is past its start-up
         assert _data_limit(_indexer_pid(proxy)) == "unlimited"
 
 
 # --- a SOP Instance UID reused in another study ---
+
 
 def _same_sop_other_study(src: Path, out: Path) -> bytes:
     ds = pydicom.dcmread(src)
@@ -209,8 +228,9 @@ def test_reused_sop_uid_in_another_study_is_quarantined(rooms, tmp_path) -> None
     rooms.drop("2-b", series.files[1].read_bytes())
     assert rooms.indexer.run_once() == 2
     before = {p: p.read_bytes() for p in stored_files(rooms.spool.root)}
-    sop = rooms.catalog.conn.execute("SELECT sop_uid, study_uid, vault_offset FROM instances"
-                                     " ORDER BY received_at").fetchall()
+    sop = rooms.catalog.conn.execute(
+        "SELECT sop_uid, study_uid, vault_offset FROM instances ORDER BY received_at"
+    ).fetchall()
     # the same instance again (idempotent), and its UID reused in another study,
     # both in one batch and in a later one
     rooms.drop("3-resend", series.files[0].read_bytes())
@@ -219,13 +239,23 @@ def test_reused_sop_uid_in_another_study_is_quarantined(rooms, tmp_path) -> None
     rooms.drop("5-reuse", _same_sop_other_study(series.files[1], tmp_path / "y.dcm"))
     assert rooms.indexer.run_once() == 1
     q = rooms.spool.quarantine_dir / "inconsistent"
-    assert sorted(p.name for p in q.iterdir()) == ["4-reuse", "4-reuse.json",
-                                                   "5-reuse", "5-reuse.json"]
-    assert json.loads((q / "4-reuse.json").read_text())["error"] == \
-        "SOP Instance UID already recorded in another study or series"
+    assert sorted(p.name for p in q.iterdir()) == [
+        "4-reuse",
+        "4-reuse.json",
+        "5-reuse",
+        "5-reuse.json",
+    ]
+    assert (
+        json.loads((q / "4-reuse.json").read_text())["error"]
+        == "SOP Instance UID already recorded in another study or series"
+    )
     assert {p: p.read_bytes() for p in stored_files(rooms.spool.root)} == before
-    assert rooms.catalog.conn.execute("SELECT sop_uid, study_uid, vault_offset FROM instances"
-                                      " ORDER BY received_at").fetchall() == sop
+    assert (
+        rooms.catalog.conn.execute(
+            "SELECT sop_uid, study_uid, vault_offset FROM instances ORDER BY received_at"
+        ).fetchall()
+        == sop
+    )
     assert len(vault_records(rooms.root)) == 2  # the re-send reused its own record
     assert catalog_counts(rooms.spool.root)["studies"] == 1
 
@@ -237,7 +267,8 @@ def test_a_vault_record_serves_only_its_own_instance(rooms, tmp_path) -> None:
     rooms.drop("1-a", series.files[0].read_bytes())
     assert rooms.indexer.run_once() == 1
     sop, study, offset = rooms.catalog.conn.execute(
-        "SELECT sop_uid, study_uid, vault_offset FROM instances").fetchone()
+        "SELECT sop_uid, study_uid, vault_offset FROM instances"
+    ).fetchone()
     own = rooms.vault.get(offset)
     foreign = {**own, "study": "1.2.3.4", "series": "1.2.3.4.5"}
     rooms.vault.put(foreign)  # later in the vault than the instance's own record
@@ -245,8 +276,7 @@ def test_a_vault_record_serves_only_its_own_instance(rooms, tmp_path) -> None:
     reindex(rooms.spool, rooms.catalog, rooms.vault)
     assert rooms.catalog.instance_vault_offset(sop) == offset
     # and the indexer does not reuse a record that names another instance
-    rooms.catalog.conn.execute("UPDATE instances SET vault_offset = ?",
-                               (rooms.vault.put(foreign),))
+    rooms.catalog.conn.execute("UPDATE instances SET vault_offset = ?", (rooms.vault.put(foreign),))
     rooms.drop("2-again", series.files[0].read_bytes())
     assert rooms.indexer.run_once() == 1
     fresh = rooms.catalog.instance_vault_offset(sop)

@@ -34,13 +34,20 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def _cli(proxy: tools.ProxyProcess, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "ith_proxy.cli", *args], cwd=proxy.workdir,
-                          env=proxy.env, capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "ith_proxy.cli", *args],
+        cwd=proxy.workdir,
+        env=proxy.env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 # --------------------------------------------------------------------------
 # one 200-instance CT study, shared by the checks below
 # --------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def ct_study(tmp_path_factory):
@@ -75,16 +82,25 @@ def test_ct_study_is_stored_finalized_and_counted(ct_study) -> None:
     assert len(files) == 200
     assert {f.parent.parent for f in files} == {study_dir}
     assert len({f.parent for f in files}) == 1
-    summary = wait_until(lambda: (s := study_summary(proxy.spool, study_dir.name))
-                         and s["state"] == "complete" and s, 30, "study complete")
+    summary = wait_until(
+        lambda: (
+            (s := study_summary(proxy.spool, study_dir.name)) and s["state"] == "complete" and s
+        ),
+        30,
+        "study complete",
+    )
     assert summary["instance_count"] == 200 and summary["series_count"] == 1
     assert summary["modalities"] == ["CT"]
     assert summary["study_instance_uid"] == study_dir.name
     assert summary["completed_at"] - summary["last_received"] >= 3
     assert [e["event"] for e in summary["events"]] == ["first-received", "complete"]
     counts = catalog_counts(proxy.spool)
-    assert (counts["patients"], counts["studies"], counts["series"], counts["instances"]) == \
-        (1, 1, 1, 200)
+    assert (counts["patients"], counts["studies"], counts["series"], counts["instances"]) == (
+        1,
+        1,
+        1,
+        200,
+    )
     assert counts["studies_by_state"]["complete"] == 1
     assert not list((proxy.spool / "incoming").iterdir())
     assert not list((proxy.spool / "tmp").iterdir())
@@ -106,14 +122,22 @@ def test_files_are_anonymized_consistently(ct_study) -> None:
     assert len({str(h.FrameOfReferenceUID) for h in headers}) == 1
     for path, h in zip(files, headers, strict=True):
         assert path.stem == str(h.SOPInstanceUID) == str(h.file_meta.MediaStorageSOPInstanceUID)
-        for uid in (h.StudyInstanceUID, h.SeriesInstanceUID, h.SOPInstanceUID,
-                    h.FrameOfReferenceUID):
+        for uid in (
+            h.StudyInstanceUID,
+            h.SeriesInstanceUID,
+            h.SOPInstanceUID,
+            h.FrameOfReferenceUID,
+        ):
             assert uid.startswith("2.25.") and len(uid) <= 64
         assert h.PatientIdentityRemoved == "YES"
         assert h.get("PatientBirthDate", "") == "" and h.get("AccessionNumber", "") == ""
         assert h.get("ReferringPhysicianName", "") == ""
-        for gone in ("OtherPatientIDs", "PatientAddress", "StudyDescription",
-                     "RequestAttributesSequence"):
+        for gone in (
+            "OtherPatientIDs",
+            "PatientAddress",
+            "StudyDescription",
+            "RequestAttributesSequence",
+        ):
             assert gone not in h
         assert h.get("InstitutionName", "") == ""  # X/Z/D: emptied
         assert not any(e.tag.is_private for e in h)
@@ -179,8 +203,9 @@ def test_files_and_folders_are_private(ct_study) -> None:
 
 def test_reindex_rebuilds_the_same_catalog(ct_study) -> None:
     proxy, _ = ct_study
-    wait_until(lambda: catalog_counts(proxy.spool)["studies_by_state"].get("complete"), 30,
-               "complete")
+    wait_until(
+        lambda: catalog_counts(proxy.spool)["studies_by_state"].get("complete"), 30, "complete"
+    )
     before = catalog_counts(proxy.spool)
     study_uid = _study_dir(proxy).name
     timeline = catalog_study(proxy.spool, study_uid)
@@ -204,6 +229,7 @@ def test_reindex_rebuilds_the_same_catalog(ct_study) -> None:
 
 def _vault_offsets(spool: Path, study_uid: str) -> list:
     from ith_proxy.store.catalog import Catalog
+
     cat = Catalog(spool / "catalog.sqlite3", readonly=True)
     try:
         return cat.instance_vault_offsets(study_uid)
@@ -215,10 +241,17 @@ def _vault_offsets(spool: Path, study_uid: str) -> list:
 # pseudonyms across studies and restarts; anonymization off
 # --------------------------------------------------------------------------
 
+
 def test_pseudonyms_are_stable_across_studies_and_restarts(tmp_path: Path) -> None:
     first = dicomgen.make_ct_series(tmp_path / "a", 3, rows=64, cols=64)
-    second = dicomgen.make_ct_series(tmp_path / "b", 2, rows=64, cols=64,
-                                     patient_id=first.patient_id, patient_name="OTHER^SPELLING")
+    second = dicomgen.make_ct_series(
+        tmp_path / "b",
+        2,
+        rows=64,
+        cols=64,
+        patient_id=first.patient_id,
+        patient_name="OTHER^SPELLING",
+    )
     with tools.ProxyProcess(tmp_path / "p") as proxy:
         assert tools.storescu(proxy.dicom_port, first.files).returncode == 0
         wait_indexed(proxy.spool, 3)
@@ -243,8 +276,13 @@ def test_anonymize_off_stores_unchanged(tmp_path: Path) -> None:
         assert {f.parent.parent.name for f in files} == {series.study_uid}
         for src in series.files:
             original = pydicom.dcmread(src)
-            out = proxy.spool / "studies" / series.study_uid / series.series_uid / \
-                f"{original.SOPInstanceUID}.dcm"
+            out = (
+                proxy.spool
+                / "studies"
+                / series.study_uid
+                / series.series_uid
+                / f"{original.SOPInstanceUID}.dcm"
+            )
             stored = pydicom.dcmread(out)
             assert stored == original  # every data element unchanged
             assert stored.PixelData == original.PixelData
@@ -254,6 +292,7 @@ def test_anonymize_off_stores_unchanged(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------
 # refusals and bad input
 # --------------------------------------------------------------------------
+
 
 def test_unsupported_sop_class_is_refused(tmp_path: Path) -> None:
     sc = dicomgen.make_instance_of_class(tmp_path / "sc")
@@ -270,8 +309,9 @@ def test_wrong_called_ae_and_calling_ae_allow_list(tmp_path: Path) -> None:
     series = dicomgen.make_ct_series(tmp_path / "in", 1, rows=64, cols=64)
     ini = "[scp]\nallowed_calling_aes = MODALITY1, MODALITY2\n"
     with tools.ProxyProcess(tmp_path / "p", config_text=ini) as proxy:
-        wrong_called = tools.storescu(proxy.dicom_port, series.files, aet="MODALITY1",
-                                      aec="SOMEONEELSE")
+        wrong_called = tools.storescu(
+            proxy.dicom_port, series.files, aet="MODALITY1", aec="SOMEONEELSE"
+        )
         assert wrong_called.returncode != 0 and "Association Rejected" in wrong_called.stderr
         not_allowed = tools.storescu(proxy.dicom_port, series.files, aet="INTRUDER")
         assert not_allowed.returncode != 0 and "Association Rejected" in not_allowed.stderr
@@ -297,8 +337,12 @@ def test_garbage_goes_to_quarantine_and_ingest_continues(tmp_path: Path) -> None
         quarantine = proxy.spool / "quarantine"
         wait_until(lambda: len(list(quarantine.glob("*/*.json"))) == 4, 30, "4 quarantined")
         found = {p.name: p.parent.name for p in quarantine.glob("*/*") if p.suffix != ".json"}
-        assert found == {"garbage-1": "unparseable", "garbage-2": "unparseable",
-                         "truncated-3": "unparseable", "nouid-4": "inconsistent"}
+        assert found == {
+            "garbage-1": "unparseable",
+            "garbage-2": "unparseable",
+            "truncated-3": "unparseable",
+            "nouid-4": "inconsistent",
+        }
         info = json.loads((quarantine / "inconsistent" / "nouid-4.json").read_text())
         assert info["reason"] == "inconsistent" and "StudyInstanceUID" in info["error"]
         assert info["quarantined_at"].endswith("Z")

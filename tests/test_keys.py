@@ -44,12 +44,21 @@ def _old_site(work: Path, spool_has: str, missing: str) -> dict[str, bytes]:
 
 def _cli(work: Path, *args: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith(tools.PROXY_ENV_PREFIXES)}
-    env.update(PYTHONPATH=str(REPO), DICOM_STORAGE_DIR=str(work / "spool"),
-               VAULT_KEY_FILE=str(work / "secrets" / "vault.key"),
-               ITH_PROXY_CONFIG=str(work / "proxy.ini"))
+    env.update(
+        PYTHONPATH=str(REPO),
+        DICOM_STORAGE_DIR=str(work / "spool"),
+        VAULT_KEY_FILE=str(work / "secrets" / "vault.key"),
+        ITH_PROXY_CONFIG=str(work / "proxy.ini"),
+    )
     (work / "proxy.ini").touch()
-    return subprocess.run([sys.executable, "-m", "ith_proxy.cli", *args], cwd=work, env=env,
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "ith_proxy.cli", *args],
+        cwd=work,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_run_on_a_new_spool_creates_every_key_and_warns_they_share_a_disk(tmp_path) -> None:
@@ -69,7 +78,8 @@ def test_run_on_a_new_spool_creates_every_key_and_warns_they_share_a_disk(tmp_pa
 @pytest.mark.parametrize("spool_has", ["vault.phi", "catalog.sqlite3"])
 @pytest.mark.parametrize("missing", ["vault.key", "site.secret"])
 def test_a_missing_secret_on_an_existing_spool_stops_start_and_creates_nothing(
-        tmp_path: Path, spool_has: str, missing: str) -> None:
+    tmp_path: Path, spool_has: str, missing: str
+) -> None:
     work = tmp_path / "p"
     before = _old_site(work, spool_has, missing)
     err = tools.refused_start(work)
@@ -105,8 +115,7 @@ def test_init_creates_the_keys_of_a_new_site(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("present", ["vault.key", "site.secret", "all"])
-def test_init_refuses_when_a_key_exists_and_touches_nothing(tmp_path: Path,
-                                                             present: str) -> None:
+def test_init_refuses_when_a_key_exists_and_touches_nothing(tmp_path: Path, present: str) -> None:
     keys = tmp_path / "secrets"
     if present == "all":
         assert _cli(tmp_path, "init").returncode == 0

@@ -19,8 +19,14 @@ REPO = Path(__file__).resolve().parent.parent
 def _run_python(code: str, cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith(tools.PROXY_ENV_PREFIXES)}
     env["PYTHONPATH"] = str(REPO) + os.pathsep + str(REPO / "tests")
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 # --------------------------------------------------------------------------
@@ -64,8 +70,10 @@ print(json.dumps(settings()))
 # assoc_wake on a pynetdicom it does not know
 # --------------------------------------------------------------------------
 
+
 def test_assoc_wake_falls_back_to_stock_polling_on_another_pynetdicom(tmp_path: Path) -> None:
-    res = _run_python("""
+    res = _run_python(
+        """
         import io, logging, queue, socketserver, threading, time
         import pynetdicom
         pynetdicom.__version__ = "3.1.0"
@@ -108,7 +116,9 @@ def test_assoc_wake_falls_back_to_stock_polling_on_another_pynetdicom(tmp_path: 
               not any(hasattr(a, "_ith_wait") or hasattr(a.dul, "_ith_wait") for a in made))
         print(out.getvalue().count("\\n"))
         print(out.getvalue())
-        """, tmp_path)
+        """,
+        tmp_path,
+    )
     assert res.returncode == 0, res.stderr
     flags, count, text = res.stdout.split("\n", 2)
     assert flags == "True True True True True True True", res.stdout

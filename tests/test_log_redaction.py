@@ -40,13 +40,20 @@ PHI = "PHIMARK-LOGS-Doe^Jane"
 def _run_python(code: str, cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith(tools.PROXY_ENV_PREFIXES)}
     env["PYTHONPATH"] = str(REPO) + os.pathsep + str(REPO / "tests")
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 # --------------------------------------------------------------------------
 # the filter and the formatter
 # --------------------------------------------------------------------------
+
 
 def _emit(name: str, level: int, msg, *args, exc_info=None) -> str:
     out = io.StringIO()
@@ -57,11 +64,15 @@ def _emit(name: str, level: int, msg, *args, exc_info=None) -> str:
     return out.getvalue()
 
 
-@pytest.mark.parametrize("uid", ["1.2.840.01.5.77", "1.2.840.10008.ABC.12345", "1.2.3.4 ",
-                                 "1." + "9" * 70])
+@pytest.mark.parametrize(
+    "uid", ["1.2.840.01.5.77", "1.2.840.10008.ABC.12345", "1.2.3.4 ", "1." + "9" * 70]
+)
 def test_third_party_values_and_uids_are_redacted(uid: str) -> None:
-    text = _emit("pynetdicom.utils", logging.WARNING,
-                 f"Non-conformant 'Affected SOP Instance UID' value '{uid}'")
+    text = _emit(
+        "pynetdicom.utils",
+        logging.WARNING,
+        f"Non-conformant 'Affected SOP Instance UID' value '{uid}'",
+    )
     assert uid.strip() not in text and "'Affected" not in text
     assert "WARNING pynetdicom.utils" in text and logs.PREFIX.strip() in text
     assert "Non-conformant" in text
@@ -76,8 +87,18 @@ def test_redaction_reaches_exception_objects_logged_as_messages() -> None:
     assert "1.2.840.01.5.99" not in text and "Jane" not in text and "PHIMARK" not in text
 
 
-@pytest.mark.parametrize("name", ["waitress", "watchdog.observers", "root", "py.warnings",
-                                  "apsw", "urllib3.connectionpool", "pydicom"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "waitress",
+        "watchdog.observers",
+        "root",
+        "py.warnings",
+        "apsw",
+        "urllib3.connectionpool",
+        "pydicom",
+    ],
+)
 def test_every_third_party_logger_is_redacted(name: str) -> None:
     text = _emit(name, logging.DEBUG, "value '%s' uid 1.2.840.113619.2.55", PHI)
     assert "PHIMARK" not in text and "113619" not in text and name in text
@@ -101,8 +122,12 @@ def _chained() -> BaseException:
 @pytest.mark.parametrize("name", ["ith_proxy.indexer", "pynetdicom.dimse"])
 def test_tracebacks_name_types_and_places_never_messages(name: str) -> None:
     exc = _chained()
-    text = _emit(name, logging.ERROR, "indexer pass failed; retrying",
-                 exc_info=(type(exc), exc, exc.__traceback__))
+    text = _emit(
+        name,
+        logging.ERROR,
+        "indexer pass failed; retrying",
+        exc_info=(type(exc), exc, exc.__traceback__),
+    )
     assert "PHIMARK" not in text and "Jane" not in text and "1.2.840.01.5.42" not in text
     assert "builtins.KeyError (message not logged)" in text
     assert "builtins.ValueError (message not logged)" in text
@@ -112,8 +137,9 @@ def test_tracebacks_name_types_and_places_never_messages(name: str) -> None:
 
 def test_a_message_cached_by_another_formatter_is_not_reused() -> None:
     exc = _chained()
-    record = logging.LogRecord("ith_proxy.x", logging.ERROR, __file__, 1, "failed", (),
-                               (type(exc), exc, exc.__traceback__))
+    record = logging.LogRecord(
+        "ith_proxy.x", logging.ERROR, __file__, 1, "failed", (), (type(exc), exc, exc.__traceback__)
+    )
     logging.Formatter().format(record)  # e.g. a default handler that ran first
     assert "PHIMARK" in record.exc_text
     assert "PHIMARK" not in logs.SafeFormatter(logs.FORMAT).format(record)
@@ -123,8 +149,10 @@ def test_a_message_cached_by_another_formatter_is_not_reused() -> None:
 # the process-wide set-up: files, console, warnings, hooks, the worker queue
 # --------------------------------------------------------------------------
 
+
 def test_service_logging_redacts_every_path_to_a_file_or_stderr(tmp_path: Path) -> None:
-    res = _run_python(f"""
+    res = _run_python(
+        f"""
         import logging, sys, threading, warnings
         from pathlib import Path
         from ith_proxy import logs
@@ -153,13 +181,18 @@ def test_service_logging_redacts_every_path_to_a_file_or_stderr(tmp_path: Path) 
         t.start(); t.join()
         logging.getLogger("ith_proxy").info("still here")
         raise OSError("uncaught " + PHI)
-        """, tmp_path)
+        """,
+        tmp_path,
+    )
     assert res.returncode == 1, res.stderr
     texts = {p.name: p.read_text() for p in (tmp_path / "logs").iterdir()}
     texts["stderr"], texts["stdout"] = res.stderr, res.stdout
-    leaks = [f"{name}: {needle}" for name, text in texts.items()
-             for needle in ("PHIMARK", "Jane", "1.2.840.01.5", "4242", "4243", "4244", "4245")
-             if needle in text]
+    leaks = [
+        f"{name}: {needle}"
+        for name, text in texts.items()
+        for needle in ("PHIMARK", "Jane", "1.2.840.01.5", "4242", "4243", "4244", "4245")
+        if needle in text
+    ]
     assert leaks == [], texts
     main, dicom, errors = texts["main.log"], texts["dicom.log"], texts["error.log"]
     assert "WARNING pynetdicom.utils" in dicom and "Non-conformant" in dicom
@@ -175,7 +208,8 @@ def test_service_logging_redacts_every_path_to_a_file_or_stderr(tmp_path: Path) 
 
 
 def test_worker_records_are_redacted_and_formatted_before_the_queue(tmp_path: Path) -> None:
-    res = _run_python(f"""
+    res = _run_python(
+        f"""
         import logging, pickle, queue, threading, warnings
         from ith_proxy import logs
         from ith_proxy.config import LogConfig
@@ -206,15 +240,19 @@ def test_worker_records_are_redacted_and_formatted_before_the_queue(tmp_path: Pa
         for b in blobs:
             r = pickle.loads(b)
             print(repr((r.name, r.levelname, r.args, r.getMessage())))
-        """, tmp_path)
+        """,
+        tmp_path,
+    )
     assert res.returncode == 0, res.stderr
     lines = res.stdout.splitlines()
     assert lines[0] == "1 6 False", res.stdout
     assert "PHIMARK" not in res.stdout + res.stderr
     records = "\n".join(lines[1:])
     assert "'pynetdicom', 'WARNING', None" in records and logs.PREFIX in records
-    assert "('ith_proxy.indexer', 'ERROR', None, 'indexer pass failed; retrying\\n" \
-           "builtins.KeyError (message not logged)" in records
+    assert (
+        "('ith_proxy.indexer', 'ERROR', None, 'indexer pass failed; retrying\\n"
+        "builtins.KeyError (message not logged)" in records
+    )
     assert "uncaught ZeroDivisionError in thread commit" in records
     assert "entry ended on uncaught RuntimeError" in records
     assert "'py.warnings', 'WARNING'" in records and "'watchdog', 'WARNING'" in records
@@ -222,7 +260,8 @@ def test_worker_records_are_redacted_and_formatted_before_the_queue(tmp_path: Pa
 
 def test_a_failing_api_route_writes_its_exception_type_not_its_message(tmp_path: Path) -> None:
     port = tools.free_port()
-    res = _run_python(f"""
+    res = _run_python(
+        f"""
         import urllib.error, urllib.request
         from pathlib import Path
         from ith_proxy import logs
@@ -238,11 +277,16 @@ def test_a_failing_api_route_writes_its_exception_type_not_its_message(tmp_path:
         except urllib.error.HTTPError as exc:
             print(exc.code, exc.read().decode())
         server.stop()
-        """, tmp_path)
+        """,
+        tmp_path,
+    )
     assert res.returncode == 0, res.stderr
     texts = {p.name: p.read_text() for p in (tmp_path / "logs").iterdir()}
-    assert [name for name, text in {**texts, "stderr": res.stderr}.items()
-            if "PHIMARK" in text or "Jane" in text] == []
+    assert [
+        name
+        for name, text in {**texts, "stderr": res.stderr}.items()
+        if "PHIMARK" in text or "Jane" in text
+    ] == []
     assert res.stdout.strip() == '500 {"error": "internal error"}'
     assert "unhandled ValueError in an API request" in texts["error.log"]
     assert "builtins.ValueError (message not logged)" in texts["api.log"]
@@ -251,6 +295,7 @@ def test_a_failing_api_route_writes_its_exception_type_not_its_message(tmp_path:
 # --------------------------------------------------------------------------
 # end to end: a real proxy, a real client, every refusal path
 # --------------------------------------------------------------------------
+
 
 class _Uids:
     """Non-conformant UIDs that all carry one random digit token."""
@@ -264,12 +309,17 @@ class _Uids:
         self.trailing_space = f"1.2.826.0.{t}.99 "
 
     def needles(self) -> set[str]:
-        return {self.token, *self.leading_zeros, self.letters, self.too_long,
-                self.trailing_space.strip(), "PHIMARKUID"}
+        return {
+            self.token,
+            *self.leading_zeros,
+            self.letters,
+            self.too_long,
+            self.trailing_space.strip(),
+            "PHIMARKUID",
+        }
 
 
-def _retag(src: Path, dst: Path, sop: str, study: str | None, series: str,
-           **extra: str) -> Path:
+def _retag(src: Path, dst: Path, sop: str, study: str | None, series: str, **extra: str) -> Path:
     ds = pydicom.dcmread(src)
     ds.SOPInstanceUID = sop
     ds.file_meta.MediaStorageSOPInstanceUID = sop
@@ -292,8 +342,13 @@ def _garbage(dst: Path, sop: str) -> Path:
     buf = io.BytesIO()
     buf.write(b"\x00" * 128 + b"DICM")
     write_file_meta_info(buf, meta, enforce_standard=True)
-    dst.write_bytes(buf.getvalue() + b"\x10\x00\x10\x00PN\x30\x00" + PHI.encode()
-                    + os.urandom(2000) + sop.encode())
+    dst.write_bytes(
+        buf.getvalue()
+        + b"\x10\x00\x10\x00PN\x30\x00"
+        + PHI.encode()
+        + os.urandom(2000)
+        + sop.encode()
+    )
     return dst
 
 
@@ -328,8 +383,13 @@ def _abort_mid_transfer(ae: AE, port: int, ds: Dataset) -> None:
 
     ae.maximum_pdu_size = 16384
     ae.dimse_timeout = 5  # the aborted C-STORE gets no answer
-    assoc = ae.associate("127.0.0.1", port, ae_title="DICOMRCV", max_pdu=16384,
-                         evt_handlers=[(evt.EVT_PDU_SENT, on_pdu)])
+    assoc = ae.associate(
+        "127.0.0.1",
+        port,
+        ae_title="DICOMRCV",
+        max_pdu=16384,
+        evt_handlers=[(evt.EVT_PDU_SENT, on_pdu)],
+    )
     assert assoc.is_established
     sender = threading.Thread(target=lambda: assoc.send_c_store(ds))
     sender.start()
@@ -349,8 +409,9 @@ def quiet_client():
     client_log.setLevel(old)
 
 
-def test_no_uid_or_canary_reaches_any_log_end_to_end(tmp_path: Path, monkeypatch,
-                                                      quiet_client) -> None:
+def test_no_uid_or_canary_reaches_any_log_end_to_end(
+    tmp_path: Path, monkeypatch, quiet_client
+) -> None:
     # the client: sends files as they are (garbage too), and validates nothing
     monkeypatch.setattr(_config, "STORE_SEND_CHUNKED_DATASET", True)
     monkeypatch.setattr(pydicom.config.settings, "reading_validation_mode", pydicom.config.IGNORE)
@@ -368,8 +429,9 @@ def test_no_uid_or_canary_reaches_any_log_end_to_end(tmp_path: Path, monkeypatch
         # inconsistent (UID with letters, no study) -> quarantine
         "letters": _retag(base, out / "letters.dcm", uids.letters, None, next(z)),
         # phi-risk -> quarantine
-        "burned": _retag(base, out / "burned.dcm", next(z), next(z), next(z),
-                         BurnedInAnnotation="YES"),
+        "burned": _retag(
+            base, out / "burned.dcm", next(z), next(z), next(z), BurnedInAnnotation="YES"
+        ),
         # accepted: a legacy modality's leading-zero UIDs, one with a trailing space
         "legacy": _retag(base, out / "legacy.dcm", next(z), next(z), uids.trailing_space),
     }
@@ -402,13 +464,22 @@ def test_no_uid_or_canary_reaches_any_log_end_to_end(tmp_path: Path, monkeypatch
         _abort_mid_transfer(_client(), proxy.dicom_port, big)
         assert tools.echoscu(proxy.dicom_port).returncode == 0
         quarantine = proxy.spool / "quarantine"
-        wait_until(lambda: len(list(quarantine.rglob("*.json"))) >= 3
-                   and catalog_counts(proxy.spool)["instances"] >= 1, 120, "ingest")
+        wait_until(
+            lambda: (
+                len(list(quarantine.rglob("*.json"))) >= 3
+                and catalog_counts(proxy.spool)["instances"] >= 1
+            ),
+            120,
+            "ingest",
+        )
     logs_dir = proxy.spool / "logs"
     needles = uids.needles() | canaries
     leaks = find_bytes(logs_dir, needles) + [
-        f"{p.name}: {n}" for p in (proxy.stdout_path, proxy.stderr_path)
-        for n in needles if n in p.read_text(errors="replace")]
+        f"{p.name}: {n}"
+        for p in (proxy.stdout_path, proxy.stderr_path)
+        for n in needles
+        if n in p.read_text(errors="replace")
+    ]
     assert leaks == []
     dicom_log = (logs_dir / "dicom.log").read_text()
     assert "Non-conformant '<redacted>' value '<redacted>'" in dicom_log  # seen, redacted

@@ -35,6 +35,7 @@ def _make_pill(path: Path, marker: str) -> None:
 
 def _catalog_sops(spool: Path) -> set[str]:
     from ith_proxy.store.catalog import Catalog
+
     cat = Catalog(spool / "catalog.sqlite3", readonly=True)
     try:
         return {r[0] for r in cat.conn.execute("SELECT sop_uid FROM instances")}
@@ -47,21 +48,24 @@ def _quarantined(spool: Path) -> list[str]:
     return sorted(p.relative_to(q).as_posix() for p in q.rglob("*") if p.is_file())
 
 
-def test_a_pill_that_kills_the_indexer_is_quarantined_and_the_burst_is_indexed(
-        tmp_path) -> None:
+def test_a_pill_that_kills_the_indexer_is_quarantined_and_the_burst_is_indexed(tmp_path) -> None:
     series = dicomgen.make_small_series(tmp_path / "in", 30)
     marker = f"KILL-{series.token}"
     _make_pill(series.files[15], marker)
     innocent = set(series.sop_uids) - {series.sop_uids[15]}
-    with tools.ProxyProcess(tmp_path / "proxy", env={KILL: marker},
-                            config_text="[indexer]\nbatch_size = 8\n") as proxy:
+    with tools.ProxyProcess(
+        tmp_path / "proxy", env={KILL: marker}, config_text="[indexer]\nbatch_size = 8\n"
+    ) as proxy:
         result = tools.storescu(proxy.dicom_port, series.files)
         assert result.returncode == 0 and len(tools.acked_sop_uids(result)) == 30
 
         def settled() -> bool:
-            return (any((proxy.spool / "quarantine").rglob("*.json"))
-                    and catalog_counts(proxy.spool)["instances"] == 29
-                    and not any((proxy.spool / "incoming").iterdir()))
+            return (
+                any((proxy.spool / "quarantine").rglob("*.json"))
+                and catalog_counts(proxy.spool)["instances"] == 29
+                and not any((proxy.spool / "incoming").iterdir())
+            )
+
         wait_until(settled, 240, "the pill quarantined and the other 29 indexed")
         quarantined = _quarantined(proxy.spool)
         assert len(quarantined) == 2 and quarantined[0].startswith("failed/"), quarantined
@@ -105,20 +109,23 @@ def test_a_crash_charges_the_file_in_flight_not_its_batch(tmp_path) -> None:
     env = {**os.environ, KILL: marker, "PYTHONPATH": str(REPO)}
 
     def run() -> int:
-        return subprocess.run([sys.executable, "-c", _LOOP, str(root),
-                               str(REPO / "tests")], env=env, timeout=300).returncode
+        return subprocess.run(
+            [sys.executable, "-c", _LOOP, str(root), str(REPO / "tests")], env=env, timeout=300
+        ).returncode
 
     assert run() == -9  # one batch of 6: the first three processed, the pill kills
-    counts = {p.name: p.read_text().strip() for p in attempts.iterdir()
-              if not p.name.startswith(".")}
+    counts = {
+        p.name: p.read_text().strip() for p in attempts.iterdir() if not p.name.startswith(".")
+    }
     assert counts == {}  # charged by the next indexer, from the batch's in-flight file
     assert run() == -9  # the other five in a normal batch, then the pill alone
-    counts = {p.name: p.read_text().strip() for p in attempts.iterdir()
-              if not p.name.startswith(".")}
+    counts = {
+        p.name: p.read_text().strip() for p in attempts.iterdir() if not p.name.startswith(".")
+    }
     assert counts == {"4-file": "1"}
     assert catalog_counts(rooms.spool.root)["instances"] == 5
     assert run() == -9
-    assert run() == 0   # at the limit: quarantined unopened
+    assert run() == 0  # at the limit: quarantined unopened
     assert _quarantined(rooms.spool.root) == ["failed/4-file", "failed/4-file.json"]
     info = json.loads((rooms.spool.quarantine_dir / "failed" / "4-file.json").read_text())
     assert info["attempts"] == 3 and marker not in json.dumps(info)
@@ -142,6 +149,7 @@ def test_an_io_error_gives_the_attempt_back(tmp_path) -> None:
 
         def full(*args, **kwargs):
             raise OSError(28, "No space left on device")
+
         rooms.spool.put_instance = full
         assert rooms.indexer.run_once() == 0
         assert not (rooms.spool.root / "attempts" / "1-file").exists()

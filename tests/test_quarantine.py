@@ -38,11 +38,16 @@ def test_quarantine_is_encrypted_and_its_json_is_plain_and_phi_free(rooms, tmp_p
     assert rooms.indexer.run_once() == 2
     q = rooms.spool.quarantine_dir
     assert sorted(p.relative_to(q).as_posix() for p in q.rglob("*") if p.is_file()) == [
-        "inconsistent/nouid-2", "inconsistent/nouid-2.json",
-        "unparseable/garbage-1", "unparseable/garbage-1.json"]
+        "inconsistent/nouid-2",
+        "inconsistent/nouid-2.json",
+        "unparseable/garbage-1",
+        "unparseable/garbage-1.json",
+    ]
     assert not list(rooms.spool.incoming.iterdir()) and not list(rooms.spool.tmp.iterdir())
-    for rel, original in (("unparseable/garbage-1", garbage),
-                          ("inconsistent/nouid-2", inconsistent)):
+    for rel, original in (
+        ("unparseable/garbage-1", garbage),
+        ("inconsistent/nouid-2", inconsistent),
+    ):
         data = q / rel
         assert vault_stream.is_encrypted(data)
         assert stat.S_IMODE(data.stat().st_mode) == 0o600
@@ -82,10 +87,13 @@ def test_quarantine_commands(rooms, tmp_path: Path) -> None:
     assert listed.returncode == 0, listed.stderr
     lines = listed.stdout.splitlines()
     assert len(lines) == 2
-    assert lines[0].startswith("inconsistent  nouid-2  20") and \
-        lines[0].endswith(f"  {len(inconsistent)} bytes  missing or invalid StudyInstanceUID")
-    assert lines[1].startswith("unparseable  garbage-1  ") and \
-        f"  {len(garbage)} bytes  unreadable DICOM" in lines[1]
+    assert lines[0].startswith("inconsistent  nouid-2  20") and lines[0].endswith(
+        f"  {len(inconsistent)} bytes  missing or invalid StudyInstanceUID"
+    )
+    assert (
+        lines[1].startswith("unparseable  garbage-1  ")
+        and f"  {len(garbage)} bytes  unreadable DICOM" in lines[1]
+    )
     assert series.patient_name not in listed.stdout
 
     out = tmp_path / "export" / "nouid.dcm"
@@ -100,17 +108,25 @@ def test_quarantine_commands(rooms, tmp_path: Path) -> None:
     default = rooms.cli("quarantine", "export", "unparseable/garbage-1")
     assert default.returncode == 0 and (rooms.root / "garbage-1.dcm").read_bytes() == garbage
 
-    for bad in ("nope", "../../secrets/vault.key", "unparseable/../inconsistent/nouid-2",
-                "garbage-1.json", ""):
+    for bad in (
+        "nope",
+        "../../secrets/vault.key",
+        "unparseable/../inconsistent/nouid-2",
+        "garbage-1.json",
+        "",
+    ):
         for action in ("export", "release"):
             result = rooms.cli("quarantine", action, bad)
             assert result.returncode == 1, (action, bad)
-            assert result.stderr == f"ith-proxy: no quarantined item named {bad!r} " \
-                                    "(see: ith-proxy quarantine list)\n"
+            assert (
+                result.stderr == f"ith-proxy: no quarantined item named {bad!r} "
+                "(see: ith-proxy quarantine list)\n"
+            )
 
     # release, encrypt_incoming off: back to incoming/ in plaintext
-    released = rooms.cli("quarantine", "release", "garbage-1",
-                         ini="[spool]\nencrypt_incoming = false\n")
+    released = rooms.cli(
+        "quarantine", "release", "garbage-1", ini="[spool]\nencrypt_incoming = false\n"
+    )
     assert released.returncode == 0, released.stderr
     assert (rooms.spool.incoming / "garbage-1").read_bytes() == garbage
     assert not list(rooms.spool.quarantine_dir.glob("*/garbage-1*"))
@@ -141,10 +157,16 @@ def test_burned_in_annotation_and_secondary_capture_are_phi_risks(tmp_path: Path
         default.drop("sc-2", sc.files[0].read_bytes())
         assert default.indexer.run_once() == 2
         q = default.spool.quarantine_dir / "phi-risk"
-        assert sorted(p.name for p in q.iterdir()) == ["burned-1", "burned-1.json",
-                                                      "sc-2", "sc-2.json"]
-        assert json.loads((q / "burned-1.json").read_text())["error"] == \
-            "BurnedInAnnotation is YES (identifying text in the pixels)"
+        assert sorted(p.name for p in q.iterdir()) == [
+            "burned-1",
+            "burned-1.json",
+            "sc-2",
+            "sc-2.json",
+        ]
+        assert (
+            json.loads((q / "burned-1.json").read_text())["error"]
+            == "BurnedInAnnotation is YES (identifying text in the pixels)"
+        )
         assert "Secondary Capture" in json.loads((q / "sc-2.json").read_text())["error"]
         assert stored_files(default.spool.root) == [] and not vault_records(default.root)
     finally:
@@ -185,14 +207,20 @@ def test_burned_in_annotation_end_to_end(tmp_path: Path) -> None:
         assert vault_stream.is_encrypted(data)
         assert "BurnedInAnnotation" in json.loads(meta[0].read_text())["error"]
         assert len(stored_files(proxy.spool)) == 2
-        originals = {rec["phi"]["instance"]["SOPInstanceUID"]
-                     for rec in vault_records(proxy.workdir)}
+        originals = {
+            rec["phi"]["instance"]["SOPInstanceUID"] for rec in vault_records(proxy.workdir)
+        }
         assert originals == {series.sop_uids[0], series.sop_uids[2]}
         assert find_bytes(proxy.spool, series.markers(), skip=[proxy.spool / "vault.phi"]) == []
         assert "quarantined" in (proxy.spool / "logs" / "main.log").read_text()
-        listed = subprocess.run([sys.executable, "-m", "ith_proxy.cli", "quarantine", "list"],
-                                cwd=proxy.workdir, env=proxy.env, capture_output=True,
-                                text=True, timeout=60)
+        listed = subprocess.run(
+            [sys.executable, "-m", "ith_proxy.cli", "quarantine", "list"],
+            cwd=proxy.workdir,
+            env=proxy.env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert listed.stdout.startswith(f"phi-risk  {data.name}  ")
 
 
@@ -208,6 +236,7 @@ def test_an_unexpected_error_quarantines_that_file_only(rooms, tmp_path, caplog)
         if ds.InstanceNumber == 2:
             raise ValueError(f"cannot handle {ds.PatientName}")
         return real(ds, *args, **kwargs)
+
     rooms.indexer.deid.apply = buggy
     with caplog.at_level("INFO"):
         assert rooms.indexer.run_once() == 3
@@ -215,5 +244,11 @@ def test_an_unexpected_error_quarantines_that_file_only(rooms, tmp_path, caplog)
     info = json.loads((rooms.spool.quarantine_dir / "failed" / "f1.json").read_text())
     assert info["error"].startswith("internal error: ValueError at test_quarantine.py:")
     assert series.patient_name not in caplog.text and "test_quarantine.py" in caplog.text
-    assert find_bytes(rooms.spool.root, series.markers() | {series.patient_name},
-                      skip=[rooms.spool.root / "vault.phi"]) == []
+    assert (
+        find_bytes(
+            rooms.spool.root,
+            series.markers() | {series.patient_name},
+            skip=[rooms.spool.root / "vault.phi"],
+        )
+        == []
+    )

@@ -34,18 +34,33 @@ def _only_study(spool: Path) -> str:
 
 
 def test_kill9_during_send_loses_nothing_acknowledged_and_resend_duplicates_nothing(
-        tmp_path: Path) -> None:
+    tmp_path: Path,
+) -> None:
     series = dicomgen.make_ct_series(tmp_path / "in", 150, rows=256, cols=256)
     proxy = tools.ProxyProcess(tmp_path / "p", env={"DICOM_STUDY_TIMEOUT": "600"})
     proxy.start()
     log = tmp_path / "storescu.log"
     with open(log, "w") as out:
         sender = subprocess.Popen(
-            [tools.require_tool("storescu"), "-v", "-aec", "DICOMRCV", "127.0.0.1",
-             str(proxy.dicom_port), *map(str, series.files)],
-            stdout=subprocess.DEVNULL, stderr=out, env=tools.dcmtk_env())
-        wait_until(lambda: log.read_text().count("Received Store Response (Success)") >= 40,
-                   60, "40 acknowledged stores", interval=0.005)
+            [
+                tools.require_tool("storescu"),
+                "-v",
+                "-aec",
+                "DICOMRCV",
+                "127.0.0.1",
+                str(proxy.dicom_port),
+                *map(str, series.files),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=out,
+            env=tools.dcmtk_env(),
+        )
+        wait_until(
+            lambda: log.read_text().count("Received Store Response (Success)") >= 40,
+            60,
+            "40 acknowledged stores",
+            interval=0.005,
+        )
         proxy.kill9()
         sender.wait(timeout=60)
     output = log.read_text()
@@ -66,8 +81,9 @@ def test_kill9_during_send_loses_nothing_acknowledged_and_resend_duplicates_noth
     wait_indexed(proxy.spool, 150)
     files = stored_files(proxy.spool)
     assert len(files) == 150
-    assert {f.stem for f in files} == {original_to_anonymized_sop(proxy.workdir)[u]
-                                       for u in series.sop_uids}
+    assert {f.stem for f in files} == {
+        original_to_anonymized_sop(proxy.workdir)[u] for u in series.sop_uids
+    }
     assert catalog_counts(proxy.spool)["instances"] == 150
     assert len({r["sop"] for r in vault_records(proxy.workdir)}) == 150
     assert not list((proxy.spool / "incoming").iterdir())
@@ -88,8 +104,11 @@ def test_restart_keeps_states_and_timers(tmp_path: Path) -> None:
     assert tools.storescu(proxy.dicom_port, early.files).returncode == 0
     wait_indexed(proxy.spool, 2)
     first = _only_study(proxy.spool)
-    wait_until(lambda: catalog_study(proxy.spool, first)["state"] == "complete",
-               timeout + 10, "first study complete")
+    wait_until(
+        lambda: catalog_study(proxy.spool, first)["state"] == "complete",
+        timeout + 10,
+        "first study complete",
+    )
 
     assert tools.storescu(proxy.dicom_port, late.files).returncode == 0
     wait_indexed(proxy.spool, 5)
@@ -102,28 +121,34 @@ def test_restart_keeps_states_and_timers(tmp_path: Path) -> None:
     row = catalog_study(proxy.spool, second)
     assert row["state"] == "receiving"  # the restart did not complete it early
     assert catalog_study(proxy.spool, first)["state"] == "complete"  # nor reopen the other
-    done = wait_until(lambda: (r := catalog_study(proxy.spool, second))["state"] == "complete"
-                      and r, timeout + 10, "second study complete")
+    done = wait_until(
+        lambda: (r := catalog_study(proxy.spool, second))["state"] == "complete" and r,
+        timeout + 10,
+        "second study complete",
+    )
     assert done["last_received"] == last
     # neither lost (it completed) nor restarted from the restart time (not later)
     assert last + timeout <= done["completed_at"] < last + timeout + 3
-    summary = wait_until(lambda: (s := study_summary(proxy.spool, second))
-                         and s["state"] == "complete" and s, 10, "study.json")
+    summary = wait_until(
+        lambda: (s := study_summary(proxy.spool, second)) and s["state"] == "complete" and s,
+        10,
+        "study.json",
+    )
     assert summary["instance_count"] == 3
     proxy.stop()
 
 
 def test_late_instance_reopens_the_study_under_the_same_pseudonyms(tmp_path: Path) -> None:
     series = dicomgen.make_ct_series(tmp_path / "a", 3, rows=64, cols=64)
-    late = dicomgen.make_ct_series(tmp_path / "b", 1, rows=64, cols=64, like=series,
-                                   series_number=2)
+    late = dicomgen.make_ct_series(
+        tmp_path / "b", 1, rows=64, cols=64, like=series, series_number=2
+    )
     ini = "[scheduler]\nstudy_timeout = 2\ninterval = 0.2\n"
     with tools.ProxyProcess(tmp_path / "p", config_text=ini) as proxy:
         assert tools.storescu(proxy.dicom_port, series.files).returncode == 0
         wait_indexed(proxy.spool, 3)
         study = _only_study(proxy.spool)
-        wait_until(lambda: catalog_study(proxy.spool, study)["state"] == "complete", 15,
-                   "complete")
+        wait_until(lambda: catalog_study(proxy.spool, study)["state"] == "complete", 15, "complete")
         # re-sending known instances does not reopen
         assert tools.storescu(proxy.dicom_port, series.files[:1]).returncode == 0
         time.sleep(1)
@@ -134,19 +159,32 @@ def test_late_instance_reopens_the_study_under_the_same_pseudonyms(tmp_path: Pat
         assert row["reopened"] == 1 and row["state"] in ("receiving", "complete")
         assert _only_study(proxy.spool) == study
         assert len({str(read_header(f).PatientID) for f in stored_files(proxy.spool)}) == 1
-        wait_until(lambda: catalog_study(proxy.spool, study)["state"] == "complete", 15,
-                   "complete again")
+        wait_until(
+            lambda: catalog_study(proxy.spool, study)["state"] == "complete", 15, "complete again"
+        )
         summary = wait_until(
-            lambda: (s := study_summary(proxy.spool, study))
-            and s["state"] == "complete" and s["instance_count"] == 4 and s, 10, "summary")
-        assert [e["event"] for e in summary["events"]] == \
-            ["first-received", "complete", "reopened", "complete"]
+            lambda: (
+                (s := study_summary(proxy.spool, study))
+                and s["state"] == "complete"
+                and s["instance_count"] == 4
+                and s
+            ),
+            10,
+            "summary",
+        )
+        assert [e["event"] for e in summary["events"]] == [
+            "first-received",
+            "complete",
+            "reopened",
+            "complete",
+        ]
         assert summary["series_count"] == 2
 
 
 # --------------------------------------------------------------------------
 # associations: limit, port probes, socket options
 # --------------------------------------------------------------------------
+
 
 def _scu() -> AE:
     ae = AE(ae_title="HOLDER")
@@ -156,12 +194,12 @@ def _scu() -> AE:
 
 
 def test_associations_beyond_the_limit_are_rejected_and_server_stays_healthy(
-        tmp_path: Path) -> None:
+    tmp_path: Path,
+) -> None:
     ini = "[scp]\nmax_associations = 2\n"
     with tools.ProxyProcess(tmp_path / "p", config_text=ini) as proxy:
         ae = _scu()
-        held = [ae.associate("127.0.0.1", proxy.dicom_port, ae_title="DICOMRCV")
-                for _ in range(2)]
+        held = [ae.associate("127.0.0.1", proxy.dicom_port, ae_title="DICOMRCV") for _ in range(2)]
         assert all(a.is_established for a in held)
         extra = ae.associate("127.0.0.1", proxy.dicom_port, ae_title="DICOMRCV")
         assert extra.is_rejected
@@ -174,8 +212,7 @@ def test_associations_beyond_the_limit_are_rejected_and_server_stays_healthy(
 
 
 def test_port_probes_do_not_hold_association_slots(tmp_path: Path) -> None:
-    series = [dicomgen.make_ct_series(tmp_path / f"s{i}", 10, rows=64, cols=64)
-              for i in range(2)]
+    series = [dicomgen.make_ct_series(tmp_path / f"s{i}", 10, rows=64, cols=64) for i in range(2)]
     ini = "[scp]\nmax_associations = 2\nartim_timeout = 1\n"
     with tools.ProxyProcess(tmp_path / "p", config_text=ini) as proxy:
         probes = [socket.create_connection(("127.0.0.1", proxy.dicom_port)) for _ in range(6)]
@@ -183,6 +220,7 @@ def test_port_probes_do_not_hold_association_slots(tmp_path: Path) -> None:
 
         def send(i: int) -> None:
             results[i] = tools.storescu(proxy.dicom_port, series[i].files, aet=f"SENDER{i}")
+
         senders = [threading.Thread(target=send, args=(i,)) for i in range(2)]
         for t in senders:
             t.start()
@@ -231,9 +269,14 @@ def test_accepted_sockets_have_nodelay_and_listen_backlog_is_raised(tmp_path: Pa
 def _server_socket_nodelay(pid: int, server_port: int, peer_port: int) -> bool:
     """TCP_NODELAY of the proxy's accepted socket, read through a pidfd dup."""
     import os
+
     target = f"127.0.0.1:{peer_port}"
-    listing = subprocess.run([tools.require_tool("ss"), "-Htnp", f"sport = :{server_port}"],
-                             capture_output=True, text=True, check=True).stdout
+    listing = subprocess.run(
+        [tools.require_tool("ss"), "-Htnp", f"sport = :{server_port}"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     line = next((ln for ln in listing.splitlines() if target in ln), "")
     fd = int(line.split("fd=")[1].split(")")[0])
     pidfd = os.pidfd_open(pid)
@@ -249,6 +292,7 @@ def _server_socket_nodelay(pid: int, server_port: int, peer_port: int) -> bool:
 
 def _pidfd_getfd(pidfd: int, fd: int) -> int:
     import ctypes
+
     libc = ctypes.CDLL(None, use_errno=True)
     sys_pidfd_getfd = 438  # SYS_pidfd_getfd
     new = libc.syscall(sys_pidfd_getfd, pidfd, fd, 0)
@@ -261,8 +305,11 @@ def test_a_killed_indexer_process_is_restarted(tmp_path: Path) -> None:
     series = dicomgen.make_ct_series(tmp_path / "in", 3, rows=32, cols=32)
     with tools.ProxyProcess(tmp_path / "p") as proxy:
         children = Path(f"/proc/{proxy.pid}/task/{proxy.pid}/children").read_text().split()
-        indexers = [c for c in children
-                    if b"resource_tracker" not in Path(f"/proc/{c}/cmdline").read_bytes()]
+        indexers = [
+            c
+            for c in children
+            if b"resource_tracker" not in Path(f"/proc/{c}/cmdline").read_bytes()
+        ]
         assert len(indexers) == 1
         os.kill(int(indexers[0]), signal.SIGKILL)
         wait_until(lambda: proxy.health()[0] == 503, 10, "health reports the dead indexer")

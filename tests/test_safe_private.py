@@ -28,13 +28,12 @@ def test_the_table_is_all_of_e_3_10_1_2026d() -> None:
     table = load_table()
     assert len(table) == len({(r["group"], r["creator"], r["element"].upper()) for r in rows})
     # spot checks across vendors, as printed in the standard
-    assert table[(0x7053, "PHILIPS PET PRIVATE GROUP", 0x00)] == "DS"   # SUV factor
-    assert table[(0x0019, "GEMS_ACQU_01", 0x23)] == "DS"                # table speed
-    assert table[(0x0019, "SIEMENS MR HEADER", 0x0C)] == "IS"           # B value
-    assert table[(0x2001, "PHILIPS IMAGING DD 001", 0x5F)] == "SQ"      # stack sequence
-    assert table[(0x0099, "NQHEADER", 0x02)] == "UI"                     # analyzed series UID
-    assert all(int(r["group"], 16) % 2 == 1 and r["element"].lower().startswith("xx")
-               for r in rows)
+    assert table[(0x7053, "PHILIPS PET PRIVATE GROUP", 0x00)] == "DS"  # SUV factor
+    assert table[(0x0019, "GEMS_ACQU_01", 0x23)] == "DS"  # table speed
+    assert table[(0x0019, "SIEMENS MR HEADER", 0x0C)] == "IS"  # B value
+    assert table[(0x2001, "PHILIPS IMAGING DD 001", 0x5F)] == "SQ"  # stack sequence
+    assert table[(0x0099, "NQHEADER", 0x02)] == "UI"  # analyzed series UID
+    assert all(int(r["group"], 16) % 2 == 1 and r["element"].lower().startswith("xx") for r in rows)
 
 
 def _dataset() -> Dataset:
@@ -46,17 +45,17 @@ def _dataset() -> Dataset:
     ds.SOPInstanceUID = "1.2.826.0.1.3680043.2.1125.77.9"
     ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
     ge = ds.private_block(0x0019, "GEMS_ACQU_01", create=True)
-    ge.add_new(0x23, "DS", "39.375")                     # listed: table speed
-    ge.add_new(0x99, "LO", "GE-UNLISTED-CANARY")         # same creator, not listed
+    ge.add_new(0x23, "DS", "39.375")  # listed: table speed
+    ge.add_new(0x99, "LO", "GE-UNLISTED-CANARY")  # same creator, not listed
     philips = ds.private_block(0x2001, "Philips Imaging DD 001", create=True)
     item = Dataset()
-    item.PatientName = "NESTED^CANARY"                   # a standard attribute inside
-    item.SliceThickness = "2.5"                          # kept by the basic profile
+    item.PatientName = "NESTED^CANARY"  # a standard attribute inside
+    item.SliceThickness = "2.5"  # kept by the basic profile
     inner = item.private_block(0x0029, "ITH NOT LISTED", create=True)
     inner.add_new(0x01, "LO", "NESTED-PRIVATE-CANARY")
-    philips.add_new(0x5F, "SQ", Sequence([item]))        # listed: stack sequence
+    philips.add_new(0x5F, "SQ", Sequence([item]))  # listed: stack sequence
     nq = ds.private_block(0x0099, "NQHeader", create=True)
-    nq.add_new(0x02, "UI", ORIGINAL_SERIES)              # listed UID: the original series
+    nq.add_new(0x02, "UI", ORIGINAL_SERIES)  # listed UID: the original series
     return ds
 
 
@@ -95,8 +94,12 @@ def test_listed_elements_stay_and_what_they_carry_is_checked() -> None:
     assert analyzed == remap_uid(SECRET, ORIGINAL_SERIES) == str(ds.SeriesInstanceUID)
     # every original removed or replaced is in the vault record
     leaves = _phi_leaves(result)
-    for original in ("GE-UNLISTED-CANARY", "NESTED^CANARY", "NESTED-PRIVATE-CANARY",
-                     ORIGINAL_SERIES):
+    for original in (
+        "GE-UNLISTED-CANARY",
+        "NESTED^CANARY",
+        "NESTED-PRIVATE-CANARY",
+        ORIGINAL_SERIES,
+    ):
         assert original in leaves, original
 
 
@@ -131,6 +134,7 @@ def test_site_entries_extend_the_table() -> None:
     ds = _dataset()
     site = ds.private_block(0x0029, "ITH SITE", create=True)
     site.add_new(0x10, "LO", "SITE SAFE")
-    Deidentifier(SECRET, frozenset({"retain_safe_private"}),
-                 safe_private=((0x0029, "ITH SITE", 0x10),)).apply(ds)
+    Deidentifier(
+        SECRET, frozenset({"retain_safe_private"}), safe_private=((0x0029, "ITH SITE", 0x10),)
+    ).apply(ds)
     assert str(ds.private_block(0x0029, "ITH SITE")[0x10].value) == "SITE SAFE"

@@ -47,21 +47,25 @@ def _dataset(sop: str, pixel_bytes: int = 512, meta: bool = False) -> bytes:
     head = b""
     if meta:  # what a hostile sender puts in front: deflate, never negotiated
         head = _el(2, 0x0001, b"OB", b"\x00\x01") + _el(2, 0x0010, b"UI", b"1.2.840.10008.1.2.1.99")
-    body = b"".join((
-        _el(0x0008, 0x0016, b"UI", CT.encode()), _el(0x0008, 0x0018, b"UI", sop.encode()),
-        _el(0x0008, 0x0060, b"CS", b"CT"), _el(0x0010, 0x0010, b"PN", CANARY),
-        _el(0x0010, 0x0020, b"LO", b"HOSTILE-1"),
-        _el(0x0020, 0x000D, b"UI", b"1.2.826.0.1.3680043.8.498.1"),
-        _el(0x0020, 0x000E, b"UI", b"1.2.826.0.1.3680043.8.498.2"),
-        _el(0x0028, 0x0002, b"US", struct.pack("<H", 1)),
-        _el(0x0028, 0x0004, b"CS", b"MONOCHROME2"),
-        _el(0x0028, 0x0010, b"US", struct.pack("<H", pixel_bytes // (2 * cols))),
-        _el(0x0028, 0x0011, b"US", struct.pack("<H", cols)),
-        _el(0x0028, 0x0100, b"US", struct.pack("<H", 16)),
-        _el(0x0028, 0x0101, b"US", struct.pack("<H", 16)),
-        _el(0x0028, 0x0102, b"US", struct.pack("<H", 15)),
-        _el(0x0028, 0x0103, b"US", struct.pack("<H", 0)),
-    ))
+    body = b"".join(
+        (
+            _el(0x0008, 0x0016, b"UI", CT.encode()),
+            _el(0x0008, 0x0018, b"UI", sop.encode()),
+            _el(0x0008, 0x0060, b"CS", b"CT"),
+            _el(0x0010, 0x0010, b"PN", CANARY),
+            _el(0x0010, 0x0020, b"LO", b"HOSTILE-1"),
+            _el(0x0020, 0x000D, b"UI", b"1.2.826.0.1.3680043.8.498.1"),
+            _el(0x0020, 0x000E, b"UI", b"1.2.826.0.1.3680043.8.498.2"),
+            _el(0x0028, 0x0002, b"US", struct.pack("<H", 1)),
+            _el(0x0028, 0x0004, b"CS", b"MONOCHROME2"),
+            _el(0x0028, 0x0010, b"US", struct.pack("<H", pixel_bytes // (2 * cols))),
+            _el(0x0028, 0x0011, b"US", struct.pack("<H", cols)),
+            _el(0x0028, 0x0100, b"US", struct.pack("<H", 16)),
+            _el(0x0028, 0x0101, b"US", struct.pack("<H", 16)),
+            _el(0x0028, 0x0102, b"US", struct.pack("<H", 15)),
+            _el(0x0028, 0x0103, b"US", struct.pack("<H", 0)),
+        )
+    )
     return head + body + _el(0x7FE0, 0x0010, b"OW", bytes(pixel_bytes))
 
 
@@ -102,7 +106,7 @@ def _send_all_but_last(assoc, sop: str, data: bytes, keep: int = 2) -> None:
     msg = C_STORE_RQ()
     msg.primitive_to_message(_request(sop, data))
     pdus = list(msg.encode_msg(assoc.accepted_contexts[0].context_id, 16384))
-    for pdu in pdus[:len(pdus) - keep]:
+    for pdu in pdus[: len(pdus) - keep]:
         assoc.dul.send_pdu(pdu)
 
 
@@ -122,12 +126,17 @@ def proxy(tmp_path: Path):
 def test_dataset_starting_below_group_0008_is_refused(proxy) -> None:
     assoc = _associate(proxy.dicom_port)
     try:
-        status = _store(assoc, "1.2.826.0.1.3680043.8.498.10", _dataset(
-            "1.2.826.0.1.3680043.8.498.10", meta=True))
+        status = _store(
+            assoc,
+            "1.2.826.0.1.3680043.8.498.10",
+            _dataset("1.2.826.0.1.3680043.8.498.10", meta=True),
+        )
         assert status == 0xC000  # Cannot understand (PS3.4 B.2.3)
         # the same association goes on: a well-formed instance is stored
-        assert _store(assoc, "1.2.826.0.1.3680043.8.498.11",
-                      _dataset("1.2.826.0.1.3680043.8.498.11")) == 0x0000
+        assert (
+            _store(assoc, "1.2.826.0.1.3680043.8.498.11", _dataset("1.2.826.0.1.3680043.8.498.11"))
+            == 0x0000
+        )
     finally:
         assoc.release()
     spool = proxy.spool
@@ -178,14 +187,26 @@ def test_instance_past_max_instance_mb_aborts_only_its_association(tmp_path: Pat
         try:
             sop = "1.2.826.0.1.3680043.8.498.30"
             _send_all_but_last(big, sop, _dataset(sop, pixel_bytes=3 << 20))  # under the limit
-            assert _store(other, "1.2.826.0.1.3680043.8.498.31",
-                          _dataset("1.2.826.0.1.3680043.8.498.31")) == 0x0000
-            _send_all_but_last(big, "1.2.826.0.1.3680043.8.498.32",
-                               _dataset("1.2.826.0.1.3680043.8.498.32", pixel_bytes=6 << 20), 0)
+            assert (
+                _store(
+                    other, "1.2.826.0.1.3680043.8.498.31", _dataset("1.2.826.0.1.3680043.8.498.31")
+                )
+                == 0x0000
+            )
+            _send_all_but_last(
+                big,
+                "1.2.826.0.1.3680043.8.498.32",
+                _dataset("1.2.826.0.1.3680043.8.498.32", pixel_bytes=6 << 20),
+                0,
+            )
             wait_until(lambda: big.is_aborted, 30, "the over-size association aborted")
             # the other association goes on, and new ones are served
-            assert _store(other, "1.2.826.0.1.3680043.8.498.33",
-                          _dataset("1.2.826.0.1.3680043.8.498.33")) == 0x0000
+            assert (
+                _store(
+                    other, "1.2.826.0.1.3680043.8.498.33", _dataset("1.2.826.0.1.3680043.8.498.33")
+                )
+                == 0x0000
+            )
         finally:
             other.release()
             big.abort()
@@ -200,6 +221,7 @@ def test_pdu_longer_than_announced_closes_the_connection(proxy) -> None:
     """pynetdicom would read a PDU of any announced length into memory whole;
     one longer than our maximum PDU length (here 64 MiB) is refused at its header."""
     import socket
+
     assoc = _associate(proxy.dicom_port)
     try:
         raw = assoc.dul.socket.socket
@@ -217,6 +239,7 @@ def test_pdu_longer_than_announced_closes_the_connection(proxy) -> None:
                 return False
             except OSError:
                 return True
+
         wait_until(closed, 30, "the proxy closing the connection", interval=0.05)
     finally:
         assoc.abort()

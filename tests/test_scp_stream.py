@@ -55,6 +55,7 @@ def _status_kb(pid: int, field: str) -> int:
 # memory: 1 GB through a real proxy
 # --------------------------------------------------------------------------
 
+
 def test_1gb_instance_is_received_with_bounded_memory(tmp_path: Path) -> None:
     free = shutil.disk_usage(tmp_path).free
     if free < 5 << 30:
@@ -77,8 +78,10 @@ def test_1gb_instance_is_received_with_bounded_memory(tmp_path: Path) -> None:
             assert result.returncode == 0, result.stderr[-2000:]
             assert len(tools.acked_files(result)) == 1
             growth_mb = (peak - before) / 1024
-            print(f"proxy RSS before {before / 1024:.0f} MB, peak after {peak / 1024:.0f} MB, "
-                  f"growth {growth_mb:.1f} MB for a {size / 1e6:.0f} MB instance")
+            print(
+                f"proxy RSS before {before / 1024:.0f} MB, peak after {peak / 1024:.0f} MB, "
+                f"growth {growth_mb:.1f} MB for a {size / 1e6:.0f} MB instance"
+            )
             assert growth_mb < RSS_GROWTH_LIMIT_MB
             assert not list((proxy.spool / "tmp").iterdir())
             wait_indexed(proxy.spool, 2, timeout=600)
@@ -93,6 +96,7 @@ def test_1gb_instance_is_received_with_bounded_memory(tmp_path: Path) -> None:
 # the push-style encrypting writer: the v2 format of encrypt_stream
 # --------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("size", [0, 1, CHUNK - 1, CHUNK, CHUNK + 1, 3 * CHUNK + 5])
 def test_encrypting_writer_writes_the_v2_file_of_encrypt_stream(tmp_path: Path, size: int) -> None:
     keyring = Keyring([Keyring.generate_key()])
@@ -103,14 +107,14 @@ def test_encrypting_writer_writes_the_v2_file_of_encrypt_stream(tmp_path: Path, 
     at = 0
     while at < size:  # fragments of PDV-like, irregular sizes
         step = rng.choice((1, 7, 16378, 65536, CHUNK + 3))
-        writer.write(data[at:at + step])
+        writer.write(data[at : at + step])
         at += step
     writer.close()
     pushed = tmp_path / "pushed"
     pushed.write_bytes(b"".join(out))
     pulled = b"".join(vault_stream.encrypt_stream(keyring, [data]))
     assert pushed.stat().st_size == len(pulled)
-    assert out[0].startswith(pulled[:vault_stream.HEADER_V2 - 16])  # same magic, chunk, key id
+    assert out[0].startswith(pulled[: vault_stream.HEADER_V2 - 16])  # same magic, chunk, key id
     with vault_stream.open_source(pushed, keyring) as fh:
         assert fh.read() == data
     assert vault_stream.digest(pushed, keyring)["size"] == size
@@ -120,24 +124,29 @@ def test_encrypting_writer_writes_the_v2_file_of_encrypt_stream(tmp_path: Path, 
 # the first-element check, whatever the fragmentation
 # --------------------------------------------------------------------------
 
-@pytest.mark.parametrize("first, big_endian, refused", [
-    (b"\x02\x00\x10\x00", False, True),    # (0002,0010) file meta
-    (b"\x00\x00\x00\x09", False, True),    # (0000,0900) a command element
-    (b"\x07\x00\x10\x00", False, True),    # group 0007: illegal
-    (b"\x04\x00\x11\x15", False, True),    # (0004,1511): Directory Structuring, DICOMDIR only
-    (b"\x08\x00\x05\x00", False, False),   # (0008,0005): a data set
-    (b"\x00\x02\x00\x10", True, True),     # big endian (0002,0010)
-    (b"\x00\x08\x00\x05", True, False),    # big endian (0008,0005)
-])
+
+@pytest.mark.parametrize(
+    "first, big_endian, refused",
+    [
+        (b"\x02\x00\x10\x00", False, True),  # (0002,0010) file meta
+        (b"\x00\x00\x00\x09", False, True),  # (0000,0900) a command element
+        (b"\x07\x00\x10\x00", False, True),  # group 0007: illegal
+        (b"\x04\x00\x11\x15", False, True),  # (0004,1511): Directory Structuring, DICOMDIR only
+        (b"\x08\x00\x05\x00", False, False),  # (0008,0005): a data set
+        (b"\x00\x02\x00\x10", True, True),  # big endian (0002,0010)
+        (b"\x00\x08\x00\x05", True, False),  # big endian (0008,0005)
+    ],
+)
 @pytest.mark.parametrize("split", [1, 2, 4])
-def test_first_element_check(tmp_path: Path, first: bytes, big_endian: bool,
-                             refused: bool, split: int) -> None:
+def test_first_element_check(
+    tmp_path: Path, first: bytes, big_endian: bool, refused: bool, split: int
+) -> None:
     spool = Spool(tmp_path / "spool")
     spool.ensure()
     incoming = scp_stream.Incoming(spool, b"HEAD", None, big_endian, 1 << 20, 0)
     data = first + b"UI\x02\x001\x00"
     for i in range(0, len(data), split):
-        assert incoming.write(memoryview(data[i:i + split]))
+        assert incoming.write(memoryview(data[i : i + split]))
     status, name = incoming.finish()
     if refused:
         assert (status, name) == (scp_stream.CANNOT_UNDERSTAND, None)
@@ -165,6 +174,7 @@ def test_size_limit_and_empty_data_set(tmp_path: Path) -> None:
 # the pynetdicom version check
 # --------------------------------------------------------------------------
 
+
 def test_version_check() -> None:
     scp_stream.check_library()  # the installed one is what it was written for
     with pytest.raises(scp_stream.LibraryMismatch, match=r"pynetdicom 3\.0\.5"):
@@ -173,8 +183,10 @@ def test_version_check() -> None:
 
 def test_proxy_refuses_to_start_on_another_pynetdicom(tmp_path: Path) -> None:
     """A real `run` in a process whose pynetdicom says it is 3.0.5."""
-    code = ("import sys, pynetdicom; pynetdicom.__version__ = '3.0.5'; "
-            "from ith_proxy.cli import main; sys.exit(main(['run']))")
+    code = (
+        "import sys, pynetdicom; pynetdicom.__version__ = '3.0.5'; "
+        "from ith_proxy.cli import main; sys.exit(main(['run']))"
+    )
     proxy = tools.ProxyProcess(tmp_path / "p", command=[sys.executable, "-c", code])
     with pytest.raises(tools.ProxyStartError, match="exited with code 1"):
         proxy.start(timeout=60)

@@ -12,20 +12,24 @@ ROOT = Path(__file__).resolve().parent.parent
 CHECKED = ("ith_proxy", "tests", "bench", "tools")
 
 _SUPPRESSION = re.compile(r"#\s*(noqa|type:\s*ignore)\b(.*)$")
-_CODES = {"noqa": re.compile(r":\s*[A-Z]+[0-9]+(?:\s*,\s*[A-Z]+[0-9]+)*"),
-          "type": re.compile(r"\[[a-z0-9-]+(?:\s*,\s*[a-z0-9-]+)*\]")}
+_CODES = {
+    "noqa": re.compile(r":\s*[A-Z]+[0-9]+(?:\s*,\s*[A-Z]+[0-9]+)*"),
+    "type": re.compile(r"\[[a-z0-9-]+(?:\s*,\s*[a-z0-9-]+)*\]"),
+}
 _REASON = re.compile(r"[A-Za-z]{2,}")
 
 # Comments in modules other branches of issue 7 were editing; they get their
 # reason when those branches are merged, and leave this list then.
-PENDING = {
-}
+PENDING = {}
 
 
 def _suppressions(path: Path) -> list[tuple[int, str]]:
     tokens = tokenize.generate_tokens(io.StringIO(path.read_text(encoding="utf-8")).readline)
-    return [(tok.start[0], tok.string) for tok in tokens
-            if tok.type == tokenize.COMMENT and _SUPPRESSION.search(tok.string)]
+    return [
+        (tok.start[0], tok.string)
+        for tok in tokens
+        if tok.type == tokenize.COMMENT and _SUPPRESSION.search(tok.string)
+    ]
 
 
 def problem(comment: str) -> str | None:
@@ -37,7 +41,7 @@ def problem(comment: str) -> str | None:
     codes = _CODES[kind].match(rest)
     if codes is None:
         return "names no code"
-    if not _REASON.search(rest[codes.end():]):
+    if not _REASON.search(rest[codes.end() :]):
         return "gives no reason"
     return None
 

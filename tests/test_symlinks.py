@@ -65,8 +65,9 @@ def test_a_linked_audit_log_is_refused(rooms, target, tmp_path) -> None:
     assert not out.exists() and _unchanged(target)
 
 
-@pytest.mark.parametrize("name", ["logs/main.log", "logs/error.log", "vault.phi",
-                                  "catalog.sqlite3", "incoming", ".lock"])
+@pytest.mark.parametrize(
+    "name", ["logs/main.log", "logs/error.log", "vault.phi", "catalog.sqlite3", "incoming", ".lock"]
+)
 def test_start_is_refused_on_a_linked_spool_file(tmp_path: Path, target, name: str) -> None:
     work = tmp_path / "p"
     link = work / "spool" / name
@@ -85,7 +86,8 @@ def test_quarantine_commands_take_the_spool_lock(rooms, tmp_path, action: str) -
     rooms.drop("garbage-1", b"\x00" * 132 + b"garbage")
     rooms.indexer.run_once()
     args = ["quarantine", action, "garbage-1"] + (
-        ["--out", str(tmp_path / "g1.dcm")] if action == "export" else [])
+        ["--out", str(tmp_path / "g1.dcm")] if action == "export" else []
+    )
     lock = rooms.spool.lock()  # as the running proxy holds it
     assert lock is not None
     try:
@@ -93,8 +95,9 @@ def test_quarantine_commands_take_the_spool_lock(rooms, tmp_path, action: str) -
     finally:
         os.close(lock)
     assert refused.returncode == 1
-    assert refused.stderr == ("ith-proxy: the proxy is running on this spool; "
-                              f"stop it before quarantine {action}\n")
+    assert refused.stderr == (
+        f"ith-proxy: the proxy is running on this spool; stop it before quarantine {action}\n"
+    )
     assert (rooms.spool.quarantine_dir / "unparseable" / "garbage-1").is_file()
     assert not (tmp_path / "g1.dcm").exists()
     assert not (rooms.spool.logs / "audit.log").exists()  # refused before any record

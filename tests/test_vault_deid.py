@@ -44,8 +44,14 @@ def test_run_refuses_an_open_key_file_with_one_line(tmp_path: Path) -> None:
     os.chmod(key, 0o644)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("DICOM_", "API_", "VAULT_"))}
     env.update(PYTHONPATH=str(REPO), VAULT_KEY_FILE=str(key))
-    result = subprocess.run([sys.executable, "-m", "ith_proxy.cli", "run"], cwd=tmp_path, env=env,
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-m", "ith_proxy.cli", "run"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 1
     assert "accessible by group or others" in result.stderr
     assert "Traceback" not in result.stderr
@@ -101,7 +107,8 @@ def test_uid_remap_is_valid_consistent_and_keeps_standard_uids() -> None:
     new = remap_uid(secret, uid)
     assert new == remap_uid(secret, uid)
     assert new.startswith("2.25.") and len(new) <= 64
-    assert all(part.isdigit() and (part == "0" or not part.startswith("0"))
-               for part in new.split("."))
+    assert all(
+        part.isdigit() and (part == "0" or not part.startswith("0")) for part in new.split(".")
+    )
     assert remap_uid(secret, uid + "1") != new
     assert remap_uid(secret, "1.2.840.10008.5.1.4.1.1.2") == "1.2.840.10008.5.1.4.1.1.2"

@@ -29,8 +29,8 @@ from ith_proxy.vault.rotate import rotate, step_reencrypt
 REPO = Path(__file__).resolve().parent.parent
 MB = 1 << 20
 SECRET = b"0123456789abcdef0123456789abcdef"
-V2 = b"V2 "          # V2 (spelled out so this file also runs against main)
-PIECE = 3 << 18      # PIECE: values around it cross piece boundaries
+V2 = b"V2 "  # V2 (spelled out so this file also runs against main)
+PIECE = 3 << 18  # PIECE: values around it cross piece boundaries
 
 
 def _vault(tmp_path: Path) -> Vault:
@@ -71,13 +71,20 @@ def _binary_leaves(obj: object) -> list[bytes]:
 def _indexer_record(value: bytes) -> dict:
     """The record the indexer appends for an instance with a removed private OB."""
     result = Deidentifier(SECRET).apply(_with_private_ob(value))
-    return {"v": 1, "study": result.study_uid, "series": result.series_uid,
-            "sop": result.sop_uid, "patient": result.patient_id, "phi": result.phi}
+    return {
+        "v": 1,
+        "study": result.study_uid,
+        "series": result.series_uid,
+        "sop": result.sop_uid,
+        "patient": result.patient_id,
+        "phi": result.phi,
+    }
 
 
 # --------------------------------------------------------------------------
 # size and memory
 # --------------------------------------------------------------------------
+
 
 def test_a_20mb_removed_value_makes_a_record_at_most_1_5x(tmp_path: Path) -> None:
     value = os.urandom(20 * MB)
@@ -129,19 +136,25 @@ print(json.dumps({"growth": status("VmHWM") - base, "line": len(_line_at(vault.p
 
 
 @pytest.mark.parametrize("size_mb", [20, 200])
-def test_put_and_get_of_a_large_value_stay_within_a_small_multiple(tmp_path: Path,
-                                                                   size_mb: int) -> None:
+def test_put_and_get_of_a_large_value_stay_within_a_small_multiple(
+    tmp_path: Path, size_mb: int
+) -> None:
     """Peak RSS growth (VmHWM reset after the value exists) over building the
     record, appending it and reading it back: at most 4x the value + 32 MB
     (main: about 17x, 346 MB for 20 MB)."""
     size = size_mb * MB
-    out = subprocess.run([sys.executable, "-c", _MEMORY_SCRIPT, str(REPO), str(size),
-                          str(tmp_path)], capture_output=True, text=True, timeout=600,
-                         env={**os.environ, "PYTHONPATH": str(REPO)})
+    out = subprocess.run(
+        [sys.executable, "-c", _MEMORY_SCRIPT, str(REPO), str(size), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     got = json.loads(out.stdout.strip().splitlines()[-1])
-    assert got["growth"] <= 4 * size + 32 * MB, \
+    assert got["growth"] <= 4 * size + 32 * MB, (
         f"peak grew by {got['growth'] / size:.1f}x the value ({got['growth'] // MB} MB)"
+    )
     assert got["line"] <= 1.5 * size
     assert got["ok"]  # the value came back as the same bytes
 
@@ -150,15 +163,32 @@ def test_put_and_get_of_a_large_value_stay_within_a_small_multiple(tmp_path: Pat
 # format
 # --------------------------------------------------------------------------
 
+
 def test_binary_values_come_back_as_the_same_bytes(tmp_path: Path) -> None:
     vault = _vault(tmp_path)
-    cases = [b"", b"\x00", b"\n\n\r\n", os.urandom(1000), os.urandom(PIECE - 1),
-             os.urandom(MB + 1), os.urandom(3 * PIECE + 2)]
+    cases = [
+        b"",
+        b"\x00",
+        b"\n\n\r\n",
+        os.urandom(1000),
+        os.urandom(PIECE - 1),
+        os.urandom(MB + 1),
+        os.urandom(3 * PIECE + 2),
+    ]
     offsets = {}
     for value in cases:
-        record = {"sop": "1.2.3", "phi": {"instance": {
-            "(0009,1010)": value, "Seq": [{"(0011,1001)": bytearray(value), "Name": "A"}],
-            "Text": "x", "Number": 7, "Empty": None}}}
+        record = {
+            "sop": "1.2.3",
+            "phi": {
+                "instance": {
+                    "(0009,1010)": value,
+                    "Seq": [{"(0011,1001)": bytearray(value), "Name": "A"}],
+                    "Text": "x",
+                    "Number": 7,
+                    "Empty": None,
+                }
+            },
+        }
         offsets[vault.put(record)] = (record, value)
     plain = {"sop": "1.2.4", "phi": {"patient": {"PatientName": "DOE^JANE", "bin": "x"}}}
     offsets[vault.put(plain)] = (plain, None)
@@ -177,10 +207,12 @@ def test_binary_values_come_back_as_the_same_bytes(tmp_path: Path) -> None:
 
 def _put_v1(vault: Vault, record: dict) -> int:
     """Append a record in the format main wrote (Fernet, binary values as hex)."""
+
     def hexed(obj: object) -> object:
         if isinstance(obj, bytes):
             return {"hex": obj.hex()}
         raise TypeError
+
     line = vault.keyring.encrypt(json.dumps(record, sort_keys=True, default=hexed).encode())
     with open(vault.path, "ab") as fh:
         offset = fh.tell()
@@ -207,6 +239,7 @@ def test_v1_records_still_read_with_binary_values_as_bytes(tmp_path: Path) -> No
 # damage: one record only
 # --------------------------------------------------------------------------
 
+
 def _three(tmp_path: Path, value: bytes) -> tuple[Vault, list[int], list[dict]]:
     vault = _vault(tmp_path)
     records = [{"sop": f"1.2.{i}", "phi": {"instance": {"(0009,1010)": value}}} for i in range(3)]
@@ -220,7 +253,7 @@ def test_a_torn_v2_tail_is_sealed_and_isolated(tmp_path: Path) -> None:
     line = _line_at(vault.path, offsets[1])
     torn_at = vault.path.stat().st_size
     with open(vault.path, "ab") as fh:
-        fh.write(line[:len(line) // 2])  # the service died mid-append
+        fh.write(line[: len(line) // 2])  # the service died mid-append
     after = {"sop": "1.2.9", "phi": {"instance": {"(0009,1010)": b"after"}}}
     vault = _vault(tmp_path)
     new = vault.put(after)
@@ -238,12 +271,19 @@ def test_a_torn_v2_tail_is_sealed_and_isolated(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("size", [3000, MB + 3])  # opened in one call / in pieces
 @pytest.mark.parametrize("where", ["prefix", "key id", "middle", "tag", "newline-free"])
-def test_a_flipped_byte_spoils_that_v2_record_only(tmp_path: Path, where: str,
-                                                   size: int) -> None:
+def test_a_flipped_byte_spoils_that_v2_record_only(tmp_path: Path, where: str, size: int) -> None:
     vault, offsets, records = _three(tmp_path, os.urandom(size))
     length = len(_line_at(vault.path, offsets[1]))
-    at = offsets[1] + {"prefix": 0, "key id": 5, "middle": length // 2, "tag": length - 8,
-                       "newline-free": length - 1}[where]
+    at = (
+        offsets[1]
+        + {
+            "prefix": 0,
+            "key id": 5,
+            "middle": length // 2,
+            "tag": length - 8,
+            "newline-free": length - 1,
+        }[where]
+    )
     data = bytearray(vault.path.read_bytes())
     # same length; "tag" is in a full base64 quantum (a padded last quantum has
     # unused bits, a flip there may decode to the same bytes)
@@ -261,9 +301,9 @@ def test_a_v2_record_moved_to_another_offset_does_not_read(tmp_path: Path) -> No
     (another patient's originals under this instance's offset) is detected."""
     vault, offsets, records = _three(tmp_path, os.urandom(4000))
     data = vault.path.read_bytes()
-    one, two = data[offsets[0]:offsets[1]], data[offsets[1]:offsets[2]]
+    one, two = data[offsets[0] : offsets[1]], data[offsets[1] : offsets[2]]
     assert len(one) == len(two)
-    vault.path.write_bytes(two + one + data[offsets[2]:])
+    vault.path.write_bytes(two + one + data[offsets[2] :])
     vault = _vault(tmp_path)
     for offset in offsets[:2]:
         with pytest.raises(VaultRecordError):
@@ -274,6 +314,7 @@ def test_a_v2_record_moved_to_another_offset_does_not_read(tmp_path: Path) -> No
 # --------------------------------------------------------------------------
 # key rotation: both kinds, every offset kept
 # --------------------------------------------------------------------------
+
 
 def _mixed(tmp_path: Path) -> tuple[Spool, Vault, dict]:
     spool = Spool(tmp_path / "spool")
@@ -297,15 +338,15 @@ def test_rotation_rotates_v1_and_v2_records_and_keeps_every_offset(tmp_path: Pat
     after = vault.path.read_bytes().splitlines(True)
     assert [len(x) for x in after] == [len(x) for x in before]
     assert all(a != b for a, b in zip(before, after, strict=True))
-    assert [x.startswith(V2) for x in after] == \
-        [x.startswith(V2) for x in before] == [True, False] * 3
+    assert (
+        [x.startswith(V2) for x in after] == [x.startswith(V2) for x in before] == [True, False] * 3
+    )
     vault = _vault(tmp_path)
     assert vault.keyring.count == 1
     for offset, record in records.items():
         assert vault.get(offset) == record
     # nothing is left under the old key
-    assert all(isinstance(r, VaultRecordError) for _, r in
-               _with_keyring(vault, old_keyring).scan())
+    assert all(isinstance(r, VaultRecordError) for _, r in _with_keyring(vault, old_keyring).scan())
 
 
 def _with_keyring(vault: Vault, keyring: Keyring) -> Vault:
@@ -315,8 +356,9 @@ def _with_keyring(vault: Vault, keyring: Keyring) -> Vault:
 
 
 @pytest.mark.parametrize("kind", ["v1", "v2"])
-def test_a_length_change_aborts_the_rotation_for_either_kind(tmp_path: Path, monkeypatch,
-                                                            kind: str) -> None:
+def test_a_length_change_aborts_the_rotation_for_either_kind(
+    tmp_path: Path, monkeypatch, kind: str
+) -> None:
     spool, vault, _records = _mixed(tmp_path)
     before = vault.path.read_bytes()
     if kind == "v1":
@@ -324,8 +366,9 @@ def test_a_length_change_aborts_the_rotation_for_either_kind(tmp_path: Path, mon
         monkeypatch.setattr(Keyring, "encrypt", lambda self, data: real(self, data) + b"A")
     else:
         seal = Keyring.seal_record
-        monkeypatch.setattr(Keyring, "seal_record",
-                            lambda self, parts, aad: [*seal(self, parts, aad), b"AB"])
+        monkeypatch.setattr(
+            Keyring, "seal_record", lambda self, parts, aad: [*seal(self, parts, aad), b"AB"]
+        )
     add_new_key(vault.key_file)
     with pytest.raises(VaultRecordError, match="would move it"):
         step_reencrypt(spool, vault.path, vault.key_file)
@@ -346,8 +389,9 @@ def test_reencrypting_a_large_record_keeps_it_and_a_corrupt_one_stays(tmp_path: 
         done, kept = reencrypt_records(src, dst, new)
     assert (done, kept) == (2, [offsets[1]])
     rotated = out.read_bytes()
-    assert len(rotated) == len(data) and rotated[offsets[1]:offsets[2]] == \
-        bytes(data[offsets[1]:offsets[2]])
+    assert len(rotated) == len(data) and rotated[offsets[1] : offsets[2]] == bytes(
+        data[offsets[1] : offsets[2]]
+    )
     reader = _with_keyring(vault, Keyring([new_key]))  # the new key alone reads them
     reader.path = out
     assert reader.get(offsets[0]) == records[0] and reader.get(offsets[2]) == records[2]
@@ -360,6 +404,7 @@ def _key_lines(vault: Vault) -> list[bytes]:
 # --------------------------------------------------------------------------
 # end to end: storescu -> proxy -> indexer -> vault
 # --------------------------------------------------------------------------
+
 
 def _descendants(pid: int) -> list[int]:
     found = []
@@ -388,7 +433,8 @@ def _peak_rss(pids: list[int]) -> int:
 
 
 def test_a_20mb_private_ob_through_the_proxy_comes_back_from_a_bounded_record(
-        tmp_path: Path) -> None:
+    tmp_path: Path,
+) -> None:
     """storescu -> proxy -> indexer: the vault line is at most 1.5x the value,
     the value comes back exactly, and the worker processes' peak RSS grows by
     at most 4x the value + 32 MB over a small instance (main: 357 MB)."""
@@ -424,8 +470,16 @@ def test_a_record_is_refused_to_an_instance_it_does_not_belong_to(tmp_path: Path
     """The vault checks that a record is the asking instance's (a reused SOP
     Instance UID must never repoint another study's originals)."""
     vault = _vault(tmp_path)
-    offset = vault.put({"v": 1, "study": "1.2.3", "series": "1.2.3.4", "sop": "1.2.3.4.5",
-                        "patient": "P", "phi": {}})
+    offset = vault.put(
+        {
+            "v": 1,
+            "study": "1.2.3",
+            "series": "1.2.3.4",
+            "sop": "1.2.3.4.5",
+            "patient": "P",
+            "phi": {},
+        }
+    )
     assert vault.get(offset, "1.2.3", "1.2.3.4.5")["sop"] == "1.2.3.4.5"
     for study, sop in (("1.2.3", "1.2.3.4.6"), ("1.2.9", "1.2.3.4.5")):
         with pytest.raises(VaultRecordError, match="belongs to another instance"):

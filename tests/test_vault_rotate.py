@@ -42,16 +42,19 @@ def site(tmp_path: Path):
     vault.sync()
     vault.close()
     keyring = vault.keyring
-    blobs = {"quarantine/unparseable/q1": os.urandom(3 * vault_stream.CHUNK + 1234),
-             "incoming/in1": os.urandom(5000)}
+    blobs = {
+        "quarantine/unparseable/q1": os.urandom(3 * vault_stream.CHUNK + 1234),
+        "incoming/in1": os.urandom(5000),
+    }
     for rel, data in blobs.items():
         path = spool.root / rel
         path.parent.mkdir(mode=0o700, exist_ok=True)
         with open(path, "wb") as fh:
             fh.writelines(vault_stream.encrypt_stream(keyring, [data]))
     blobs["incoming/legacy-v1"] = os.urandom(2 * vault_stream.CHUNK + 777)
-    (spool.root / "incoming/legacy-v1").write_bytes(encrypt_v1(keyring,
-                                                               blobs["incoming/legacy-v1"]))
+    (spool.root / "incoming/legacy-v1").write_bytes(
+        encrypt_v1(keyring, blobs["incoming/legacy-v1"])
+    )
     return spool, vault_path, key_file, records, blobs
 
 
@@ -60,8 +63,9 @@ def _plain(path: Path, keyring: Keyring) -> bytes:
         return fh.read()
 
 
-def _assert_all_readable(spool: Spool, vault_path: Path, key_file: Path, records: dict,
-                         blobs: dict) -> None:
+def _assert_all_readable(
+    spool: Spool, vault_path: Path, key_file: Path, records: dict, blobs: dict
+) -> None:
     vault = Vault(vault_path, key_file)
     for offset, rec in records.items():
         assert vault.get(offset) == rec
@@ -98,8 +102,11 @@ def test_rotation_keeps_every_record_and_offset(site) -> None:
     assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
     assert stat.S_IMODE(vault_path.stat().st_mode) == 0o600
     assert not list(spool.tmp.iterdir())
-    assert not [p for p in key_file.parent.iterdir() if p.name != key_file.name
-                and p.name not in ("site.secret", "audit.key")]
+    assert not [
+        p
+        for p in key_file.parent.iterdir()
+        if p.name != key_file.name and p.name not in ("site.secret", "audit.key")
+    ]
     new_id = Keyring(new_keys).stream_key_id
     assert all(_key_id(spool.root / rel) == new_id for rel in blobs)  # all v2, new key
 
@@ -142,10 +149,11 @@ def test_the_key_id_selects_the_key_after_rotation(site, tmp_path: Path) -> None
     assert _key_id(fresh) == new.stream_key_id  # written under the first key
     for keyring in (ring, Keyring([old_key, new_key])):  # found by id, whatever the order
         assert _plain(fresh, keyring) == data
-        assert all(_plain(p, keyring) == blobs[str(p.relative_to(spool.root))]
-                   for p in v2_files)
-    with pytest.raises(vault_stream.EncryptedFileError,
-                       match=f"not in the key file \\(key id {new.stream_key_id.hex()}\\)"):
+        assert all(_plain(p, keyring) == blobs[str(p.relative_to(spool.root))] for p in v2_files)
+    with pytest.raises(
+        vault_stream.EncryptedFileError,
+        match=f"not in the key file \\(key id {new.stream_key_id.hex()}\\)",
+    ):
         _plain(fresh, old)
     with pytest.raises(vault_stream.EncryptedFileError, match="not in the key file"):
         _plain(v2_files[0], new)
@@ -212,6 +220,7 @@ def test_crash_inside_step_b_leaves_everything_readable(site, monkeypatch) -> No
         if len(calls) == 2:
             raise OSError(5, "Input/output error")
         return real(self, path, write)
+
     monkeypatch.setattr(Spool, "rewrite", dying)
     add_new_key(key_file)
     with pytest.raises(OSError):
@@ -229,8 +238,9 @@ def test_a_token_length_change_aborts_before_anything_is_replaced(site, monkeypa
     spool, vault_path, key_file, records, blobs = site
     before = vault_path.read_bytes()
     real = Keyring.seal_record  # the records are v2 (test_vault_records.py has v1 too)
-    monkeypatch.setattr(Keyring, "seal_record",
-                        lambda self, parts, aad: [*real(self, parts, aad), b"A"])
+    monkeypatch.setattr(
+        Keyring, "seal_record", lambda self, parts, aad: [*real(self, parts, aad), b"A"]
+    )
     add_new_key(key_file)
     with pytest.raises(VaultRecordError, match="would move it"):
         step_reencrypt(spool, vault_path, key_file)
@@ -248,7 +258,7 @@ def test_corrupt_record_stays_corrupt_and_the_others_rotate(site) -> None:
     data[bad + 60] = ord("A") if data[bad + 60] != ord("A") else ord("B")  # same length
     vault_path.write_bytes(bytes(data))
     bad_record = records.pop(bad)
-    bad_line = bytes(data[bad:offsets[8]])
+    bad_line = bytes(data[bad : offsets[8]])
     # a damaged quarantine file is kept as it is too
     qfile = spool.root / "quarantine" / "unparseable" / "q1"
     damaged = bytearray(qfile.read_bytes())
@@ -261,7 +271,7 @@ def test_corrupt_record_stays_corrupt_and_the_others_rotate(site) -> None:
     assert rotation.corrupt_files == ["quarantine/unparseable/q1"] and rotation.files == 2
     assert "1 corrupt record kept unchanged (offsets " + str(bad) + ")" in rotation.summary()
     after = vault_path.read_bytes()
-    assert after[bad:offsets[8]] == bad_line
+    assert after[bad : offsets[8]] == bad_line
     assert qfile.read_bytes() == bytes(damaged)
     vault = Vault(vault_path, key_file)
     with pytest.raises(VaultRecordError, match=f"record at offset {bad} is corrupt"):
@@ -291,9 +301,16 @@ def test_torn_last_record_is_kept(site) -> None:
 # the command, against a real proxy's spool
 # --------------------------------------------------------------------------
 
+
 def _cli(proxy: tools.ProxyProcess, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "ith_proxy.cli", *args], cwd=proxy.workdir,
-                          env=proxy.env, capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "ith_proxy.cli", *args],
+        cwd=proxy.workdir,
+        env=proxy.env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def _offsets(spool: Path) -> list:
@@ -316,20 +333,26 @@ def test_rotate_key_command(tmp_path: Path) -> None:
         staged = proxy.spool / "tmp" / "garbage-1"  # whole, then renamed in (as the SCP does)
         staged.write_bytes(garbage)
         staged.rename(proxy.spool / "incoming" / "garbage-1")
-        wait_until(lambda: list((proxy.spool / "quarantine").glob("*/garbage-1.json")), 30,
-                   "garbage quarantined")
+        wait_until(
+            lambda: list((proxy.spool / "quarantine").glob("*/garbage-1.json")),
+            30,
+            "garbage quarantined",
+        )
         refused = _cli(proxy, "vault", "rotate-key")
         assert refused.returncode == 1
-        assert refused.stderr.strip() == ("ith-proxy: the proxy is running on this spool; "
-                                          "stop it before vault rotate-key")
+        assert refused.stderr.strip() == (
+            "ith-proxy: the proxy is running on this spool; stop it before vault rotate-key"
+        )
     before = vault_records(proxy.workdir)
     offsets = _offsets(proxy.spool)
     old_key = (proxy.workdir / "secrets" / "vault.key").read_bytes()
     result = _cli(proxy, "vault", "rotate-key")
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == ("vault key rotated: 4 records re-encrypted, 0 corrupt "
-                                     "records kept unchanged; 1 spool file re-encrypted; "
-                                     "1 old key removed")
+    assert result.stdout.strip() == (
+        "vault key rotated: 4 records re-encrypted, 0 corrupt "
+        "records kept unchanged; 1 spool file re-encrypted; "
+        "1 old key removed"
+    )
     new_key = (proxy.workdir / "secrets" / "vault.key").read_bytes()
     assert new_key != old_key and len(new_key.split()) == 1
     assert vault_records(proxy.workdir) == before

@@ -36,8 +36,10 @@ class Clock:
 @pytest.fixture
 def rooms(tmp_path: Path):
     configure_libraries()  # as the indexer process does
-    cfg = config.load(env={"DICOM_STORAGE_DIR": str(tmp_path / "spool"),
-                           "DICOM_STUDY_TIMEOUT": "30"}, cwd=tmp_path)
+    cfg = config.load(
+        env={"DICOM_STORAGE_DIR": str(tmp_path / "spool"), "DICOM_STUDY_TIMEOUT": "30"},
+        cwd=tmp_path,
+    )
     spool = Spool(cfg.spool.dir)
     spool.ensure()
     init_secrets(cfg.vault.key_file)
@@ -123,15 +125,17 @@ def test_catalog_uses_wal(tmp_path: Path) -> None:
 
 
 def test_extra_transfer_syntax_is_stored_as_received(tmp_path: Path) -> None:
-    series = dicomgen.make_ct_series(tmp_path / "in", 3, rows=64, cols=64,
-                                     transfer_syntax=RLELossless)
+    series = dicomgen.make_ct_series(
+        tmp_path / "in", 3, rows=64, cols=64, transfer_syntax=RLELossless
+    )
     ini = "[scp]\ntransfer_syntaxes = rle\n"
     with tools.ProxyProcess(tmp_path / "p", config_text=ini) as proxy:
         result = tools.storescu(proxy.dicom_port, series.files, extra=["-xr"])
         assert result.returncode == 0, result.stderr[-1500:]
         wait_indexed(proxy.spool, 3)
-        originals = {str(pydicom.dcmread(f).InstanceNumber): pydicom.dcmread(f)
-                     for f in series.files}
+        originals = {
+            str(pydicom.dcmread(f).InstanceNumber): pydicom.dcmread(f) for f in series.files
+        }
         for out in stored_files(proxy.spool):
             ds = pydicom.dcmread(out)
             assert ds.file_meta.TransferSyntaxUID == RLELossless
@@ -139,8 +143,9 @@ def test_extra_transfer_syntax_is_stored_as_received(tmp_path: Path) -> None:
 
 
 def test_rle_is_refused_unless_configured(tmp_path: Path) -> None:
-    series = dicomgen.make_ct_series(tmp_path / "in", 1, rows=64, cols=64,
-                                     transfer_syntax=RLELossless)
+    series = dicomgen.make_ct_series(
+        tmp_path / "in", 1, rows=64, cols=64, transfer_syntax=RLELossless
+    )
     with tools.ProxyProcess(tmp_path / "p") as proxy:
         # -xr: propose RLE first; DCMTK cannot decode RLE, so nothing else can be sent
         result = tools.storescu(proxy.dicom_port, series.files, extra=["-xr"])

@@ -28,17 +28,25 @@ class Rooms:
         root.mkdir(parents=True, exist_ok=True)
         self.ini = root / "proxy.ini"
         self.ini.write_text(ini)
-        self.env = {"DICOM_STORAGE_DIR": str(root / "spool"),
-                    "VAULT_KEY_FILE": str(root / "secrets" / "vault.key"),
-                    "ITH_PROXY_CONFIG": str(self.ini), **(env or {})}
+        self.env = {
+            "DICOM_STORAGE_DIR": str(root / "spool"),
+            "VAULT_KEY_FILE": str(root / "secrets" / "vault.key"),
+            "ITH_PROXY_CONFIG": str(self.ini),
+            **(env or {}),
+        }
         self.cfg = config.load(env=self.env, cwd=root)
         self.spool = Spool(self.cfg.spool.dir)
         self.spool.ensure()
         init_secrets(self.cfg.vault.key_file)  # a new site's keys, as `run` makes them
         self.catalog = Catalog(self.spool.catalog_file)
         self.vault = Vault(self.spool.vault_file, self.cfg.vault.key_file)
-        self.indexer = Indexer(self.cfg, self.spool, self.catalog, self.vault,
-                               load_site_secret(self.cfg.vault.secret_file))
+        self.indexer = Indexer(
+            self.cfg,
+            self.spool,
+            self.catalog,
+            self.vault,
+            load_site_secret(self.cfg.vault.secret_file),
+        )
 
     def close(self) -> None:
         self.vault.close()
@@ -54,5 +62,11 @@ class Rooms:
             self.ini.write_text(ini)
         env = {k: v for k, v in os.environ.items() if not k.startswith(tools.PROXY_ENV_PREFIXES)}
         env.update(self.env, PYTHONPATH=str(REPO))
-        return subprocess.run([sys.executable, "-m", "ith_proxy.cli", *args], cwd=self.root,
-                              env=env, capture_output=True, text=True, timeout=120)
+        return subprocess.run(
+            [sys.executable, "-m", "ith_proxy.cli", *args],
+            cwd=self.root,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )

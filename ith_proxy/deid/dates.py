@@ -50,4 +50,3 @@ def shift_value(vr: str, value: str, days: int) -> str:
             shifted = _shift_da(part[:8], days) if len(part) >= 8 else ""
             out.append(shifted + part[8:] if shifted else "")
     return "\\".join(out)
-

@@ -50,6 +50,7 @@ class DeidResult:
 @dataclass
 class _Pass:
     """State of one apply(): the result, and what the actions need (``actions.Context``)."""
+
     result: DeidResult
     ctx: Context
 
@@ -68,9 +69,15 @@ def _plain(value: object) -> object:
 
 def _sequence_plain(seq: Sequence) -> list:
     un.settle_items(seq)  # nested UN sequences are recorded value by value
-    return [{(e.keyword or f"({e.tag.group:04X},{e.tag.element:04X})"):
-             (_sequence_plain(e.value) if e.VR == "SQ" else _plain(e.value)) for e in item}
-            for item in seq]
+    return [
+        {
+            (e.keyword or f"({e.tag.group:04X},{e.tag.element:04X})"): (
+                _sequence_plain(e.value) if e.VR == "SQ" else _plain(e.value)
+            )
+            for e in item
+        }
+        for item in seq
+    ]
 
 
 def _original(elem: DataElement) -> object:
@@ -104,17 +111,23 @@ def _empty(elem: DataElement) -> bool:
 
 
 class Deidentifier:
-    def __init__(self, secret: bytes, options: frozenset[str] = frozenset(),
-                 safe_private: tuple[tuple[int, str, int], ...] = (),
-                 profile: Profile | None = None) -> None:
+    def __init__(
+        self,
+        secret: bytes,
+        options: frozenset[str] = frozenset(),
+        safe_private: tuple[tuple[int, str, int], ...] = (),
+        profile: Profile | None = None,
+    ) -> None:
         self.secret = secret
         self.profile = profile or Profile(frozenset(options))
         self.options = self.profile.options
         self.private = SafePrivate(safe_private) if self.profile.retain_private else None
         self._marks: dict[tuple[bool, bool], list] = {}
         # options whose columns clean (C) text: its identifiers are read first
-        self._cleans_text = bool(self.options & {"clean_descriptors", "retain_device_identity",
-                                                 "retain_patient_characteristics"})
+        self._cleans_text = bool(
+            self.options
+            & {"clean_descriptors", "retain_device_identity", "retain_patient_characteristics"}
+        )
         if "retain_long_full_dates" in self.options:
             self.date_mode = "UNMODIFIED"
         elif "retain_long_modified_dates" in self.options:
@@ -128,11 +141,13 @@ class Deidentifier:
         key = patient_key(_text(ds, 0x00100020), _text(ds, 0x00100010), _text(ds, 0x00100030))
         pseudo_id = patient_pseudonym(self.secret, key)
         result = DeidResult(
-            patient_id=pseudo_id, patient_name=f"ANON^{pseudo_id}",
+            patient_id=pseudo_id,
+            patient_name=f"ANON^{pseudo_id}",
             study_uid=self._uid(_text(ds, 0x0020000D)),
             series_uid=self._uid(_text(ds, 0x0020000E)),
             sop_uid=self._uid(_text(ds, 0x00080018)),
-            dates=self.date_mode)
+            dates=self.date_mode,
+        )
         result.shift = shift_days(self.secret, key)
         result.identifiers = self._identifiers(ds) if self._cleans_text else []
         self._walk(ds, "", self._pass(result), top=True)
@@ -146,8 +161,9 @@ class Deidentifier:
         with the same per-patient date shift and cleaning as ``apply`` used."""
         self._walk(ds, "", self._pass(result), top=True)
 
-    def rewrite_meta(self, meta: FileMetaDataset, sop_uid: str,
-                     result: DeidResult | None = None) -> None:
+    def rewrite_meta(
+        self, meta: FileMetaDataset, sop_uid: str, result: DeidResult | None = None
+    ) -> None:
         """File meta that matches the de-identified dataset and names us, rebuilt
         from an allow-list (see ``meta.rebuild``); what it drops is recorded."""
         for path, elem in file_meta.rebuild(meta, sop_uid):
@@ -160,8 +176,17 @@ class Deidentifier:
         return uid if "retain_uids" in self.options else remap_uid(self.secret, uid)
 
     def _pass(self, result: DeidResult) -> _Pass:
-        return _Pass(result, Context(self.secret, result.patient_id, result.patient_name,
-                                     self.date_mode, result.shift, tuple(result.identifiers)))
+        return _Pass(
+            result,
+            Context(
+                self.secret,
+                result.patient_id,
+                result.patient_name,
+                self.date_mode,
+                result.shift,
+                tuple(result.identifiers),
+            ),
+        )
 
     @staticmethod
     def _record(result: DeidResult, level: str, path: str, value: object) -> None:
@@ -230,8 +255,9 @@ class Deidentifier:
             if (tag.group, tag.element) not in kept_blocks:
                 self._remove(ds, tag, prefix, state, top)
 
-    def _keep_private(self, ds: Dataset, tag: BaseTag, listed: str, prefix: str, state: _Pass,
-                      top: bool) -> bool:
+    def _keep_private(
+        self, ds: Dataset, tag: BaseTag, listed: str, prefix: str, state: _Pass, top: bool
+    ) -> bool:
         """A safe private element stays, but not blindly: a sequence's items get the
         whole walk (standard attributes nested in it get their rules), a UID is
         remapped like the study's own UIDs (kept under Retain UIDs), and an element
@@ -248,19 +274,32 @@ class Deidentifier:
             if "retain_uids" not in self.options:
                 self._act(ds, tag, "U", prefix, state, top)
             return True
-        return not (vr == "UN" and (listed in ("SQ", "UI", "")
-                                    or un.holds_items(ds.get_item(tag).value)))
+        return not (
+            vr == "UN" and (listed in ("SQ", "UI", "") or un.holds_items(ds.get_item(tag).value))
+        )
 
-    def _remove(self, ds: Dataset, tag: BaseTag, prefix: str, state: _Pass, top: bool,
-                original: object = None) -> None:
+    def _remove(
+        self,
+        ds: Dataset,
+        tag: BaseTag,
+        prefix: str,
+        state: _Pass,
+        top: bool,
+        original: object = None,
+    ) -> None:
         elem = ds[tag]
         path = prefix + (elem.keyword or f"({tag.group:04X},{tag.element:04X})")
-        self._record(state.result, level_of(elem.keyword) if top else "instance", path,
-                     _original(elem) if original is None else original)
+        self._record(
+            state.result,
+            level_of(elem.keyword) if top else "instance",
+            path,
+            _original(elem) if original is None else original,
+        )
         del ds[tag]
 
-    def _act(self, ds: Dataset, tag: BaseTag, action: str, prefix: str, state: _Pass,
-             top: bool) -> None:
+    def _act(
+        self, ds: Dataset, tag: BaseTag, action: str, prefix: str, state: _Pass, top: bool
+    ) -> None:
         """Apply ``action`` to one element: raw if it is undecoded text (but for
         cleaning, whose text may need the character set), else decoded.  What
         the value becomes is ``actions.replacement``'s on both paths."""
@@ -277,11 +316,13 @@ class Deidentifier:
         elem.value = new  # pydicom splits backslash-joined values
         if _plain(elem.value) != original:
             path = prefix + (elem.keyword or f"({tag.group:04X},{tag.element:04X})")
-            self._record(state.result, level_of(elem.keyword) if top else "instance", path,
-                         original)
+            self._record(
+                state.result, level_of(elem.keyword) if top else "instance", path, original
+            )
 
-    def _act_raw(self, ds: Dataset, tag: BaseTag, action: str, prefix: str, state: _Pass,
-                 top: bool) -> bool:
+    def _act_raw(
+        self, ds: Dataset, tag: BaseTag, action: str, prefix: str, state: _Pass, top: bool
+    ) -> bool:
         """The fast path for undecoded text elements; False if it does not apply."""
         found = read_text(ds, tag)
         if found is None:
@@ -323,8 +364,10 @@ class Deidentifier:
 
     def _marker_elements(self) -> list[DataElement]:
         active = [o for o in METHOD_CODES if o != "basic" and o in self.options]
-        method = (f"ith-proxy PS3.15 E.1-1 {self.profile.edition}".strip()
-                  + (": " + ", ".join(active) if active else ": basic"))[:64]
+        method = (
+            f"ith-proxy PS3.15 E.1-1 {self.profile.edition}".strip()
+            + (": " + ", ".join(active) if active else ": basic")
+        )[:64]
         codes = []
         for key in ["basic", *active]:
             value, meaning = METHOD_CODES[key]

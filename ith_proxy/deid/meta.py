@@ -19,9 +19,11 @@ from pydicom.tag import BaseTag
 from ith_proxy.config import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION
 
 KEPT = frozenset((0x00020001, 0x00020002, 0x00020003, 0x00020010, 0x00020012, 0x00020013))
-_OURS = ((BaseTag(0x00020001), "OB", b"\x00\x01"),
-         (BaseTag(0x00020012), "UI", IMPLEMENTATION_CLASS_UID),
-         (BaseTag(0x00020013), "SH", IMPLEMENTATION_VERSION))
+_OURS = (
+    (BaseTag(0x00020001), "OB", b"\x00\x01"),
+    (BaseTag(0x00020012), "UI", IMPLEMENTATION_CLASS_UID),
+    (BaseTag(0x00020013), "SH", IMPLEMENTATION_VERSION),
+)
 
 
 def _path(elem: DataElement) -> str:

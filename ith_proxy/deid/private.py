@@ -28,8 +28,7 @@ def load_table(path: Path = TABLE_FILE) -> dict[Key, str]:
     """Table E.3.10-1 as {(group, CREATOR, low byte): VR as listed ("" if blank)}."""
     out: dict[Key, str] = {}
     for row in json.loads(path.read_text(encoding="utf-8"))["rows"]:
-        key = (int(row["group"], 16), row["creator"].strip().upper(),
-               int(row["element"][-2:], 16))
+        key = (int(row["group"], 16), row["creator"].strip().upper(), int(row["element"][-2:], 16))
         out[key] = row["vr"].strip()
     return out
 

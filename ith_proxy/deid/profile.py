@@ -40,9 +40,13 @@ METHOD_CODES = {
     "basic": ("113100", "Basic Application Confidentiality Profile"),
     "clean_descriptors": ("113105", "Clean Descriptors Option"),
     "retain_long_full_dates": (
-        "113106", "Retain Longitudinal Temporal Information Full Dates Option"),
+        "113106",
+        "Retain Longitudinal Temporal Information Full Dates Option",
+    ),
     "retain_long_modified_dates": (
-        "113107", "Retain Longitudinal Temporal Information Modified Dates Option"),
+        "113107",
+        "Retain Longitudinal Temporal Information Modified Dates Option",
+    ),
     "retain_patient_characteristics": ("113108", "Retain Patient Characteristics Option"),
     "retain_device_identity": ("113109", "Retain Device Identity Option"),
     "retain_uids": ("113110", "Retain UIDs Option"),
@@ -51,33 +55,91 @@ METHOD_CODES = {
 }
 
 # Which vault level an original value belongs to (default: instance).
-PATIENT_LEVEL = frozenset({
-    "PatientName", "PatientID", "PatientBirthDate", "PatientBirthTime", "PatientSex",
-    "PatientAge", "PatientSize", "PatientWeight", "OtherPatientIDs", "OtherPatientIDsSequence",
-    "OtherPatientNames", "PatientBirthName", "PatientMotherBirthName", "PatientAddress",
-    "PatientTelephoneNumbers", "IssuerOfPatientID", "MedicalRecordLocator", "EthnicGroup",
-    "PatientComments", "MilitaryRank", "BranchOfService", "CountryOfResidence",
-    "RegionOfResidence", "PatientReligiousPreference", "Occupation", "AdditionalPatientHistory",
-    "PatientInsurancePlanCodeSequence", "PatientPrimaryLanguageCodeSequence", "SmokingStatus",
-    "PregnancyStatus", "LastMenstrualDate", "MedicalAlerts", "Allergies",
-    "PatientSexNeutered", "ResponsiblePerson", "ResponsibleOrganization",
-})
-STUDY_LEVEL = frozenset({
-    "AccessionNumber", "StudyID", "StudyDate", "StudyTime", "StudyDescription",
-    "ReferringPhysicianName", "ReferringPhysicianAddress", "ReferringPhysicianTelephoneNumbers",
-    "NameOfPhysiciansReadingStudy", "PhysiciansOfRecord", "RequestingPhysician",
-    "StudyInstanceUID", "InstitutionName", "InstitutionAddress", "InstitutionalDepartmentName",
-    "AdmittingDiagnosesDescription", "RequestAttributesSequence", "StudyComments",
-    "IssuerOfAccessionNumberSequence", "ReasonForStudy", "RequestedProcedureDescription",
-    "AdmissionID", "CurrentPatientLocation",
-})
-SERIES_LEVEL = frozenset({
-    "SeriesInstanceUID", "SeriesDescription", "SeriesDate", "SeriesTime",
-    "FrameOfReferenceUID", "PerformingPhysicianName", "OperatorsName", "StationName",
-    "DeviceSerialNumber", "ProtocolName", "PerformedProcedureStepDescription",
-    "PerformedProcedureStepID", "PerformedProcedureStepStartDate",
-    "PerformedProcedureStepStartTime",
-})
+PATIENT_LEVEL = frozenset(
+    {
+        "PatientName",
+        "PatientID",
+        "PatientBirthDate",
+        "PatientBirthTime",
+        "PatientSex",
+        "PatientAge",
+        "PatientSize",
+        "PatientWeight",
+        "OtherPatientIDs",
+        "OtherPatientIDsSequence",
+        "OtherPatientNames",
+        "PatientBirthName",
+        "PatientMotherBirthName",
+        "PatientAddress",
+        "PatientTelephoneNumbers",
+        "IssuerOfPatientID",
+        "MedicalRecordLocator",
+        "EthnicGroup",
+        "PatientComments",
+        "MilitaryRank",
+        "BranchOfService",
+        "CountryOfResidence",
+        "RegionOfResidence",
+        "PatientReligiousPreference",
+        "Occupation",
+        "AdditionalPatientHistory",
+        "PatientInsurancePlanCodeSequence",
+        "PatientPrimaryLanguageCodeSequence",
+        "SmokingStatus",
+        "PregnancyStatus",
+        "LastMenstrualDate",
+        "MedicalAlerts",
+        "Allergies",
+        "PatientSexNeutered",
+        "ResponsiblePerson",
+        "ResponsibleOrganization",
+    }
+)
+STUDY_LEVEL = frozenset(
+    {
+        "AccessionNumber",
+        "StudyID",
+        "StudyDate",
+        "StudyTime",
+        "StudyDescription",
+        "ReferringPhysicianName",
+        "ReferringPhysicianAddress",
+        "ReferringPhysicianTelephoneNumbers",
+        "NameOfPhysiciansReadingStudy",
+        "PhysiciansOfRecord",
+        "RequestingPhysician",
+        "StudyInstanceUID",
+        "InstitutionName",
+        "InstitutionAddress",
+        "InstitutionalDepartmentName",
+        "AdmittingDiagnosesDescription",
+        "RequestAttributesSequence",
+        "StudyComments",
+        "IssuerOfAccessionNumberSequence",
+        "ReasonForStudy",
+        "RequestedProcedureDescription",
+        "AdmissionID",
+        "CurrentPatientLocation",
+    }
+)
+SERIES_LEVEL = frozenset(
+    {
+        "SeriesInstanceUID",
+        "SeriesDescription",
+        "SeriesDate",
+        "SeriesTime",
+        "FrameOfReferenceUID",
+        "PerformingPhysicianName",
+        "OperatorsName",
+        "StationName",
+        "DeviceSerialNumber",
+        "ProtocolName",
+        "PerformedProcedureStepDescription",
+        "PerformedProcedureStepID",
+        "PerformedProcedureStepStartDate",
+        "PerformedProcedureStepStartTime",
+    }
+)
 
 
 def level_of(keyword: str) -> str:
@@ -92,16 +154,24 @@ def level_of(keyword: str) -> str:
 
 @dataclass(frozen=True)
 class Rule:
-    action: str       # resolved: D Z X K C U, or "D?" (D when valued, else Z)
+    action: str  # resolved: D Z X K C U, or "D?" (D when valued, else Z)
     keyword: str
-    basic: str        # as the standard says, for the record
+    basic: str  # as the standard says, for the record
 
 
 # Type 1 somewhere in the IODs the SCP accepts (PET Series: Series Date and
 # Time; Enhanced CT/MR/PET: Content Date/Time, Acquisition DateTime, and
 # Device Serial Number in Enhanced General Equipment).
-TYPE1 = frozenset({"SeriesDate", "SeriesTime", "ContentDate", "ContentTime",
-                   "AcquisitionDateTime", "DeviceSerialNumber"})
+TYPE1 = frozenset(
+    {
+        "SeriesDate",
+        "SeriesTime",
+        "ContentDate",
+        "ContentTime",
+        "AcquisitionDateTime",
+        "DeviceSerialNumber",
+    }
+)
 
 
 def _resolve(basic: str, options: dict[str, str], active: frozenset[str], keyword: str) -> str:
@@ -148,8 +218,11 @@ class Profile:
         self.patterns: list[tuple[int, int, Rule]] = []  # (mask, value, rule)
         for row in data["rows"]:
             keyword = row.get("keyword", "")
-            rule = Rule(_resolve(row["basic"], row.get("options", {}), options, keyword),
-                        keyword, row["basic"])
+            rule = Rule(
+                _resolve(row["basic"], row.get("options", {}), options, keyword),
+                keyword,
+                row["basic"],
+            )
             parsed = _parse_tag(row["tag"])
             if parsed is not None:
                 self.rules[(parsed[0] << 16) | parsed[1]] = rule

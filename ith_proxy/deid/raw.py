@@ -26,8 +26,27 @@ from pydicom.tag import BaseTag
 
 from ith_proxy.deid.pseudo import unpad_uid
 
-TEXT_VRS = frozenset({"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN", "SH", "ST", "TM",
-                      "UC", "UI", "UR", "UT"})
+TEXT_VRS = frozenset(
+    {
+        "AE",
+        "AS",
+        "CS",
+        "DA",
+        "DS",
+        "DT",
+        "IS",
+        "LO",
+        "LT",
+        "PN",
+        "SH",
+        "ST",
+        "TM",
+        "UC",
+        "UI",
+        "UR",
+        "UT",
+    }
+)
 _CHARSET_VRS = frozenset({"PN", "LO", "SH", "ST", "LT", "UT", "UC"})
 _DELIMITERS = {0x5C, 0x3D, 0x5E}  # backslash, '=', '^' reset the character set
 # VRs with a 4-byte length (and 2 reserved bytes) in explicit VR
@@ -76,8 +95,9 @@ def replace_text(ds: Dataset, raw: RawDataElement, vr: str, text: str) -> None:
     data = text.encode("ascii")
     if len(data) % 2:
         data += b"\x00" if vr == "UI" else b" "
-    ds[raw.tag] = RawDataElement(raw.tag, raw.VR, len(data), data, 0,
-                                 raw.is_implicit_VR, raw.is_little_endian)
+    ds[raw.tag] = RawDataElement(
+        raw.tag, raw.VR, len(data), data, 0, raw.is_implicit_VR, raw.is_little_endian
+    )
 
 
 def _writer(implicit: bool, little: bool) -> tuple[DicomFileLike, io.BytesIO]:
@@ -109,6 +129,9 @@ def encode_raw(elements: list, implicit: bool, little: bool) -> list[RawDataElem
     out = []
     for elem in elements:
         value = _value_bytes(elem, implicit, little)
-        out.append(RawDataElement(elem.tag, None if implicit else elem.VR, len(value), value, 0,
-                                  implicit, little))
+        out.append(
+            RawDataElement(
+                elem.tag, None if implicit else elem.VR, len(value), value, 0, implicit, little
+            )
+        )
     return out

@@ -25,10 +25,10 @@ from pydicom.tag import BaseTag
 
 ITEM_LE = b"\xfe\xff\x00\xe0"  # (FFFE,E000) in little endian: an item starts
 
-SEQUENCE = "SQ"       # it was a sequence: now it is an SQ element
-TYPED = "typed"       # the dictionary gives it a VR: the profile treats it as such
-UNTYPED = "untyped"   # nothing says what it holds
-BROKEN = "broken"     # it claims to be a sequence (by its tag or its first bytes) but is none
+SEQUENCE = "SQ"  # it was a sequence: now it is an SQ element
+TYPED = "typed"  # the dictionary gives it a VR: the profile treats it as such
+UNTYPED = "untyped"  # nothing says what it holds
+BROKEN = "broken"  # it claims to be a sequence (by its tag or its first bytes) but is none
 
 
 def dictionary_vr(tag: BaseTag) -> str | None:
@@ -47,8 +47,7 @@ def _as_sequence(tag: BaseTag, value: bytes) -> DataElement | None:
     if value[:4] != ITEM_LE:
         return None
     try:
-        elem = convert_raw_data_element(
-            RawDataElement(tag, "SQ", len(value), value, 0, True, True))
+        elem = convert_raw_data_element(RawDataElement(tag, "SQ", len(value), value, 0, True, True))
     except Exception:
         return None
     return elem if elem.VR == "SQ" and isinstance(elem.value, Sequence) else None

@@ -84,8 +84,11 @@ class Server(ThreadedAssociationServer):
         except (OSError, ValueError):
             ready = []
         if not ready:
-            log.info("closed connection from %s: nothing sent within %.0fs",
-                     client_address[0], self.artim_timeout)
+            log.info(
+                "closed connection from %s: nothing sent within %.0fs",
+                client_address[0],
+                self.artim_timeout,
+            )
             self.shutdown_request(request)
             return
         super().process_request_thread(request, client_address)
@@ -96,8 +99,9 @@ def build_ae(cfg: Config) -> AE:
     ae = AE(ae_title=scp.ae_title)
     ae.implementation_class_uid = IMPLEMENTATION_CLASS_UID
     ae.implementation_version_name = IMPLEMENTATION_VERSION
-    syntaxes = list(DEFAULT_TRANSFER_SYNTAXES) + [t for t in scp.transfer_syntaxes
-                                                 if t not in DEFAULT_TRANSFER_SYNTAXES]
+    syntaxes = list(DEFAULT_TRANSFER_SYNTAXES) + [
+        t for t in scp.transfer_syntaxes if t not in DEFAULT_TRANSFER_SYNTAXES
+    ]
     ae.add_supported_context(VERIFICATION, list(DEFAULT_TRANSFER_SYNTAXES))
     for uid in STORAGE_CLASSES.values():
         ae.add_supported_context(uid, syntaxes)

@@ -26,19 +26,34 @@ import re
 import struct
 from typing import BinaryIO
 
-JPEG = frozenset({"1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51",
-                  "1.2.840.10008.1.2.4.57", "1.2.840.10008.1.2.4.70"})
+JPEG = frozenset(
+    {
+        "1.2.840.10008.1.2.4.50",
+        "1.2.840.10008.1.2.4.51",
+        "1.2.840.10008.1.2.4.57",
+        "1.2.840.10008.1.2.4.70",
+    }
+)
 JPEG_LS = frozenset({"1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.81"})
-J2K = frozenset({"1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91",
-                 "1.2.840.10008.1.2.4.92", "1.2.840.10008.1.2.4.93",
-                 "1.2.840.10008.1.2.4.201", "1.2.840.10008.1.2.4.202",
-                 "1.2.840.10008.1.2.4.203"})
+J2K = frozenset(
+    {
+        "1.2.840.10008.1.2.4.90",
+        "1.2.840.10008.1.2.4.91",
+        "1.2.840.10008.1.2.4.92",
+        "1.2.840.10008.1.2.4.93",
+        "1.2.840.10008.1.2.4.201",
+        "1.2.840.10008.1.2.4.202",
+        "1.2.840.10008.1.2.4.203",
+    }
+)
 RLE = "1.2.840.10008.1.2.5"  # segments of run-length data only: nothing to find
 
 # The next marker after entropy-coded data: FF (fill FFs) then a code that is
 # not a stuffed 00 (JPEG) / a stuffed bit (JPEG-LS: code < 0x80) nor RSTn.
-_NEXT_MARKER = {"jpeg": re.compile(rb"\xff+[\x01-\xcf\xd8-\xfe]"),
-                "jpeg-ls": re.compile(rb"\xff+[\x80-\xcf\xd8-\xfe]")}
+_NEXT_MARKER = {
+    "jpeg": re.compile(rb"\xff+[\x01-\xcf\xd8-\xfe]"),
+    "jpeg-ls": re.compile(rb"\xff+[\x80-\xcf\xd8-\xfe]"),
+}
 _SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC} | {0xF7}  # + JPEG-LS SOF55
 _PROGRESSIVE = frozenset({0xC2, 0xC6, 0xCA, 0xCE})
 # Structural APPn segments, allowed because every byte is a number, never text:
@@ -64,19 +79,24 @@ def scan(src: BinaryIO, split) -> list[str]:
     head = src.read(12)
     if head[:4] != b"\xe0\x7f\x10\x00":
         return []  # Float / Double Float Pixel Data: native only
-    if not ((head[4:6] in (b"OB", b"OW") and head[8:12] == b"\xff\xff\xff\xff")
-            or head[4:8] == b"\xff\xff\xff\xff"):
+    if not (
+        (head[4:6] in (b"OB", b"OW") and head[8:12] == b"\xff\xff\xff\xff")
+        or head[4:8] == b"\xff\xff\xff\xff"
+    ):
         return []  # native pixel data: no codestream (and nothing a decoder would parse)
     transfer_syntax = split.transfer_syntax  # only now: reading it costs as much as the rest
-    if transfer_syntax not in JPEG and transfer_syntax not in JPEG_LS \
-            and transfer_syntax not in J2K:
+    if (
+        transfer_syntax not in JPEG
+        and transfer_syntax not in JPEG_LS
+        and transfer_syntax not in J2K
+    ):
         if transfer_syntax == RLE:
             return []
         return ["encapsulated pixel data in a transfer syntax whose codestream is not checked"]
-    stream = _Fragments(src, pixel_start + (12 if head[8:12] == b"\xff\xff\xff\xff" else 8),
-                        pixel_end)
-    kind = "j2k" if transfer_syntax in J2K else "jpeg-ls" if transfer_syntax in JPEG_LS \
-        else "jpeg"
+    stream = _Fragments(
+        src, pixel_start + (12 if head[8:12] == b"\xff\xff\xff\xff" else 8), pixel_end
+    )
+    kind = "j2k" if transfer_syntax in J2K else "jpeg-ls" if transfer_syntax in JPEG_LS else "jpeg"
     frame = 0
     try:
         stream.next_item()  # the Basic Offset Table
@@ -102,9 +122,9 @@ class _Fragments:
 
     def __init__(self, src: BinaryIO, pos: int, end: int) -> None:
         self.src, self.pos, self.end = src, pos, end  # pos: next item header
-        self.left = 0          # bytes of the current fragment not yet read from src
-        self.data_at = 0       # file offset of the current fragment's next byte
-        self.offset = 0        # bytes consumed in the current frame
+        self.left = 0  # bytes of the current fragment not yet read from src
+        self.data_at = 0  # file offset of the current fragment's next byte
+        self.offset = 0  # bytes consumed in the current frame
         self.pushback = b""
 
     def next_item(self) -> bool:
@@ -140,8 +160,8 @@ class _Fragments:
         cross=False, at the end of the current fragment)."""
         out = b""
         while True:
-            take = self.pushback[:n - len(out)]
-            self.pushback = self.pushback[len(take):]
+            take = self.pushback[: n - len(out)]
+            self.pushback = self.pushback[len(take) :]
             out += take
             if len(out) == n or (out and not cross) or not self._more(n - len(out)):
                 break
@@ -187,7 +207,7 @@ class _Fragments:
             data = carry + chunk
             m = pattern.search(data)
             if m:
-                back = data[m.end() - 2:]
+                back = data[m.end() - 2 :]
                 self.pushback = back + self.pushback
                 self.offset -= len(back)
                 return
@@ -217,8 +237,9 @@ def _jpeg_frame(s: _Fragments, kind: str) -> str | None:
             return "JPEG COM segment (comment text)"
         if 0xE0 <= code <= 0xEF:
             payload = s.exact(body) if body <= 16 else b""
-            if (code == 0xE0 and _JFIF.fullmatch(payload)) or \
-                    (code == 0xEE and _ADOBE.fullmatch(payload)):
+            if (code == 0xE0 and _JFIF.fullmatch(payload)) or (
+                code == 0xEE and _ADOBE.fullmatch(payload)
+            ):
                 continue
             return f"JPEG APP{code - 0xE0} segment (application data)"
         if code in _SOF or code == 0xDA:

@@ -60,11 +60,11 @@ class DicomFileError(ValueError):
 
 @dataclass
 class SplitFile:
-    path: Path | None            # where it was read from, if it was read from a path
-    header: Dataset              # everything before the pixel data, with file_meta
-    pixel_start: int             # byte offset of the pixel data element (== size if none)
-    pixel_end: int               # byte offset just past it
-    trailer: Dataset | None      # elements after the pixel data, if any
+    path: Path | None  # where it was read from, if it was read from a path
+    header: Dataset  # everything before the pixel data, with file_meta
+    pixel_start: int  # byte offset of the pixel data element (== size if none)
+    pixel_end: int  # byte offset just past it
+    trailer: Dataset | None  # elements after the pixel data, if any
     size: int
 
     @property
@@ -184,8 +184,7 @@ def _read_split(fh: BinaryIO, path: Path | None) -> SplitFile:
     body = fh.tell()
     first = fh.read(2)
     fh.seek(body)
-    if len(first) == 2 and struct.unpack("<H" if little else ">H", first)[0] \
-            < FIRST_DATASET_GROUP:
+    if len(first) == 2 and struct.unpack("<H" if little else ">H", first)[0] < FIRST_DATASET_GROUP:
         raise DicomFileError("dataset holds file meta or command elements")
     try:
         dataset = read_dataset(fh, implicit, little, stop_when=_at_pixels)
@@ -212,8 +211,9 @@ def _read_split(fh: BinaryIO, path: Path | None) -> SplitFile:
         except MemoryError:
             raise
         except Exception as exc:
-            raise DicomFileError(f"unreadable elements after pixel data: "
-                                 f"{type(exc).__name__}") from None
+            raise DicomFileError(
+                f"unreadable elements after pixel data: {type(exc).__name__}"
+            ) from None
         if trailer._dict and min(trailer._dict) >> 16 < FIRST_DATASET_GROUP:
             raise DicomFileError("file meta or command elements after the pixel data")
     return SplitFile(path, header, start, end, trailer, size)
@@ -288,9 +288,13 @@ def _encode_dataset(ds: Dataset, implicit: bool, little: bool) -> bytes:
         # get_item gives the raw element while it is undecoded (its overload says
         # DataElement only)
         elem = cast("DataElement | RawDataElement", ds.get_item(tag))
-        if isinstance(elem, RawDataElement) and elem.value is not None \
-                and elem.length != 0xFFFFFFFF and elem.is_implicit_VR == implicit \
-                and elem.is_little_endian == little:
+        if (
+            isinstance(elem, RawDataElement)
+            and elem.value is not None
+            and elem.length != 0xFFFFFFFF
+            and elem.is_implicit_VR == implicit
+            and elem.is_little_endian == little
+        ):
             value, vr = elem.value, elem.VR
             if implicit:
                 fp.write(implicit_head.pack(tag.group, tag.element, len(value)) + value)

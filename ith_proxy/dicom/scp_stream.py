@@ -60,11 +60,11 @@ WRITTEN_FOR = "3.0.4"
 OUT_OF_RESOURCES = 0xA700
 CANNOT_UNDERSTAND = 0xC000
 BIG_ENDIAN = "1.2.840.10008.1.2.2"
-FLUSH = 1 << 20                   # plaintext bytes held before a writev
-MAX_COMMAND_SET = 64 << 10        # a command set is a few hundred bytes
-MAX_OTHER_DATASET = 1 << 20       # data sets of non-C-STORE messages, kept in memory
-MAX_OTHER_PDU = 1 << 20           # A-ASSOCIATE-RQ & co (many contexts may pass 16 KiB)
-MAX_PENDING = 8                   # received C-STOREs not yet handled (a peer waits for 1)
+FLUSH = 1 << 20  # plaintext bytes held before a writev
+MAX_COMMAND_SET = 64 << 10  # a command set is a few hundred bytes
+MAX_OTHER_DATASET = 1 << 20  # data sets of non-C-STORE messages, kept in memory
+MAX_OTHER_PDU = 1 << 20  # A-ASSOCIATE-RQ & co (many contexts may pass 16 KiB)
+MAX_PENDING = 8  # received C-STOREs not yet handled (a peer waits for 1)
 _ATTR = "_ith_incoming"
 
 
@@ -80,7 +80,8 @@ def check_library(version: str | None = None) -> None:
     if found != WRITTEN_FOR:
         raise LibraryMismatch(
             f"pynetdicom {found} is installed, but ith_proxy/dicom/scp_stream.py replaces the "
-            f"data set assembly of pynetdicom {WRITTEN_FOR} only (pin it, or port that module)")
+            f"data set assembly of pynetdicom {WRITTEN_FOR} only (pin it, or port that module)"
+        )
 
 
 class Writer(Protocol):
@@ -123,8 +124,15 @@ class Incoming:
     while the data set is being kept, else the failure status to answer.
     """
 
-    def __init__(self, spool: Any, head: bytes, encryptor: WriterFactory | None,
-                 big_endian: bool, max_bytes: int, min_free_mb: int) -> None:
+    def __init__(
+        self,
+        spool: Any,
+        head: bytes,
+        encryptor: WriterFactory | None,
+        big_endian: bool,
+        max_bytes: int,
+        min_free_mb: int,
+    ) -> None:
         self.spool = spool
         self.size = 0
         self.status = 0
@@ -169,7 +177,7 @@ class Incoming:
         if self.status or self._writer is None:  # refused or discarded: status says why
             return True
         if len(self._first) < 2:
-            self._first += bytes(data[:2 - len(self._first)])
+            self._first += bytes(data[: 2 - len(self._first)])
             if len(self._first) == 2:
                 group = struct.unpack(">H" if self._big_endian else "<H", self._first)[0]
                 if group < 0x0008:
@@ -216,10 +224,10 @@ class Receiver:
         self._assoc, self._dimse = assoc, assoc.dimse
         self._open_store = open_store
         self._lock = threading.Lock()
-        self._current: Incoming | None = None   # being received
-        self._pending: set[Incoming] = set()    # received, not yet taken by the handler
-        self._other = 0                          # bytes of a non-C-STORE data set
-        self._done = False                       # aborted, or the association is over
+        self._current: Incoming | None = None  # being received
+        self._pending: set[Incoming] = set()  # received, not yet taken by the handler
+        self._other = 0  # bytes of a non-C-STORE data set
+        self._done = False  # aborted, or the association is over
 
     def receive_primitive(self, primitive: Any) -> None:
         with self._lock:
@@ -268,8 +276,9 @@ class Receiver:
 
     def _open(self, msg: Any, context_id: int) -> Incoming:
         cx = self._assoc._accepted_cx.get(context_id)
-        incoming = self._open_store(msg.command_set,
-                                    cx.transfer_syntax[0] if cx is not None else "")
+        incoming = self._open_store(
+            msg.command_set, cx.transfer_syntax[0] if cx is not None else ""
+        )
         incoming.owner = self
         if cx is None:
             incoming.discard()  # pynetdicom refuses the message itself
@@ -313,8 +322,9 @@ class Receiver:
         if isinstance(d_primitive, C_CANCEL) and len(dimse.cancel_req) < 10:
             dimse.cancel_req[d_primitive.MessageIDBeingRespondedTo] = d_primitive
         elif isinstance(d_primitive, N_EVENT_REPORT) and d_primitive.is_valid_request:
-            threading.Thread(target=make_target(self._assoc._serve_request),
-                             args=(d_primitive, context_id)).start()
+            threading.Thread(
+                target=make_target(self._assoc._serve_request), args=(d_primitive, context_id)
+            ).start()
         else:
             dimse.msg_queue.put((context_id, d_primitive))
         msg.encoded_command_set = BytesIO()
@@ -356,6 +366,7 @@ def _bound_pdu_reads(assoc: Any, max_pdu: int) -> None:
             log.error("connection closed: PDU longer than the maximum PDU length")
             raise OSError("PDU longer than the maximum PDU length")
         return stock_recv(nr_bytes)
+
     sock.recv = recv
 
 
@@ -375,4 +386,5 @@ def install(assoc: Any, open_store: Callable[[Any, str], Incoming], max_pdu: int
             stock_run()
         finally:
             receiver.close()
+
     assoc.run = run

@@ -65,9 +65,12 @@ def supported() -> bool:
     with _FALLBACK_LOCK:
         if not _FALLBACK_LOGGED.is_set():
             _FALLBACK_LOGGED.set()
-            log.warning("pynetdicom %s is not %s: reactor wake-ups are off, associations "
-                        "use pynetdicom's stock 1 ms polling (slower, otherwise the same)",
-                        version, WRITTEN_FOR)
+            log.warning(
+                "pynetdicom %s is not %s: reactor wake-ups are off, associations "
+                "use pynetdicom's stock 1 ms polling (slower, otherwise the same)",
+                version,
+                WRITTEN_FOR,
+            )
     return False
 
 

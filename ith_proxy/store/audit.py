@@ -92,10 +92,11 @@ def _key_name(kid: str | None) -> str:
 @dataclass(frozen=True)
 class AuditKeys:
     """The key that signs new records, and every key that verifies old ones."""
+
     signing: bytes
-    signing_id: str | None    # None: the legacy key (records carry no kid)
-    known: dict               # kid -> key
-    legacy: bytes | None      # verifies records without a kid
+    signing_id: str | None  # None: the legacy key (records carry no kid)
+    known: dict  # kid -> key
+    legacy: bytes | None  # verifies records without a kid
 
     @classmethod
     def of(cls, keys: list[bytes], legacy: bytes | None = None) -> AuditKeys:
@@ -133,8 +134,11 @@ def read_anchor(path: Path | None) -> dict | None:
         return None
     try:
         anchor = json.loads(Path(path).read_bytes())
-        if isinstance(anchor, dict) and isinstance(anchor.get("seq"), int) \
-                and isinstance(anchor.get("mac"), str):
+        if (
+            isinstance(anchor, dict)
+            and isinstance(anchor.get("seq"), int)
+            and isinstance(anchor.get("mac"), str)
+        ):
             return anchor
     except FileNotFoundError:
         return None
@@ -172,8 +176,7 @@ def _last_line(fd: int) -> tuple[bytes, bool, bool]:
 
 
 class AuditLog:
-    def __init__(self, path: Path, keys: AuditKeys | bytes,
-                 anchor: Path | None = None) -> None:
+    def __init__(self, path: Path, keys: AuditKeys | bytes, anchor: Path | None = None) -> None:
         self.path = Path(path)
         self.keys = keys if isinstance(keys, AuditKeys) else AuditKeys.legacy_only(keys)
         self.anchor = Path(anchor) if anchor is not None else None
@@ -183,8 +186,7 @@ class AuditLog:
         try:
             self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             created = not self.path.exists()
-            fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW,
-                         0o600)
+            fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o600)
         except OSError as exc:
             why = "it is a symbolic link" if exc.errno == errno.ELOOP else exc.strerror or exc
             raise AuditError(f"cannot open audit log {self.path}: {why}") from None
@@ -192,15 +194,29 @@ class AuditLog:
             fcntl.flock(fd, fcntl.LOCK_EX)
             return self._append(fd, created, actor, action, target, detail)
         except OSError as exc:
-            raise AuditError(f"cannot write audit log {self.path}: "
-                             f"{exc.strerror or exc}") from None
+            raise AuditError(f"cannot write audit log {self.path}: {exc.strerror or exc}") from None
         finally:
             os.close(fd)  # releases the lock
 
-    def _body(self, seq: int, prev: str, kid: str | None, actor: str, action: str,
-              target: str, detail: dict, torn: bool) -> dict:
-        body: dict = {"seq": seq, "at": datetime.now(UTC).isoformat(timespec="milliseconds"),
-                      "actor": actor, "action": action, "target": target, "prev": prev}
+    def _body(
+        self,
+        seq: int,
+        prev: str,
+        kid: str | None,
+        actor: str,
+        action: str,
+        target: str,
+        detail: dict,
+        torn: bool,
+    ) -> dict:
+        body: dict = {
+            "seq": seq,
+            "at": datetime.now(UTC).isoformat(timespec="milliseconds"),
+            "actor": actor,
+            "action": action,
+            "target": target,
+            "prev": prev,
+        }
         if kid:
             body["kid"] = kid
         if detail:
@@ -209,8 +225,9 @@ class AuditLog:
             body["after_torn"] = True
         return body
 
-    def _append(self, fd: int, created: bool, actor: str, action: str, target: str,
-                detail: dict) -> dict:
+    def _append(
+        self, fd: int, created: bool, actor: str, action: str, target: str, detail: dict
+    ) -> dict:
         line, needs_newline, torn = _last_line(fd)
         in_effect: str | None = self.keys.signing_id
         if line:
@@ -221,8 +238,9 @@ class AuditLog:
                 if last.get("action") == KEY_CHANGE:
                     in_effect = last["detail"]["new"]
             except (ValueError, KeyError, TypeError):
-                raise AuditError("the last audit record is unreadable; "
-                                 "run: ith-proxy audit verify") from None
+                raise AuditError(
+                    "the last audit record is unreadable; run: ith-proxy audit verify"
+                ) from None
         else:
             seq, prev = 1, GENESIS
         self._check_anchor(seq - 1, prev)
@@ -230,11 +248,21 @@ class AuditLog:
         if in_effect != self.keys.signing_id:
             old = self.keys.key_for(in_effect)
             if old is None or self.keys.signing_id is None:
-                raise AuditError(f"the audit log's last record is under {_key_name(in_effect)}, "
-                                 "which is not loaded (audit.key lost or replaced?); restore "
-                                 "it, or move the audit log and its anchor aside")
-            change = self._body(seq, prev, in_effect, actor, KEY_CHANGE,
-                                self.keys.signing_id, {"new": self.keys.signing_id}, torn)
+                raise AuditError(
+                    f"the audit log's last record is under {_key_name(in_effect)}, "
+                    "which is not loaded (audit.key lost or replaced?); restore "
+                    "it, or move the audit log and its anchor aside"
+                )
+            change = self._body(
+                seq,
+                prev,
+                in_effect,
+                actor,
+                KEY_CHANGE,
+                self.keys.signing_id,
+                {"new": self.keys.signing_id},
+                torn,
+            )
             change["mac"] = _mac(old, change)
             bodies.append(change)
             seq, prev, torn = seq + 1, change["mac"], False
@@ -242,19 +270,22 @@ class AuditLog:
         body["mac"] = _mac(self.keys.signing, body)
         bodies.append(body)
         data = (b"\n" if needs_newline else b"") + b"".join(
-            json.dumps(b, sort_keys=True, separators=(",", ":")).encode() + b"\n"
-            for b in bodies)
+            json.dumps(b, sort_keys=True, separators=(",", ":")).encode() + b"\n" for b in bodies
+        )
         # whole or not at all (we hold the lock: nobody appended since fstat)
         append_whole(fd, [data], os.fstat(fd).st_size, sync=True)
         if created:
             fsync_dir(self.path.parent)
         if self.anchor is not None:
             try:
-                _write_anchor(self.anchor, {"seq": body["seq"], "mac": body["mac"],
-                                            "kid": self.keys.signing_id})
+                _write_anchor(
+                    self.anchor,
+                    {"seq": body["seq"], "mac": body["mac"], "kid": self.keys.signing_id},
+                )
             except OSError as exc:
-                raise AuditError(f"cannot write the audit anchor {self.anchor}: "
-                                 f"{exc.strerror or exc}") from None
+                raise AuditError(
+                    f"cannot write the audit anchor {self.anchor}: {exc.strerror or exc}"
+                ) from None
         return body
 
     def _check_anchor(self, last_seq: int, last_mac: str) -> None:
@@ -263,11 +294,14 @@ class AuditLog:
         anchor = read_anchor(self.anchor)
         if anchor is None:
             return
-        if last_seq < anchor["seq"] or (last_seq == anchor["seq"]
-                                        and not hmac.compare_digest(last_mac, anchor["mac"])):
-            raise AuditError(f"the audit log ends at record {last_seq} but its anchor "
-                             f"{self.anchor} names record {anchor['seq']}: records were "
-                             "removed or the log replaced; run: ith-proxy audit verify")
+        if last_seq < anchor["seq"] or (
+            last_seq == anchor["seq"] and not hmac.compare_digest(last_mac, anchor["mac"])
+        ):
+            raise AuditError(
+                f"the audit log ends at record {last_seq} but its anchor "
+                f"{self.anchor} names record {anchor['seq']}: records were "
+                "removed or the log replaced; run: ith-proxy audit verify"
+            )
 
     def verify(self) -> Summary:
         """Check every record's MAC, key, sequence and chain, and the log against
@@ -281,8 +315,11 @@ class AuditLog:
             fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW)
         except FileNotFoundError:
             if anchor is not None:
-                raise AuditBroken(None, f"the log is missing, but its anchor {self.anchor} "
-                                        f"says it held {anchor['seq']} records") from None
+                raise AuditBroken(
+                    None,
+                    f"the log is missing, but its anchor {self.anchor} "
+                    f"says it held {anchor['seq']} records",
+                ) from None
             raise
         with os.fdopen(fd, "rb") as fh:
             for number, raw in enumerate(fh, 1):
@@ -307,19 +344,30 @@ class AuditLog:
                 kid = body.get("kid")
                 key = self.keys.key_for(kid) if isinstance(kid, (str, type(None))) else None
                 if key is None:
-                    raise AuditBroken(number, f"signed with {_key_name(kid)}, which is not "
-                                              "loaded (audit.key, or the site secret)")
+                    raise AuditBroken(
+                        number,
+                        f"signed with {_key_name(kid)}, which is not "
+                        "loaded (audit.key, or the site secret)",
+                    )
                 if not isinstance(mac, str) or not hmac.compare_digest(mac, _mac(key, body)):
-                    raise AuditBroken(number, "MAC mismatch: the record was altered, or the "
-                                              "key (audit.key, or the site secret for older "
-                                              "records) is not the one that wrote it")
+                    raise AuditBroken(
+                        number,
+                        "MAC mismatch: the record was altered, or the "
+                        "key (audit.key, or the site secret for older "
+                        "records) is not the one that wrote it",
+                    )
                 if seq and kid != in_effect:
-                    raise AuditBroken(number, f"signed with {_key_name(kid)} while "
-                                              f"{_key_name(in_effect)} is in effect (keys "
-                                              f"change only by an {KEY_CHANGE} record)")
+                    raise AuditBroken(
+                        number,
+                        f"signed with {_key_name(kid)} while "
+                        f"{_key_name(in_effect)} is in effect (keys "
+                        f"change only by an {KEY_CHANGE} record)",
+                    )
                 if body.get("prev") != prev:
-                    raise AuditBroken(number, "chain broken: a record before it was removed, "
-                                              "reordered or replaced")
+                    raise AuditBroken(
+                        number,
+                        "chain broken: a record before it was removed, reordered or replaced",
+                    )
                 if body.get("seq") != seq + 1:
                     raise AuditBroken(number, f"sequence {body.get('seq')} follows {seq}")
                 in_effect = kid
@@ -336,12 +384,23 @@ class AuditLog:
             raise AuditBroken(pending_torn, "unreadable record")
         if anchor is not None:
             if anchored is None:
-                raise AuditBroken(None, f"the log ends at record {seq}, but its anchor "
-                                        f"{self.anchor} says it held {anchor['seq']}: records "
-                                        "were cut off the end, or the log was replaced")
+                raise AuditBroken(
+                    None,
+                    f"the log ends at record {seq}, but its anchor "
+                    f"{self.anchor} says it held {anchor['seq']}: records "
+                    "were cut off the end, or the log was replaced",
+                )
             if not hmac.compare_digest(anchored[1], anchor["mac"]):
-                raise AuditBroken(anchored[0], f"record {anchor['seq']} is not the one its "
-                                               f"anchor {self.anchor} names: the log was "
-                                               "replaced")
-        return Summary(records=seq, first=first, last=last, torn=torn_lines,
-                       anchored=anchor["seq"] if anchor else None)
+                raise AuditBroken(
+                    anchored[0],
+                    f"record {anchor['seq']} is not the one its "
+                    f"anchor {self.anchor} names: the log was "
+                    "replaced",
+                )
+        return Summary(
+            records=seq,
+            first=first,
+            last=last,
+            torn=torn_lines,
+            anchored=anchor["seq"] if anchor else None,
+        )

@@ -72,6 +72,7 @@ _MIGRATIONS: tuple[str, ...] = (
 @dataclass(frozen=True)
 class InstanceRow:
     """One de-identified instance as the indexer hands it to the catalog."""
+
     patient_id: str
     patient_name: str
     study_uid: str
@@ -96,8 +97,11 @@ def _best_practice(conn: apsw.Connection) -> None:
 
 class Catalog:
     def __init__(self, path: Path, readonly: bool = False) -> None:
-        flags = apsw.SQLITE_OPEN_READONLY if readonly else (
-            apsw.SQLITE_OPEN_READWRITE | apsw.SQLITE_OPEN_CREATE)
+        flags = (
+            apsw.SQLITE_OPEN_READONLY
+            if readonly
+            else (apsw.SQLITE_OPEN_READWRITE | apsw.SQLITE_OPEN_CREATE)
+        )
         self.path = Path(path)
         self.conn = apsw.Connection(str(self.path), flags=flags)
         _best_practice(self.conn)
@@ -112,7 +116,8 @@ class Catalog:
             version = self.conn.execute("PRAGMA user_version").get
             if version > len(_MIGRATIONS):
                 raise RuntimeError(
-                    f"catalog schema {version} is newer than this code ({len(_MIGRATIONS)})")
+                    f"catalog schema {version} is newer than this code ({len(_MIGRATIONS)})"
+                )
         for step in range(version, len(_MIGRATIONS)):
             with self.conn:
                 self.conn.execute(_MIGRATIONS[step])
@@ -130,12 +135,14 @@ class Catalog:
         """(study, series, vault offset) recorded for an instance, or None."""
         row = self.conn.execute(
             "SELECT study_uid, series_uid, vault_offset FROM instances WHERE sop_uid = ?",
-            (sop_uid,)).fetchone()
+            (sop_uid,),
+        ).fetchone()
         return None if row is None else (row[0], row[1], row[2])
 
     def instance_vault_offset(self, sop_uid: str) -> int | None:
         return self.conn.execute(
-            "SELECT vault_offset FROM instances WHERE sop_uid = ?", (sop_uid,)).get
+            "SELECT vault_offset FROM instances WHERE sop_uid = ?", (sop_uid,)
+        ).get
 
     def record_instances(self, rows: Iterable[InstanceRow]) -> int:
         """Upsert a batch in one transaction; return how many were new.
@@ -150,50 +157,76 @@ class Catalog:
                 c.execute(
                     "INSERT INTO patients(pseudo_id, pseudo_name, created_at) VALUES (?,?,?) "
                     "ON CONFLICT(pseudo_id) DO NOTHING",
-                    (r.patient_id, r.patient_name, r.received_at))
-                state = c.execute("SELECT state FROM studies WHERE study_uid = ?",
-                                  (r.study_uid,)).get
+                    (r.patient_id, r.patient_name, r.received_at),
+                )
+                state = c.execute(
+                    "SELECT state FROM studies WHERE study_uid = ?", (r.study_uid,)
+                ).get
                 if state is None:
                     c.execute(
                         "INSERT INTO studies(study_uid, patient_id, first_received, last_received)"
                         " VALUES (?,?,?,?)",
-                        (r.study_uid, r.patient_id, r.received_at, r.received_at))
+                        (r.study_uid, r.patient_id, r.received_at, r.received_at),
+                    )
                     self._event(r.study_uid, r.received_at, "first-received")
                 c.execute(
                     "INSERT INTO series(series_uid, study_uid, modality) VALUES (?,?,?) "
                     "ON CONFLICT(series_uid) DO NOTHING",
-                    (r.series_uid, r.study_uid, r.modality))
-                existed = c.execute("SELECT 1 FROM instances WHERE sop_uid = ?",
-                                    (r.sop_uid,)).get is not None
+                    (r.series_uid, r.study_uid, r.modality),
+                )
+                existed = (
+                    c.execute("SELECT 1 FROM instances WHERE sop_uid = ?", (r.sop_uid,)).get
+                    is not None
+                )
                 c.execute(
                     "INSERT INTO instances(sop_uid, series_uid, study_uid, sop_class_uid,"
                     " transfer_syntax, size, vault_offset, received_at) VALUES (?,?,?,?,?,?,?,?)"
                     " ON CONFLICT(sop_uid) DO UPDATE SET size = excluded.size,"
                     " transfer_syntax = excluded.transfer_syntax,"
                     " vault_offset = COALESCE(excluded.vault_offset, vault_offset)",
-                    (r.sop_uid, r.series_uid, r.study_uid, r.sop_class_uid,
-                     r.transfer_syntax, r.size, r.vault_offset, r.received_at))
+                    (
+                        r.sop_uid,
+                        r.series_uid,
+                        r.study_uid,
+                        r.sop_class_uid,
+                        r.transfer_syntax,
+                        r.size,
+                        r.vault_offset,
+                        r.received_at,
+                    ),
+                )
                 if not existed:
                     new += 1
                 if state not in (None, "receiving") and not existed:
-                    c.execute("UPDATE studies SET state = 'receiving', completed_at = NULL,"
-                              " reopened = reopened + 1 WHERE study_uid = ?", (r.study_uid,))
+                    c.execute(
+                        "UPDATE studies SET state = 'receiving', completed_at = NULL,"
+                        " reopened = reopened + 1 WHERE study_uid = ?",
+                        (r.study_uid,),
+                    )
                     self._event(r.study_uid, r.received_at, "reopened")
-                c.execute("UPDATE studies SET last_received = max(last_received, ?),"
-                          " version = version + 1 WHERE study_uid = ?",
-                          (r.received_at, r.study_uid))
+                c.execute(
+                    "UPDATE studies SET last_received = max(last_received, ?),"
+                    " version = version + 1 WHERE study_uid = ?",
+                    (r.received_at, r.study_uid),
+                )
         return new
 
     def _event(self, study_uid: str, ts: float, event: str) -> None:
-        self.conn.execute("INSERT INTO study_events(study_uid, ts, event) VALUES (?,?,?)",
-                          (study_uid, ts, event))
+        self.conn.execute(
+            "INSERT INTO study_events(study_uid, ts, event) VALUES (?,?,?)", (study_uid, ts, event)
+        )
 
     # --- scheduler ---
 
     def quiet_studies(self, now: float, timeout: float) -> list[str]:
-        return [row[0] for row in self.conn.execute(
-            "SELECT study_uid FROM studies WHERE state = 'receiving' AND last_received <= ?"
-            " ORDER BY last_received", (now - timeout,))]
+        return [
+            row[0]
+            for row in self.conn.execute(
+                "SELECT study_uid FROM studies WHERE state = 'receiving' AND last_received <= ?"
+                " ORDER BY last_received",
+                (now - timeout,),
+            )
+        ]
 
     def complete_study(self, study_uid: str, now: float, timeout: float) -> bool:
         """Mark a study complete if it is still receiving and still quiet."""
@@ -201,19 +234,25 @@ class Catalog:
             changed = self.conn.execute(
                 "UPDATE studies SET state = 'complete', completed_at = ?, version = version + 1"
                 " WHERE study_uid = ? AND state = 'receiving' AND last_received <= ?"
-                " RETURNING 1", (now, study_uid, now - timeout)).get
+                " RETURNING 1",
+                (now, study_uid, now - timeout),
+            ).get
             if changed:
                 self._event(study_uid, now, "complete")
         return bool(changed)
 
     def stale_summaries(self) -> list[tuple[str, int]]:
-        return list(self.conn.execute(
-            "SELECT study_uid, version FROM studies WHERE json_version != version"))
+        return list(
+            self.conn.execute(
+                "SELECT study_uid, version FROM studies WHERE json_version != version"
+            )
+        )
 
     def summary_written(self, study_uid: str, version: int) -> None:
         with self.conn:
-            self.conn.execute("UPDATE studies SET json_version = ? WHERE study_uid = ?",
-                              (version, study_uid))
+            self.conn.execute(
+                "UPDATE studies SET json_version = ? WHERE study_uid = ?", (version, study_uid)
+            )
 
     # --- queries ---
 
@@ -227,26 +266,49 @@ class Catalog:
             " (SELECT group_concat(DISTINCT modality) FROM"
             "   (SELECT modality FROM series WHERE study_uid = s.study_uid ORDER BY modality))"
             " FROM studies s JOIN patients p ON p.pseudo_id = s.patient_id"
-            " WHERE s.study_uid = ?", (study_uid,)).fetchone()
+            " WHERE s.study_uid = ?",
+            (study_uid,),
+        ).fetchone()
         if row is None:
             return None
-        keys = ("study_instance_uid", "patient_id", "patient_name", "state", "first_received",
-                "last_received", "completed_at", "reopened", "version", "series_count",
-                "instance_count", "bytes", "modalities")
+        keys = (
+            "study_instance_uid",
+            "patient_id",
+            "patient_name",
+            "state",
+            "first_received",
+            "last_received",
+            "completed_at",
+            "reopened",
+            "version",
+            "series_count",
+            "instance_count",
+            "bytes",
+            "modalities",
+        )
         out = dict(zip(keys, row, strict=True))
         out["modalities"] = [m for m in (out["modalities"] or "").split(",") if m]
-        out["events"] = [{"ts": ts, "event": ev} for ts, ev in self.conn.execute(
-            "SELECT ts, event FROM study_events WHERE study_uid = ? ORDER BY ts, id",
-            (study_uid,))]
+        out["events"] = [
+            {"ts": ts, "event": ev}
+            for ts, ev in self.conn.execute(
+                "SELECT ts, event FROM study_events WHERE study_uid = ? ORDER BY ts, id",
+                (study_uid,),
+            )
+        ]
         return out
 
     def study_uids(self) -> list[str]:
         return [r[0] for r in self.conn.execute("SELECT study_uid FROM studies ORDER BY 1")]
 
     def instance_vault_offsets(self, study_uid: str) -> list[int]:
-        return [r[0] for r in self.conn.execute(
-            "SELECT vault_offset FROM instances WHERE study_uid = ? AND vault_offset IS NOT NULL"
-            " ORDER BY received_at", (study_uid,))]
+        return [
+            r[0]
+            for r in self.conn.execute(
+                "SELECT vault_offset FROM instances"
+                " WHERE study_uid = ? AND vault_offset IS NOT NULL ORDER BY received_at",
+                (study_uid,),
+            )
+        ]
 
     def counts(self) -> dict:
         c = self.conn
@@ -268,9 +330,16 @@ class Catalog:
             for table in ("study_events", "instances", "series", "studies", "patients"):
                 self.conn.execute(f"DELETE FROM {table}")
 
-    def restore_study_timeline(self, study_uid: str, state: str, first: float, last: float,
-                               completed: float | None, reopened: int,
-                               events: list[tuple[float, str]]) -> None:
+    def restore_study_timeline(
+        self,
+        study_uid: str,
+        state: str,
+        first: float,
+        last: float,
+        completed: float | None,
+        reopened: int,
+        events: list[tuple[float, str]],
+    ) -> None:
         """Put back the timeline a study.json recorded (reindex)."""
         if state not in STATES:
             state = "receiving"
@@ -278,7 +347,8 @@ class Catalog:
             self.conn.execute(
                 "UPDATE studies SET state = ?, first_received = ?, last_received = ?,"
                 " completed_at = ?, reopened = ?, version = version + 1 WHERE study_uid = ?",
-                (state, first, last, completed, reopened, study_uid))
+                (state, first, last, completed, reopened, study_uid),
+            )
             self.conn.execute("DELETE FROM study_events WHERE study_uid = ?", (study_uid,))
             for ts, ev in events:
                 self._event(study_uid, ts, ev)

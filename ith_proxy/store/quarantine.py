@@ -32,8 +32,13 @@ class QuarantineFolder:
     quarantine_dir: Path
     _deliver: Callable[..., Path]
 
-    def quarantine(self, name: str, reason: str, detail: dict,
-                   seal: Callable[[Path, BinaryIO], dict] | None = None) -> Path:
+    def quarantine(
+        self,
+        name: str,
+        reason: str,
+        detail: dict,
+        seal: Callable[[Path, BinaryIO], dict] | None = None,
+    ) -> Path:
         """Move incoming/<name> to quarantine/<reason>/ with a .json saying why.
 
         Without ``seal`` the file is renamed as it is (it is already
@@ -50,9 +55,12 @@ class QuarantineFolder:
             qdir.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
             fsync_dir(self.quarantine_dir)
         src, target = self.incoming / name, qdir / name
-        info = {"name": name, "reason": reason,
-                "quarantined_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                **detail}
+        info = {
+            "name": name,
+            "reason": reason,
+            "quarantined_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            **detail,
+        }
         if seal is None:
             if not src.exists():
                 raise FileNotFoundError(src)
@@ -92,11 +100,18 @@ class QuarantineFolder:
         never an item).
         """
         reason, _, base = name.rpartition("/")
-        if base in ("", ".", "..") or "\0" in name or base.endswith(".json") \
-                or (reason and not _REASON_RE.fullmatch(reason)):
+        if (
+            base in ("", ".", "..")
+            or "\0" in name
+            or base.endswith(".json")
+            or (reason and not _REASON_RE.fullmatch(reason))
+        ):
             raise KeyError(name)
-        dirs = [self.quarantine_dir / reason] if reason else \
-            sorted(p for p in self.quarantine_dir.iterdir() if real_dir(p))
+        dirs = (
+            [self.quarantine_dir / reason]
+            if reason
+            else sorted(p for p in self.quarantine_dir.iterdir() if real_dir(p))
+        )
         for qdir in dirs:
             data = qdir / base
             if regular_file(data):
@@ -107,8 +122,7 @@ class QuarantineFolder:
                 return data, info
         raise KeyError(name)
 
-    def release(self, name: str, write: Callable[[Path, BinaryIO], object] | None = None
-                ) -> Path:
+    def release(self, name: str, write: Callable[[Path, BinaryIO], object] | None = None) -> Path:
         """Move a quarantined item back to incoming/ under its name, for another try.
 
         Without ``write`` it is renamed as it is; with ``write(src, out)`` a

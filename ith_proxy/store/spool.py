@@ -80,8 +80,7 @@ class Spool(QuarantineFolder):
     # --- set-up and housekeeping ---
 
     def ensure(self) -> None:
-        for d in (self.root, self.tmp, self.incoming, self.studies,
-                  self.quarantine_dir, self.logs):
+        for d in (self.root, self.tmp, self.incoming, self.studies, self.quarantine_dir, self.logs):
             d.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
 
     def lock(self) -> int | None:
@@ -99,8 +98,14 @@ class Spool(QuarantineFolder):
         spool's folders, its lock, every file in logs/ and quarantine/, and
         ``extra`` (vault.phi, the catalog and its journals).  The service
         refuses to start on any: logging, apsw and the vault would follow them."""
-        names = [self.tmp, self.incoming, self.studies, self.quarantine_dir, self.logs,
-                 self.root / ".lock"]
+        names = [
+            self.tmp,
+            self.incoming,
+            self.studies,
+            self.quarantine_dir,
+            self.logs,
+            self.root / ".lock",
+        ]
         for path in extra:
             names += [Path(path)] + [Path(f"{path}{s}") for s in ("-wal", "-shm", "-journal")]
         for folder in (self.logs, self.quarantine_dir):
@@ -145,8 +150,13 @@ class Spool(QuarantineFolder):
 
     # --- the one write primitive ---
 
-    def _deliver(self, target: Path | str, write: Callable[[BinaryIO], None] | None = None,
-                 sync: bool = True, chunks: Iterable[_Chunk] | None = None) -> Path:
+    def _deliver(
+        self,
+        target: Path | str,
+        write: Callable[[BinaryIO], None] | None = None,
+        sync: bool = True,
+        chunks: Iterable[_Chunk] | None = None,
+    ) -> Path:
         """Write through tmp/, fsync, rename to target, fsync its directory.
 
         Either ``write(fh)`` fills a buffered file, or ``chunks`` (bytes or
@@ -338,8 +348,14 @@ class Spool(QuarantineFolder):
     def instance_path(self, study: str, series: str, sop: str) -> Path:
         return self.studies / _check_uid(study) / _check_uid(series) / f"{_check_uid(sop)}.dcm"
 
-    def put_instance(self, study: str, series: str, sop: str,
-                     write: Callable[[BinaryIO], None], sync: bool = True) -> Path:
+    def put_instance(
+        self,
+        study: str,
+        series: str,
+        sop: str,
+        write: Callable[[BinaryIO], None],
+        sync: bool = True,
+    ) -> Path:
         target = self.instance_path(study, series, sop)
         made = not target.parent.exists()
         if made:
@@ -383,16 +399,20 @@ class Spool(QuarantineFolder):
         """Every raw input file: incoming/ and quarantine/<reason>/ (not the .json)."""
         files = [self.incoming / n for n in self.incoming_names()]
         for qdir in sorted(p for p in self.quarantine_dir.iterdir() if real_dir(p)):
-            files.extend(sorted(p for p in qdir.iterdir()
-                                if regular_file(p) and p.suffix != ".json"))
+            files.extend(
+                sorted(p for p in qdir.iterdir() if regular_file(p) and p.suffix != ".json")
+            )
         return files
 
     def rewrite(self, path: Path, write: Callable[[BinaryIO], object]) -> None:
         """Replace vault.phi or a raw input file with a new version: tmp, fsync,
         rename over it, fsync dir (never in place).  Its times are kept."""
         path = Path(path)
-        allowed = path == self.vault_file or path.parent == self.incoming \
+        allowed = (
+            path == self.vault_file
+            or path.parent == self.incoming
             or path.parent.parent == self.quarantine_dir
+        )
         if not allowed or not regular_file(path):
             raise ValueError(f"not a rewritable spool file: {path}")
         self._deliver(path, keeping_times(path, write)[0])

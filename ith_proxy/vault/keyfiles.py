@@ -35,10 +35,13 @@ def _check_secret(path: Path, what: str) -> os.stat_result:
     if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
         raise VaultKeyError(
             f"{what} {path} is accessible by group or others "
-            f"(mode {stat.S_IMODE(st.st_mode):o}); run: chmod 600 {path}")
+            f"(mode {stat.S_IMODE(st.st_mode):o}); run: chmod 600 {path}"
+        )
     if st.st_uid not in (os.geteuid(), 0):
-        raise VaultKeyError(f"{what} {path} is owned by uid {st.st_uid}, not by this "
-                            f"user (uid {os.geteuid()}) or root")
+        raise VaultKeyError(
+            f"{what} {path} is owned by uid {st.st_uid}, not by this "
+            f"user (uid {os.geteuid()}) or root"
+        )
     if not stat.S_ISREG(st.st_mode):
         raise VaultKeyError(f"{what} {path} is not a regular file")
     return st
@@ -55,13 +58,17 @@ def _create_secret(path: Path, content: bytes, what: str) -> bool:
     finally:
         os.unlink(tmp)
     fsync_dir(path.parent)
-    log.warning("generated a new %s at %s; back it up apart from the spool, "
-                "it cannot be recovered", what, path)
+    log.warning(
+        "generated a new %s at %s; back it up apart from the spool, it cannot be recovered",
+        what,
+        path,
+    )
     return True
 
 
-def load_secret_file(path: Path, make: Callable[[], bytes], what: str,
-                      create: bool = False) -> bytes:
+def load_secret_file(
+    path: Path, make: Callable[[], bytes], what: str, create: bool = False
+) -> bytes:
     """Read a 0600 secret file.  A missing one is an error (VaultKeyError) unless
     ``create``: only ``ensure_secrets`` on a new spool and ``ith-proxy init`` ask
     for that, so a typo or an unmounted volume never yields a fresh key."""
@@ -93,8 +100,7 @@ def load_audit_keys(key_file: Path, create: bool = False) -> list[bytes]:
     service need to read it, unlike the site secret."""
     raw = load_secret_file(Path(key_file), _new_hex_secret, "audit key", create)
     try:
-        keys = [bytes.fromhex(line.strip().decode()) for line in raw.splitlines()
-                if line.strip()]
+        keys = [bytes.fromhex(line.strip().decode()) for line in raw.splitlines() if line.strip()]
     except (ValueError, UnicodeDecodeError):
         raise VaultKeyError(f"audit key {key_file} holds a malformed key") from None
     if not keys or any(len(k) < 32 for k in keys):
@@ -106,8 +112,9 @@ def add_audit_key(key_file: Path) -> None:
     """Put a fresh audit key first, keep the old ones after it (they verify the
     records they signed); the next append records the change."""
     keys = load_audit_keys(key_file)
-    replace_private(Path(key_file), _new_hex_secret() + b"".join(
-        k.hex().encode() + b"\n" for k in keys))
+    replace_private(
+        Path(key_file), _new_hex_secret() + b"".join(k.hex().encode() + b"\n" for k in keys)
+    )
 
 
 def new_vault_key() -> bytes:
@@ -120,14 +127,20 @@ def _new_hex_secret() -> bytes:
 
 
 SECRET_MAKERS: dict[str, Callable[[], bytes]] = {
-    "vault key": new_vault_key, "site secret": _new_hex_secret, "audit key": _new_hex_secret}
+    "vault key": new_vault_key,
+    "site secret": _new_hex_secret,
+    "audit key": _new_hex_secret,
+}
 
 
 def secret_files(key_file: Path) -> dict[str, Path]:
     """The key folder's secrets, by name: all live beside the vault key."""
     key_file = Path(key_file)
-    return {"vault key": key_file, "site secret": key_file.with_name("site.secret"),
-            "audit key": key_file.with_name("audit.key")}
+    return {
+        "vault key": key_file,
+        "site secret": key_file.with_name("site.secret"),
+        "audit key": key_file.with_name("audit.key"),
+    }
 
 
 def shared_volume_warning(key_file: Path, spool_dir: Path) -> str | None:
@@ -141,9 +154,11 @@ def shared_volume_warning(key_file: Path, spool_dir: Path) -> str | None:
         return None
     if not same:
         return None
-    return (f"the keys in {key_dir} and the spool {spool_dir} are on the same filesystem: "
-            "one backup or snapshot of it holds the ciphertext and its key together; "
-            "put the keys on a separate volume (README, Deployment)")
+    return (
+        f"the keys in {key_dir} and the spool {spool_dir} are on the same filesystem: "
+        "one backup or snapshot of it holds the ciphertext and its key together; "
+        "put the keys on a separate volume (README, Deployment)"
+    )
 
 
 def _absent(path: Path) -> bool:
@@ -173,15 +188,19 @@ def ensure_secrets(key_file: Path, new_spool: bool, audit_in_use: bool) -> list[
     files = secret_files(key_file)
     missing = {what: path for what, path in files.items() if _absent(path)}
     if not new_spool:
-        lost = [f"{what} {path}" for what, path in missing.items()
-                if what != "audit key" or audit_in_use]
+        lost = [
+            f"{what} {path}"
+            for what, path in missing.items()
+            if what != "audit key" or audit_in_use
+        ]
         if lost:
             verb = "is" if len(lost) == 1 else "are"
             raise VaultKeyError(
                 f"{' and '.join(lost)} {verb} missing but the spool already holds a vault "
                 "or catalog; nothing was created (a new key would make them unreadable): "
                 "check VAULT_KEY_FILE and that the key volume is mounted, or restore "
-                "from backup; `ith-proxy init` creates new keys deliberately")
+                "from backup; `ith-proxy init` creates new keys deliberately"
+            )
     made = []
     for what, path in missing.items():
         if _create_secret(path, SECRET_MAKERS[what](), what):

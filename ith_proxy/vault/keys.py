@@ -45,16 +45,17 @@ class DecryptError(ValueError):
 
 
 STREAM_INFO = b"ith-proxy stream v2"  # HKDF info: the AES-GCM key is for this use only
-STREAM_NONCE, STREAM_TAG = 12, 16     # a sealed chunk is nonce || ciphertext || tag
+STREAM_NONCE, STREAM_TAG = 12, 16  # a sealed chunk is nonce || ciphertext || tag
 STREAM_OVERHEAD = STREAM_NONCE + STREAM_TAG
-STREAM_KEY_ID = 8                     # bytes of SHA-256(derived key) naming it in a header
-RECORD_PIECE = 1 << 20                # a large record goes through GCM in slices this size
+STREAM_KEY_ID = 8  # bytes of SHA-256(derived key) naming it in a header
+RECORD_PIECE = 1 << 20  # a large record goes through GCM in slices this size
 
 
 def _stream_key(key: bytes) -> tuple[bytes, bytes]:
     """(key id, AES-256 key) derived from one Fernet key with HKDF-SHA256."""
-    derived = HKDF(algorithm=hashes.SHA256(), length=32, salt=None,
-                   info=STREAM_INFO).derive(base64.urlsafe_b64decode(key))
+    derived = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=STREAM_INFO).derive(
+        base64.urlsafe_b64decode(key)
+    )
     return hashlib.sha256(derived).digest()[:STREAM_KEY_ID], derived
 
 
@@ -125,14 +126,14 @@ class Keyring:
         try:
             return self._all.decrypt(token)
         except (InvalidToken, TypeError, ValueError):
-            raise DecryptError("corrupt, or encrypted under a key that is not in "
-                               "the key file") from None
+            raise DecryptError(
+                "corrupt, or encrypted under a key that is not in the key file"
+            ) from None
 
     def has_stream_key(self, key_id: bytes) -> bool:
         return key_id in self._streams
 
-    def seal_chunk(self, parts: Sequence[bytes | bytearray | memoryview],
-                   aad: bytes) -> bytearray:
+    def seal_chunk(self, parts: Sequence[bytes | bytearray | memoryview], aad: bytes) -> bytearray:
         """nonce || AES-256-GCM(concatenated parts, aad) || tag under the first
         key's stream key, with a fresh random 96-bit nonce.  GCM runs over the
         parts in turn, so they are never joined into one buffer first."""
@@ -145,13 +146,14 @@ class Keyring:
             at = STREAM_NONCE
             for part in parts:  # GCM is a stream mode: n bytes in, n bytes out
                 # (the 15 bytes of slack update_into asks for fall in what follows)
-                at += enc.update_into(part, view[at:at + len(part) + 15])
+                at += enc.update_into(part, view[at : at + len(part) + 15])
             enc.finalize()
             view[at:] = enc.tag
         return out
 
-    def open_chunk(self, key_id: bytes, sealed: bytes | memoryview, aad: bytes,
-                   out: bytearray | memoryview) -> None:
+    def open_chunk(
+        self, key_id: bytes, sealed: bytes | memoryview, aad: bytes, out: bytearray | memoryview
+    ) -> None:
         """Decrypt and authenticate a sealed chunk into ``out`` (exactly
         ``len(sealed) - STREAM_OVERHEAD`` bytes) under the key named ``key_id``."""
         aead = self._streams.get(bytes(key_id))
@@ -163,11 +165,11 @@ class Keyring:
         try:
             aead.decrypt_into(sealed[:STREAM_NONCE], sealed[STREAM_NONCE:], aad, out)
         except InvalidTag:
-            raise DecryptError("corrupt, or not the chunk that belongs here "
-                               "(authentication failed)") from None
+            raise DecryptError(
+                "corrupt, or not the chunk that belongs here (authentication failed)"
+            ) from None
 
-    def seal_record(self, parts: Sequence[bytes | bytearray],
-                    aad: bytes) -> Iterator[bytes]:
+    def seal_record(self, parts: Sequence[bytes | bytearray], aad: bytes) -> Iterator[bytes]:
         """key id || nonce || AES-256-GCM(concatenated parts, aad) || tag under
         the first key's stream key, in pieces: a small record in one call, a
         large one in slices of RECORD_PIECE, so no part is ever copied whole."""
@@ -181,12 +183,19 @@ class Keyring:
         for part in parts:
             view = memoryview(part)
             for at in range(0, len(view), RECORD_PIECE):
-                yield enc.update(view[at:at + RECORD_PIECE])
+                yield enc.update(view[at : at + RECORD_PIECE])
         enc.finalize()
         yield enc.tag
 
-    def open_record(self, key_id: bytes, nonce: bytes, pieces: Iterable[bytes | memoryview],
-                    tag: bytes, aad: bytes, out: bytearray) -> None:
+    def open_record(
+        self,
+        key_id: bytes,
+        nonce: bytes,
+        pieces: Iterable[bytes | memoryview],
+        tag: bytes,
+        aad: bytes,
+        out: bytearray,
+    ) -> None:
         """Decrypt a record's ciphertext, given in pieces, into ``out`` (exactly
         its length) and authenticate it; DecryptError if it does not."""
         secret = self._stream_secrets.get(bytes(key_id))
@@ -197,11 +206,12 @@ class Keyring:
         at = 0
         with memoryview(out) as view:
             for piece in pieces:  # too much: update_into raises ValueError
-                at += dec.update_into(piece, view[at:at + len(piece)])
+                at += dec.update_into(piece, view[at : at + len(piece)])
         try:
             dec.finalize()
         except InvalidTag:
-            raise DecryptError("corrupt, or not the record that belongs here "
-                               "(authentication failed)") from None
+            raise DecryptError(
+                "corrupt, or not the record that belongs here (authentication failed)"
+            ) from None
         if at != len(out):
             raise DecryptError("corrupt (too short)")

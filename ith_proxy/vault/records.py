@@ -45,8 +45,8 @@ from ith_proxy.vault.keys import Keyring
 
 MAGIC = b"V2 "
 RECORD_AAD = b"ith-proxy vault record v2"
-PIECE = 3 << 18            # sealed bytes per base64 piece (768 KiB -> 1 MiB of text)
-_HEAD = 8 + 12             # key id || nonce
+PIECE = 3 << 18  # sealed bytes per base64 piece (768 KiB -> 1 MiB of text)
+_HEAD = 8 + 12  # key id || nonce
 _TAG = 16
 _U32, _U64, _OFFSET = struct.Struct(">I"), struct.Struct(">Q"), struct.Struct(">Q")
 _BIN = "bin"
@@ -63,6 +63,7 @@ def _aad(offset: int) -> bytes:
 
 # --- writing ---
 
+
 def frame(record: dict) -> list[bytes | bytearray]:
     """The v2 payload of a record, as parts (the binary values are not copied)."""
     values: list[bytes | bytearray] = []
@@ -72,6 +73,7 @@ def frame(record: dict) -> list[bytes | bytearray]:
             values.append(obj)
             return {_BIN: len(values) - 1}
         raise TypeError(f"a vault record cannot hold a {type(obj).__name__}")
+
     text = json.dumps(record, sort_keys=True, default=binary).encode()
     # sort_keys puts "bin" first; a quote inside a string is escaped, so each
     # '{"bin": ' is a dict that starts with that key
@@ -114,6 +116,7 @@ def _encoded(sealed: Iterable[bytes]) -> Iterator[bytes]:
 
 # --- reading ---
 
+
 def read_line(fh: BufferedReader) -> bytes | bytearray:
     """The line at ``fh``'s position (newline included; b"" at the end),
     read once into one buffer: a long line is measured in pieces first, so
@@ -133,12 +136,13 @@ def read_line(fh: BufferedReader) -> bytes | bytearray:
     return line if got == length else line[:got]
 
 
-def open_line(line: bytes | bytearray, keyring: Keyring,
-              offset: int) -> tuple[int, bytes | bytearray]:
+def open_line(
+    line: bytes | bytearray, keyring: Keyring, offset: int
+) -> tuple[int, bytes | bytearray]:
     """(format, decrypted payload) of one line; ValueError if it does not open."""
     if not line.startswith(MAGIC):
         return 1, keyring.decrypt(bytes(line.strip()))
-    text = memoryview(line)[len(MAGIC):len(line) - line.endswith(b"\n")]
+    text = memoryview(line)[len(MAGIC) : len(line) - line.endswith(b"\n")]
     size = len(text) // 4 * 3 - bytes(text[-2:]).count(b"=")
     if len(text) % 4 or size < _HEAD + 4 + _TAG:
         raise ValueError("torn or malformed")
@@ -154,11 +158,12 @@ def open_line(line: bytes | bytearray, keyring: Keyring,
     def ciphertext() -> Iterator[memoryview]:
         at, step = 0, PIECE // 3 * 4
         for i in range(0, len(text), step):
-            piece = binascii.a2b_base64(text[i:i + step], strict_mode=True)
+            piece = binascii.a2b_base64(text[i : i + step], strict_mode=True)
             lo, hi = max(_HEAD - at, 0), min(size - _TAG - at, len(piece))
             if hi > lo:
                 yield memoryview(piece)[lo:hi]
             at += len(piece)
+
     keyring.open_record(head[:8], head[8:_HEAD], ciphertext(), tail[-_TAG:], _aad(offset), out)
     return 2, out
 
@@ -181,18 +186,21 @@ def parse(version: int, payload: bytes | bytearray) -> dict:
         at += 8
         if at + n > len(view):
             raise ValueError("payload framing")
-        values.append(bytes(view[at:at + n]))
+        values.append(bytes(view[at : at + n]))
         at += n
 
     def binary(obj: dict) -> object:
         return values[obj[_BIN]] if len(obj) == 1 and _BIN in obj else obj
+
     return json.loads(bytes(view[4:end]), object_hook=binary if values else None)
 
 
 # --- key rotation ---
 
-def reencrypt_records(src: BufferedReader, out: BinaryIO,
-                      keyring: Keyring) -> tuple[int, list[int]]:
+
+def reencrypt_records(
+    src: BufferedReader, out: BinaryIO, keyring: Keyring
+) -> tuple[int, list[int]]:
     """Rotation step (b) for vault.phi: copy every record line to ``out`` under
     the keyring's first key, each in its own format; return (records
     re-encrypted, offsets kept as they were).
@@ -217,7 +225,10 @@ def reencrypt_records(src: BufferedReader, out: BinaryIO,
                     token = line.strip()
                     at = line.index(token)
                     pieces: Iterable[bytes | bytearray] = [
-                        line[:at], keyring.encrypt(bytes(payload)), line[at + len(token):]]
+                        line[:at],
+                        keyring.encrypt(bytes(payload)),
+                        line[at + len(token) :],
+                    ]
                 else:
                     del line
                     pieces = seal([payload], keyring, offset)
@@ -229,13 +240,13 @@ def reencrypt_records(src: BufferedReader, out: BinaryIO,
                 if written != length:
                     raise VaultRecordError(
                         f"re-encrypting the vault record at offset {offset} would move it "
-                        f"({length} -> {written} bytes); the vault was not changed")
+                        f"({length} -> {written} bytes); the vault was not changed"
+                    )
                 done += 1
         else:
             out.write(line)
         offset += length
     return done, kept
-
 
 
 class Vault:
@@ -288,8 +299,9 @@ class Vault:
         try:
             return open_line(line, self.keyring, offset)
         except ValueError:  # DecryptError, base64, framing
-            raise VaultRecordError(f"vault record at offset {offset} is corrupt "
-                                   "or was written under an unknown key") from None
+            raise VaultRecordError(
+                f"vault record at offset {offset} is corrupt or was written under an unknown key"
+            ) from None
 
     def _parse(self, offset: int, opened: tuple[int, bytes | bytearray]) -> dict:
         try:
@@ -309,8 +321,9 @@ class Vault:
         except FileNotFoundError:
             raise VaultRecordError("the vault file does not exist") from None
         record = self._parse(offset, opened)
-        if (sop is not None and record.get("sop") != sop) or \
-                (study is not None and record.get("study") != study):
+        if (sop is not None and record.get("sop") != sop) or (
+            study is not None and record.get("study") != study
+        ):
             raise VaultRecordError(f"vault record at offset {offset} belongs to another instance")
         return record
 

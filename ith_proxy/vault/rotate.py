@@ -43,25 +43,30 @@ log = logging.getLogger("ith_proxy.vault")
 
 @dataclass
 class Rotation:
-    records: int = 0                                        # vault records re-encrypted
+    records: int = 0  # vault records re-encrypted
     corrupt_records: list[int] = field(default_factory=list)  # offsets kept unchanged
-    files: int = 0                                          # spool files re-encrypted
+    files: int = 0  # spool files re-encrypted
     corrupt_files: list[str] = field(default_factory=list)  # spool paths kept unchanged
     keys_removed: int = 0
 
     def summary(self) -> str:
         def n(count: int, what: str) -> str:
             return f"{count} {what}{'' if count == 1 else 's'}"
-        text = (f"vault key rotated: {n(self.records, 'record')} re-encrypted, "
-                f"{n(len(self.corrupt_records), 'corrupt record')} kept unchanged")
+
+        text = (
+            f"vault key rotated: {n(self.records, 'record')} re-encrypted, "
+            f"{n(len(self.corrupt_records), 'corrupt record')} kept unchanged"
+        )
         if self.corrupt_records:
             shown = ", ".join(str(o) for o in self.corrupt_records[:10])
             more = ", ..." if len(self.corrupt_records) > 10 else ""
             text += f" (offsets {shown}{more})"
         text += f"; {n(self.files, 'spool file')} re-encrypted"
         if self.corrupt_files:
-            text += f", {n(len(self.corrupt_files), 'unreadable spool file')} kept unchanged " \
-                    f"({', '.join(self.corrupt_files[:10])})"
+            text += (
+                f", {n(len(self.corrupt_files), 'unreadable spool file')} kept unchanged "
+                f"({', '.join(self.corrupt_files[:10])})"
+            )
         return text + f"; {n(self.keys_removed, 'old key')} removed"
 
 
@@ -72,9 +77,10 @@ def step_reencrypt(spool: Spool, vault_path: Path, key_file: Path) -> Rotation:
     vault_path = Path(vault_path)
     if vault_path.exists():
         with os.fdopen(os.open(vault_path, os.O_RDONLY | os.O_NOFOLLOW), "rb") as src:
+
             def write(out) -> None:
-                rotation.records, rotation.corrupt_records = \
-                    reencrypt_records(src, out, keyring)
+                rotation.records, rotation.corrupt_records = reencrypt_records(src, out, keyring)
+
             spool.rewrite(vault_path, write)
     for path in spool.raw_input_files():
         try:

@@ -60,7 +60,7 @@ __all__ = [
     "seal",
 ]
 
-MAGIC = b"ITH-PROXY-ENCRYPTED v"           # common prefix of every version
+MAGIC = b"ITH-PROXY-ENCRYPTED v"  # common prefix of every version
 MAGIC_V1 = b"ITH-PROXY-ENCRYPTED v1 chunk="
 MAGIC_V2 = b"ITH-PROXY-ENCRYPTED v2\n"
 CHUNK = 1 << 20
@@ -88,8 +88,9 @@ def is_encrypted(path: Path | str) -> bool:
         return _has_magic(fh.read(len(MAGIC_V1)))
 
 
-def encrypt_stream(keyring: Keyring, pieces: Iterable[bytes | memoryview],
-                   chunk: int = CHUNK) -> Iterator[bytes | bytearray]:
+def encrypt_stream(
+    keyring: Keyring, pieces: Iterable[bytes | memoryview], chunk: int = CHUNK
+) -> Iterator[bytes | bytearray]:
     """Yield the v2 encrypted file (header, then one sealed chunk at a time)
     for the concatenation of ``pieces``, under the keyring's first key.
 
@@ -133,11 +134,9 @@ class EncryptingWriter:
     not change meanwhile (bytes do not); it holds at most one chunk.
     """
 
-    def __init__(self, keyring: Keyring, out: Callable[[list], object],
-                 chunk: int = CHUNK) -> None:
+    def __init__(self, keyring: Keyring, out: Callable[[list], object], chunk: int = CHUNK) -> None:
         self._keyring, self._out, self._chunk = keyring, out, chunk
-        self._header = MAGIC_V2 + _V2_FIELDS.pack(chunk, keyring.stream_key_id,
-                                                  os.urandom(16))
+        self._header = MAGIC_V2 + _V2_FIELDS.pack(chunk, keyring.stream_key_id, os.urandom(16))
         self._pending: list[bytes | bytearray] = [self._header]  # not yet handed to out
         self._held: list[bytes | memoryview] = []  # the parts of the chunk being filled
         self._fill = self._index = 0
@@ -174,7 +173,7 @@ def token_line_length(chunk: int) -> int:
     """v1: bytes in the line of a full chunk (Fernet token of head + chunk, newline)."""
     plain = _CHUNK_HEAD.size + chunk
     raw = 1 + 8 + 16 + (plain // 16 + 1) * 16 + 32  # version, time, IV, AES-CBC, HMAC
-    return (raw + 2) // 3 * 4 + 1                    # urlsafe base64 with padding, "\n"
+    return (raw + 2) // 3 * 4 + 1  # urlsafe base64 with padding, "\n"
 
 
 def _parse_v1_header(head: bytes) -> tuple[int, int]:
@@ -183,7 +182,7 @@ def _parse_v1_header(head: bytes) -> tuple[int, int]:
     if not head.startswith(MAGIC_V1) or end < 0:
         raise EncryptedFileError("not an encrypted spool file")
     try:
-        chunk = int(head[len(MAGIC_V1):end])
+        chunk = int(head[len(MAGIC_V1) : end])
     except ValueError:
         chunk = 0
     if not _MIN_CHUNK <= chunk <= _MAX_CHUNK:
@@ -240,8 +239,10 @@ class DecryptingReader(io.RawIOBase):
         if not _MIN_CHUNK <= self._chunk <= _MAX_CHUNK:
             raise EncryptedFileError("encrypted file has a bad header")
         if not self._keyring.has_stream_key(self._key_id):
-            raise EncryptedFileError(f"the encrypted file was written under a key that is "
-                                     f"not in the key file (key id {self._key_id.hex()})")
+            raise EncryptedFileError(
+                f"the encrypted file was written under a key that is "
+                f"not in the key file (key id {self._key_id.hex()})"
+            )
         self._base, self._line = HEADER_V2, self._chunk + STREAM_OVERHEAD
         body = self._end - self._base
         if body <= 0:
@@ -256,8 +257,8 @@ class DecryptingReader(io.RawIOBase):
         line_cap = min(self._line, body)
         work = self._chunk if self._count > 1 else 0
         buf = memoryview(bytearray(line_cap + work + last_line - STREAM_OVERHEAD))
-        self._sealed, self._plain = buf[:line_cap], buf[line_cap:line_cap + work]
-        self._last = self._open_chunk(self._count - 1, buf[line_cap + work:])
+        self._sealed, self._plain = buf[:line_cap], buf[line_cap : line_cap + work]
+        self._last = self._open_chunk(self._count - 1, buf[line_cap + work :])
 
     def _open_chunk(self, i: int, out: memoryview) -> memoryview:
         """v2: read chunk ``i``'s record, authenticate and decrypt it into ``out``."""
@@ -302,10 +303,11 @@ class DecryptingReader(io.RawIOBase):
         if len(plain) < _CHUNK_HEAD.size:
             raise EncryptedFileError(f"encrypted file is damaged at chunk {i}")
         index, flag = _CHUNK_HEAD.unpack_from(plain)
-        data = memoryview(plain)[_CHUNK_HEAD.size:]
+        data = memoryview(plain)[_CHUNK_HEAD.size :]
         if index != i or flag != last or (not last and len(data) != self._chunk):
-            raise EncryptedFileError(f"encrypted file has chunks missing or out of order "
-                                     f"at chunk {i}")
+            raise EncryptedFileError(
+                f"encrypted file has chunks missing or out of order at chunk {i}"
+            )
         return data
 
     def chunks(self) -> Iterator[memoryview]:
@@ -320,7 +322,7 @@ class DecryptingReader(io.RawIOBase):
             raise EncryptedFileError("read past the end of the encrypted file")
         while length > 0:
             i, off = divmod(start, self._chunk)
-            piece = self.payload(i)[off:off + length]
+            piece = self.payload(i)[off : off + length]
             out.write(piece)
             start, length = start + len(piece), length - len(piece)
 
@@ -347,7 +349,7 @@ class DecryptingReader(io.RawIOBase):
         data = self.payload(i)
         out = memoryview(b).cast("B")
         n = min(len(out), len(data) - off)
-        out[:n] = data[off:off + n]
+        out[:n] = data[off : off + n]
         self._pos += n
         return n
 
@@ -449,8 +451,9 @@ def export_plain(src: Path, dest: Path, keyring: Keyring, sha256: str | None = N
     tmp = write_private(dest, lambda fh: info.update(decrypt_to(src, fh, keyring)))
     try:
         if sha256 and info["sha256"] != sha256:
-            raise EncryptedFileError("the decrypted copy does not match the sha256 "
-                                     "recorded at quarantine time")
+            raise EncryptedFileError(
+                "the decrypted copy does not match the sha256 recorded at quarantine time"
+            )
         os.link(tmp, dest)
     finally:
         tmp.unlink(missing_ok=True)

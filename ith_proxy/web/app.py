@@ -25,8 +25,9 @@ HealthFn = Callable[[], list[str]]
 
 
 def _json(status: int, body: dict) -> bottle.HTTPResponse:
-    return bottle.HTTPResponse(status=status, body=json.dumps(body),
-                               headers={"Content-Type": "application/json"})
+    return bottle.HTTPResponse(
+        status=status, body=json.dumps(body), headers={"Content-Type": "application/json"}
+    )
 
 
 def make_app(health: HealthFn) -> bottle.Bottle:
@@ -78,6 +79,7 @@ def _errors_to_log(app: bottle.Bottle):
     def wsgi(environ, start_response):
         environ["wsgi.errors"] = errors
         return app(environ, start_response)
+
     return wsgi
 
 
@@ -95,8 +97,9 @@ class ApiServer:
     """waitress in a thread, with a clean shutdown."""
 
     def __init__(self, cfg: ApiConfig, app: bottle.Bottle) -> None:
-        self.server = create_server(_errors_to_log(app), host=cfg.bind_address,
-                                    port=cfg.port, threads=4, ident="ith-proxy")
+        self.server = create_server(
+            _errors_to_log(app), host=cfg.bind_address, port=cfg.port, threads=4, ident="ith-proxy"
+        )
         self._thread = threading.Thread(target=self._serve, name="api-server", daemon=True)
 
     def _serve(self) -> None:

@@ -67,8 +67,12 @@ class PhiRisk(ValueError):
 
 # Error texts in quarantine .json files and logs are fixed phrases naming
 # attributes, never DICOM values.
-_REASONS = ((dicomfile.DicomFileError, "unparseable"), (Inconsistent, "inconsistent"),
-            (PhiRisk, "phi-risk"), (EncryptedFileError, "undecryptable"))
+_REASONS = (
+    (dicomfile.DicomFileError, "unparseable"),
+    (Inconsistent, "inconsistent"),
+    (PhiRisk, "phi-risk"),
+    (EncryptedFileError, "undecryptable"),
+)
 
 
 def _internal_error(exc: Exception) -> str:
@@ -77,8 +81,11 @@ def _internal_error(exc: Exception) -> str:
     (code only) go to the log."""
     frames = traceback.extract_tb(exc.__traceback__)
     where = f" at {Path(frames[-1].filename).name}:{frames[-1].lineno}" if frames else ""
-    log.error("unexpected %s while processing an incoming file; traceback without "
-              "the message:\n%s", type(exc).__name__, "".join(traceback.format_list(frames)))
+    log.error(
+        "unexpected %s while processing an incoming file; traceback without the message:\n%s",
+        type(exc).__name__,
+        "".join(traceback.format_list(frames)),
+    )
     return f"internal error: {type(exc).__name__}{where}"
 
 
@@ -97,8 +104,9 @@ def _check(split: dicomfile.SplitFile) -> None:
 
 
 class Indexer:
-    def __init__(self, cfg: Config, spool: Spool, catalog: Catalog, vault: Vault,
-                 secret: bytes) -> None:
+    def __init__(
+        self, cfg: Config, spool: Spool, catalog: Catalog, vault: Vault, secret: bytes
+    ) -> None:
         self.cfg = cfg
         self.spool = spool
         self.catalog = catalog
@@ -163,11 +171,14 @@ class Indexer:
         """Charge the files a dead indexer was in: the one in hand when it
         died, or every one of a batch that was committing."""
         for index, names in self.spool.dead_batches():
-            for name in names[index:index + 1] if index < len(names) else names:
+            for name in names[index : index + 1] if index < len(names) else names:
                 if self.spool.incoming_path(name).exists():
                     self.spool.set_attempts(name, self.spool.attempts(name) + 1)
-                    log.error("incoming file %s was in flight when the indexer stopped; "
-                              "it is retried alone", name)
+                    log.error(
+                        "incoming file %s was in flight when the indexer stopped; "
+                        "it is retried alone",
+                        name,
+                    )
         self._recovered = True
 
     def _process_batch(self, claimed: tuple | None = None) -> _Batch | None:
@@ -208,8 +219,11 @@ class Indexer:
         """One attempt at one file: its row, or None when it was quarantined."""
         if before >= self.cfg.indexer.max_attempts:
             batch.handled += self._quarantine(
-                name, "failed", f"gave up after {before} attempts (the indexer stopped "
-                "while processing it)", before)
+                name,
+                "failed",
+                f"gave up after {before} attempts (the indexer stopped while processing it)",
+                before,
+            )
             return None
         try:
             return self._process(name)
@@ -256,8 +270,9 @@ class Indexer:
                     info = {"size": None, "sha256": None}
                 self.spool.quarantine(name, reason, {**detail, **info})
             else:
-                self.spool.quarantine(name, reason, detail,
-                                      seal=lambda src, out: vault_stream.seal(src, out, keyring))
+                self.spool.quarantine(
+                    name, reason, detail, seal=lambda src, out: vault_stream.seal(src, out, keyring)
+                )
         except FileNotFoundError:
             self.spool.set_attempts(name, 0)
             return 0
@@ -279,8 +294,9 @@ class Indexer:
         if self._kill_marker and self._kill_marker in str(ds.get("ImageComments", "") or ""):
             os.kill(os.getpid(), signal.SIGKILL)  # test-only failpoint, see __init__
         if self.anonymize:  # burned-in (deid/risk.py) and text in the JPEG codestream
-            risk = phi_risk(ds, codestream.scan(src, split),
-                            burned_in=self.cfg.deid.quarantine_burned_in)
+            risk = phi_risk(
+                ds, codestream.scan(src, split), burned_in=self.cfg.deid.quarantine_burned_in
+            )
             if risk:
                 raise PhiRisk(risk)
         if self.anonymize:
@@ -290,29 +306,48 @@ class Indexer:
             study, series, sop = result.study_uid, result.series_uid, result.sop_uid
             patient_id, patient_name = result.patient_id, result.patient_name
             known = self._known(study, series, sop)
-            offset = self._vault_put(known, {
-                "v": 1, "study": study, "series": series, "sop": sop,
-                "patient": patient_id, "phi": result.phi})
+            offset = self._vault_put(
+                known,
+                {
+                    "v": 1,
+                    "study": study,
+                    "series": series,
+                    "sop": sop,
+                    "patient": patient_id,
+                    "phi": result.phi,
+                },
+            )
         else:
-            study, series, sop = (str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID),
-                                  str(ds.SOPInstanceUID))
+            study, series, sop = (
+                str(ds.StudyInstanceUID),
+                str(ds.SeriesInstanceUID),
+                str(ds.SOPInstanceUID),
+            )
             patient_id = str(ds.get("PatientID", "") or "")
             patient_name = str(ds.get("PatientName", "") or "")
             self._known(study, series, sop)
             offset = None
         if self.anonymize:
-            self.spool.put_instance(study, series, sop,
-                                    lambda out: dicomfile.write_joined(out, split, src),
-                                    sync=False)
+            self.spool.put_instance(
+                study, series, sop, lambda out: dicomfile.write_joined(out, split, src), sync=False
+            )
         else:  # stored exactly as received (decrypted)
-            self.spool.put_instance(study, series, sop, lambda out: dicomfile.copy_raw(out, src),
-                                    sync=False)
+            self.spool.put_instance(
+                study, series, sop, lambda out: dicomfile.copy_raw(out, src), sync=False
+            )
         return InstanceRow(
-            patient_id=patient_id, patient_name=patient_name, study_uid=study,
-            series_uid=series, sop_uid=sop, sop_class_uid=str(ds.SOPClassUID),
-            modality=str(ds.get("Modality", "") or ""), transfer_syntax=split.transfer_syntax,
+            patient_id=patient_id,
+            patient_name=patient_name,
+            study_uid=study,
+            series_uid=series,
+            sop_uid=sop,
+            sop_class_uid=str(ds.SOPClassUID),
+            modality=str(ds.get("Modality", "") or ""),
+            transfer_syntax=split.transfer_syntax,
             size=self.spool.instance_path(study, series, sop).stat().st_size,
-            vault_offset=offset, received_at=received)
+            vault_offset=offset,
+            received_at=received,
+        )
 
     def _known(self, study: str, series: str, sop: str) -> int | None:
         """The vault offset recorded for this instance (None if new or none).
@@ -399,11 +434,11 @@ def _finish(pending: Future) -> None:
 @dataclass
 class _Batch:
     rows: list[InstanceRow] = field(default_factory=list)
-    done: list[str] = field(default_factory=list)   # processed, raw file to remove
+    done: list[str] = field(default_factory=list)  # processed, raw file to remove
     names: list[str] = field(default_factory=list)  # everything the batch claimed
-    handled: int = 0                                 # processed + quarantined
+    handled: int = 0  # processed + quarantined
     prev: dict[str, int] = field(default_factory=dict)  # a suspect's attempts so far
-    marker: tuple | None = None                      # the batch's in-flight file
+    marker: tuple | None = None  # the batch's in-flight file
 
     @property
     def solo(self) -> bool:  # a suspect: committed before anything else is processed

@@ -38,21 +38,32 @@ def reindex(spool: Spool, catalog: Catalog, vault: Vault | None) -> dict:
             log.error("reindex: skipping unreadable %s: %s", path, exc)
             continue
         ds = split.header
-        rows.append(InstanceRow(
-            patient_id=str(ds.get("PatientID", "") or ""),
-            patient_name=str(ds.get("PatientName", "") or ""),
-            study_uid=study, series_uid=series, sop_uid=sop,
-            sop_class_uid=str(ds.get("SOPClassUID", "")),
-            modality=str(ds.get("Modality", "") or ""), transfer_syntax=split.transfer_syntax,
-            size=split.size, vault_offset=offsets.get((study, sop)),
-            received_at=path.stat().st_mtime))
+        rows.append(
+            InstanceRow(
+                patient_id=str(ds.get("PatientID", "") or ""),
+                patient_name=str(ds.get("PatientName", "") or ""),
+                study_uid=study,
+                series_uid=series,
+                sop_uid=sop,
+                sop_class_uid=str(ds.get("SOPClassUID", "")),
+                modality=str(ds.get("Modality", "") or ""),
+                transfer_syntax=split.transfer_syntax,
+                size=split.size,
+                vault_offset=offsets.get((study, sop)),
+                received_at=path.stat().st_mtime,
+            )
+        )
     catalog.record_instances(rows)
     for study in catalog.study_uids():
         summary = spool.read_study_json(study)
         if summary:
             catalog.restore_study_timeline(
-                study, summary.get("state", "receiving"), summary["first_received"],
-                summary["last_received"], summary.get("completed_at"),
+                study,
+                summary.get("state", "receiving"),
+                summary["first_received"],
+                summary["last_received"],
+                summary.get("completed_at"),
                 int(summary.get("reopened", 0)),
-                [(e["ts"], e["event"]) for e in summary.get("events", [])])
+                [(e["ts"], e["event"]) for e in summary.get("events", [])],
+            )
     return catalog.counts()

@@ -52,8 +52,9 @@ def study_summary(row: dict) -> dict:
 
 
 class Scheduler:
-    def __init__(self, cfg: Config, spool: Spool, catalog: Catalog,
-                 clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self, cfg: Config, spool: Spool, catalog: Catalog, clock: Callable[[], float] = time.time
+    ) -> None:
         self.cfg = cfg
         self.spool = spool
         self.catalog = catalog
@@ -63,8 +64,11 @@ class Scheduler:
     def run_once(self) -> dict:
         now = self.clock()
         timeout = self.cfg.scheduler.study_timeout
-        completed = [uid for uid in self.catalog.quiet_studies(now, timeout)
-                     if self.catalog.complete_study(uid, now, timeout)]
+        completed = [
+            uid
+            for uid in self.catalog.quiet_studies(now, timeout)
+            if self.catalog.complete_study(uid, now, timeout)
+        ]
         for uid in completed:
             log.info("study %s complete", uid)
         written = 0

@@ -206,21 +206,28 @@ def catalog_count(db: Path) -> int:
         return 0  # not created/migrated yet, or busy: try again next poll
 
 
-def run_proxy(work: Path, data: Path, n: int, proxy_cmd: list[str]) -> dict[str, float]:
-    spool, dicom_port, api_port = work / "spool", free_port(), free_port()
+def proxy_env(work: Path, dicom_port: int, api_port: int) -> dict[str, str]:
+    """The proxy's environment for a bench: no DICOM_/ITH_/API_/JWT_/VAULT_
+    setting from the caller, loopback ports, the spool and keys under ``work``."""
     env = base_env()
-    env.pop("DICOM_MAX_PDU_SIZE", None)
-    env.pop("DICOM_AE_TITLE", None)
+    for key in [k for k in env if k.startswith(("DICOM_", "ITH_", "API_", "JWT_", "VAULT_"))]:
+        del env[key]
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     env.update(
         DICOM_PORT=str(dicom_port),
         API_PORT=str(api_port),
         DICOM_BIND_ADDRESS="127.0.0.1",
         API_BIND_ADDRESS="127.0.0.1",
-        DICOM_STORAGE_DIR=str(spool),
+        DICOM_STORAGE_DIR=str(work / "spool"),
         VAULT_KEY_FILE=str(work / "secrets" / "vault.key"),
         DICOM_STUDY_TIMEOUT="600",
     )
+    return env
+
+
+def run_proxy(work: Path, data: Path, n: int, proxy_cmd: list[str]) -> dict[str, float]:
+    spool, dicom_port, api_port = work / "spool", free_port(), free_port()
+    env = proxy_env(work, dicom_port, api_port)
     log = work / "proxy.log"
     proc = start(proxy_cmd, log, work, env)  # cwd=work: no conf/proxy.ini or .env picked up
     try:  # never probe the DICOM port: readiness comes from the health API only

@@ -68,21 +68,9 @@ def send(aet: str, port: int, pid: int, path: Path) -> dict[str, float]:
 
 
 def run_proxy(work: Path, path: Path, encrypt: bool) -> dict[str, float]:
-    spool, dicom_port, api_port = work / "spool", ingest.free_port(), ingest.free_port()
-    env = ingest.base_env()
-    for key in [k for k in env if k.startswith(("DICOM_", "ITH_", "API_", "JWT_", "VAULT_"))]:
-        del env[key]
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ingest.REPO), env.get("PYTHONPATH")]))
-    env.update(
-        DICOM_PORT=str(dicom_port),
-        API_PORT=str(api_port),
-        DICOM_BIND_ADDRESS="127.0.0.1",
-        API_BIND_ADDRESS="127.0.0.1",
-        DICOM_STORAGE_DIR=str(spool),
-        VAULT_KEY_FILE=str(work / "secrets" / "vault.key"),
-        DICOM_STUDY_TIMEOUT="600",
-        ITH_PROXY_CONFIG=str(work / "proxy.ini"),
-    )
+    dicom_port, api_port = ingest.free_port(), ingest.free_port()
+    env = ingest.proxy_env(work, dicom_port, api_port)
+    env["ITH_PROXY_CONFIG"] = str(work / "proxy.ini")
     (work / "proxy.ini").write_text(f"[spool]\nencrypt_incoming = {str(encrypt).lower()}\n")
     log = work / "proxy.log"
     proc = ingest.start([sys.executable, "-m", "ith_proxy.cli", "run"], log, work, env)

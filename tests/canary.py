@@ -63,6 +63,8 @@ from pydicom.sequence import Sequence
 from pydicom.tag import Tag
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 
+from ith_proxy.config import DEID_OPTIONS
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TABLE_PATH = REPO_ROOT / "ith_proxy" / "deid" / "table_e1_1.json"
 
@@ -72,16 +74,7 @@ MARKER_PREFIX = "CANARY"
 UID_ROOT = "1.2.826.0.1.3680043.99"
 
 #: option names as in conf/proxy.ini [deid] (and the table's option columns)
-OPTIONS = (
-    "retain_long_full_dates",
-    "retain_long_modified_dates",
-    "retain_patient_characteristics",
-    "retain_device_identity",
-    "retain_institution_identity",
-    "retain_uids",
-    "clean_descriptors",
-    "retain_safe_private",
-)
+OPTIONS = DEID_OPTIONS
 #: CID 7050 code per option (113100 is the Basic Profile itself)
 OPTION_CODES = {
     "clean_descriptors": "113105",

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+import tools
 from ith_proxy import config
 
 REPO = Path(__file__).resolve().parent.parent
@@ -17,21 +16,7 @@ REPO = Path(__file__).resolve().parent.parent
 def _cli(
     args: list[str], cwd: Path, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess:
-    clean = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(("DICOM_", "ITH_", "API_", "JWT_", "VAULT_"))
-    }
-    clean["PYTHONPATH"] = str(REPO)
-    clean.update(env or {})
-    return subprocess.run(
-        [sys.executable, "-m", "ith_proxy.cli", *args],
-        cwd=cwd,
-        env=clean,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    return tools.run_cli(args, cwd, env, timeout=60)
 
 
 def test_defaults_match_the_design(tmp_path: Path) -> None:

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pydicom
@@ -31,17 +29,6 @@ from helpers import (
 )
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-def _cli(proxy: tools.ProxyProcess, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "ith_proxy.cli", *args],
-        cwd=proxy.workdir,
-        env=proxy.env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
 
 
 # --------------------------------------------------------------------------
@@ -104,7 +91,7 @@ def test_ct_study_is_stored_finalized_and_counted(ct_study) -> None:
     assert counts["studies_by_state"]["complete"] == 1
     assert not list((proxy.spool / "incoming").iterdir())
     assert not list((proxy.spool / "tmp").iterdir())
-    status = _cli(proxy, "status")
+    status = proxy.cli("status")
     assert status.returncode == 0, status.stderr
     assert "1 patients, 1 studies, 1 series, 200 instances" in status.stdout
     assert "complete 1" in status.stdout and "service:     ok" in status.stdout
@@ -209,14 +196,14 @@ def test_reindex_rebuilds_the_same_catalog(ct_study) -> None:
     before = catalog_counts(proxy.spool)
     study_uid = _study_dir(proxy).name
     timeline = catalog_study(proxy.spool, study_uid)
-    refused = _cli(proxy, "reindex")
+    refused = proxy.cli("reindex")
     assert refused.returncode == 1 and "stop it" in refused.stderr
     proxy.stop()
     for suffix in ("", "-wal", "-shm"):
         path = proxy.spool / f"catalog.sqlite3{suffix}"
         if path.exists():
             path.unlink()
-    result = _cli(proxy, "reindex")
+    result = proxy.cli("reindex")
     assert result.returncode == 0, result.stderr
     assert "1 patients, 1 studies, 1 series, 200 instances" in result.stdout
     assert catalog_counts(proxy.spool) == before
@@ -348,7 +335,7 @@ def test_garbage_goes_to_quarantine_and_ingest_continues(tmp_path: Path) -> None
         assert info["quarantined_at"].endswith("Z")
         assert len(stored_files(proxy.spool)) == 5
         assert proxy.health()[0] == 200
-        assert "quarantined 4" in _cli(proxy, "status").stdout
+        assert "quarantined 4" in proxy.cli("status").stdout
 
 
 def test_full_disk_watermark_answers_out_of_resources(tmp_path: Path) -> None:

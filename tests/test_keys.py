@@ -9,7 +9,6 @@ import base64
 import os
 import stat
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -43,22 +42,13 @@ def _old_site(work: Path, spool_has: str, missing: str) -> dict[str, bytes]:
 
 
 def _cli(work: Path, *args: str) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(tools.PROXY_ENV_PREFIXES)}
-    env.update(
-        PYTHONPATH=str(REPO),
-        DICOM_STORAGE_DIR=str(work / "spool"),
-        VAULT_KEY_FILE=str(work / "secrets" / "vault.key"),
-        ITH_PROXY_CONFIG=str(work / "proxy.ini"),
-    )
     (work / "proxy.ini").touch()
-    return subprocess.run(
-        [sys.executable, "-m", "ith_proxy.cli", *args],
-        cwd=work,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    env = {
+        "DICOM_STORAGE_DIR": str(work / "spool"),
+        "VAULT_KEY_FILE": str(work / "secrets" / "vault.key"),
+        "ITH_PROXY_CONFIG": str(work / "proxy.ini"),
+    }
+    return tools.run_cli(args, work, env)
 
 
 def test_run_on_a_new_spool_creates_every_key_and_warns_they_share_a_disk(tmp_path) -> None:

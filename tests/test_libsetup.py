@@ -5,28 +5,11 @@ patches nothing on a pynetdicom version it was not written for."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import tools
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-def _run_python(code: str, cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(tools.PROXY_ENV_PREFIXES)}
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + str(REPO / "tests")
-    return subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
 
 
 # --------------------------------------------------------------------------
@@ -45,7 +28,7 @@ def settings():
 
 
 def test_importing_ith_proxy_changes_no_library_global(tmp_path: Path) -> None:
-    res = _run_python(
+    res = tools.run_python(
         _SETTINGS
         + """
 before = settings()
@@ -72,7 +55,7 @@ print(json.dumps(settings()))
 
 
 def test_assoc_wake_falls_back_to_stock_polling_on_another_pynetdicom(tmp_path: Path) -> None:
-    res = _run_python(
+    res = tools.run_python(
         """
         import io, logging, queue, socketserver, threading, time
         import pynetdicom

@@ -15,9 +15,6 @@ import io
 import logging
 import os
 import secrets
-import subprocess
-import sys
-import textwrap
 import threading
 from pathlib import Path
 
@@ -35,19 +32,6 @@ from ith_proxy import logs
 
 REPO = Path(__file__).resolve().parent.parent
 PHI = "PHIMARK-LOGS-Doe^Jane"
-
-
-def _run_python(code: str, cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(tools.PROXY_ENV_PREFIXES)}
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + str(REPO / "tests")
-    return subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
 
 
 # --------------------------------------------------------------------------
@@ -151,7 +135,7 @@ def test_a_message_cached_by_another_formatter_is_not_reused() -> None:
 
 
 def test_service_logging_redacts_every_path_to_a_file_or_stderr(tmp_path: Path) -> None:
-    res = _run_python(
+    res = tools.run_python(
         f"""
         import logging, sys, threading, warnings
         from pathlib import Path
@@ -208,7 +192,7 @@ def test_service_logging_redacts_every_path_to_a_file_or_stderr(tmp_path: Path) 
 
 
 def test_worker_records_are_redacted_and_formatted_before_the_queue(tmp_path: Path) -> None:
-    res = _run_python(
+    res = tools.run_python(
         f"""
         import logging, pickle, queue, threading, warnings
         from ith_proxy import logs
@@ -260,7 +244,7 @@ def test_worker_records_are_redacted_and_formatted_before_the_queue(tmp_path: Pa
 
 def test_a_failing_api_route_writes_its_exception_type_not_its_message(tmp_path: Path) -> None:
     port = tools.free_port()
-    res = _run_python(
+    res = tools.run_python(
         f"""
         import urllib.error, urllib.request
         from pathlib import Path

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import os
 import stat
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -302,17 +300,6 @@ def test_torn_last_record_is_kept(site) -> None:
 # --------------------------------------------------------------------------
 
 
-def _cli(proxy: tools.ProxyProcess, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "ith_proxy.cli", *args],
-        cwd=proxy.workdir,
-        env=proxy.env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-
-
 def _offsets(spool: Path) -> list:
     cat = Catalog(spool / "catalog.sqlite3", readonly=True)
     try:
@@ -325,7 +312,7 @@ def test_rotate_key_command(tmp_path: Path) -> None:
     series = dicomgen.make_ct_series(tmp_path / "in", 4, rows=64, cols=64)
     garbage = b"\x00" * 132 + b"PHIMARK-garbage-" + os.urandom(3000)
     proxy = tools.ProxyProcess(tmp_path / "p")
-    missing = _cli(proxy, "vault", "rotate-key")
+    missing = proxy.cli("vault", "rotate-key")
     assert missing.returncode == 1 and "nothing to rotate" in missing.stderr
     with proxy:
         assert tools.storescu(proxy.dicom_port, series.files).returncode == 0
@@ -338,7 +325,7 @@ def test_rotate_key_command(tmp_path: Path) -> None:
             30,
             "garbage quarantined",
         )
-        refused = _cli(proxy, "vault", "rotate-key")
+        refused = proxy.cli("vault", "rotate-key")
         assert refused.returncode == 1
         assert refused.stderr.strip() == (
             "ith-proxy: the proxy is running on this spool; stop it before vault rotate-key"
@@ -346,7 +333,7 @@ def test_rotate_key_command(tmp_path: Path) -> None:
     before = vault_records(proxy.workdir)
     offsets = _offsets(proxy.spool)
     old_key = (proxy.workdir / "secrets" / "vault.key").read_bytes()
-    result = _cli(proxy, "vault", "rotate-key")
+    result = proxy.cli("vault", "rotate-key")
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == (
         "vault key rotated: 4 records re-encrypted, 0 corrupt "
@@ -358,7 +345,7 @@ def test_rotate_key_command(tmp_path: Path) -> None:
     assert vault_records(proxy.workdir) == before
     assert _offsets(proxy.spool) == offsets
     out = tmp_path / "garbage.out"
-    exported = _cli(proxy, "quarantine", "export", "garbage-1", "--out", str(out))
+    exported = proxy.cli("quarantine", "export", "garbage-1", "--out", str(out))
     assert exported.returncode == 0, exported.stderr
     assert out.read_bytes() == garbage
     with proxy:  # the service runs on the new key

@@ -23,6 +23,7 @@ import signal
 import socket
 import subprocess
 import sys
+import textwrap
 import time
 import urllib.error
 import urllib.request
@@ -86,6 +87,46 @@ def require_tool(name: str) -> str:
 
 
 _handed_out_ports: set[int] = set()
+
+
+def clean_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """``os.environ`` without the proxy's own variables, the repository on
+    PYTHONPATH (and tests/, for helpers a child imports), then ``extra``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(PROXY_ENV_PREFIXES)}
+    env["PYTHONPATH"] = str(REPO_ROOT) + os.pathsep + str(REPO_ROOT / "tests")
+    env.update(extra or {})
+    return env
+
+
+def run_cli(
+    args: Sequence[str],
+    cwd: str | os.PathLike[str],
+    env: Mapping[str, str] | None = None,
+    timeout: float = 120,
+) -> subprocess.CompletedProcess[str]:
+    """``python -m ith_proxy.cli ARGS`` in ``cwd``, in a clean environment plus ``env``."""
+    return subprocess.run(
+        [sys.executable, "-m", "ith_proxy.cli", *args],
+        cwd=cwd,
+        env=clean_env(env),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def run_python(
+    code: str, cwd: str | os.PathLike[str], timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    """``python -c CODE`` (dedented) in ``cwd``, in a clean environment."""
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        cwd=cwd,
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def free_port() -> int:
@@ -441,6 +482,17 @@ class ProxyProcess:
         err = _tail(self.stderr_path, self._stderr_offset)
         out = _tail(self.stdout_path, self._stdout_offset)
         return f"--- stderr (tail) ---\n{err}\n--- stdout (tail) ---\n{out}"
+
+    def cli(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        """``python -m ith_proxy.cli ARGS`` against this proxy's work dir and environment."""
+        return subprocess.run(
+            [sys.executable, "-m", "ith_proxy.cli", *args],
+            cwd=self.workdir,
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
 
     def stop(self, timeout: float = 20.0) -> int | None:
         """SIGTERM, wait up to ``timeout`` s, then SIGKILL. Returns the exit code."""

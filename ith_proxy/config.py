@@ -2,19 +2,24 @@
 
 Every setting is declared once in ``SETTINGS`` (section, key, default, parser,
 environment variable).  ``load()`` applies the layers in order, validates each
-value and returns frozen dataclasses.  An invalid value raises ``ConfigError``
-naming the key, which the CLI turns into a one-line message and exit code 2.
+value (parsers in ``config_values``) and returns frozen dataclasses.  An
+invalid value raises ``ConfigError`` naming the key, which the CLI turns
+into a one-line message and exit code 2.
+
+``[node:NAME]`` sections are read and validated here into ``Config.nodes``;
+the node registry (``store.nodes``) loads them into the catalog at start-up.
 """
 
 from __future__ import annotations
 
 import configparser
 import os
-import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from ith_proxy import config_values as v
 
 DEFAULT_INI = "conf/proxy.ini"
 
@@ -25,131 +30,6 @@ IMPLEMENTATION_VERSION = "ITH_PROXY_01"
 
 class ConfigError(ValueError):
     """A setting has an invalid value; the message names the key."""
-
-
-# --- value parsers: each takes the raw string and returns the typed value ---
-
-
-def _int(lo: int, hi: int) -> Callable[[str], int]:
-    def parse(raw: str) -> int:
-        try:
-            value = int(raw.strip())
-        except ValueError:
-            raise ValueError(f"{raw!r} is not an integer") from None
-        if not lo <= value <= hi:
-            raise ValueError(f"{value} is outside {lo}..{hi}")
-        return value
-
-    return parse
-
-
-def _seconds(raw: str) -> float:
-    try:
-        value = float(raw.strip())
-    except ValueError:
-        raise ValueError(f"{raw!r} is not a number of seconds") from None
-    if not value > 0 or value != value or value == float("inf"):
-        raise ValueError(f"{raw.strip()} must be a positive number of seconds")
-    return value
-
-
-_TRUE = {"1", "true", "yes", "on"}
-_FALSE = {"0", "false", "no", "off"}
-
-
-def _bool(raw: str) -> bool:
-    low = raw.strip().lower()
-    if low in _TRUE:
-        return True
-    if low in _FALSE:
-        return False
-    raise ValueError(f"{raw!r} is not a boolean (true/false)")
-
-
-def _ae_title(raw: str) -> str:
-    value = raw.strip()
-    if not value:
-        raise ValueError("an AE title cannot be empty")
-    if len(value) > 16:
-        raise ValueError(f"{value!r} is longer than 16 characters")
-    if "\\" in value or any(ord(c) < 32 or ord(c) > 126 for c in value):
-        raise ValueError(f"{value!r} has characters not allowed in an AE title")
-    return value
-
-
-def _ae_list(raw: str) -> tuple[str, ...]:
-    return tuple(_ae_title(part) for part in raw.replace(",", " ").split())
-
-
-def _text(raw: str) -> str:
-    return raw.strip()
-
-
-def _url(raw: str) -> str:
-    value = raw.strip().rstrip("/")
-    if value and not re.fullmatch(r"https?://[^/\s]+(?:/\S*)?", value):
-        raise ValueError(f"{value!r} is not an http(s) URL")
-    return value
-
-
-def _max_pdu(raw: str) -> int:
-    value = _int(0, 2**32 - 1)(raw)
-    if 0 < value < 4096:
-        raise ValueError(f"{value} is too small (0 = unlimited, else >= 4096)")
-    return value
-
-
-def _choice(*options: str) -> Callable[[str], str]:
-    def parse(raw: str) -> str:
-        value = raw.strip().upper()
-        if value not in options:
-            raise ValueError(f"{raw!r} is not one of {', '.join(options)}")
-        return value
-
-    return parse
-
-
-# Extra transfer syntaxes a site may enable; stored as received.
-TRANSFER_SYNTAX_NAMES = {
-    "jpeg-lossless": "1.2.840.10008.1.2.4.70",
-    "jpeg-lossless-p14": "1.2.840.10008.1.2.4.57",
-    "jpeg-ls-lossless": "1.2.840.10008.1.2.4.80",
-    "jpeg-ls-near-lossless": "1.2.840.10008.1.2.4.81",
-    "jpeg2000-lossless": "1.2.840.10008.1.2.4.90",
-    "jpeg2000": "1.2.840.10008.1.2.4.91",
-    "jpeg-baseline": "1.2.840.10008.1.2.4.50",
-    "jpeg-extended": "1.2.840.10008.1.2.4.51",
-    "rle": "1.2.840.10008.1.2.5",
-    "big-endian": "1.2.840.10008.1.2.2",
-}
-
-
-def _transfer_syntaxes(raw: str) -> tuple[str, ...]:
-    out = []
-    for part in raw.replace(",", " ").split():
-        uid = TRANSFER_SYNTAX_NAMES.get(part.lower(), part)
-        if uid not in TRANSFER_SYNTAX_NAMES.values():
-            known = ", ".join(TRANSFER_SYNTAX_NAMES)
-            raise ValueError(f"unknown transfer syntax {part!r} (known: {known})")
-        out.append(uid)
-    return tuple(dict.fromkeys(out))
-
-
-_SAFE_PRIVATE = re.compile(r"\(?([0-9A-Fa-f]{4}),\s*xx([0-9A-Fa-f]{2})\)?\s+(.+)")
-
-
-def parse_safe_private(raw: str) -> tuple[tuple[int, str, int], ...]:
-    """'gggg,xxee CREATOR; ...' -> ((group, CREATOR, element low byte), ...)."""
-    out = []
-    for entry in raw.split(";"):
-        entry = entry.strip()
-        if not entry:
-            continue
-        m = _SAFE_PRIVATE.fullmatch(entry)  # fullmatch: '$' would take a final newline
-        if not m or int(m.group(1), 16) % 2 == 0:
-            raise ValueError(f"bad entry {entry!r} (want 'gggg,xxee CREATOR' with an odd group)")
-        out.append((int(m.group(1), 16), m.group(3).strip().upper(), int(m.group(2), 16)))
-    return tuple(out)
 
 
 @dataclass(frozen=True)
@@ -175,46 +55,57 @@ DEID_OPTIONS = (
 )
 
 SETTINGS: tuple[Setting, ...] = (
-    Setting("scp", "ae_title", "DICOMRCV", _ae_title, "DICOM_AE_TITLE"),
-    Setting("scp", "port", "11112", _int(1, 65535), "DICOM_PORT"),
-    Setting("scp", "bind_address", "0.0.0.0", _text, "DICOM_BIND_ADDRESS"),
-    Setting("scp", "max_pdu_size", "16384", _max_pdu, "DICOM_MAX_PDU_SIZE"),
-    Setting("scp", "acse_timeout", "30", _seconds, "DICOM_ACSE_TIMEOUT"),
-    Setting("scp", "dimse_timeout", "30", _seconds),
-    Setting("scp", "network_timeout", "60", _seconds),
-    Setting("scp", "artim_timeout", "5", _seconds),
-    Setting("scp", "max_associations", "50", _int(1, 1000), "DICOM_MAX_ASSOCIATIONS"),
-    Setting("scp", "allowed_calling_aes", "", _ae_list),
-    Setting("scp", "transfer_syntaxes", "", _transfer_syntaxes),
-    Setting("scp", "auto_start", "true", _bool, "DICOM_AUTO_START"),
-    Setting("scp", "max_instance_mb", "4096", _int(1, 1 << 22)),
-    Setting("spool", "dir", "./spool", _text, "DICOM_STORAGE_DIR"),
-    Setting("spool", "min_free_mb", "512", _int(0, 10**9)),
-    Setting("spool", "tmp_max_age", "3600", _seconds),
-    Setting("spool", "encrypt_incoming", "true", _bool),
-    Setting("indexer", "rescan_interval", "10", _seconds),
-    Setting("indexer", "batch_size", "64", _int(1, 10000)),
-    Setting("indexer", "stuck_after", "300", _seconds),
-    Setting("indexer", "max_attempts", "3", _int(2, 100)),
-    Setting("indexer", "memory_limit_mb", "1024", _int(0, 10**7)),
-    Setting("scheduler", "study_timeout", "60", _seconds, "DICOM_STUDY_TIMEOUT"),
-    Setting("scheduler", "interval", "1", _seconds),
-    Setting("deid", "anonymize", "true", _bool, "DICOM_ANONYMIZE_PATIENTS"),
-    *(Setting("deid", name, "false", _bool) for name in DEID_OPTIONS),
-    Setting("deid", "safe_private", "", parse_safe_private),
-    Setting("deid", "quarantine_burned_in", "true", _bool),
-    Setting("vault", "key_file", "", _text, "VAULT_KEY_FILE"),
-    Setting("api", "bind_address", "0.0.0.0", _text, "API_BIND_ADDRESS"),
-    Setting("api", "port", "8080", _int(1, 65535), "API_PORT"),
-    Setting("api", "jwt_secret", "", _text, "JWT_SECRET"),
-    Setting("api", "jwt_public_key_file", "", _text, "JWT_PUBLIC_KEY_FILE"),
-    Setting("api", "jwt_audience", "", _text, "JWT_AUDIENCE"),
-    Setting("api", "jwt_issuer", "", _text, "JWT_ISSUER"),
-    Setting("link", "ith_url", "", _url, "ITH_URL"),
-    Setting("link", "ith_token", "", _text, "ITH_TOKEN"),
-    Setting("log", "level", "INFO", _choice("DEBUG", "INFO", "WARNING", "ERROR")),
-    Setting("log", "max_bytes", "10485760", _int(4096, 2**40)),
-    Setting("log", "backups", "5", _int(0, 1000)),
+    Setting("scp", "ae_title", "DICOMRCV", v.ae_title, "DICOM_AE_TITLE"),
+    Setting("scp", "port", "11112", v.integer(1, 65535), "DICOM_PORT"),
+    Setting("scp", "bind_address", "0.0.0.0", v.text, "DICOM_BIND_ADDRESS"),
+    Setting("scp", "max_pdu_size", "16384", v.max_pdu, "DICOM_MAX_PDU_SIZE"),
+    Setting("scp", "acse_timeout", "30", v.seconds, "DICOM_ACSE_TIMEOUT"),
+    Setting("scp", "dimse_timeout", "30", v.seconds),
+    Setting("scp", "network_timeout", "60", v.seconds),
+    Setting("scp", "artim_timeout", "5", v.seconds),
+    Setting("scp", "max_associations", "50", v.integer(1, 1000), "DICOM_MAX_ASSOCIATIONS"),
+    Setting("scp", "allowed_calling_aes", "", v.ae_list),
+    Setting("scp", "transfer_syntaxes", "", v.transfer_syntaxes),
+    Setting("scp", "auto_start", "true", v.boolean, "DICOM_AUTO_START"),
+    Setting("scp", "max_instance_mb", "4096", v.integer(1, 1 << 22)),
+    Setting("spool", "dir", "./spool", v.text, "DICOM_STORAGE_DIR"),
+    Setting("spool", "min_free_mb", "512", v.integer(0, 10**9)),
+    Setting("spool", "tmp_max_age", "3600", v.seconds),
+    Setting("spool", "encrypt_incoming", "true", v.boolean),
+    Setting("spool", "retention_hours", "0", v.hours_or_zero),
+    Setting("indexer", "rescan_interval", "10", v.seconds),
+    Setting("indexer", "batch_size", "64", v.integer(1, 10000)),
+    Setting("indexer", "stuck_after", "300", v.seconds),
+    Setting("indexer", "max_attempts", "3", v.integer(2, 100)),
+    Setting("indexer", "memory_limit_mb", "1024", v.integer(0, 10**7)),
+    Setting("scheduler", "study_timeout", "60", v.seconds, "DICOM_STUDY_TIMEOUT"),
+    Setting("scheduler", "interval", "1", v.seconds),
+    Setting("deid", "anonymize", "true", v.boolean, "DICOM_ANONYMIZE_PATIENTS"),
+    *(Setting("deid", name, "false", v.boolean) for name in DEID_OPTIONS),
+    Setting("deid", "safe_private", "", v.parse_safe_private),
+    Setting("deid", "quarantine_burned_in", "true", v.boolean),
+    Setting("vault", "key_file", "", v.text, "VAULT_KEY_FILE"),
+    Setting("api", "bind_address", "0.0.0.0", v.text, "API_BIND_ADDRESS"),
+    Setting("api", "port", "8080", v.integer(1, 65535), "API_PORT"),
+    Setting("api", "jwt_secret", "", v.text, "JWT_SECRET"),
+    Setting("api", "jwt_public_key_file", "", v.text, "JWT_PUBLIC_KEY_FILE"),
+    Setting("api", "jwt_audience", "", v.text, "JWT_AUDIENCE"),
+    Setting("api", "jwt_issuer", "", v.text, "JWT_ISSUER"),
+    Setting("scu", "connect_timeout", "10", v.seconds),
+    Setting("scu", "acse_timeout", "30", v.seconds),
+    Setting("scu", "dimse_timeout", "60", v.seconds),
+    # empty: `backend` when ITH_URL is set, else none; `none`: none at all
+    Setting("forward", "destinations", "", v.node_names),
+    Setting("forward", "max_attempts", "10", v.integer(1, 1000)),
+    Setting("forward", "backoff_base", "10", v.seconds),
+    Setting("forward", "backoff_cap", "3600", v.seconds),
+    Setting("forward", "stow_batch_mb", "16", v.integer(1, 4096)),
+    Setting("forward", "stow_batch_instances", "100", v.integer(1, 10000)),
+    Setting("link", "ith_url", "", v.link_url, "ITH_URL"),
+    Setting("link", "ith_token", "", v.text, "ITH_TOKEN"),
+    Setting("log", "level", "INFO", v.choice("DEBUG", "INFO", "WARNING", "ERROR")),
+    Setting("log", "max_bytes", "10485760", v.integer(4096, 2**40)),
+    Setting("log", "backups", "5", v.integer(0, 1000)),
 )
 
 
@@ -241,6 +132,7 @@ class SpoolConfig:
     min_free_mb: int
     tmp_max_age: float
     encrypt_incoming: bool = True
+    retention_hours: float = 0  # 0: forwarded studies are kept for ever
 
 
 @dataclass(frozen=True)
@@ -297,7 +189,7 @@ class VaultConfig:
 class ApiConfig:
     bind_address: str
     port: int
-    jwt_secret: str
+    jwt_secret: str = field(repr=False)
     jwt_public_key_file: str
     jwt_audience: str
     jwt_issuer: str
@@ -306,11 +198,52 @@ class ApiConfig:
 @dataclass(frozen=True)
 class LinkConfig:
     ith_url: str
-    ith_token: str
+    ith_token: str = field(repr=False)
 
     @property
     def offline(self) -> bool:
         return not self.ith_url
+
+
+@dataclass(frozen=True)
+class ScuConfig:
+    """Bounds on every outgoing association (C-ECHO, C-STORE, C-MOVE SCU)."""
+
+    connect_timeout: float = 10
+    acse_timeout: float = 30
+    dimse_timeout: float = 60
+
+
+@dataclass(frozen=True)
+class ForwardConfig:
+    """Where completed studies go and how failed sends are retried.
+
+    ``destinations`` are node names, checked when a study is forwarded (nodes
+    may also come from the API or the backend): an unknown one is a
+    permanent failure of that destination, not a start-up error.
+    """
+
+    destinations: tuple[str, ...] = ()
+    max_attempts: int = 10
+    backoff_base: float = 10
+    backoff_cap: float = 3600
+    stow_batch_mb: int = 16
+    stow_batch_instances: int = 100
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    """A node from a ``[node:NAME]`` section (source ``ini``) or derived from
+    ``ITH_URL`` (source ``derived``).  ``auth_header`` is a secret: not in repr."""
+
+    name: str
+    kind: str  # dicom | dicomweb
+    ae_title: str = ""
+    host: str = ""
+    port: int = 0
+    url: str = ""
+    auth_header: str = field(default="", repr=False)
+    source: str = "ini"
 
 
 @dataclass(frozen=True)
@@ -332,30 +265,26 @@ class Config:
     link: LinkConfig
     log: LogConfig
     source: str = field(default="", compare=False)  # the INI file used, if any
+    scu: ScuConfig = field(default_factory=ScuConfig)
+    forward: ForwardConfig = field(default_factory=ForwardConfig)
+    nodes: tuple[NodeConfig, ...] = ()  # the [node:NAME] sections
+    derived_nodes: tuple[NodeConfig, ...] = ()  # `backend`, when ITH_URL is set
+
+    def local_nodes(self) -> tuple[NodeConfig, ...]:
+        """The nodes this configuration defines: INI sections, then derived."""
+        return self.nodes + self.derived_nodes
 
 
 def read_dotenv(path: Path) -> dict[str, str]:
     """Parse a ``.env`` file: ``KEY=value`` lines, ``#`` comments, optional quotes."""
-    out: dict[str, str] = {}
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        return out
-    for number, line in enumerate(text.splitlines(), 1):
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        if line.startswith("export "):
-            line = line[7:].lstrip()
-        key, sep, value = line.partition("=")
-        key = key.strip()
-        if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
-            raise ConfigError(f"{path}:{number}: expected KEY=value")
-        value = value.strip()
-        if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
-            value = value[1:-1]
-        out[key] = value
-    return out
+        return {}
+    try:
+        return v.dotenv(text)
+    except ValueError as exc:
+        raise ConfigError(f"{path}:{exc}") from None
 
 
 def _read_ini(path: Path) -> configparser.ConfigParser:
@@ -368,12 +297,38 @@ def _read_ini(path: Path) -> configparser.ConfigParser:
         raise ConfigError(f"{path}: {first}") from None
     known = {(s.section, s.key) for s in SETTINGS}
     for section in parser.sections():
-        if section.startswith("node:") or section == "forward":
-            continue  # owned by the forwarder's node registry
+        if section.startswith(v.NODE_PREFIX):
+            continue  # validated whole by _read_nodes
         for key in parser[section]:
             if (section, key) not in known:
                 raise ConfigError(f"{path}: unknown setting [{section}] {key}")
     return parser
+
+
+BACKEND_NODE = "backend"
+
+
+def _read_nodes(parser: configparser.ConfigParser, path: Path) -> tuple[NodeConfig, ...]:
+    sections = [(s, parser[s]) for s in parser.sections() if s.startswith(v.NODE_PREFIX)]
+    try:
+        return tuple(NodeConfig(**values) for values in v.node_sections(sections))
+    except ValueError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+
+
+def _derived_nodes(link: LinkConfig) -> tuple[NodeConfig, ...]:
+    """The ``backend`` node: STOW-RS to ``{ITH_URL}/dicom-web``."""
+    if link.offline:
+        return ()
+    try:
+        url = v.http_url(f"{link.ith_url}/dicom-web")
+    except ValueError as exc:
+        raise ConfigError(f"[link] ith_url: {exc}") from None
+    try:
+        auth = v.auth_header(f"Token {link.ith_token}") if link.ith_token else ""
+    except ValueError:
+        raise ConfigError("[link] ith_token: must be visible ASCII (no spaces)") from None
+    return (NodeConfig(BACKEND_NODE, "dicomweb", url=url, auth_header=auth, source="derived"),)
 
 
 def ini_path(explicit: str | None, env: Mapping[str, str]) -> tuple[Path, bool]:
@@ -415,6 +370,15 @@ def load(
             raise ConfigError(f"[{s.section}] {s.key}{where}: {exc}") from None
         values.setdefault(s.section, {})[s.key] = value
 
+    forward = values["forward"]
+    if [d.lower() for d in forward["destinations"]] == ["none"]:
+        forward["destinations"] = ()
+    elif any(d.lower() == "none" for d in forward["destinations"]):
+        raise ConfigError("[forward] destinations: 'none' cannot be combined with node names")
+    elif not forward["destinations"] and values["link"]["ith_url"]:
+        forward["destinations"] = (BACKEND_NODE,)
+    if forward["backoff_cap"] < forward["backoff_base"]:
+        raise ConfigError("[forward] backoff_cap: must not be smaller than backoff_base")
     if values["deid"]["retain_long_full_dates"] and values["deid"]["retain_long_modified_dates"]:
         raise ConfigError(
             "[deid] retain_long_modified_dates: cannot be combined with "
@@ -430,6 +394,7 @@ def load(
     if spool_dir == key_path.parent or spool_dir in key_path.parents:
         raise ConfigError(f"[vault] key_file: {key_path} must live outside the spool {spool_dir}")
 
+    link = LinkConfig(**values["link"])
     return Config(
         scp=ScpConfig(**values["scp"]),
         spool=SpoolConfig(
@@ -437,13 +402,18 @@ def load(
             min_free_mb=values["spool"]["min_free_mb"],
             tmp_max_age=values["spool"]["tmp_max_age"],
             encrypt_incoming=values["spool"]["encrypt_incoming"],
+            retention_hours=values["spool"]["retention_hours"],
         ),
         indexer=IndexerConfig(**values["indexer"]),
         scheduler=SchedulerConfig(**values["scheduler"]),
         deid=DeidConfig(**values["deid"]),
         vault=VaultConfig(key_file=key_path, secret_file=key_path.with_name("site.secret")),
         api=ApiConfig(**values["api"]),
-        link=LinkConfig(**values["link"]),
+        link=link,
         log=LogConfig(**values["log"]),
         source=str(ini_file) if ini_file.exists() else "",
+        scu=ScuConfig(**values["scu"]),
+        forward=ForwardConfig(**forward),
+        nodes=_read_nodes(parser, ini_file),
+        derived_nodes=_derived_nodes(link),
     )

@@ -23,7 +23,9 @@ PKG = Path(__file__).resolve().parent.parent / "ith_proxy"
 ALLOWED_ROOMS: dict[str, set[str] | None] = {
     "__init__": set(),
     "__main__": {"cli"},
-    "config": set(),
+    "config": {"config_values"},
+    # the value parsers and validators of config and of node definitions (stdlib only)
+    "config_values": set(),
     "logs": {"config"},
     # durable file primitives (fsync_dir, private write, whole append), stdlib only
     "fsio": set(),
@@ -38,6 +40,8 @@ ALLOWED_ROOMS: dict[str, set[str] | None] = {
     "store.quarantine": {"fsio"},  # the quarantine folder's part of the spool
     "store.catalog": {"config"},
     "store.audit": {"config", "fsio"},
+    # the node registry: its SQL over the catalog's connection, validated like config
+    "store.nodes": {"config", "config_values", "store.catalog"},
     # vault/: keys (the only cryptography), key files, vault.phi, encrypted spool files
     "vault": set(),
     "vault.keyfiles": {"fsio"},

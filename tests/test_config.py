@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 from pathlib import Path
 
@@ -200,3 +201,160 @@ def test_deid_option_names_are_written_once() -> None:
     assert names <= set(build_table.OPTION_KEYS)
     every = config.DeidConfig(anonymize=True, **dict.fromkeys(names, True))
     assert every.options() == names
+
+
+# --- nodes, [scu], [forward], retention (issue 8) ---
+
+NODES_INI = """
+[node:pacs]
+kind = dicom
+ae_title = MAINPACS
+host = pacs.example.org
+port = 104
+
+[node:research]
+kind = DICOMweb
+url = https://web.example.org/dicom-web/
+auth_header = Bearer s3cr3t
+"""
+
+
+def test_forwarding_defaults(tmp_path: Path) -> None:
+    cfg = config.load(env={}, cwd=tmp_path)
+    assert cfg.scu == config.ScuConfig(connect_timeout=10, acse_timeout=30, dimse_timeout=60)
+    assert cfg.forward == config.ForwardConfig(
+        destinations=(),
+        max_attempts=10,
+        backoff_base=10,
+        backoff_cap=3600,
+        stow_batch_mb=16,
+        stow_batch_instances=100,
+    )
+    assert cfg.spool.retention_hours == 0  # never purge
+    assert cfg.nodes == () and cfg.derived_nodes == () and cfg.local_nodes() == ()
+
+
+def test_ith_url_derives_the_backend_node(tmp_path: Path) -> None:
+    env = {"ITH_URL": "https://ith.example/base/", "ITH_TOKEN": "t0k"}
+    cfg = config.load(env=env, cwd=tmp_path)
+    (backend,) = cfg.derived_nodes
+    assert (backend.name, backend.kind, backend.source) == ("backend", "dicomweb", "derived")
+    assert backend.url == "https://ith.example/base/dicom-web"
+    assert backend.auth_header == "Token t0k"
+    assert cfg.forward.destinations == ("backend",)  # the default when ITH_URL is set
+    assert "t0k" not in repr(cfg)  # neither the token nor the header it makes
+    secret = config.load(env={**env, "JWT_SECRET": "jwt-s3cr3t"}, cwd=tmp_path)
+    assert "jwt-s3cr3t" not in repr(secret)
+    no_token = config.load(env={"ITH_URL": "http://ith.example"}, cwd=tmp_path)
+    assert no_token.derived_nodes[0].auth_header == ""
+    with pytest.raises(config.ConfigError, match=r"\[link\] ith_token") as caught:
+        config.load(env={**env, "ITH_TOKEN": "t0k\nX: y"}, cwd=tmp_path)
+    assert "t0k" not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "value, ith_url, expected",
+    [
+        ("", "", ()),
+        ("", "https://ith.example", ("backend",)),
+        ("none", "https://ith.example", ()),
+        ("pacs, research pacs PACS", "", ("pacs", "research")),
+        ("pacs", "https://ith.example", ("pacs",)),
+    ],
+)
+def test_forward_destinations(tmp_path: Path, value: str, ith_url: str, expected: tuple) -> None:
+    ini = tmp_path / "x.ini"
+    ini.write_text(f"[forward]\ndestinations = {value}\n")
+    cfg = config.load(str(ini), env={"ITH_URL": ith_url}, cwd=tmp_path)
+    assert cfg.forward.destinations == expected
+
+
+def test_node_sections_are_read(tmp_path: Path) -> None:
+    ini = tmp_path / "x.ini"
+    ini.write_text(NODES_INI + "[scu]\nconnect_timeout = 2.5\n[spool]\nretention_hours = 48\n")
+    cfg = config.load(str(ini), env={}, cwd=tmp_path)
+    pacs, web = cfg.nodes
+    assert pacs == config.NodeConfig("pacs", "dicom", "MAINPACS", "pacs.example.org", 104)
+    assert (web.name, web.kind, web.url) == (
+        "research",
+        "dicomweb",
+        "https://web.example.org/dicom-web",
+    )
+    assert web.auth_header == "Bearer s3cr3t" and web.source == "ini"
+    assert "s3cr3t" not in repr(cfg)
+    assert cfg.scu.connect_timeout == 2.5 and cfg.spool.retention_hours == 48
+    assert cfg.forward.destinations == ()  # a node is not a destination by itself
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        ("[node:x]\nkind = dicom\nae_title = X\nhost = h\nport = 1\ncolour = red\n", "unknown key"),
+        ("[node:x]\nkind = dimse\nurl = http://x\n", "kind must be one of"),
+        ("[node:x]\nkind = dicomweb\nurl = http://x\nname = pacs\n", "unknown key name"),
+        ("[node:x]\nkind = dicom\nae_title = X\nhost = h\n", "needs port"),
+        ("[node:x]\nkind = dicomweb\n", "needs url"),
+        ("[node:x]\nurl = http://x\n", "kind must be one of"),
+        ("[node:x]\nkind = dicomweb\nurl = http://x\nhost = h\n", "host is not a field"),
+        ("[node:x]\nkind = dicomweb\nurl = http://u:pw@x\n", "credentials"),
+        ("[node:x]\nkind = dicomweb\nurl = http://x\nauth_header = Bearer\n", "auth_header"),
+        ("[node:x]\nkind = dicom\nae_title = X\nhost = h\nport = 0\n", "port: 0 is outside"),
+        ("[node:x y]\nkind = dicomweb\nurl = http://x\n", "node name"),
+        ("[node:]\nkind = dicomweb\nurl = http://x\n", "node name"),
+        ("[node:backend]\nkind = dicomweb\nurl = http://x\n", "reserved"),
+        ("[node:PACS]\nkind = dicomweb\nurl = http://x\n", "the same name as [node:pacs]"),
+        ("[node:y]\nkind = dicom\nae_title = MAINPACS\nhost = h\nport = 1\n", "also [node:pacs]"),
+    ],
+)
+def test_a_bad_node_section_is_a_one_line_error_naming_it(
+    tmp_path: Path, extra: str, message: str
+) -> None:
+    ini = tmp_path / "x.ini"
+    ini.write_text(NODES_INI + extra)
+    with pytest.raises(config.ConfigError, match=re.escape(message)) as caught:
+        config.load(str(ini), env={}, cwd=tmp_path)
+    text = str(caught.value)
+    assert "\n" not in text and "[node:" in text and "x.ini" in text
+    assert "pw" not in text and "s3cr3t" not in text
+
+
+@pytest.mark.parametrize(
+    "ini_text, key",
+    [
+        ("[forward]\ndestinations = none, pacs\n", "[forward] destinations"),
+        ("[forward]\ndestinations = pa/cs\n", "[forward] destinations"),
+        ("[forward]\nbackoff_base = 60\nbackoff_cap = 30\n", "[forward] backoff_cap"),
+        ("[forward]\nmax_attempts = 0\n", "[forward] max_attempts"),
+        ("[forward]\nstow_batch_mb = 0\n", "[forward] stow_batch_mb"),
+        ("[forward]\nretries = 3\n", "unknown setting [forward] retries"),
+        ("[scu]\ndimse_timeout = 0\n", "[scu] dimse_timeout"),
+        ("[scu]\nconnect_timeout = nan\n", "[scu] connect_timeout"),
+        ("[spool]\nretention_hours = -1\n", "[spool] retention_hours"),
+    ],
+)
+def test_bad_forwarding_settings(tmp_path: Path, ini_text: str, key: str) -> None:
+    ini = tmp_path / "x.ini"
+    ini.write_text(ini_text)
+    with pytest.raises(config.ConfigError) as caught:
+        config.load(str(ini), env={}, cwd=tmp_path)
+    assert key in str(caught.value)
+
+
+def test_a_bad_node_section_stops_the_cli(tmp_path: Path) -> None:
+    ini = tmp_path / "x.ini"
+    ini.write_text("[node:pacs]\nkind = dicom\nae_title = P\nhost = h\nport = 104\ntls = yes\n")
+    result = _cli(["--config", str(ini), "status"], tmp_path)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "[node:pacs]" in lines[0] and "unknown key tls" in lines[0]
+
+
+def test_the_shipped_ini_node_examples_load(tmp_path: Path) -> None:
+    """The commented [node:...] examples in conf/proxy.ini are valid as written."""
+    text = (REPO / "conf" / "proxy.ini").read_text()
+    block = text.split("# [node:pacs]", 1)[1].split("\n\n", 1)[0]
+    example = "[node:pacs]" + "\n".join(line.removeprefix("# ") for line in block.splitlines())
+    ini = tmp_path / "x.ini"
+    ini.write_text(example.replace("#", ""))
+    cfg = config.load(str(ini), env={}, cwd=tmp_path)
+    assert [(n.name, n.kind) for n in cfg.nodes] == [("pacs", "dicom"), ("research", "dicomweb")]

@@ -66,6 +66,24 @@ _MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX study_events_study ON study_events(study_uid, ts);
     """,
+    # 2: the node registry (its SQL lives in store/nodes.py)
+    """
+    CREATE TABLE nodes(
+        name TEXT PRIMARY KEY COLLATE NOCASE,
+        kind TEXT NOT NULL CHECK (kind IN ('dicom','dicomweb')),
+        source TEXT NOT NULL CHECK (source IN ('ini','api','backend','derived')),
+        ae_title TEXT NOT NULL DEFAULT '',
+        host TEXT NOT NULL DEFAULT '',
+        port INTEGER NOT NULL DEFAULT 0,
+        url TEXT NOT NULL DEFAULT '',
+        auth_header TEXT NOT NULL DEFAULT '',
+        updated_at REAL NOT NULL,
+        CHECK ((kind = 'dicom' AND ae_title <> '' AND host <> '' AND port BETWEEN 1 AND 65535
+                AND url = '' AND auth_header = '')
+            OR (kind = 'dicomweb' AND url <> '' AND ae_title = '' AND host = '' AND port = 0))
+    );
+    CREATE UNIQUE INDEX nodes_ae_title ON nodes(ae_title) WHERE kind = 'dicom';
+    """,
 )
 
 

@@ -28,6 +28,7 @@ from ith_proxy.dicom.libsetup import configure_libraries
 from ith_proxy.dicom.scp import StorageSCP
 from ith_proxy.health import Liveness, problems
 from ith_proxy.store.catalog import Catalog
+from ith_proxy.store.nodes import load_config_nodes
 from ith_proxy.store.spool import Spool
 from ith_proxy.vault import stream as vault_stream
 from ith_proxy.vault.keyfiles import ensure_secrets, load_site_secret, shared_volume_warning
@@ -87,7 +88,11 @@ class Service:
             log.warning("%s", warning)
         load_site_secret(self.cfg.vault.secret_file)  # check it before the workers
         Vault(self.spool.vault_file, self.cfg.vault.key_file).close()  # key check
-        Catalog(self.spool.catalog_file).close()  # migrations
+        catalog = Catalog(self.spool.catalog_file)  # migrations
+        try:  # the configured nodes become the registry's ini/derived rows (it logs)
+            load_config_nodes(catalog, self.cfg)
+        finally:
+            catalog.close()
         removed = self.spool.clean_tmp(0)
         if removed:
             log.info("removed %d partial file(s) left in tmp/", removed)

@@ -1,4 +1,8 @@
-"""The catalog: an APSW/SQLite index of the spool.  All SQL lives here.
+"""The catalog: an APSW/SQLite index of the spool, and the one apsw import.
+
+All SQL lives in ``store/``: the connection, the migrations and the study
+and instance queries here; the node registry's queries in ``store/nodes.py``
+over this connection.
 
 Connections follow apsw's best practice (WAL, busy timeout, foreign keys).
 Each thread opens its own ``Catalog``; there is no shared connection.
@@ -6,7 +10,7 @@ Schema changes are ``user_version`` steps, one transaction each; a database
 newer than this code is refused.
 
 Only anonymized values are stored here.  The filesystem is the truth:
-``indexer.reindex`` can rebuild every row from ``studies/`` plus the vault.
+``workers/reindex.py`` can rebuild every row from ``studies/`` plus the vault.
 """
 
 from __future__ import annotations

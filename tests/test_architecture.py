@@ -62,6 +62,11 @@ ALLOWED_ROOMS: dict[str, set[str] | None] = {
     # the SCP gets a stream-encryptor factory from the service; it imports no vault room
     "dicom.scp": {"config", "store.spool", "dicom.ae", "dicom.scp_stream"},
     "dicom.qr": {"config", "store.spool", "store.catalog", "dicom.ae", "dicom.files"},
+    # a DICOM status -> delivered / transient / permanent, for the SCU and STOW-RS (stdlib)
+    "dicom.status": set(),
+    # the STOW-RS client (stdlib HTTP) and what its responses mean (pure)
+    "dicom.stow": {"fsio", "dicom.status", "dicom.stow_reply"},
+    "dicom.stow_reply": {"dicom.status"},
     # workers/: processes and threads that move instances through the spool
     "workers": set(),
     "workers.indexer": {

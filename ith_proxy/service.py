@@ -124,7 +124,13 @@ class Service:
     def _run_scheduler_thread(self) -> None:
         catalog = Catalog(self.spool.catalog_file)
         try:
-            Scheduler(self.cfg, self.spool, catalog).run(self.stop_event)
+            Scheduler(
+                self.cfg,
+                self.spool,
+                catalog,
+                destinations=self.cfg.forward.destinations,
+                retention_hours=self.cfg.spool.retention_hours,
+            ).run(self.stop_event)
         finally:
             catalog.close()
 

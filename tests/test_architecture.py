@@ -29,6 +29,8 @@ ALLOWED_ROOMS: dict[str, set[str] | None] = {
     "logs": {"config"},
     # durable file primitives (fsync_dir, private write, whole append), stdlib only
     "fsio": set(),
+    # retry timing (exponential backoff, equal jitter) for the forwarder and the link
+    "backoff": set(),
     # what the health check, the metrics and the status page report: the policy reads
     # the spool and the catalog; worker liveness is passed in by the service
     "health": {"config", "store.spool", "store.catalog"},
@@ -39,6 +41,10 @@ ALLOWED_ROOMS: dict[str, set[str] | None] = {
     "store.spool": {"config", "fsio", "store.quarantine"},
     "store.quarantine": {"fsio"},  # the quarantine folder's part of the spool
     "store.catalog": {"config"},
+    # the forwarding outbox and its per-instance ledger (SQL over a Catalog's connection)
+    "store.outbox": {"backoff", "store.catalog"},
+    # what retention may purge, the tombstones, the outbox restored by reindex
+    "store.retention": {"store.catalog", "store.outbox"},
     "store.audit": {"config", "fsio"},
     # the node registry: its SQL over the catalog's connection, validated like config
     "store.nodes": {"config", "config_values", "store.catalog"},
@@ -79,10 +85,30 @@ ALLOWED_ROOMS: dict[str, set[str] | None] = {
         "dicom.files",
         "dicom.codestream",
     },
-    "workers.scheduler": {"config", "store.spool", "store.catalog"},
+    "workers.scheduler": {
+        "config",
+        "store.spool",
+        "store.catalog",
+        "store.outbox",
+        "store.retention",
+    },
     # the offline rebuild of the catalog (`ith-proxy reindex`)
-    "workers.reindex": {"store.spool", "store.catalog", "vault.records", "dicom.files"},
-    "workers.forwarder": {"config", "store.spool", "store.catalog", "dicom"},
+    "workers.reindex": {
+        "store.spool",
+        "store.catalog",
+        "store.outbox",
+        "store.retention",
+        "vault.records",
+        "dicom.files",
+    },
+    "workers.forwarder": {
+        "config",
+        "backoff",
+        "store.spool",
+        "store.catalog",
+        "store.outbox",
+        "dicom",
+    },
     # web/: the HTTP API
     "web": {"config", "health", "store.catalog", "store.audit", "vault.records", "web"},
     "web.app": {"config", "health", "store.catalog", "store.audit", "vault.records", "web"},

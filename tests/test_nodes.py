@@ -4,12 +4,14 @@ DESIGN.md §5, each with a test, and hostile input from the API and the backend.
 from __future__ import annotations
 
 import logging
+import sqlite3
 from pathlib import Path
 
 import pytest
 
 from ith_proxy import config
 from ith_proxy.config import NodeConfig
+from ith_proxy.store import catalog as catalog_mod
 from ith_proxy.store.catalog import Catalog
 from ith_proxy.store.nodes import (
     MAX_SYNC_NODES,
@@ -59,11 +61,11 @@ def sources(reg: Nodes) -> dict[str, str]:
 
 def test_the_migration_adds_the_table_to_an_existing_catalog(tmp_path: Path) -> None:
     path = tmp_path / "catalog.sqlite3"
+    with sqlite3.connect(path) as old:  # a catalog of before: schema step 1 only
+        old.executescript(catalog_mod._MIGRATIONS[0] + "PRAGMA user_version = 1;")
+    old.close()
     cat = Catalog(path)
-    cat.conn.execute("DROP TABLE nodes; PRAGMA user_version = 1")  # a catalog of before
-    cat.close()
-    cat = Catalog(path)
-    assert cat.schema_version() == 2
+    assert cat.schema_version() == len(catalog_mod._MIGRATIONS)
     assert Nodes(cat).list() == []
     cat.close()
 

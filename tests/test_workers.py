@@ -73,7 +73,7 @@ def test_scheduler_completes_only_after_the_quiet_timeout(rooms, tmp_path: Path)
     assert scheduler.run_once()["completed"] == [study]
     summary = json.loads((spool.study_dir(study) / "study.json").read_text())
     assert summary["state"] == "complete" and summary["completed_at"] == t0 + 30.0
-    assert scheduler.run_once() == {"completed": [], "summaries": 0, "tmp_cleaned": 0}
+    assert scheduler.run_once() == {"completed": [], "summaries": 0, "tmp_cleaned": 0, "purged": []}
 
 
 def test_scheduler_removes_stale_tmp_files_only(rooms) -> None:

@@ -88,6 +88,42 @@ _MIGRATIONS: tuple[str, ...] = (
     );
     CREATE UNIQUE INDEX nodes_ae_title ON nodes(ae_title) WHERE kind = 'dicom';
     """,
+    # 3: forwarding outbox, ledger, retention
+    # (store/outbox.py holds their SQL and docs/forwarding.md their design; no
+    # foreign key to studies: reindex rebuilds studies under the forwarder's history)
+    """
+    ALTER TABLE studies ADD COLUMN purged_at REAL;
+    ALTER TABLE instances ADD COLUMN purged_at REAL;
+    CREATE INDEX instances_unpurged ON instances(study_uid) WHERE purged_at IS NULL;
+    CREATE TABLE outbox(
+        id INTEGER PRIMARY KEY,
+        study_uid TEXT NOT NULL,
+        node TEXT NOT NULL CHECK (length(node) BETWEEN 1 AND 64),
+        reason TEXT NOT NULL CHECK (reason IN ('complete','followup','requeue','manual')),
+        state TEXT NOT NULL DEFAULT 'pending' CHECK (state IN ('pending','delivered','failed')),
+        attempts INTEGER NOT NULL DEFAULT 0,
+        next_at REAL NOT NULL,
+        last_error TEXT,
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL,
+        delivered_at REAL,
+        UNIQUE (study_uid, node)
+    );
+    CREATE INDEX outbox_due ON outbox(state, next_at);
+    CREATE TABLE deliveries(
+        node TEXT NOT NULL,
+        sop_uid TEXT NOT NULL,
+        study_uid TEXT NOT NULL,
+        outbox_id INTEGER NOT NULL REFERENCES outbox(id),
+        result TEXT NOT NULL CHECK (result IN ('delivered','failed')),
+        status INTEGER,
+        reason TEXT,
+        warning TEXT,
+        at REAL NOT NULL,
+        PRIMARY KEY (node, sop_uid)
+    ) WITHOUT ROWID;
+    CREATE INDEX deliveries_study ON deliveries(study_uid, node, result);
+    """,
 )
 
 
@@ -263,6 +299,32 @@ class Catalog:
                 self._event(study_uid, now, "complete")
         return bool(changed)
 
+    def study_changed(
+        self, study_uid: str, ts: float, state: str | None = None, events: Iterable[str] = ()
+    ) -> None:
+        """Bump a study's version (study.json is rewritten) and add timeline
+        events; set a forwarding state unless the study is receiving again
+        (store/outbox.py decides the state; a reopened study waits for completion)."""
+        with self.conn:
+            old = self.conn.execute(
+                "SELECT state FROM studies WHERE study_uid = ?", (study_uid,)
+            ).get
+            if old is None:
+                return
+            events = list(events)
+            if state is not None and state != old and old != "receiving":
+                if state not in STATES:
+                    raise ValueError(f"unknown study state {state!r}")
+                self.conn.execute(
+                    "UPDATE studies SET state = ? WHERE study_uid = ?", (state, study_uid)
+                )
+                events.append(state)
+            self.conn.execute(
+                "UPDATE studies SET version = version + 1 WHERE study_uid = ?", (study_uid,)
+            )
+            for event in events:
+                self._event(study_uid, ts, event)
+
     def stale_summaries(self) -> list[tuple[str, int]]:
         return list(
             self.conn.execute(
@@ -281,7 +343,7 @@ class Catalog:
     def study(self, study_uid: str) -> dict | None:
         row = self.conn.execute(
             "SELECT s.study_uid, s.patient_id, p.pseudo_name, s.state, s.first_received,"
-            " s.last_received, s.completed_at, s.reopened, s.version,"
+            " s.last_received, s.completed_at, s.reopened, s.version, s.purged_at,"
             " (SELECT count(*) FROM series WHERE study_uid = s.study_uid),"
             " (SELECT count(*) FROM instances WHERE study_uid = s.study_uid),"
             " (SELECT coalesce(sum(size), 0) FROM instances WHERE study_uid = s.study_uid),"
@@ -303,6 +365,7 @@ class Catalog:
             "completed_at",
             "reopened",
             "version",
+            "purged_at",
             "series_count",
             "instance_count",
             "bytes",
@@ -347,7 +410,8 @@ class Catalog:
     # --- reindex ---
 
     def clear(self) -> None:
-        """Drop every row (reindex rebuilds them from the spool)."""
+        """Drop every row that reindex rebuilds from the spool.  The outbox and
+        its ledger stay: they are the forwarder's history, not in the files."""
         with self.conn:
             for table in ("study_events", "instances", "series", "studies", "patients"):
                 self.conn.execute(f"DELETE FROM {table}")

@@ -381,6 +381,34 @@ class Spool(QuarantineFolder):
         except (OSError, ValueError):
             return None
 
+    def purge_instances(self, study: str, instances: Iterable[tuple[str, str]]) -> int:
+        """Retention (the scheduler): remove these (series, sop) instance files
+        and the series folders left empty, fsync what changed; never study.json
+        (the tombstone) nor a file not listed.  Return how many were removed."""
+        removed, series_dirs = 0, set()
+        if not real_dir(self.study_dir(study)):
+            return 0  # gone, or a planted link: nothing of ours to remove
+        for series, sop in instances:
+            path = self.instance_path(study, series, sop)
+            if not real_dir(path.parent):
+                continue  # never unlink through a link
+            try:
+                os.unlink(path)
+                removed += 1
+            except FileNotFoundError:
+                pass  # a purge cut short by a crash is simply done again
+            series_dirs.add(path.parent)
+        for folder in sorted(series_dirs):
+            try:
+                os.rmdir(folder)
+            except FileNotFoundError:
+                pass
+            except OSError:  # not empty: an instance that is kept
+                fsync_dir(folder)
+        if series_dirs:
+            fsync_dir(self.study_dir(study))
+        return removed
+
     def iter_instances(self) -> Iterator[tuple[str, str, str, Path]]:
         """Yield (study, series, sop, path) for every stored instance."""
         for study in sorted(os.scandir(self.studies), key=lambda e: e.name):

@@ -1,4 +1,5 @@
-"""The scheduler: finalize quiet studies, keep study.json current, clean tmp/.
+"""The scheduler: finalize quiet studies, queue them, keep study.json current,
+purge forwarded studies after their retention time, clean tmp/.
 
 A study is ``complete`` once no instance has arrived for ``study_timeout``
 seconds.  The timer is the study's ``last_received`` time in the catalog, so
@@ -8,6 +9,14 @@ injectable for tests.
 The scheduler is the only writer of ``studies/<S>/study.json``: the catalog
 bumps a study's version on every change, and each pass rewrites the summary
 of every study whose file is older than its row.
+
+A completed study is queued for every ``[forward] destinations`` node in the
+same transaction as its state (store/outbox.py); the forwarder does the rest.
+Retention (``[spool] retention_hours`` > 0) removes the instance files of a
+study only when every destination acknowledged it that long ago; its rows stay,
+marked purged, and study.json stays as the tombstone (store/retention.py).
+Unforwarded data is never removed, whatever the disk: the ``min_free_mb``
+watermark refuses new stores instead.
 """
 
 from __future__ import annotations
@@ -15,11 +24,13 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 
 from ith_proxy.config import Config
 from ith_proxy.store.catalog import Catalog
+from ith_proxy.store.outbox import Outbox, OutboxError, check_node
+from ith_proxy.store.retention import Retention
 from ith_proxy.store.spool import Spool
 
 log = logging.getLogger("ith_proxy.scheduler")
@@ -31,9 +42,22 @@ def _iso(ts: float | None) -> str | None:
     return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds")
 
 
-def study_summary(row: dict) -> dict:
-    """The non-PHI study.json content for a catalog study row."""
-    return {
+TOMBSTONE_FIELDS = (
+    "series_instance_uid",
+    "modality",
+    "sop_instance_uid",
+    "sop_class_uid",
+    "transfer_syntax",
+    "size",
+    "received_at",
+)
+
+
+def study_summary(row: dict, destinations: Sequence[dict] = (), purged: Sequence = ()) -> dict:
+    """The non-PHI study.json content for a catalog study row, its outbox
+    destinations (Outbox.study_destinations) and its purged instances
+    (Retention.purged_instances: the tombstone that reindex reads back)."""
+    summary = {
         "study_instance_uid": row["study_instance_uid"],
         "state": row["state"],
         "series_count": row["series_count"],
@@ -48,17 +72,42 @@ def study_summary(row: dict) -> dict:
         "completed_at_iso": _iso(row["completed_at"]),
         "reopened": row["reopened"],
         "events": row["events"],
+        "purged_at": row.get("purged_at"),
+        "purged_at_iso": _iso(row.get("purged_at")),
+        "destinations": [
+            {**d, "delivered_at_iso": _iso(d.get("delivered_at"))} for d in destinations
+        ],
     }
+    if purged:
+        summary["tombstone"] = {
+            "fields": list(TOMBSTONE_FIELDS),
+            "instances": [list(p) for p in purged],
+        }
+    return summary
 
 
 class Scheduler:
     def __init__(
-        self, cfg: Config, spool: Spool, catalog: Catalog, clock: Callable[[], float] = time.time
+        self,
+        cfg: Config,
+        spool: Spool,
+        catalog: Catalog,
+        clock: Callable[[], float] = time.time,
+        destinations: Sequence[str] = (),
+        retention_hours: float = 0.0,
     ) -> None:
+        """``destinations``: the ``[forward] destinations`` node names (a name
+        given twice is queued once); ``retention_hours``: 0 keeps everything."""
         self.cfg = cfg
         self.spool = spool
         self.catalog = catalog
+        self.outbox = Outbox(catalog)
+        self.retention = Retention(catalog)
         self.clock = clock
+        self.destinations = tuple(dict.fromkeys(check_node(n) for n in destinations))
+        if not retention_hours >= 0:  # NaN too
+            raise OutboxError("retention_hours must be >= 0")
+        self.retention_s = float(retention_hours) * 3600.0
         self._last_tmp_clean = 0.0
 
     def run_once(self) -> dict:
@@ -67,16 +116,19 @@ class Scheduler:
         completed = [
             uid
             for uid in self.catalog.quiet_studies(now, timeout)
-            if self.catalog.complete_study(uid, now, timeout)
+            if self.outbox.complete_study(uid, now, timeout, self.destinations)
         ]
         for uid in completed:
-            log.info("study %s complete", uid)
+            log.info("study %s complete, queued for %d destination(s)", uid, len(self.destinations))
+        purged = self.purge(now) if self.retention_s > 0 else []
         written = 0
         for uid, version in self.catalog.stale_summaries():
             row = self.catalog.study(uid)
             if row is None:
                 continue
-            self.spool.write_study_json(uid, study_summary(row))
+            tombstone = self.retention.purged_instances(uid) if row["purged_at"] else []
+            summary = study_summary(row, self.outbox.study_destinations(uid), tombstone)
+            self.spool.write_study_json(uid, summary)
             self.catalog.summary_written(uid, version)
             written += 1
         cleaned = 0
@@ -85,7 +137,31 @@ class Scheduler:
             self._last_tmp_clean = now
             if cleaned:
                 log.info("removed %d stale tmp file(s)", cleaned)
-        return {"completed": completed, "summaries": written, "tmp_cleaned": cleaned}
+        return {
+            "completed": completed,
+            "summaries": written,
+            "tmp_cleaned": cleaned,
+            "purged": purged,
+        }
+
+    def purge(self, now: float) -> list[str]:
+        """Retention: remove the files of studies every destination acknowledged
+        more than retention_hours ago (files first, then the rows are marked: a
+        crash in between only purges again).  Return the purged studies."""
+        purged = []
+        for uid in self.retention.purgeable(now - self.retention_s):
+            items = self.retention.purge_list(uid)
+            if not items:
+                continue
+            try:
+                removed = self.spool.purge_instances(uid, items)
+            except OSError as exc:
+                log.error("study %s: retention purge failed: %s", uid, exc)
+                continue
+            self.retention.mark_purged(uid, [sop for _, sop in items], now)
+            log.info("study %s purged by retention (%d instance file(s))", uid, removed)
+            purged.append(uid)
+        return purged
 
     def run(self, stop: threading.Event) -> None:
         while not stop.is_set():

@@ -58,6 +58,11 @@ ALLOWED_ROOMS: dict[str, set[str] | None] = {
     # the SCP gets a stream-encryptor factory from the service; it imports no vault room
     "dicom.scp": {"config", "store.spool", "dicom.ae", "dicom.scp_stream"},
     "dicom.qr": {"config", "store.spool", "store.catalog", "dicom.ae", "dicom.files"},
+    # outgoing associations (socket fixes, wake-ups, C-ECHO); C-STORE SCU; its bytes; C-MOVE SCU
+    "dicom.scu_assoc": {"config", "dicom.wake"},
+    "dicom.scu_wire": set(),  # stdlib only
+    "dicom.scu": {"fsio", "dicom.scu_assoc", "dicom.scu_wire"},
+    "dicom.move": {"dicom.scu_assoc"},
     # workers/: processes and threads that move instances through the spool
     "workers": set(),
     "workers.indexer": {

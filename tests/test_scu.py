@@ -246,6 +246,7 @@ def test_dead_peer_gives_every_file_a_transient_outcome(tmp_path: Path) -> None:
     assert seen == outcomes
     assert all(o.result == "transient" and "connection refused" in o.reason for o in outcomes)
     assert [o.sop_uid for o in outcomes] == src.sop_uids
+    assert scu.store(peer, "ITHTEST", [], T) == []  # nothing to send: no association
 
 
 def test_rejected_association_makes_every_file_permanent(

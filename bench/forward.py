@@ -18,6 +18,7 @@ See bench/README.md.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import shutil
 import socket
@@ -93,6 +94,7 @@ def run_one(name: str, work: Path, files: list[Path], data: Path) -> float:
     """Seconds for one method to deliver every file to a fresh Orthanc."""
     proc, port, base = ingest.start_orthanc(work)
     try:
+        gc.collect()  # no collection of an earlier method's garbage inside this timing
         t0 = time.perf_counter()
         METHODS[name](port, files, data)
         secs = time.perf_counter() - t0

@@ -73,6 +73,11 @@ ALLOWED_ROOMS: dict[str, set[str] | None] = {
     # the STOW-RS client (stdlib HTTP) and what its responses mean (pure)
     "dicom.stow": {"fsio", "dicom.status", "dicom.stow_reply"},
     "dicom.stow_reply": {"dicom.status"},
+    # outgoing associations (socket fixes, wake-ups, C-ECHO); C-STORE SCU; its bytes; C-MOVE SCU
+    "dicom.scu_assoc": {"config", "dicom.wake"},
+    "dicom.scu_wire": set(),  # stdlib only
+    "dicom.scu": {"fsio", "dicom.scu_assoc", "dicom.scu_wire"},
+    "dicom.move": {"dicom.scu_assoc"},
     # workers/: processes and threads that move instances through the spool
     "workers": set(),
     "workers.indexer": {

@@ -24,6 +24,7 @@ class Liveness:
     dicom: bool  # the SCP listens (not a problem when [scp] auto_start is off)
     indexer: bool
     scheduler: bool
+    forwarder: bool = True
 
 
 def problems(cfg: Config, spool: Spool, alive: Liveness) -> list[str]:
@@ -46,6 +47,8 @@ def worker_problems(cfg: Config, alive: Liveness) -> list[str]:
         out.append("indexer is not running")
     if not alive.scheduler:
         out.append("scheduler is not running")
+    if not alive.forwarder:
+        out.append("forwarder is not running")
     return out
 
 

@@ -1,7 +1,7 @@
 """Wires and supervises the workers, with a clean shutdown.
 
 Each worker gets its own catalog connection and talks to the others only
-through spool folders and catalog rows.  The SCP, scheduler and API run as
+through spool folders and catalog rows.  The SCP, scheduler, forwarder and API run as
 threads here; the indexer runs in a child process of its own, because
 parsing and rewriting files is CPU work that would otherwise compete with
 the SCP for the GIL (measured: ingest ~45% slower with both in one process).
@@ -35,6 +35,7 @@ from ith_proxy.vault.keyfiles import ensure_secrets, load_site_secret, shared_vo
 from ith_proxy.vault.keys import Keyring
 from ith_proxy.vault.records import Vault
 from ith_proxy.web.app import ApiServer, make_app
+from ith_proxy.workers.forwarder import Forwarder
 from ith_proxy.workers.indexer import Indexer
 from ith_proxy.workers.scheduler import Scheduler
 
@@ -134,6 +135,13 @@ class Service:
         finally:
             catalog.close()
 
+    def _run_forwarder_thread(self) -> None:
+        catalog = Catalog(self.spool.catalog_file)
+        try:
+            Forwarder(self.cfg, self.spool, catalog).run(self.stop_event)
+        finally:
+            catalog.close()
+
     def start(self) -> None:
         try:
             scp_stream.check_library()  # the SCP's memory bound needs this pynetdicom
@@ -147,6 +155,7 @@ class Service:
         self._log_listener = logs.listen(self._log_queue)
         self._start_indexer()
         self._worker("scheduler", self._run_scheduler_thread)
+        self._worker("forwarder", self._run_forwarder_thread)
         if self.cfg.scp.auto_start:
             encryptor = None  # the SCP gets a stream-encryptor factory, never a key
             if self.cfg.spool.encrypt_incoming:
@@ -176,6 +185,7 @@ class Service:
     def health(self) -> list[str]:
         """The problems /api/health/ reports (policy in ``health``)."""
         scheduler = self.threads.get("scheduler")
+        forwarder = self.threads.get("forwarder")
         return problems(
             self.cfg,
             self.spool,
@@ -183,6 +193,7 @@ class Service:
                 dicom=self.scp is not None and self.scp.alive(),
                 indexer=self.indexer is not None and self.indexer.is_alive(),
                 scheduler=scheduler is not None and scheduler.is_alive(),
+                forwarder=forwarder is not None and forwarder.is_alive(),
             ),
         )
 

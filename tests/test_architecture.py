@@ -76,7 +76,7 @@ ALLOWED_ROOMS: dict[str, set[str] | None] = {
     # outgoing associations (socket fixes, wake-ups, C-ECHO); C-STORE SCU; its bytes; C-MOVE SCU
     "dicom.scu_assoc": {"config", "dicom.wake"},
     "dicom.scu_wire": set(),  # stdlib only
-    "dicom.scu": {"fsio", "dicom.scu_assoc", "dicom.scu_wire"},
+    "dicom.scu": {"fsio", "dicom.scu_assoc", "dicom.scu_wire", "dicom.status"},
     "dicom.move": {"dicom.scu_assoc"},
     # workers/: processes and threads that move instances through the spool
     "workers": set(),
@@ -112,6 +112,7 @@ ALLOWED_ROOMS: dict[str, set[str] | None] = {
         "store.spool",
         "store.catalog",
         "store.outbox",
+        "store.nodes",
         "dicom",
     },
     # web/: the HTTP API
@@ -162,8 +163,8 @@ def _room(dotted: str) -> str:
         parts = parts[:-1]
     if not parts:
         return "__init__"
-    if parts[0] == "deid":
-        return "deid"
+    if parts[0] in ("deid", "cli"):
+        return parts[0]
     return ".".join(parts)
 
 

@@ -27,8 +27,11 @@ def test_every_verb_names_its_function() -> None:
     leaves = _leaves(parser)
     assert ("quarantine", "release") in leaves and ("audit", "rotate-key") in leaves
     for words in leaves:
-        name = ["NAME"] if words[0] == "quarantine" and words[1] != "list" else []
-        args = parser.parse_args([*words, *name])
+        positional = {"echo": ["N"], "send": ["1.2", "N"], "requeue": ["1.2"],
+                      "retrieve": ["N", "1.2"]}.get(words[0], [])  # fmt: skip
+        if words[0] == "quarantine" and words[1] != "list":
+            positional = ["NAME"]
+        args = parser.parse_args([*words, *positional])
         assert callable(args.func), words
         assert args.func.__name__.startswith("cmd_"), words
 

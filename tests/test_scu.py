@@ -21,7 +21,7 @@ from pynetdicom import AE, build_context, evt
 import dicomgen
 import tools
 from ith_proxy.dicom import move as move_mod
-from ith_proxy.dicom import scu, scu_wire, wake
+from ith_proxy.dicom import scu, scu_wire, status, wake
 from ith_proxy.dicom.libsetup import configure_libraries
 from ith_proxy.dicom.scu_assoc import VERIFICATION, associate, close
 from orthanc import OrthancProcess
@@ -433,36 +433,10 @@ def test_store_logs_no_phi(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> 
 # --- the status table ---------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    ("status", "result", "reason"),
-    [
-        (0x0000, "delivered", "success"),
-        (0xB000, "delivered", "warning 0xB000 (coercion of data elements)"),
-        (0xB006, "delivered", "warning 0xB006 (elements discarded)"),
-        (0xB007, "delivered", "warning 0xB007 (data set does not match SOP class)"),
-        (0xB123, "delivered", "warning 0xB123"),
-        (0x0107, "delivered", "warning 0x0107 (attribute list error)"),
-        (0x0116, "delivered", "warning 0x0116 (attribute value out of range)"),
-        (0xA700, "transient", "out of resources (0xA700)"),
-        (0xA7FF, "transient", "out of resources (0xA7FF)"),
-        (0xA900, "permanent", "data set does not match SOP class (0xA900)"),
-        (0xA9FF, "permanent", "data set does not match SOP class (0xA9FF)"),
-        (0xC000, "permanent", "cannot understand (0xC000)"),
-        (0xCFFF, "permanent", "cannot understand (0xCFFF)"),
-        (0x0122, "permanent", "SOP class not supported (0x0122)"),
-        (0x0124, "permanent", "not authorized (0x0124)"),
-        (0x0211, "permanent", "unrecognized operation (0x0211)"),
-        (0x0212, "permanent", "mistyped argument (0x0212)"),
-        (0x0110, "permanent", "unexpected status 0x0110 (processing failure)"),
-        (0xA800, "permanent", "unexpected status 0xA800"),
-        (0xFF00, "permanent", "unexpected status 0xFF00"),
-        (0xFE00, "permanent", "unexpected status 0xFE00"),
-        (-1, "permanent", "unexpected status -1"),
-        (0x10000, "permanent", "unexpected status 65536"),
-    ],
-)
-def test_classify(status: int, result: str, reason: str) -> None:
-    assert scu.classify(status) == (result, reason)
+def test_classify_is_the_shared_status_table() -> None:
+    """One table for C-STORE and STOW-RS (its rows: tests/test_dicom_status.py)."""
+    assert scu.classify is status.classify
+    assert scu.classify(0xA700)[0] == "transient" and scu.classify(0xC000)[0] == "permanent"
 
 
 # --- C-MOVE ---------------------------------------------------------------------------

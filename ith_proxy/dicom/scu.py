@@ -22,7 +22,8 @@ the responses.
 
 Every file gets exactly one ``Outcome``: delivered, transient (try again
 later) or permanent (dead letter), with a reason; ``classify`` is the status
-table.  ``store`` raises only what ``on_outcome`` raises (after aborting).
+table, shared with the STOW-RS client (dicom/status.py).  ``store`` raises
+only what ``on_outcome`` raises (after aborting).
 Logs carry UIDs, counts and statuses, never a peer's error comment.
 """
 
@@ -58,6 +59,7 @@ from ith_proxy.dicom.scu_assoc import (
     writer,
 )
 from ith_proxy.dicom.scu_wire import FileMeta, WireError
+from ith_proxy.dicom.status import classify
 from ith_proxy.fsio import open_read
 
 __all__ = [
@@ -88,61 +90,6 @@ class Outcome:
     reason: str
     warning: str = ""  # a delivered instance's warning status, as a reason
     path: Path | None = None  # the file it is about
-
-
-_STATUS_NAMES = {
-    0x0107: "attribute list error",
-    0x0110: "processing failure",
-    0x0116: "attribute value out of range",
-    0x0117: "invalid SOP instance",
-    0x0122: "SOP class not supported",
-    0x0124: "not authorized",
-    0x0210: "duplicate invocation",
-    0x0211: "unrecognized operation",
-    0x0212: "mistyped argument",
-    0xB000: "coercion of data elements",
-    0xB006: "elements discarded",
-    0xB007: "data set does not match SOP class",
-}
-_PERMANENT = frozenset((0x0122, 0x0124, 0x0211, 0x0212))
-_WARNINGS = frozenset((0x0107, 0x0116))
-
-
-def classify(status: int) -> tuple[str, str]:
-    """(result, reason) for a C-STORE response status (docs/forwarding.md):
-
-    ==========================  ===========  =========================================
-    status                      result       why
-    ==========================  ===========  =========================================
-    0x0000                      delivered    success
-    0xBxxx, 0x0107, 0x0116      delivered    stored with a warning (Outcome.warning)
-    0xA7xx                      transient    out of resources: the peer may recover
-    0xA9xx                      permanent    data set does not match the SOP class
-    0xCxxx                      permanent    cannot understand
-    0x0122 0x0124 0x0211 0x0212 permanent    not supported / not authorized / protocol
-    anything else               permanent    "unexpected status 0x....": sending the
-                                             same bytes again would get the same
-                                             answer, so a person should look at it
-                                             (requeue sends it again)
-    ==========================  ===========  =========================================
-    """
-    if not isinstance(status, int) or not 0 <= status <= 0xFFFF:
-        return "permanent", f"unexpected status {status!r}"
-    code = f"0x{status:04X}"
-    name = _STATUS_NAMES.get(status, "")
-    if status == 0x0000:
-        return "delivered", "success"
-    if status in _WARNINGS or 0xB000 <= status <= 0xBFFF:
-        return "delivered", f"warning {code}" + (f" ({name})" if name else "")
-    if 0xA700 <= status <= 0xA7FF:
-        return "transient", f"out of resources ({code})"
-    if 0xA900 <= status <= 0xA9FF:
-        return "permanent", f"data set does not match SOP class ({code})"
-    if 0xC000 <= status <= 0xCFFF:
-        return "permanent", f"cannot understand ({code})"
-    if status in _PERMANENT:
-        return "permanent", f"{name} ({code})"
-    return "permanent", f"unexpected status {code}" + (f" ({name})" if name else "")
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,7 @@
+"""``python -m ith_proxy.cli``."""
+
+import sys
+
+from ith_proxy.cli import main
+
+sys.exit(main())

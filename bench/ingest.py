@@ -280,9 +280,13 @@ def run_storescp(work: Path, data: Path, n: int) -> dict[str, float]:
     return {"storescp": secs}
 
 
-def start_orthanc(work: Path) -> tuple[subprocess.Popen, int, str]:
-    """Orthanc on free ports with a fresh SQLite index, no plugins, no
-    compression; ready when it returns: (process, DICOM port, HTTP base URL)."""
+DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
+
+
+def start_orthanc(work: Path, dicomweb: bool = False) -> tuple[subprocess.Popen, int, str]:
+    """Orthanc on free ports with a fresh SQLite index, no compression, and no
+    plugin but DICOMweb when asked (STOW-RS at BASE/dicom-web/studies); ready
+    when it returns: (process, DICOM port, HTTP base URL)."""
     dicom_port, http_port, log = free_port(), free_port(), work / "orthanc.log"
     cfg = {
         "Name": "bench",
@@ -294,7 +298,8 @@ def start_orthanc(work: Path) -> tuple[subprocess.Popen, int, str]:
         "RemoteAccessAllowed": False,
         "AuthenticationEnabled": False,
         "DicomCheckCalledAet": False,
-        "Plugins": [],
+        "Plugins": [str(DICOMWEB_PLUGIN)] if dicomweb else [],
+        "DicomWeb": {"Enable": dicomweb, "Root": "/dicom-web/"},
         "StorageCompression": False,
         "OverwriteInstances": True,
     }

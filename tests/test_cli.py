@@ -5,6 +5,7 @@ go when they finish.  In-process on a real site, so a lock left open shows."""
 from __future__ import annotations
 
 import argparse
+import json
 import os
 
 import pytest
@@ -73,3 +74,29 @@ def test_reindex_refuses_a_linked_lock_file(site, capsys, tmp_path) -> None:
     err = capsys.readouterr().err
     assert err.startswith(f"ith-proxy: cannot take the spool lock {site.spool.root / '.lock'}")
     assert err.count("\n") == 1
+
+
+def test_status_shows_the_outbox_and_the_dead_letter(site, capsys, tmp_path) -> None:
+    """A failed forward is visible in `status` (and its --json) with its reason."""
+    from outbox_site import Site
+
+    forwarding = Site(site, tmp_path, destinations=("pacs",))
+    study = forwarding.complete()
+    entry = forwarding.entry(study, "pacs")
+    forwarding.rooms.catalog.close()  # the command opens its own connection
+    from ith_proxy.store.catalog import Catalog
+    from ith_proxy.store.outbox import Outbox
+
+    catalog = Catalog(site.spool.catalog_file)
+    try:
+        Outbox(catalog).fail(entry.id, entry.updated_at + 1, "association rejected (permanent)")
+    finally:
+        catalog.close()
+    assert cli.main(["status"]) == 0
+    out = capsys.readouterr().out
+    assert "forwarding:  pending 0, delivered 0, failed 1" in out
+    assert f"  failed:    {study} to pacs after 0 attempt(s): association rejected" in out
+    assert cli.main(["status", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["outbox"] == {"pending": 0, "delivered": 0, "failed": 1}
+    assert info["failed_forwards"][0]["node"] == "pacs"

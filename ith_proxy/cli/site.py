@@ -13,6 +13,7 @@ from ith_proxy.cli.common import audit, audit_log, fail, locked_spool
 from ith_proxy.config import Config
 from ith_proxy.store.audit import AuditBroken, AuditError
 from ith_proxy.store.catalog import Catalog
+from ith_proxy.store.outbox import Outbox
 from ith_proxy.store.spool import Spool
 from ith_proxy.vault.keyfiles import (
     VaultKeyError,
@@ -57,6 +58,13 @@ def cmd_status(cfg: Config, args: argparse.Namespace) -> int:
     cat = Catalog(spool.catalog_file, readonly=True)
     try:
         counts = cat.counts()
+        outbox = Outbox(cat)
+        forwarding = outbox.counts()
+        dead = [
+            {"study_instance_uid": e.study_uid, "node": e.node, "attempts": e.attempts,
+             "last_error": e.last_error}
+            for e in outbox.failed()
+        ]  # fmt: skip
     finally:
         cat.close()
     info = {
@@ -70,6 +78,8 @@ def cmd_status(cfg: Config, args: argparse.Namespace) -> int:
         "quarantined": len(spool.quarantined()),
         "free_mb": int(spool.free_mb()),
         **counts,
+        "outbox": forwarding,
+        "failed_forwards": dead,
     }
     if args.json:
         print(json.dumps(info, indent=2))
@@ -85,8 +95,13 @@ def cmd_status(cfg: Config, args: argparse.Namespace) -> int:
         f"{counts['series']} series, {counts['instances']} instances "
         f"({counts['bytes'] / 2**20:.1f} MB)\n"
         f"studies:     {states}\n"
-        f"as of:       {datetime.now(UTC).isoformat(timespec='seconds')}"
+        f"forwarding:  pending {forwarding['pending']}, delivered {forwarding['delivered']}, "
+        f"failed {forwarding['failed']}"
     )
+    for d in dead:  # the dead letter, newest first: `requeue STUDY` sends it again
+        print(f"  failed:    {d['study_instance_uid']} to {d['node']} after {d['attempts']} "
+              f"attempt(s): {d['last_error']}")  # fmt: skip
+    print(f"as of:       {datetime.now(UTC).isoformat(timespec='seconds')}")
     return 0
 
 

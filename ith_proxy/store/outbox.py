@@ -124,6 +124,13 @@ class Outbox:
         rows = self.conn.execute(_ENTRY + " WHERE study_uid = ? ORDER BY node", (study_uid,))
         return [Entry(*r) for r in rows]
 
+    def failed(self, limit: int = 20) -> list[Entry]:
+        """The dead letter: failed entries, the most recent first."""
+        rows = self.conn.execute(
+            _ENTRY + " WHERE state = 'failed' ORDER BY updated_at DESC LIMIT ?", (limit,)
+        )
+        return [Entry(*r) for r in rows]
+
     def due(self, now: float, limit: int = 100) -> list[Entry]:
         """Pending entries whose time has come; a study receiving again waits
         for its next completion."""

@@ -229,7 +229,7 @@ def test_unreadable_files_are_permanent_and_the_rest_delivered(tmp_path: Path) -
     with tools.StoreSCP(tmp_path / "out") as scp:
         outcomes = scu.store(scu.Peer(scp.aet, "127.0.0.1", scp.port), "ITHTEST", files, T)
     results = [(o.result, o.reason) for o in outcomes]
-    assert results[1] == results[5] == ("delivered", "success")
+    assert results[1] == results[5] == ("delivered", "0x0000 Success")
     assert results[0] == ("permanent", "not a DICOM Part 10 file (no DICM prefix)")
     assert results[2] == ("permanent", "cannot read the file: No such file or directory")
     assert results[3] == ("permanent", "the file meta is truncated")
@@ -339,7 +339,7 @@ def test_each_status_is_classified_as_the_peer_answered(tmp_path: Path) -> None:
         ("permanent", 0xC001),
         ("permanent", 0x0122),
     ]
-    assert outcomes[1].warning == "warning 0xB000 (coercion of data elements)"
+    assert outcomes[1].warning == "0xB000 Coercion of data elements"
     assert outcomes[0].warning == "" and outcomes[2].warning == ""
     for path, uid in zip(src.files, src.sop_uids, strict=True):  # through 4 kB PDUs
         assert got[uid] == dataset_bytes(path)

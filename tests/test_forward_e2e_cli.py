@@ -6,7 +6,12 @@ stuck, ``retrieve`` from Orthanc by C-MOVE, and the one-line answers of
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
+
+from pynetdicom import AE, evt
 
 import dicomgen
 import tools
@@ -28,6 +33,14 @@ from forward_e2e import (
 )
 from helpers import catalog_study, find_bytes, original_to_anonymized_sop, wait_indexed, wait_until
 from orthanc import OrthancProcess
+
+
+@contextmanager
+def closing_server(server: Any) -> Iterator[None]:
+    try:
+        yield
+    finally:
+        server.shutdown()
 
 
 def _sent(result, study: str, node: str) -> None:
@@ -143,12 +156,23 @@ def test_retrieve_pulls_a_study_from_orthanc_and_it_arrives_anonymized(tmp_path:
 
 def test_echo_send_and_requeue_answer_in_one_line(tmp_path: Path) -> None:
     dead = tools.free_port()
-    with running(OrthancProcess(tmp_path / "pacs")) as pacs:
+    # a peer that accepts the association and answers C-ECHO with 0x0110
+    # (Processing failure): found `echo` ending in a traceback
+    failing = AE(ae_title="FAILING")
+    failing.add_supported_context("1.2.840.10008.1.1")  # Verification
+    failing_port = tools.free_port()
+    server = failing.start_server(
+        ("127.0.0.1", failing_port),
+        block=False,
+        evt_handlers=[(evt.EVT_C_ECHO, lambda event: 0x0110)],
+    )
+    with running(OrthancProcess(tmp_path / "pacs")) as pacs, closing_server(server):
         port = pacs.dicom_port
         ini = config(
             "none",
             dicom_node("pacs", port),
             dicom_node("dead", dead, "DEAD"),
+            dicom_node("failing", failing_port, "FAILING"),
             dicom_node("wrongae", port, "NOTORTHANC"),
             web_node("web", "http://127.0.0.1:9/dicom-web"),
         )
@@ -162,6 +186,7 @@ def test_echo_send_and_requeue_answer_in_one_line(tmp_path: Path) -> None:
                 for args in (
                     ("echo", "dead"),
                     ("echo", "wrongae"),
+                    ("echo", "failing"),
                     ("echo", "nosuch"),
                     ("echo", "web"),
                     ("send", "1.2.3.4", "pacs"),
@@ -180,6 +205,10 @@ def test_echo_send_and_requeue_answer_in_one_line(tmp_path: Path) -> None:
         ("echo", "wrongae"): (
             f"ith-proxy: echo wrongae (NOTORTHANC@127.0.0.1:{port}): association rejected"
             " permanently by the Service User: Called AE title not recognised"
+        ),
+        ("echo", "failing"): (
+            f"ith-proxy: echo failing (FAILING@127.0.0.1:{failing_port}):"
+            " C-ECHO answered with status 0x0110"
         ),
         ("echo", "nosuch"): "ith-proxy: unknown node 'nosuch' (see docs/nodes.md)",
         ("echo", "web"): "ith-proxy: node web is a DICOMweb node: this command speaks DICOM",

@@ -189,6 +189,14 @@ def test_a_proxy_restarted_while_the_pacs_is_down_delivers_when_it_returns(tmp_p
     )
     assert dest["attempts"] > before["attempts"]
     assert len(sops) == 4 and stored == sops
+    # an outage logs each failed attempt once, not once per instance of the study
+    # (found error.log growing by one line per instance at every retry)
+    errors = (proxy.spool / "logs" / "error.log").read_text()
+    assert not [sop for sop in sops if sop in errors]
+    assert (
+        errors.count(f"study {study} to pacs: pending (4 instance(s) not delivered")
+        == (dest["attempts"])
+    )
 
 
 def test_kill_9_during_a_forward_then_a_restart_delivers_every_instance_once_more(

@@ -11,6 +11,7 @@ test_forward_e2e_cli.py.
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import pytest
@@ -197,6 +198,33 @@ def test_a_proxy_restarted_while_the_pacs_is_down_delivers_when_it_returns(tmp_p
         errors.count(f"study {study} to pacs: pending (4 instance(s) not delivered")
         == (dest["attempts"])
     )
+
+
+def test_the_catalog_opens_in_many_threads_at_once(tmp_path: Path) -> None:
+    """At start-up the scheduler and forwarder threads and the indexer open the
+    catalog together, on a file without its WAL yet. Found by the test above:
+    the forwarder thread sometimes died of BusyError there (the busy timeout
+    was set after the journal_mode pragma), and the proxy never forwarded
+    again until the next restart."""
+    path = tmp_path / "catalog.sqlite3"
+    Catalog(path).close()
+    errors: list[str] = []
+
+    def open_close(barrier: threading.Barrier) -> None:
+        barrier.wait()
+        try:
+            Catalog(path).close()
+        except Exception as exc:  # the failure under test, whatever its type
+            errors.append(type(exc).__name__)
+
+    for _ in range(40):  # each round starts from a closed catalog (no -wal file)
+        barrier = threading.Barrier(4)
+        threads = [threading.Thread(target=open_close, args=(barrier,)) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert errors == []
 
 
 def test_kill_9_during_a_forward_then_a_restart_delivers_every_instance_once_more(

@@ -72,7 +72,7 @@ def cmd_echo(cfg: Config, args: argparse.Namespace) -> int:
     peer = _peer(cfg, args.node)
     try:
         scu.echo(peer, cfg.scp.ae_title, _timeouts(cfg))
-    except scu.AssociationFailed as exc:
+    except scu.ScuError as exc:  # no association, or a C-ECHO status other than success
         return fail(f"echo {args.node} ({peer.ae_title}@{peer.host}:{peer.port}): {exc.reason}")
     print(f"echo {args.node}: ok ({peer.ae_title}@{peer.host}:{peer.port})")
     return 0

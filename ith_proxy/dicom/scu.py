@@ -322,7 +322,12 @@ def store(
     def record(item: _Item, outcome: Outcome) -> None:
         outcomes[item.index] = outcome
         counts[outcome.result] += 1
-        if outcome.result != "delivered":
+        # A transient outcome without a status is the association's (refused,
+        # aborted, timed out): the summary below counts it, and the forwarder
+        # logs the reason once per attempt, not once per instance of the study.
+        if outcome.result == "permanent" or (
+            outcome.result == "transient" and outcome.status is not None
+        ):
             status = "none" if outcome.status is None else f"0x{outcome.status:04X}"
             uid = outcome.sop_uid or "(unreadable file)"
             log.warning("C-STORE %s to %s: %s, status %s", uid, peer, outcome.result, status)

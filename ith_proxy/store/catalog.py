@@ -145,10 +145,13 @@ class InstanceRow:
 
 
 def _best_practice(conn: apsw.Connection) -> None:
+    # The busy timeout first: the journal_mode pragma takes a lock, and the
+    # service's threads and the indexer open the catalog at the same moment
+    # (without it, one of them got BusyError at start-up and its thread died).
+    conn.setbusytimeout(15000)
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=FULL")
     conn.execute("PRAGMA foreign_keys=ON")
-    conn.setbusytimeout(15000)
     conn.config(apsw.SQLITE_DBCONFIG_DQS_DML, 0)
     conn.config(apsw.SQLITE_DBCONFIG_DQS_DDL, 0)
 

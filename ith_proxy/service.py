@@ -20,6 +20,7 @@ import resource
 import signal
 import threading
 import time
+from collections.abc import Callable
 
 from ith_proxy import logs
 from ith_proxy.config import Config
@@ -115,12 +116,26 @@ class Service:
         self._indexer_started = time.monotonic()
 
     def _supervise(self) -> None:
-        """Restart the indexer process if it died (with a short back-off)."""
+        """Restart the indexer process, or a worker thread, that died (the
+        indexer with a short back-off; a thread's loop catches every error of
+        a pass, so only a failure to start, such as an unopenable catalog,
+        ends one)."""
         if self.indexer is not None and not self.indexer.is_alive() and not self._mp_stop.is_set():
             if time.monotonic() - self._indexer_started < 5:
                 return
             log.error("indexer process exited (code %s); restarting", self.indexer.exitcode)
             self._start_indexer()
+        for name, target in self._restartable():
+            thread = self.threads.get(name)
+            if thread is not None and not thread.is_alive() and not self.stop_event.is_set():
+                log.error("%s thread ended; restarting it", name)
+                self._worker(name, target)
+
+    def _restartable(self) -> tuple[tuple[str, Callable[[], None]], ...]:
+        return (
+            ("scheduler", self._run_scheduler_thread),
+            ("forwarder", self._run_forwarder_thread),
+        )
 
     def _run_scheduler_thread(self) -> None:
         catalog = Catalog(self.spool.catalog_file)

@@ -113,7 +113,7 @@ def cmd_retrieve(cfg: Config, args: argparse.Namespace) -> int:
     peer = _peer(cfg, args.node)
     try:
         result = move(peer, cfg.scp.ae_title, study, cfg.scp.ae_title, _timeouts(cfg))
-    except scu.AssociationFailed as exc:
+    except scu.ScuError as exc:  # association failures included
         return fail(f"retrieve from {args.node}: {exc.reason}")
     summary = f"{result.completed} completed, {result.failed} failed, {result.warning} warning"
     if result.failed or not result.ok:

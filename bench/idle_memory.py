@@ -44,18 +44,8 @@ def tree_pss(pid: int) -> dict[int, int]:
 
 def proxy_idle(work: Path, settle: float) -> dict[int, int]:
     dicom_port, api_port = ingest.free_port(), ingest.free_port()
-    env = ingest.proxy_env(work, dicom_port, api_port)
-    log = work / "proxy.log"
-    proc = ingest.start([sys.executable, "-m", "ith_proxy.cli", "run"], log, work, env)
+    proc = ingest.start_proxy(work, ingest.proxy_env(work, dicom_port, api_port), api_port)
     try:
-        ingest.wait_ready(
-            proc,
-            log,
-            "proxy",
-            lambda: ingest.http_ok(
-                f"http://127.0.0.1:{api_port}/api/health/", lambda b: b.get("status") == "ok"
-            ),
-        )
         time.sleep(settle)
         return tree_pss(proc.pid)
     finally:

@@ -225,12 +225,16 @@ def proxy_env(work: Path, dicom_port: int, api_port: int) -> dict[str, str]:
     return env
 
 
-def run_proxy(work: Path, data: Path, n: int, proxy_cmd: list[str]) -> dict[str, float]:
-    spool, dicom_port, api_port = work / "spool", free_port(), free_port()
-    env = proxy_env(work, dicom_port, api_port)
+def start_proxy(
+    work: Path, env: dict[str, str], api_port: int, cmd: list[str] | None = None
+) -> subprocess.Popen:
+    """The proxy (``cmd``, default ``python -m ith_proxy.cli run``) with its
+    log in ``work/proxy.log`` and ``cwd=work`` (so no conf/proxy.ini or .env is
+    picked up), once its health API says ok; stopped again if it never does.
+    The DICOM port is never probed: readiness comes from the health API only."""
     log = work / "proxy.log"
-    proc = start(proxy_cmd, log, work, env)  # cwd=work: no conf/proxy.ini or .env picked up
-    try:  # never probe the DICOM port: readiness comes from the health API only
+    proc = start(cmd or [sys.executable, "-m", "ith_proxy.cli", "run"], log, work, env)
+    try:
         wait_ready(
             proc,
             log,
@@ -239,6 +243,16 @@ def run_proxy(work: Path, data: Path, n: int, proxy_cmd: list[str]) -> dict[str,
                 f"http://127.0.0.1:{api_port}/api/health/", lambda b: b.get("status") == "ok"
             ),
         )
+    except BaseException:
+        stop(proc)
+        raise
+    return proc
+
+
+def run_proxy(work: Path, data: Path, n: int, proxy_cmd: list[str]) -> dict[str, float]:
+    spool, dicom_port, api_port = work / "spool", free_port(), free_port()
+    proc = start_proxy(work, proxy_env(work, dicom_port, api_port), api_port, proxy_cmd)
+    try:
         t0 = time.perf_counter()
         ack = storescu(PROXY_AET, dicom_port, data)
         incoming, db, quarantine = (

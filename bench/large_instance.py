@@ -72,17 +72,8 @@ def run_proxy(work: Path, path: Path, encrypt: bool) -> dict[str, float]:
     env = ingest.proxy_env(work, dicom_port, api_port)
     env["ITH_PROXY_CONFIG"] = str(work / "proxy.ini")
     (work / "proxy.ini").write_text(f"[spool]\nencrypt_incoming = {str(encrypt).lower()}\n")
-    log = work / "proxy.log"
-    proc = ingest.start([sys.executable, "-m", "ith_proxy.cli", "run"], log, work, env)
+    proc = ingest.start_proxy(work, env, api_port)
     try:
-        ingest.wait_ready(
-            proc,
-            log,
-            "proxy",
-            lambda: ingest.http_ok(
-                f"http://127.0.0.1:{api_port}/api/health/", lambda b: b.get("status") == "ok"
-            ),
-        )
         return send(ingest.PROXY_AET, dicom_port, proc.pid, path)
     finally:
         ingest.stop(proc)

@@ -59,7 +59,7 @@ ALLOWED_ROOMS: dict[str, set[str] | None] = {
     "deid": {"config", "deid"},
     # dicom/: every pynetdicom import; the files we read and write
     "dicom": set(),
-    "dicom.files": {"config", "fsio"},
+    "dicom.files": {"config", "fsio", "dicom.scu_wire"},
     "dicom.codestream": set(),  # marker segments of JPEG / JPEG 2000 (stdlib only)
     "dicom.wake": set(),  # reactor wake-ups, for every room that makes associations
     "dicom.libsetup": set(),  # library settings, applied by explicit call only

@@ -30,6 +30,7 @@ from pydicom.filereader import read_dataset
 from pydicom.filewriter import write_data_element, write_file_meta_info
 from pydicom.uid import UID
 
+from ith_proxy.dicom.scu_wire import WireError, meta_group
 from ith_proxy.fsio import open_read
 
 # Headers are read and written as they are, without value validation: set by
@@ -120,8 +121,6 @@ def read_split(source: Path | str | BinaryIO, path: Path | None = None) -> Split
 
 
 _PIXEL_TAGS = frozenset((0x7FE00008, 0x7FE00009, 0x7FE00010))
-_META_HEAD = b"\x02\x00\x00\x00UL\x04\x00"  # (0002,0000) UL, length 4, explicit VR LE
-META_MAX = 1 << 16  # our file meta is a few hundred bytes
 # Groups 0000 (command), 0002 (file meta) and the illegal 0001/0003 never
 # belong in a dataset; 0004 (directory records) may: Table E.1-1 lists
 # (0004,1511) Referenced SOP Instance UID in File.
@@ -148,17 +147,10 @@ def _read_meta(fh: BinaryIO) -> tuple[bytes, FileMetaDataset]:
     Whatever follows the group is the dataset, even if it starts with more
     group-0002 elements (those are refused by the caller, never merged in).
     """
-    head = fh.read(144)
-    if len(head) < 144 or head[128:132] != b"DICM":
-        raise DicomFileError("unreadable DICOM: not a Part 10 file (no DICM prefix)")
-    if head[132:140] != _META_HEAD:
-        raise DicomFileError("unreadable DICOM: file meta has no group length")
-    length = struct.unpack("<L", head[140:144])[0]
-    if length > META_MAX:
-        raise DicomFileError("unreadable DICOM: file meta group length is implausible")
-    raw = fh.read(length)
-    if len(raw) < length:
-        raise DicomFileError("unreadable DICOM: file meta is truncated")
+    try:
+        head, raw = meta_group(fh)
+    except WireError as exc:
+        raise DicomFileError(f"unreadable DICOM: {exc}") from None
     try:
         elems = read_dataset(io.BytesIO(raw), False, True)
     except Exception as exc:

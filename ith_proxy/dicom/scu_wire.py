@@ -60,11 +60,11 @@ def _uid(raw: bytes, what: str) -> str:
     return value.decode("ascii")
 
 
-def read_meta(fh: BinaryIO) -> FileMeta:
-    """The file meta of a Part 10 file, from its group length, without pydicom;
-    ``fh`` is left at the start of the data set."""
-    size = fh.seek(0, 2)
-    fh.seek(0)
+def meta_group(fh: BinaryIO) -> tuple[bytes, bytes]:
+    """(preamble + "DICM" + group length element, the rest of the file meta
+    group) of a Part 10 file read from ``fh``'s position: exactly the group
+    length's bytes, however the data set after it starts.  WireError if the
+    file is not Part 10 or its meta is implausible or cut."""
     head = fh.read(144)
     if len(head) < 144 or head[128:132] != b"DICM":
         raise WireError("not a DICOM Part 10 file (no DICM prefix)")
@@ -76,6 +76,16 @@ def read_meta(fh: BinaryIO) -> FileMeta:
     raw = fh.read(length)
     if len(raw) < length:
         raise WireError("the file meta is truncated")
+    return head, raw
+
+
+def read_meta(fh: BinaryIO) -> FileMeta:
+    """The file meta of a Part 10 file, from its group length, without pydicom;
+    ``fh`` is left at the start of the data set."""
+    size = fh.seek(0, 2)
+    fh.seek(0)
+    _, raw = meta_group(fh)
+    length = len(raw)
     found: dict[str, str] = {}
     pos = 0
     while pos < length:

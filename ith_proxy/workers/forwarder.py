@@ -115,8 +115,10 @@ class Forwarder:
         pending = self.outbox.pending_instances(entry)
         if not pending:
             return self.outbox.finish(entry.id, self.clock())
-        files = [self.spool.instance_path(entry.study_uid, p.series_uid, p.sop_uid)
-                 for p in pending]  # fmt: skip
+        # each file under the SOP UID it was stored as: the ledger's key even when
+        # the file can no longer be read (an SCU outcome then names only the path)
+        files = {self.spool.instance_path(entry.study_uid, p.series_uid, p.sop_uid): p.sop_uid
+                 for p in pending}  # fmt: skip
         ledger = _Ledger(self.outbox, entry, self.clock)
         log.info("forwarding study %s to %s: %d instance(s), attempt %d",
                  entry.study_uid, node.name, len(files), entry.attempts + 1)  # fmt: skip
@@ -133,7 +135,7 @@ class Forwarder:
                  entry.study_uid, node.name, state, ledger.delivered, ledger.failed)  # fmt: skip
         return state
 
-    def _deliver(self, node: Node, files: list[Path], ledger: _Ledger) -> str:
+    def _deliver(self, node: Node, files: dict[Path, str], ledger: _Ledger) -> str:
         """Send the files; return the first transient reason ('' if none)."""
         transient: list[str] = []
 
@@ -146,15 +148,21 @@ class Forwarder:
             scu.store(
                 scu.Peer(node.ae_title, node.host, node.port),
                 self.cfg.scp.ae_title,
-                files,
+                list(files),
                 self.timeouts,
-                on_outcome=lambda o: note(o.sop_uid, o.result, o.status, o.reason, o.warning),
+                on_outcome=lambda o: note(
+                    files.get(o.path, o.sop_uid) if o.path else o.sop_uid,
+                    o.result,
+                    o.status,
+                    o.reason,
+                    o.warning,
+                ),
             )
         else:
             fwd = self.cfg.forward
             stow.store(
                 stow.Endpoint(node.url, node.auth_header),
-                files,
+                list(files),  # an unreadable file's outcome is named by its stem: its SOP UID
                 batch_bytes=fwd.stow_batch_mb << 20,
                 batch_instances=fwd.stow_batch_instances,
                 timeout=self.cfg.scu.dimse_timeout,

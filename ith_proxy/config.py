@@ -269,6 +269,9 @@ class Config:
     forward: ForwardConfig = field(default_factory=ForwardConfig)
     nodes: tuple[NodeConfig, ...] = ()  # the [node:NAME] sections
     derived_nodes: tuple[NodeConfig, ...] = ()  # `backend`, when ITH_URL is set
+    # "section.key" -> where its value came from: "default", the INI file's path,
+    # ".env VAR" or "environment VAR" (status and GET /api/config/ show it)
+    origins: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
 
     def local_nodes(self) -> tuple[NodeConfig, ...]:
         """The nodes this configuration defines: INI sections, then derived."""
@@ -346,7 +349,8 @@ def load(
     """Build the configuration from all layers; raise ConfigError on a bad value."""
     cwd = cwd or Path.cwd()
     environ = dict(os.environ if env is None else env)
-    layered = {**read_dotenv(cwd / ".env"), **environ}
+    dotenv = read_dotenv(cwd / ".env")
+    layered = {**dotenv, **environ}
     ini_file, named = ini_path(path, layered)
     if not ini_file.is_absolute():
         ini_file = cwd / ini_file
@@ -357,12 +361,15 @@ def load(
         raise ConfigError(f"config file {ini_file} does not exist")
 
     values: dict[str, dict[str, Any]] = {}
+    origins: dict[str, str] = {}
     for s in SETTINGS:
         raw, origin = s.default, "default"
         if parser.has_option(s.section, s.key):
             raw, origin = parser.get(s.section, s.key), str(ini_file)
         if s.env and s.env in layered:
-            raw, origin = layered[s.env], f"environment {s.env}"
+            where = "environment" if s.env in environ else ".env"
+            raw, origin = layered[s.env], f"{where} {s.env}"
+        origins[f"{s.section}.{s.key}"] = origin
         try:
             value = s.parse(raw)
         except ValueError as exc:
@@ -416,4 +423,5 @@ def load(
         forward=ForwardConfig(**forward),
         nodes=_read_nodes(parser, ini_file),
         derived_nodes=_derived_nodes(link),
+        origins=origins,
     )

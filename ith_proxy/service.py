@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable
 
 from ith_proxy import logs
+from ith_proxy.cli.common import audit_log
 from ith_proxy.config import Config
 from ith_proxy.dicom import scp_stream
 from ith_proxy.dicom.libsetup import configure_libraries
@@ -32,10 +33,16 @@ from ith_proxy.store.catalog import Catalog
 from ith_proxy.store.nodes import load_config_nodes
 from ith_proxy.store.spool import Spool
 from ith_proxy.vault import stream as vault_stream
-from ith_proxy.vault.keyfiles import ensure_secrets, load_site_secret, shared_volume_warning
+from ith_proxy.vault.keyfiles import (
+    VaultKeyError,
+    ensure_secrets,
+    load_site_secret,
+    shared_volume_warning,
+)
 from ith_proxy.vault.keys import Keyring
 from ith_proxy.vault.records import Vault
 from ith_proxy.web.app import ApiServer, make_app
+from ith_proxy.web.auth import AuthConfigError
 from ith_proxy.workers.forwarder import Forwarder
 from ith_proxy.workers.indexer import Indexer
 from ith_proxy.workers.scheduler import Scheduler
@@ -185,7 +192,7 @@ class Service:
                     f"{self.cfg.scp.port}: {exc.strerror}"
                 ) from None
         try:
-            self.api = ApiServer(self.cfg.api, make_app(self.health))
+            self.api = ApiServer(self.cfg.api, self._make_api())
         except OSError as exc:
             raise StartupError(
                 f"cannot listen for HTTP on {self.cfg.api.bind_address}:"
@@ -194,6 +201,19 @@ class Service:
         self.api.start()
         mode = "offline" if self.cfg.link.offline else f"backend {self.cfg.link.ith_url}"
         log.info("ith-proxy running (%s)", mode)
+
+    def _make_api(self):
+        spool, cfg = self.spool, self.cfg
+        try:
+            return make_app(
+                cfg,
+                connect_catalog=lambda: Catalog(spool.catalog_file),
+                open_vault=lambda: Vault(spool.vault_file, cfg.vault.key_file),
+                audit=audit_log(cfg, append=True),
+                health=self.health,
+            )
+        except (AuthConfigError, VaultKeyError) as exc:
+            raise StartupError(str(exc)) from None
 
     # --- supervision ---
 

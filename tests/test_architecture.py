@@ -48,6 +48,8 @@ ALLOWED_ROOMS: dict[str, set[str] | None] = {
     "store.audit": {"config", "fsio"},
     # the node registry: its SQL over the catalog's connection, validated like config
     "store.nodes": {"config", "config_values", "store.catalog"},
+    # the persisted runtime settings (ae_title, dicom_port, study_timeout, forward_to)
+    "store.settings": {"config", "config_values", "store.catalog"},
     # vault/: keys (the only cryptography), key files, vault.phi, encrypted spool files
     "vault": set(),
     "vault.keyfiles": {"fsio"},
@@ -118,6 +120,16 @@ ALLOWED_ROOMS: dict[str, set[str] | None] = {
     # web/: the HTTP API
     "web": {"config", "health", "store.catalog", "store.audit", "vault.records", "web"},
     "web.app": {"config", "health", "store.catalog", "store.audit", "vault.records", "web"},
+    # what every route module gets: the context, ApiError, JSON in and out, route()
+    "web.context": {"config", "store.audit", "store.catalog", "vault.records"},
+    "web.auth": {"config", "web.context"},  # JWT bearer tokens (PyJWT)
+    # the route modules, one per group of routes
+    "web.status": {"config", "health", "store.catalog", "store.outbox", "web.context"},
+    "web.studies": {"store.catalog", "store.outbox", "web.context"},
+    "web.phi": {"store.audit", "store.catalog", "vault.records", "web.context"},
+    "web.nodes": {"store.audit", "store.catalog", "store.nodes", "web.context"},
+    "web.settings": {"store.audit", "store.catalog", "store.settings", "web.context"},
+    "web.metrics": {"health", "store.catalog", "store.outbox", "web.context"},
     # link/: the backend WebSocket link
     "link": {"config", "store.catalog", "link"},
 }

@@ -251,12 +251,16 @@ def test_a_failing_api_route_writes_its_exception_type_not_its_message(tmp_path:
         import urllib.error, urllib.request
         from pathlib import Path
         from ith_proxy import logs
-        from ith_proxy.web.app import ApiServer, make_app
+        import sys
+        sys.path.insert(0, {str(Path(__file__).resolve().parent)!r})
+        from worker_rooms import Rooms
+        from ith_proxy.web.app import ApiServer
         from ith_proxy.config import ApiConfig, LogConfig
         logs.setup(Path("logs"), LogConfig("INFO", 1 << 20, 2), console=True)
         def health():
             raise ValueError("health of " + {PHI!r})
-        server = ApiServer(ApiConfig("127.0.0.1", {port}, "", "", "", ""), make_app(health))
+        app = Rooms(Path("site").resolve()).api(health)
+        server = ApiServer(ApiConfig("127.0.0.1", {port}, "", "", "", ""), app)
         server.start()
         try:
             urllib.request.urlopen("http://127.0.0.1:{port}/api/health/?{PHI}", timeout=30)

@@ -52,6 +52,21 @@ class Rooms:
         self.vault.close()
         self.catalog.close()
 
+    def api(self, health=list, **kwargs):
+        """The API app of this site (web.app.make_app), its own connections per
+        request, the audit log under the site's keys; ``kwargs`` go to make_app."""
+        from ith_proxy.cli.common import audit_log
+        from ith_proxy.web.app import make_app
+
+        return make_app(
+            self.cfg,
+            connect_catalog=lambda: Catalog(self.spool.catalog_file),
+            open_vault=lambda: Vault(self.spool.vault_file, self.cfg.vault.key_file),
+            audit=audit_log(self.cfg, append=True),
+            health=health,
+            **kwargs,
+        )
+
     def drop(self, name: str, data: bytes) -> Path:
         path = self.spool.incoming / name
         path.write_bytes(data)

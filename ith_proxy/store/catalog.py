@@ -124,6 +124,16 @@ _MIGRATIONS: tuple[str, ...] = (
     ) WITHOUT ROWID;
     CREATE INDEX deliveries_study ON deliveries(study_uid, node, result);
     """,
+    # 4: the persisted runtime settings (store/settings.py holds their SQL)
+    """
+    CREATE TABLE runtime_settings(
+        key TEXT PRIMARY KEY
+            CHECK (key IN ('ae_title','dicom_port','study_timeout','forward_to')),
+        value TEXT NOT NULL,
+        source TEXT NOT NULL CHECK (source IN ('api','backend')),
+        updated_at REAL NOT NULL
+    ) WITHOUT ROWID;
+    """,
 )
 
 

@@ -1,8 +1,10 @@
 """The HTTP API: a Bottle app made by ``make_app`` and served by waitress.
 
-Only the public health route lives here for now.  Health is reported by a
-callable the service passes in, which inspects worker threads, the catalog
-and the disk; it never connects to the DICOM port.
+``make_app`` builds the ``ApiContext`` (configuration, a catalog connection
+factory, a vault opener, the audit log, the token check, health and the
+service's ``Control``) and lets each route module in ``ROUTES`` install its
+routes with ``context.route``.  Health is public and reported by a callable
+the service passes in; it never connects to the DICOM port.
 """
 
 from __future__ import annotations
@@ -17,28 +19,52 @@ from collections.abc import Callable
 import bottle
 from waitress.server import BaseWSGIServer, MultiSocketServer, create_server
 
-from ith_proxy.config import ApiConfig
+from ith_proxy.config import ApiConfig, Config
+from ith_proxy.store.audit import AuditLog
+from ith_proxy.store.catalog import Catalog
+from ith_proxy.vault.records import Vault
+from ith_proxy.web import metrics, nodes, phi, settings, status, studies
+from ith_proxy.web.auth import Verifier
+from ith_proxy.web.context import ApiContext, Authenticate, Control, json_response, route
 
 log = logging.getLogger("ith_proxy.api")
 
 HealthFn = Callable[[], list[str]]
 
+# the route modules, each with install(app, ctx) and its OPENAPI paths
+ROUTES = (status, studies, phi, nodes, settings, metrics)
 
-def _json(status: int, body: dict) -> bottle.HTTPResponse:
-    return bottle.HTTPResponse(
-        status=status, body=json.dumps(body), headers={"Content-Type": "application/json"}
+
+def make_app(
+    cfg: Config,
+    connect_catalog: Callable[[], Catalog],
+    open_vault: Callable[[], Vault],
+    audit: AuditLog,
+    *,
+    health: HealthFn,
+    control: Control | None = None,
+    authenticate: Authenticate | None = None,
+) -> bottle.Bottle:
+    ctx = ApiContext(
+        cfg=cfg,
+        connect_catalog=connect_catalog,
+        open_vault=open_vault,
+        audit=audit,
+        authenticate=authenticate or Verifier(cfg.api).authenticate,
+        health=health,
+        control=control,
     )
-
-
-def make_app(health: HealthFn) -> bottle.Bottle:
     app = bottle.Bottle()
 
-    @app.get("/api/health/")
+    @route(app, ctx, "GET", "/api/health/", public=True)
     def get_health() -> bottle.HTTPResponse:
         problems = health()
         if problems:
-            return _json(503, {"status": "degraded", "problems": problems})
-        return _json(200, {"status": "ok"})
+            return json_response(503, {"status": "degraded", "problems": problems})
+        return json_response(200, {"status": "ok"})
+
+    for module in ROUTES:
+        module.install(app, ctx)
 
     @app.error(404)
     def not_found(_err: bottle.HTTPError) -> str:

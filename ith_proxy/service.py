@@ -62,6 +62,8 @@ class Service:
         self.threads: dict[str, threading.Thread] = {}
         self.scp: StorageSCP | None = None
         self.api: ApiServer | None = None
+        # the backend link's state for status and metrics: offline | connected | disconnected
+        self.link_status = "offline"
         self._lock_fd: int | None = None
         self.indexer: multiprocessing.process.BaseProcess | None = None
         self._log_listener: logging.handlers.QueueListener | None = None

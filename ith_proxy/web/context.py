@@ -16,6 +16,7 @@ opens (and closes) its own catalog connection, never a shared one.
 from __future__ import annotations
 
 import json
+import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -23,7 +24,7 @@ from typing import Any, Protocol
 import bottle
 
 from ith_proxy.config import Config
-from ith_proxy.store.audit import AuditLog
+from ith_proxy.store.audit import AuditError, AuditLog
 from ith_proxy.store.catalog import Catalog
 from ith_proxy.vault.records import Vault
 
@@ -149,6 +150,7 @@ def route(
 
     def declare(fn: Callable[..., Any]) -> Callable[..., Any]:
         def guarded(**kwargs: Any) -> Any:
+            bottle.request.environ.setdefault(REQUEST_ID, uuid.uuid4().hex)
             try:
                 if not public:
                     caller = ctx.authenticate(bottle.request)
@@ -163,3 +165,24 @@ def route(
         return fn
 
     return declare
+
+
+def audit(ctx: ApiContext, action: str, target: str, outcome: str, **detail: object) -> None:
+    """Write the audit record of this request (fsynced) before it is answered:
+    the caller's ``sub``, client IP, request id, action, target (an anonymized
+    UID or a node or setting name: never PHI) and outcome (success, 403, 404,
+    error ...).  If it cannot be written, the request fails with 500 and does
+    nothing more."""
+    caller = bottle.request.environ.get(CLAIMS)
+    try:
+        ctx.audit.record(
+            f"api:{caller.sub}" if caller is not None else "api:-",
+            action,
+            target,
+            outcome=outcome,
+            ip=bottle.request.remote_addr or "",
+            request_id=bottle.request.environ.get(REQUEST_ID, ""),
+            **detail,
+        )
+    except AuditError:
+        raise ApiError(500, "the audit record could not be written; nothing was done") from None

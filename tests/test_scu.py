@@ -258,6 +258,60 @@ def test_rejected_association_makes_every_file_permanent(
     assert pacs.instance_count() == 0
 
 
+class RejectingPeer:
+    """A raw TCP peer that answers every association request with one
+    A-ASSOCIATE-RJ PDU and closes the connection at once, as Orthanc does.
+    pynetdicom can handle the close before the PDU and call it an abort."""
+
+    def __init__(self, result: int, source: int, reason: int) -> None:
+        self.pdu = bytes([0x03, 0, 0, 0, 0, 4, 0, result, source, reason])
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = self.server.getsockname()[1]
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.server.accept()
+            except OSError:
+                return
+            with conn:
+                conn.recv(65536)  # the A-ASSOCIATE-RQ (well under 64 KiB)
+                conn.sendall(self.pdu)
+
+    def close(self) -> None:
+        self.server.close()
+
+
+@pytest.mark.parametrize(
+    ("result", "expected", "why"),
+    [
+        (0x01, "permanent", "Called AE title not recognised"),
+        (0x02, "transient", "Application context name not supported"),
+    ],
+    ids=["rj1", "rj2"],
+)
+def test_a_rejection_followed_by_a_close_is_read_as_a_rejection_every_time(
+    result: int, expected: str, why: str
+) -> None:
+    """Against Orthanc a wrong called AE title was read about 1 time in 300 as
+    an abort (transient) instead of a permanent rejection; the SCU now reads
+    the RJ PDU's own result from the bytes received."""
+    peer = RejectingPeer(result, 0x01, 0x07 if result == 0x01 else 0x02)
+    try:
+        seen = []
+        for _ in range(150):
+            with pytest.raises(scu.AssociationFailed) as err:
+                scu.echo(scu.Peer("ANY", "127.0.0.1", peer.port), "ITHTEST", T)
+            seen.append(("transient" if err.value.transient else "permanent", err.value.reason))
+    finally:
+        peer.close()
+    assert set(seen) == {
+        (expected, f"association rejected {expected}ly by the Service User: {why}")
+    }
+
+
 def test_peer_killed_mid_study_leaves_the_rest_transient_then_resumes(
     tmp_path: Path, pacs: OrthancProcess
 ) -> None:

@@ -50,6 +50,8 @@ log = logging.getLogger("ith_proxy.dicom")
 # With the wake-ups, a DUL thread's loop delay only paces its timer checks and
 # its exit; 1 ms (pynetdicom's) would wake an idle SCU 1000 times a second.
 DUL_LOOP_DELAY = 0.01
+# an A-ASSOCIATE-RJ PDU: type, reserved, length (4), reserved, result, source, reason
+_RJ_LENGTH = 10
 VERIFICATION = "1.2.840.10008.1.1"
 IMPLICIT_LE = "1.2.840.10008.1.2"
 EXPLICIT_LE = "1.2.840.10008.1.2.1"
@@ -136,6 +138,7 @@ class _Socket(AssociationSocket):
         self.io_timeout = io_timeout
         self.tcp: _TCP | None = None
         self.connected = False
+        self.first_pdu = bytearray()
         super().__init__(assoc, address=address)
 
     def _create_socket(self, address: Any) -> socket.socket:
@@ -154,6 +157,29 @@ class _Socket(AssociationSocket):
         if self.socket is not None and self._is_connected:
             self.connected = True
             self.socket.settimeout(self.io_timeout)
+
+    def recv(self, nr_bytes: int) -> bytearray:
+        data = super().recv(nr_bytes)
+        if len(self.first_pdu) < _RJ_LENGTH:  # the answer's first bytes, for rejection()
+            self.first_pdu += data[: _RJ_LENGTH - len(self.first_pdu)]
+        return data
+
+    def rejection(self) -> A_ASSOCIATE | None:
+        """The A-ASSOCIATE-RJ the peer answered with, read from the bytes received.
+
+        A peer that rejects and closes at once (Orthanc does) races pynetdicom's
+        state machine: the RJ PDU arrives whole, but the closed connection can
+        be handled first, and pynetdicom then reports an abort (seen about 1 in
+        300 against Orthanc).  The PDU's own result says what it was."""
+        pdu = self.first_pdu
+        if len(pdu) < _RJ_LENGTH or pdu[0] != 0x03:
+            return None
+        rsp = A_ASSOCIATE()
+        try:
+            rsp.result, rsp.result_source, rsp.diagnostic = pdu[7], pdu[8], pdu[9]
+        except ValueError:  # values the standard does not define: an invalid answer
+            return None
+        return rsp
 
     def send(self, bytestream: bytes) -> None:
         with self.lock:
@@ -224,11 +250,14 @@ def associate(
         return assoc
     sock = assoc.dul.socket
     rsp = assoc.acceptor.primitive
-    if assoc.is_rejected and isinstance(rsp, A_ASSOCIATE):
-        permanent = rsp.result == 0x01
+    rejected = rsp if assoc.is_rejected and isinstance(rsp, A_ASSOCIATE) else None
+    if rejected is None and isinstance(sock, _Socket):
+        rejected = sock.rejection()  # a rejection pynetdicom read as an abort
+    if rejected is not None:
+        permanent = rejected.result == 0x01
         raise AssociationFailed(
             f"association rejected {'permanently' if permanent else 'transiently'} by the "
-            f"{rsp.source_str}: {rsp.reason_str}",
+            f"{rejected.source_str}: {rejected.reason_str}",
             transient=not permanent,
         )
     if isinstance(sock, _Socket) and not sock.connected:

@@ -34,8 +34,7 @@ _LIST = (
     " s.reopened, s.purged_at,"
     " (SELECT count(*) FROM series WHERE study_uid = s.study_uid),"
     " (SELECT count(*) FROM instances WHERE study_uid = s.study_uid),"
-    " (SELECT group_concat(modality) FROM"
-    "   (SELECT DISTINCT modality FROM series WHERE study_uid = s.study_uid ORDER BY modality))"
+    " (SELECT group_concat(modality) FROM series WHERE study_uid = s.study_uid)"
     " FROM studies s"
 )
 
@@ -99,7 +98,7 @@ def _summary(row: tuple) -> dict:
         "reopened": reopened,
         "series_count": series,
         "instance_count": instances,
-        "modalities": [m for m in (modalities or "").split(",") if m],
+        "modalities": sorted({m for m in (modalities or "").split(",") if m}),
     }
 
 

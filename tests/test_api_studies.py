@@ -167,7 +167,7 @@ def _cursor(raw: bytes) -> str:
         ("cursor=" + _cursor(b"[1, 2]"), "cursor"),
         ("cursor=" + _cursor(b'[1e999, "1.2"]'), "cursor"),
         ("cursor=" + _cursor(b'[true, "1.2"]'), "cursor"),
-        ("cursor=" + _cursor(b"[1, \"1.2' OR 1=1 --\"]"), "cursor"),
+        ("cursor=" + _cursor(b'[1, "1.2\' OR 1=1 --"]'), "cursor"),
         ("cursor=" + _cursor(b'{"a": 1}'), "cursor"),
         ("cursor=" + "A" * 201, "cursor"),
         ("offset=10", "offset"),

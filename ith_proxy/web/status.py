@@ -22,7 +22,15 @@ from ith_proxy.store.catalog import STATES
 from ith_proxy.store.spool import Spool
 from ith_proxy.web.context import ApiContext, json_response, route
 
-SCP_KEYS = ("state", "ae_title", "port", "associations", "instances_received", "bytes_received")
+SCP_KEYS = (
+    "state",
+    "held",
+    "ae_title",
+    "port",
+    "associations",
+    "instances_received",
+    "bytes_received",
+)
 UNKNOWN = "unknown"
 CATALOG_COUNTS = ("patients", "studies", "series", "instances", "bytes")
 
@@ -127,6 +135,10 @@ STATUS_SCHEMA: dict[str, Any] = {
             "description": "state is running, stopped or unknown (no service to ask)",
             "properties": {
                 "state": {"type": "string"},
+                "held": {
+                    "type": "boolean",
+                    "description": "stopped on purpose (DICOM_AUTO_START=false)",
+                },
                 "ae_title": {"type": "string"},
                 "port": {"type": "integer"},
                 "associations": _COUNT,

@@ -17,7 +17,7 @@ import pytest
 import dicomgen
 import tokens
 import tools
-from api_site import ApiSite
+from api_read_site import ApiSite
 from helpers import wait_until
 from ith_proxy import __version__
 from ith_proxy.web.metrics import family

@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 import pytest
 
 import tokens
-from api_site import ApiSite
+from api_read_site import ApiSite
 from ith_proxy.store.browse import Browse, Filters
 from ith_proxy.store.nodes import Nodes
 from ith_proxy.store.outbox import Outbox

@@ -119,6 +119,7 @@ STATUS_SCHEMA: dict[str, Any] = {
         "dead_letter",
         "disk",
     ],
+    "additionalProperties": False,
     "properties": {
         "version": {"type": "string"},
         "time": _TIME,

@@ -242,6 +242,7 @@ SUMMARY = {
     "type": "object",
     "required": list(_SUMMARY_PROPERTIES),
     "properties": _SUMMARY_PROPERTIES,
+    "additionalProperties": False,
 }
 DESTINATION = {
     "type": "object",
@@ -259,6 +260,7 @@ DESTINATION = {
         "failed": _COUNT,
         "failures": {"type": "array", "items": {"type": "object"}},
     },
+    "additionalProperties": False,
 }
 DETAIL = {
     "type": "object",
@@ -273,6 +275,7 @@ DETAIL = {
         },
         "destinations": {"type": "array", "items": DESTINATION},
     },
+    "additionalProperties": False,
 }
 ENTRY = {
     "type": "object",
@@ -287,6 +290,7 @@ ENTRY = {
         "created_at": _TIME,
         "updated_at": _TIME,
     },
+    "additionalProperties": False,
 }
 
 OPENAPI: dict[str, Any] = {
@@ -345,6 +349,7 @@ OPENAPI: dict[str, Any] = {
                                     "next_cursor": _nullable({"type": "string"}),
                                     "limit": {"type": "integer"},
                                 },
+                                "additionalProperties": False,
                             }
                         }
                     },

@@ -4,7 +4,6 @@ and audit log, the real app in a real waitress server, real HTTP."""
 
 from __future__ import annotations
 
-import base64
 import json
 import time
 from datetime import UTC, datetime
@@ -140,10 +139,6 @@ def test_every_list_query_is_served_by_an_index(site: ApiSite) -> None:
             assert not scans, (filters, plan)
 
 
-def _cursor(raw: bytes) -> str:
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
-
-
 @pytest.mark.parametrize(
     ("query", "field"),
     [
@@ -164,12 +159,15 @@ def _cursor(raw: bytes) -> str:
         ("since=-5", "since"),
         ("since=" + "1" * 65, "since"),
         ("cursor=not-a-cursor!", "cursor"),
-        ("cursor=" + _cursor(b"[1, 2]"), "cursor"),
-        ("cursor=" + _cursor(b'[1e999, "1.2"]'), "cursor"),
-        ("cursor=" + _cursor(b'[true, "1.2"]'), "cursor"),
-        ("cursor=" + _cursor(b'[1, "1.2\' OR 1=1 --"]'), "cursor"),
-        ("cursor=" + _cursor(b'{"a": 1}'), "cursor"),
-        ("cursor=" + "A" * 201, "cursor"),
+        ("cursor=1.5", "cursor"),
+        ("cursor=1.5_", "cursor"),
+        ("cursor=_1.2", "cursor"),
+        ("cursor=1e999_1.2", "cursor"),
+        ("cursor=nan_1.2", "cursor"),
+        ("cursor=inf_1.2", "cursor"),
+        ("cursor=1_1.2'%20OR%201=1%20--", "cursor"),
+        ("cursor=1_1.2%00", "cursor"),
+        ("cursor=1_" + "1" * 119, "cursor"),
         ("offset=10", "offset"),
         ("state=complete&state=failed", "state"),
         ("limit=5&limit=6", "limit"),

@@ -15,9 +15,6 @@ the caller is authenticated (success, 400 for an unknown node, 404, 409).
 
 from __future__ import annotations
 
-import base64
-import binascii
-import json
 import math
 import re
 import time
@@ -35,8 +32,12 @@ from ith_proxy.web.context import ApiContext, ApiError, audit, json_object, json
 DEFAULT_LIMIT = 50
 UID = re.compile(r"[0-9]+(\.[0-9]+)*")
 MODALITY = re.compile(r"[A-Z0-9_ ]{1,16}")
+NODE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # as config_values.node_name
 PARAMS = ("cursor", "limit", "state", "modality", "since")
-MAX_CURSOR = 200  # characters; a real one is under 120
+MAX_CURSOR = 120  # characters: a time, "_", a UID of at most 64
+CURSOR_PATTERN = r"^-?[0-9]{1,17}(\.[0-9]{1,17})?(e[-+]?[0-9]{1,2})?_[0-9]+(\.[0-9]+)*$"
+CURSOR = re.compile(CURSOR_PATTERN.strip("^$"))
+SINCE_EPOCH = r"^[0-9]{1,11}(\.[0-9]{1,9})?$"
 MAX_SINCE = 64
 
 
@@ -47,32 +48,16 @@ def check_uid(value: str, field: str = "study_instance_uid") -> str:
 
 
 def encode_cursor(key: Key) -> str:
-    raw = json.dumps([key[0], key[1]], separators=(",", ":")).encode()
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+    """``<last_received>_<study uid>``: readable, but a client passes it back as given."""
+    return f"{key[0]!r}_{key[1]}"
 
 
 def decode_cursor(text: str) -> Key:
     """The key a cursor stands for; 400 (field ``cursor``) for anything else."""
-    bad = ApiError(400, "not a cursor this API gave", "cursor")
-    if not 1 <= len(text) <= MAX_CURSOR:
-        raise bad
-    try:
-        raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-        value = json.loads(raw)
-    except (binascii.Error, ValueError, UnicodeDecodeError):
-        raise bad from None
-    if (
-        not isinstance(value, list)
-        or len(value) != 2
-        or isinstance(value[0], bool)
-        or not isinstance(value[0], (int, float))
-        or not math.isfinite(value[0])
-        or not isinstance(value[1], str)
-        or len(value[1]) > 64
-        or not UID.fullmatch(value[1])
-    ):
-        raise bad
-    return float(value[0]), value[1]
+    if len(text) > MAX_CURSOR or not CURSOR.fullmatch(text):
+        raise ApiError(400, "not a cursor this API gave", "cursor")
+    when, _, uid = text.partition("_")
+    return float(when), uid
 
 
 def parse_since(text: str) -> float:
@@ -89,7 +74,10 @@ def parse_since(text: str) -> float:
             raise bad from None
         if when.tzinfo is None:
             when = when.replace(tzinfo=UTC)
-        return when.timestamp()
+        try:
+            return when.timestamp()
+        except OverflowError:  # near year 1 with an offset east of UTC: before everything
+            return -1e12
     if not math.isfinite(value) or not 0 <= value <= 1e11:
         raise bad
     return value
@@ -172,8 +160,8 @@ def _dispatch(ctx: ApiContext, uid: str, body: dict[str, Any]) -> dict[str, Any]
     if unknown:
         raise ApiError(400, "unknown field", unknown[0][:40])
     name = body.get("node")
-    if not isinstance(name, str) or not 1 <= len(name) <= 64 or not name.isprintable():
-        raise ApiError(400, "node must be a node name (1..64 printable characters)", "node")
+    if not isinstance(name, str) or not NODE.fullmatch(name):
+        raise ApiError(400, "node must be a node name (1-64 of A-Z a-z 0-9 _ . -)", "node")
     catalog = ctx.connect_catalog()
     try:
         if not Browse(catalog).exists(uid):
@@ -304,8 +292,12 @@ OPENAPI: dict[str, Any] = {
                 {
                     "name": "cursor",
                     "in": "query",
-                    "description": "next_cursor of the previous page (opaque)",
-                    "schema": {"type": "string", "maxLength": MAX_CURSOR},
+                    "description": "next_cursor of the previous page (pass it back as given)",
+                    "schema": {
+                        "type": "string",
+                        "maxLength": MAX_CURSOR,
+                        "pattern": CURSOR_PATTERN,
+                    },
                 },
                 {
                     "name": "limit",
@@ -333,7 +325,12 @@ OPENAPI: dict[str, Any] = {
                     "in": "query",
                     "description": "studies that received an instance at or after this time: "
                     "ISO 8601 (no zone: UTC) or epoch seconds",
-                    "schema": {"type": "string", "maxLength": MAX_SINCE},
+                    "schema": {
+                        "anyOf": [
+                            {"type": "string", "format": "date-time", "maxLength": MAX_SINCE},
+                            {"type": "string", "pattern": SINCE_EPOCH},
+                        ]
+                    },
                 },
             ],
             "responses": {
@@ -393,7 +390,10 @@ OPENAPI: dict[str, Any] = {
                             "required": ["node"],
                             "additionalProperties": False,
                             "properties": {
-                                "node": {"type": "string", "minLength": 1, "maxLength": 64}
+                                "node": {
+                                    "type": "string",
+                                    "pattern": "^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$",
+                                }
                             },
                         }
                     }

@@ -136,7 +136,16 @@ ALLOWED_ROOMS: dict[str, set[str] | None] = {
         "store.spool",
         "web.context",
     },
-    "web.studies": {"store.browse", "store.catalog", "store.nodes", "store.outbox", "web.context"},
+    "web.studies": {
+        "store.browse",
+        "store.catalog",
+        "store.nodes",
+        "store.outbox",
+        "web.context",
+        "web.query",
+    },
+    # the read routes' inputs: the study list's query parameters, study UIDs
+    "web.query": {"store.browse", "store.catalog", "web.context"},
     "web.phi": {"store.audit", "store.catalog", "vault.records", "web.context"},
     "web.nodes": {"store.audit", "store.catalog", "store.nodes", "web.context"},
     "web.settings": {"store.audit", "store.catalog", "store.settings", "web.context"},

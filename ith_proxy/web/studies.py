@@ -1,120 +1,43 @@
 """GET /api/studies/ (cursor pagination; filters state, modality, since),
 GET /api/studies/<uid>/ (detail and timeline), POST /api/studies/<uid>/dispatch/.
 
-The list is newest activity first; ``next_cursor`` is an opaque token for the
-next page (keyset pagination in ``store/browse.py``: stable while studies
+The list is newest activity first; ``next_cursor`` is the token of the next
+page (pass it back as given) (keyset pagination in ``store/browse.py``: stable while studies
 arrive, never a study twice in one walk).  Purged studies stay in the list
 and the detail as tombstones with ``"purged": true``: the catalog keeps their
 rows, and a caller should see that a study existed and what became of it.
 
-Every query parameter is checked (unknown or repeated ones too): a bad value
-is 400 naming the field.  A dispatch goes through ``Outbox.enqueue``, as
+Every query parameter is checked in ``web/query.py`` (400 naming the field).
+A dispatch goes through ``Outbox.enqueue``, as
 ``bin/ith-proxy send`` does, and writes an audit record in every outcome once
 the caller is authenticated (success, 400 for an unknown node, 404, 409).
 """
 
 from __future__ import annotations
 
-import math
 import re
 import time
-from datetime import UTC, datetime
 from typing import Any
 
 import bottle
 
-from ith_proxy.store.browse import MAX_LIMIT, Browse, Filters, Key, iso
+from ith_proxy.store.browse import MAX_LIMIT, Browse, iso
 from ith_proxy.store.catalog import STATES
 from ith_proxy.store.nodes import Nodes
 from ith_proxy.store.outbox import Outbox, OutboxError
 from ith_proxy.web.context import ApiContext, ApiError, audit, json_object, json_response, route
+from ith_proxy.web.query import (
+    CURSOR_PATTERN,
+    DEFAULT_LIMIT,
+    MAX_CURSOR,
+    MAX_SINCE,
+    SINCE_EPOCH,
+    check_uid,
+    encode_cursor,
+    list_params,
+)
 
-DEFAULT_LIMIT = 50
-UID = re.compile(r"[0-9]+(\.[0-9]+)*")
-MODALITY = re.compile(r"[A-Z0-9_ ]{1,16}")
 NODE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # as config_values.node_name
-PARAMS = ("cursor", "limit", "state", "modality", "since")
-MAX_CURSOR = 120  # characters: a time, "_", a UID of at most 64
-CURSOR_PATTERN = r"^-?[0-9]{1,17}(\.[0-9]{1,17})?(e[-+]?[0-9]{1,2})?_[0-9]+(\.[0-9]+)*$"
-CURSOR = re.compile(CURSOR_PATTERN.strip("^$"))
-SINCE_EPOCH = r"^[0-9]{1,11}(\.[0-9]{1,9})?$"
-MAX_SINCE = 64
-
-
-def check_uid(value: str, field: str = "study_instance_uid") -> str:
-    if len(value) > 64 or not UID.fullmatch(value):
-        raise ApiError(400, "not a DICOM UID", field)
-    return value
-
-
-def encode_cursor(key: Key) -> str:
-    """``<last_received>_<study uid>``: readable, but a client passes it back as given."""
-    return f"{key[0]!r}_{key[1]}"
-
-
-def decode_cursor(text: str) -> Key:
-    """The key a cursor stands for; 400 (field ``cursor``) for anything else."""
-    if len(text) > MAX_CURSOR or not CURSOR.fullmatch(text):
-        raise ApiError(400, "not a cursor this API gave", "cursor")
-    when, _, uid = text.partition("_")
-    return float(when), uid
-
-
-def parse_since(text: str) -> float:
-    """Epoch seconds, or ISO 8601 (no zone: UTC); 400 (field ``since``) otherwise."""
-    bad = ApiError(400, "since must be ISO 8601 or epoch seconds", "since")
-    if not 1 <= len(text) <= MAX_SINCE:
-        raise bad
-    try:
-        value = float(text)
-    except ValueError:
-        try:
-            when = datetime.fromisoformat(text)
-        except ValueError:
-            raise bad from None
-        if when.tzinfo is None:
-            when = when.replace(tzinfo=UTC)
-        try:
-            return when.timestamp()
-        except OverflowError:  # near year 1 with an offset east of UTC: before everything
-            return -1e12
-    if not math.isfinite(value) or not 0 <= value <= 1e11:
-        raise bad
-    return value
-
-
-def parse_limit(text: str) -> int:
-    if not text.isascii() or not text.isdigit() or len(text) > 4:
-        raise ApiError(400, f"limit must be an integer 1..{MAX_LIMIT}", "limit")
-    value = int(text)
-    if not 1 <= value <= MAX_LIMIT:
-        raise ApiError(400, f"limit must be an integer 1..{MAX_LIMIT}", "limit")
-    return value
-
-
-def list_params(query: bottle.FormsDict) -> tuple[Filters, Key | None, int]:
-    """The list's query parameters, each checked; 400 naming the field."""
-    for name in query.keys():
-        if name not in PARAMS:
-            raise ApiError(400, "unknown query parameter", name[:40])
-        if len(query.getall(name)) > 1:
-            raise ApiError(400, "given more than once", name)
-    got = {name: query.getunicode(name) for name in PARAMS if name in query}
-    for name, value in got.items():
-        if value is None:  # not UTF-8
-            raise ApiError(400, "not valid UTF-8", name)
-    state = got.get("state")
-    if state is not None and state not in STATES:
-        raise ApiError(400, f"state must be one of {', '.join(STATES)}", "state")
-    modality = got.get("modality")
-    if modality is not None:
-        modality = modality.upper()
-        if not MODALITY.fullmatch(modality):
-            raise ApiError(400, "not a DICOM modality code", "modality")
-    since = parse_since(got["since"]) if "since" in got else None
-    after = decode_cursor(got["cursor"]) if "cursor" in got else None
-    limit = parse_limit(got["limit"]) if "limit" in got else DEFAULT_LIMIT
-    return Filters(state, modality, since), after, limit
 
 
 def install(app: bottle.Bottle, ctx: ApiContext) -> None:
@@ -205,7 +128,6 @@ def _error(description: str) -> dict[str, Any]:
     return {"description": description, "content": {"application/json": {"schema": _ERROR}}}
 
 
-_AUTH_ERRORS = {"401": _error("missing or invalid token"), "403": _error("token refused")}
 _UID_PARAM = {
     "name": "uid",
     "in": "path",
@@ -281,6 +203,8 @@ ENTRY = {
     "additionalProperties": False,
 }
 
+# 401, 403 and 413 (and 500) are added by web/openapi.py where an operation
+# does not give them; the errors particular to each route are given here
 OPENAPI: dict[str, Any] = {
     "/api/studies/": {
         "get": {
@@ -352,7 +276,6 @@ OPENAPI: dict[str, Any] = {
                     },
                 },
                 "400": _error("a bad query parameter (field names it)"),
-                **_AUTH_ERRORS,
             },
         }
     },
@@ -369,7 +292,6 @@ OPENAPI: dict[str, Any] = {
                     "content": {"application/json": {"schema": DETAIL}},
                 },
                 "400": _error("not a DICOM UID"),
-                **_AUTH_ERRORS,
                 "404": _error("no such study"),
             },
         }
@@ -405,10 +327,8 @@ OPENAPI: dict[str, Any] = {
                     "content": {"application/json": {"schema": ENTRY}},
                 },
                 "400": _error("bad body, bad UID or unknown node (field names it)"),
-                **_AUTH_ERRORS,
                 "404": _error("no such study"),
                 "409": _error("the study was purged by retention: nothing left to send"),
-                "413": _error("body over 1 MB"),
             },
         }
     },

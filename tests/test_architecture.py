@@ -50,6 +50,8 @@ ALLOWED_ROOMS: dict[str, set[str] | None] = {
     "store.nodes": {"config", "config_values", "store.catalog"},
     # the persisted runtime settings (ae_title, dicom_port, study_timeout, forward_to)
     "store.settings": {"config", "config_values", "store.catalog"},
+    # the API's read queries: the study list (keyset pages), a study's detail, the site summary
+    "store.browse": {"store.catalog", "store.outbox", "store.spool"},
     # vault/: keys (the only cryptography), key files, vault.phi, encrypted spool files
     "vault": set(),
     "vault.keyfiles": {"fsio"},
@@ -124,12 +126,39 @@ ALLOWED_ROOMS: dict[str, set[str] | None] = {
     "web.context": {"config", "store.audit", "store.catalog", "vault.records"},
     "web.auth": {"config", "web.context"},  # JWT bearer tokens (PyJWT)
     # the route modules, one per group of routes
-    "web.status": {"config", "health", "store.catalog", "store.outbox", "web.context"},
-    "web.studies": {"store.catalog", "store.outbox", "web.context"},
+    "web.status": {
+        "__init__",  # the version
+        "config",
+        "health",
+        "store.browse",
+        "store.catalog",
+        "store.outbox",
+        "store.spool",
+        "web.context",
+    },
+    "web.studies": {
+        "store.browse",
+        "store.catalog",
+        "store.nodes",
+        "store.outbox",
+        "web.context",
+        "web.query",
+    },
+    # the read routes' inputs: the study list's query parameters, study UIDs
+    "web.query": {"store.browse", "store.catalog", "web.context"},
     "web.phi": {"store.audit", "store.catalog", "vault.records", "web.context"},
     "web.nodes": {"store.audit", "store.catalog", "store.nodes", "web.context"},
     "web.settings": {"store.audit", "store.catalog", "store.settings", "web.context"},
-    "web.metrics": {"health", "store.catalog", "store.outbox", "web.context"},
+    "web.metrics": {
+        "__init__",  # the version
+        "health",
+        "store.browse",
+        "store.catalog",
+        "store.outbox",
+        "store.spool",
+        "web.context",
+        "web.status",
+    },
     # link/: the backend WebSocket link
     "link": {"config", "store.catalog", "link"},
 }

@@ -12,8 +12,8 @@ from datetime import UTC, datetime
 from ith_proxy.cli.common import audit, audit_log, fail, locked_spool
 from ith_proxy.config import Config
 from ith_proxy.store.audit import AuditBroken, AuditError
+from ith_proxy.store.browse import site_counts
 from ith_proxy.store.catalog import Catalog
-from ith_proxy.store.outbox import Outbox
 from ith_proxy.store.spool import Spool
 from ith_proxy.vault.keyfiles import (
     VaultKeyError,
@@ -57,16 +57,10 @@ def cmd_status(cfg: Config, args: argparse.Namespace) -> int:
         return fail(f"no catalog in {cfg.spool.dir}: the proxy has not run here yet")
     cat = Catalog(spool.catalog_file, readonly=True)
     try:
-        counts = cat.counts()
-        outbox = Outbox(cat)
-        forwarding = outbox.counts()
-        dead = [
-            {"study_instance_uid": e.study_uid, "node": e.node, "attempts": e.attempts,
-             "last_error": e.last_error}
-            for e in outbox.failed()
-        ]  # fmt: skip
+        counts = site_counts(cat)  # what GET /api/status/ shows too
     finally:
         cat.close()
+    forwarding, dead = counts.pop("outbox"), counts.pop("failed_forwards")
     info = {
         "service": _api_health(cfg),
         "ae_title": cfg.scp.ae_title,

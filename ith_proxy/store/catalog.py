@@ -134,6 +134,14 @@ _MIGRATIONS: tuple[str, ...] = (
         updated_at REAL NOT NULL
     ) WITHOUT ROWID;
     """,
+    # 5: reserved for the link's durable outgoing messages (store/linkbox.py)
+    "-- 5: the link outbox (issue 10, link part)",
+    # 6: the API's study list (store/browse.py): newest activity first, by state, by modality
+    """
+    CREATE INDEX studies_recent ON studies(last_received, study_uid);
+    CREATE INDEX studies_state_recent ON studies(state, last_received, study_uid);
+    CREATE INDEX series_modality ON series(modality, study_uid);
+    """,
 )
 
 

@@ -126,7 +126,7 @@ ALLOWED_ROOMS: dict[str, set[str] | None] = {
     # the route modules, one per group of routes
     "web.status": {"config", "health", "store.catalog", "store.outbox", "web.context"},
     "web.studies": {"store.catalog", "store.outbox", "web.context"},
-    "web.phi": {"store.audit", "store.catalog", "vault.records", "web.context"},
+    "web.phi": {"deid", "store.audit", "store.catalog", "vault.records", "web.context"},
     "web.nodes": {"store.audit", "store.catalog", "store.nodes", "web.context"},
     "web.settings": {"store.audit", "store.catalog", "store.settings", "web.context"},
     "web.metrics": {"health", "store.catalog", "store.outbox", "web.context"},

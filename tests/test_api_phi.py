@@ -13,6 +13,7 @@ import os
 import shutil
 import time
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,7 @@ from helpers import catalog_counts, wait_indexed
 from ith_proxy.config import ApiConfig
 from ith_proxy.deid.originals import gather, present
 from ith_proxy.deid.profile import level_of
+from ith_proxy.store.audit import format_head, head
 from ith_proxy.store.catalog import Catalog
 from ith_proxy.store.retention import Retention
 from ith_proxy.web.app import ApiServer, listening
@@ -237,6 +239,9 @@ def test_no_valid_token_is_401_and_not_audited(site: Site) -> None:
 
 
 def test_forwarded_for_header_does_not_forge_the_audited_ip(site: Site) -> None:
+    """The audited IP is the TCP peer's (REMOTE_ADDR).  Waitress drops an
+    X-Forwarded-For from an untrusted peer by default, and web.context reads
+    REMOTE_ADDR, never Bottle's remote_addr (which believes the header)."""
     status, _, _ = site.post(
         {"study_instance_uid": site.uid}, headers={"X-Forwarded-For": "10.6.6.6, DOE^JOHN"}
     )
@@ -294,6 +299,22 @@ def test_no_phi_when_the_audit_log_cannot_be_written(site: Site) -> None:
         status, body, _ = site.post({"study_instance_uid": site.uid}, token=token)
         assert status == 500, body
         _no_phi(site, body)
+
+
+def test_concurrent_requests_each_leave_one_record_in_an_unbroken_chain(site: Site) -> None:
+    tokens_ = [READ, tokens.mint("studies:read")]
+    bodies = [{"study_instance_uid": site.uid}, {"study_instance_uid": "2.25.7"}]
+    jobs = [(tokens_[i % 2], bodies[i // 2 % 2]) for i in range(24)]
+    before = len(site.records())
+    with ThreadPoolExecutor(8) as pool:
+        statuses = list(pool.map(lambda job: site.post(job[1], token=job[0])[0], jobs))
+    assert sorted(statuses) == sorted([200] * 6 + [404] * 6 + [403] * 12)
+    records = site.records()[before:]
+    outcomes = sorted(r["detail"]["outcome"] for r in records)
+    assert outcomes == sorted(["success"] * 6 + ["404"] * 6 + ["403"] * 12)
+    assert len({r["detail"]["request_id"] for r in records}) == 24
+    verify = site.rooms.cli("audit", "verify")
+    assert verify.returncode == 0, verify.stderr
 
 
 def test_a_purged_study_is_still_answered(site: Site) -> None:
@@ -410,3 +431,8 @@ def test_phi_end_to_end_through_a_real_proxy(tmp_path: Path) -> None:
     verify = proxy.cli("audit", "verify")
     assert verify.returncode == 0, verify.stderr
     assert f"{len(audit)} records intact" in verify.stdout
+    # the head the link sends the backend is the last record's
+    kept = head(proxy.workdir / "secrets" / "audit.anchor")
+    assert kept == {"seq": audit[-1]["seq"], "mac": audit[-1]["mac"]}
+    verify = proxy.cli("audit", "verify", "--head", format_head(kept))
+    assert verify.returncode == 0, verify.stderr

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 import canary
+import dicomgen
 import tokens
 import tools
 from helpers import catalog_counts, wait_indexed
@@ -363,6 +364,63 @@ def test_instances_that_disagree_give_the_first_value_and_list_the_conflict(tmp_
     assert status == 200, body
     assert body["phi"]["PatientName"] == "FIRST^0"
     assert body["conflicts"] == {"PatientName": ["FIRST^0", "FIRST^1"]}
+
+
+def _index(rooms: Rooms, files, prefix: str) -> None:
+    for i, path in enumerate(files):
+        rooms.drop(f"{prefix}{i}.dcm", Path(path).read_bytes())
+    while rooms.indexer.run_once():
+        pass
+
+
+def _serve(rooms: Rooms) -> ApiServer:
+    server = ApiServer(ApiConfig("127.0.0.1", 0, "", "", "", ""), rooms.api())
+    server.start()
+    return server
+
+
+def test_a_realistic_study_and_a_record_of_another_study(tmp_path: Path) -> None:
+    """dicomgen's realistic values come back as written; a catalog row that
+    points at another study's vault record is refused (500, audited), never
+    handed out."""
+    rooms = Rooms(tmp_path / "site", "[spool]\nencrypt_incoming = false\n", tokens.ENV)
+    try:
+        one = dicomgen.make_small_series(tmp_path / "one", 2, markers=False)
+        two = dicomgen.make_small_series(tmp_path / "two", 1, markers=False, seed=1)
+        _index(rooms, one.files, "one-")
+        _index(rooms, two.files, "two-")
+        uids = {}
+        for uid in rooms.catalog.study_uids():
+            record = rooms.vault.get(rooms.catalog.instance_vault_offsets(uid)[0])
+            uids[record["phi"]["study"]["StudyInstanceUID"]] = uid
+        server = _serve(rooms)
+        url = f"http://{listening(server.server)}{PATH}"
+        try:
+            status, body = tools.http_json(
+                "POST", url, {"study_instance_uid": uids[one.study_uid]}, token=READ
+            )
+            assert status == 200, body
+            for keyword, value in one.phi.items():
+                got = body["phi"][keyword]
+                assert got == (value.split("\\") if isinstance(got, list) else value), keyword
+            # the first instance of study one now points at study two's record
+            other = rooms.catalog.instance_vault_offsets(uids[two.study_uid])[0]
+            rooms.catalog.conn.execute(
+                "UPDATE instances SET vault_offset = ? WHERE study_uid = ?"
+                " AND received_at = (SELECT min(received_at) FROM instances WHERE study_uid = ?)",
+                (other, uids[one.study_uid], uids[one.study_uid]),
+            )
+            status, body = tools.http_json(
+                "POST", url, {"study_instance_uid": uids[one.study_uid]}, token=READ
+            )
+            assert status == 500 and body == {"error": "the original values could not be read"}
+            assert two.phi["PatientID"] not in json.dumps(body)
+        finally:
+            server.stop()
+        last = json.loads((rooms.spool.logs / "audit.log").read_bytes().splitlines()[-1])
+        assert (last["target"], last["detail"]["outcome"]) == (uids[one.study_uid], "error")
+    finally:
+        rooms.close()
 
 
 def test_values_are_shaped_for_json() -> None:

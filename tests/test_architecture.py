@@ -146,7 +146,7 @@ ALLOWED_ROOMS: dict[str, set[str] | None] = {
     },
     # the read routes' inputs: the study list's query parameters, study UIDs
     "web.query": {"store.browse", "store.catalog", "web.context"},
-    "web.phi": {"store.audit", "store.catalog", "vault.records", "web.context"},
+    "web.phi": {"deid", "store.audit", "store.catalog", "vault.records", "web.context"},
     "web.nodes": {"store.audit", "store.catalog", "store.nodes", "web.context"},
     "web.settings": {"store.audit", "store.catalog", "store.settings", "web.context"},
     "web.metrics": {

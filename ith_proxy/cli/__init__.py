@@ -104,6 +104,11 @@ def _parser() -> argparse.ArgumentParser:
         "verify",
         cmd_audit_verify,
         "check every record's MAC and the hash chain of logs/audit.log",
+    ).add_argument(
+        "--head",
+        metavar="SEQ:MAC",
+        help="a chain head the backend kept (from its health or audit.head "
+        "messages): the log must still hold record SEQ with that MAC",
     )
     add(
         asub,

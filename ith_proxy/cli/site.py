@@ -9,9 +9,9 @@ import sys
 import urllib.request
 from datetime import UTC, datetime
 
-from ith_proxy.cli.common import audit, audit_log, fail, locked_spool
+from ith_proxy.cli.common import EXIT_CONFIG, audit, audit_log, fail, locked_spool
 from ith_proxy.config import Config
-from ith_proxy.store.audit import AuditBroken, AuditError
+from ith_proxy.store.audit import HEAD_USAGE, AuditBroken, AuditError, parse_head
 from ith_proxy.store.browse import site_counts
 from ith_proxy.store.catalog import Catalog
 from ith_proxy.store.spool import Spool
@@ -153,16 +153,22 @@ def cmd_init(cfg: Config, args: argparse.Namespace) -> int:
 
 
 def cmd_audit_verify(cfg: Config, args: argparse.Namespace) -> int:
+    head = None
+    if getattr(args, "head", None) is not None:
+        try:
+            head = parse_head(args.head)
+        except ValueError:
+            return fail(f"usage: ith-proxy audit verify --head {HEAD_USAGE}", EXIT_CONFIG)
     try:
         log = audit_log(cfg)
     except AuditError as exc:
         return fail(str(exc))
     anchored = log.anchor is not None and log.anchor.exists()
-    if not log.path.exists() and not log.path.is_symlink() and not anchored:
+    if not log.path.exists() and not log.path.is_symlink() and not anchored and head is None:
         print(f"{log.path}: no audit records yet")
         return 0
     try:
-        summary = log.verify()
+        summary = log.verify(head)
     except AuditBroken as exc:
         where = f"at {exc}" if exc.line else f"({exc})"
         return fail(f"audit log {log.path} is broken {where}")
@@ -175,9 +181,10 @@ def cmd_audit_verify(cfg: Config, args: argparse.Namespace) -> int:
         if summary.anchored
         else "; no anchor yet (written before anchors existed: truncation cannot be checked)"
     )
+    headed = f"; holds the head record {summary.headed}" if summary.headed else ""
     print(
         f"{log.path}: {summary.records} records intact, chain unbroken "
-        f"({summary.first or '-'} .. {summary.last or '-'}){torn}{anchor}"
+        f"({summary.first or '-'} .. {summary.last or '-'}){torn}{anchor}{headed}"
     )
     return 0
 

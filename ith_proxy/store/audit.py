@@ -16,7 +16,11 @@ Cutting records off the end, or deleting the log, leaves a valid chain behind;
 so each append also writes an anchor outside the spool, beside the keys
 (``audit.anchor``: the last sequence number, its MAC and key id), durably (tmp,
 fsync, rename, fsync dir) under the same lock. verify, and every append, compare
-the log with it.
+the log with it.  An attacker who holds the box can cut the anchor too; so
+the chain head (``head()``: the anchor's sequence number and MAC) also goes
+off the box, to the backend (the link sends it), and ``verify(head=...)``
+(``ith-proxy audit verify --head SEQ:MAC``) checks the log against a head
+kept there: the log must still hold record SEQ, with that MAC.
 
 A record is written, and fsynced, *before* the access it describes: if it (or its
 anchor) cannot be written, the access is refused. Appends are serialized with
@@ -39,6 +43,7 @@ import hmac
 import json
 import os
 import pwd
+import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -50,6 +55,8 @@ _KEY_LABEL = b"ith-proxy audit log v1"
 _KID_LABEL = b"ith-proxy audit key id v1"
 KEY_CHANGE = "audit.key-change"
 _TAIL = 65536  # bytes read back to find the last record (records are far smaller)
+HEAD_USAGE = "SEQ:MAC (a record number, then that record's MAC: 64 hex digits)"
+_HEAD = re.compile(r"([1-9][0-9]{0,17}):([0-9a-f]{64})")
 
 
 class AuditError(RuntimeError):
@@ -72,6 +79,7 @@ class Summary:
     last: str | None
     torn: int
     anchored: int | None = None  # the anchor's sequence number, None without one
+    headed: int | None = None  # the sequence number of the head checked, if one was given
 
 
 def audit_key(site_secret: bytes) -> bytes:
@@ -145,6 +153,28 @@ def read_anchor(path: Path | None) -> dict | None:
     except (OSError, ValueError):
         pass
     raise AuditError(f"the audit anchor {path} is unreadable")
+
+
+def head(anchor: Path | None) -> dict | None:
+    """The chain head, ``{"seq": int, "mac": str}``, from the anchor: what the
+    backend keeps so that ``verify(head=...)`` can see records cut off the end
+    together with the anchor.  None when there is no anchor (no record yet);
+    AuditError when it is unreadable."""
+    found = read_anchor(anchor)
+    return None if found is None else {"seq": found["seq"], "mac": found["mac"]}
+
+
+def format_head(found: dict) -> str:
+    """``SEQ:MAC``, as ``audit verify --head`` takes it."""
+    return f"{found['seq']}:{found['mac']}"
+
+
+def parse_head(text: str) -> tuple[int, str]:
+    """(seq, mac) from ``SEQ:MAC``; ValueError naming the form otherwise."""
+    match = _HEAD.fullmatch(text.strip().lower())
+    if match is None:
+        raise ValueError(f"a head is {HEAD_USAGE}")
+    return int(match.group(1)), match.group(2)
 
 
 def _mac(key: bytes, body: dict) -> str:
@@ -303,10 +333,12 @@ class AuditLog:
                 "removed or the log replaced; run: ith-proxy audit verify"
             )
 
-    def verify(self) -> Summary:
-        """Check every record's MAC, key, sequence and chain, and the log against
-        its anchor; raise AuditBroken at the first fault."""
+    def verify(self, head: tuple[int, str] | None = None) -> Summary:
+        """Check every record's MAC, key, sequence and chain, the log against
+        its anchor and, given a ``head`` (seq, mac) kept off the box, that the
+        log holds record seq with that MAC; raise AuditBroken at the first fault."""
         anchor = read_anchor(self.anchor)
+        at_head: tuple[int, str] | None = None  # (line, mac) of the head's record
         prev, seq, first, last, torn_lines = GENESIS, 0, None, None, 0
         in_effect: str | None = None
         anchored: tuple[int, str] | None = None  # (line, mac) of the anchor's record
@@ -314,6 +346,11 @@ class AuditLog:
         try:
             fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW)
         except FileNotFoundError:
+            if head is not None:
+                raise AuditBroken(
+                    None,
+                    f"the log is missing, but the head kept off the box names record {head[0]}",
+                ) from None
             if anchor is not None:
                 raise AuditBroken(
                     None,
@@ -380,6 +417,8 @@ class AuditLog:
                 first = first or last
                 if anchor is not None and seq == anchor["seq"]:
                     anchored = (number, mac)
+                if head is not None and seq == head[0]:
+                    at_head = (number, mac)
         if pending_torn is not None:
             raise AuditBroken(pending_torn, "unreadable record")
         if anchor is not None:
@@ -397,10 +436,29 @@ class AuditLog:
                     f"anchor {self.anchor} names: the log was "
                     "replaced",
                 )
+        if head is not None:
+            self._check_head(head, at_head, seq)
         return Summary(
             records=seq,
             first=first,
             last=last,
             torn=torn_lines,
             anchored=anchor["seq"] if anchor else None,
+            headed=head[0] if head is not None else None,
         )
+
+    @staticmethod
+    def _check_head(head: tuple[int, str], at_head: tuple[int, str] | None, last: int) -> None:
+        if at_head is None:
+            raise AuditBroken(
+                None,
+                f"the log ends at record {last}, but the head kept off the box names "
+                f"record {head[0]}: records were cut off the end (with the anchor), "
+                "or the log was replaced",
+            )
+        if not hmac.compare_digest(at_head[1], head[1]):
+            raise AuditBroken(
+                at_head[0],
+                f"record {head[0]} is not the one the head kept off the box names: "
+                "the log was replaced or rewritten from there",
+            )

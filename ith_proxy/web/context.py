@@ -180,7 +180,8 @@ def audit(ctx: ApiContext, action: str, target: str, outcome: str, **detail: obj
             action,
             target,
             outcome=outcome,
-            ip=bottle.request.remote_addr or "",
+            # the peer's address: never X-Forwarded-For, which any client can set
+            ip=bottle.request.environ.get("REMOTE_ADDR") or "",
             request_id=bottle.request.environ.get(REQUEST_ID, ""),
             **detail,
         )

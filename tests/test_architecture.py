@@ -35,6 +35,15 @@ ALLOWED_ROOMS: dict[str, set[str] | None] = {
     # the spool and the catalog; worker liveness is passed in by the service
     "health": {"config", "store.spool", "store.catalog"},
     "service": None,  # wires everything
+    # the service's controls: the SCP under the runtime settings, its counters, C-ECHO of a node
+    "control": {
+        "config",
+        "dicom.scp",
+        "dicom.scu",
+        "store.catalog",
+        "store.nodes",
+        "store.settings",
+    },
     "cli": None,  # thin, may call any room
     # store/: the spool folders, the catalog (all SQL), the audit log
     "store": set(),
@@ -98,6 +107,7 @@ ALLOWED_ROOMS: dict[str, set[str] | None] = {
         "store.catalog",
         "store.outbox",
         "store.retention",
+        "store.settings",  # study_timeout and forward_to, read live each pass
     },
     # the offline rebuild of the catalog (`ith-proxy reindex`)
     "workers.reindex": {
@@ -127,8 +137,14 @@ ALLOWED_ROOMS: dict[str, set[str] | None] = {
     "web.status": {"config", "health", "store.catalog", "store.outbox", "web.context"},
     "web.studies": {"store.catalog", "store.outbox", "web.context"},
     "web.phi": {"store.audit", "store.catalog", "vault.records", "web.context"},
-    "web.nodes": {"store.audit", "store.catalog", "store.nodes", "web.context"},
-    "web.settings": {"store.audit", "store.catalog", "store.settings", "web.context"},
+    "web.nodes": {"config_values", "store.audit", "store.catalog", "store.nodes", "web.context"},
+    "web.settings": {
+        "store.audit",
+        "store.catalog",
+        "store.nodes",
+        "store.settings",
+        "web.context",
+    },
     "web.metrics": {"health", "store.catalog", "store.outbox", "web.context"},
     # link/: the backend WebSocket link
     "link": {"config", "store.catalog", "link"},

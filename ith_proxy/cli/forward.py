@@ -17,6 +17,7 @@ import time
 
 from ith_proxy.cli.common import Adder, CliError, Verbs, fail
 from ith_proxy.config import Config, NodeConfig
+from ith_proxy.control import echo_peer, scu_timeouts
 from ith_proxy.dicom import scu
 from ith_proxy.dicom.move import move
 from ith_proxy.store.catalog import Catalog
@@ -62,19 +63,12 @@ def _peer(cfg: Config, name: str) -> scu.Peer:
     return scu.Peer(node.ae_title, node.host, node.port)
 
 
-def _timeouts(cfg: Config) -> scu.Timeouts:
-    return scu.Timeouts(
-        connect=cfg.scu.connect_timeout, acse=cfg.scu.acse_timeout, dimse=cfg.scu.dimse_timeout
-    )
-
-
 def cmd_echo(cfg: Config, args: argparse.Namespace) -> int:
     peer = _peer(cfg, args.node)
-    try:
-        scu.echo(peer, cfg.scp.ae_title, _timeouts(cfg))
+    try:  # the same C-ECHO as the API's POST /api/nodes/<name>/echo/
+        print(echo_peer(cfg, args.node, peer))
     except scu.ScuError as exc:  # no association, or a C-ECHO status other than success
-        return fail(f"echo {args.node} ({peer.ae_title}@{peer.host}:{peer.port}): {exc.reason}")
-    print(f"echo {args.node}: ok ({peer.ae_title}@{peer.host}:{peer.port})")
+        return fail(f"echo {args.node} ({peer}): {exc.reason}")
     return 0
 
 
@@ -112,7 +106,7 @@ def cmd_retrieve(cfg: Config, args: argparse.Namespace) -> int:
     study = _uid(args.study)
     peer = _peer(cfg, args.node)
     try:
-        result = move(peer, cfg.scp.ae_title, study, cfg.scp.ae_title, _timeouts(cfg))
+        result = move(peer, cfg.scp.ae_title, study, cfg.scp.ae_title, scu_timeouts(cfg))
     except scu.ScuError as exc:  # association failures included
         return fail(f"retrieve from {args.node}: {exc.reason}")
     summary = f"{result.completed} completed, {result.failed} failed, {result.warning} warning"

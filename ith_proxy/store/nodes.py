@@ -231,13 +231,16 @@ class Nodes:
         ).fetchall()
         return [_row(r) for r in rows]
 
-    def put(self, raw: Mapping[str, object]) -> Node:
-        """Add or replace an api node (from the API: untrusted)."""
+    def put(self, raw: Mapping[str, object], create_only: bool = False) -> Node:
+        """Add or replace an api node (from the API: untrusted); with
+        ``create_only`` a node of that name, whatever its source, is a conflict."""
         if not isinstance(raw, Mapping):
             raise NodeError("a node must be an object")
         node = validate(raw, "api")
         with self._write():
             for other in self._collisions(node):
+                if create_only and other.name.lower() == node.name.lower():
+                    raise NodeConflict(f"a node named {other.name!r} exists")
                 if other.name.lower() != node.name.lower():
                     raise NodeConflict(
                         f"AE title {node.ae_title!r} is already used by node {other.name!r}"

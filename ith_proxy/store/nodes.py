@@ -24,6 +24,7 @@ nodes lives here; the table is made by the catalog's migration step 2.
 from __future__ import annotations
 
 import builtins
+import contextlib
 import logging
 import time
 from collections.abc import Iterable, Iterator, Mapping
@@ -164,6 +165,11 @@ class Nodes:
             self._conn.execute("ROLLBACK")
             raise
         self._conn.execute("COMMIT")
+
+    def transaction(self) -> contextlib.AbstractContextManager[None]:
+        """One write transaction around several calls (the API writes its audit
+        record inside it: no record, no change)."""
+        return self._write()
 
     def _insert(self, node: Node, now: float) -> None:
         self._conn.execute(

@@ -75,14 +75,15 @@ def _put(ctx: ApiContext, body: dict[str, Any], name: str, created: bool) -> bot
     catalog = ctx.connect_catalog()
     try:
         nodes = Nodes(catalog)
-        try:
-            existed = nodes.get(name) is not None
-            node = nodes.put(body, create_only=created)
-        except NodeError as exc:
-            raise _refused(ctx, "node.put", name, exc) from None
+        with nodes.transaction():  # the change commits only once its record is written
+            try:
+                existed = nodes.get(name) is not None
+                node = nodes.put(body, create_only=created)
+            except NodeError as exc:
+                raise _refused(ctx, "node.put", name, exc) from None
+            audit(ctx, "node.put", node.name, "success", kind=node.kind, replaced=existed)
     finally:
         catalog.close()
-    audit(ctx, "node.put", node.name, "success", kind=node.kind, replaced=existed)
     status = 200 if existed else 201
     return json_response(status, node.public(), {"Location": f"/api/nodes/{node.name}/"})
 
@@ -135,13 +136,15 @@ def install(app: bottle.Bottle, ctx: ApiContext) -> None:
         name = _name(name)
         catalog = ctx.connect_catalog()
         try:
-            try:
-                Nodes(catalog).delete(name)
-            except NodeError as exc:
-                raise _refused(ctx, "node.delete", name, exc) from None
+            nodes = Nodes(catalog)
+            with nodes.transaction():  # committed only once its record is written
+                try:
+                    nodes.delete(name)
+                except NodeError as exc:
+                    raise _refused(ctx, "node.delete", name, exc) from None
+                audit(ctx, "node.delete", name, "success")
         finally:
             catalog.close()
-        audit(ctx, "node.delete", name, "success")
         return json_response(200, {"deleted": name})
 
     @route(app, ctx, "POST", "/api/nodes/<name>/echo/")

@@ -74,17 +74,25 @@ def _put(ctx: ApiContext) -> bottle.HTTPResponse:
         except SettingsError as exc:
             audit(ctx, "config.put", TARGET, "400", field=exc.field)
             raise ApiError(400, str(exc), exc.field) from None
-        previous = settings.persisted()
+        previous = {k: settings.persisted().get(k) for k in values}
+
+        def undo() -> None:
+            settings.restore(previous, values)
+            if ctx.control is not None:
+                ctx.control.settings_changed()
+
         changed = settings.update(values, "api")
         problems = ctx.control.settings_changed() if ctx.control is not None else []
         if problems:  # the SCP could not move: keep it where it is
-            settings.restore({k: previous.get(k) for k in values}, values)
-            assert ctx.control is not None
-            ctx.control.settings_changed()
+            undo()
             field = "dicom_port" if "dicom_port" in values else "ae_title"
             audit(ctx, "config.put", TARGET, "409", keys=sorted(values), field=field)
             raise ApiError(409, f"{field}: {problems[0]}", field)
-        audit(ctx, "config.put", TARGET, "success", keys=sorted(values), changed=changed)
+        try:
+            audit(ctx, "config.put", TARGET, "success", keys=sorted(values), changed=changed)
+        except ApiError:  # no record, no change
+            undo()
+            raise
         return json_response(200, {**_view(ctx, settings), "changed": changed})
     finally:
         catalog.close()

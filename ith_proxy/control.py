@@ -116,7 +116,9 @@ class ServiceControl:
                 self._catalog = None
 
     def poll(self) -> None:
-        """Apply the persisted layer if another connection (the link) changed it."""
+        """Apply the persisted layer if another connection (the link) changed
+        it, or if the last change could not be applied (a port that was busy
+        may be free now)."""
         with self._lock:
             self._prune()
             try:
@@ -124,7 +126,7 @@ class ServiceControl:
             except Exception as exc:  # the catalog is busy or gone: next second
                 log.warning("runtime settings not readable: %s", type(exc).__name__)
                 return
-            if fingerprint != self._fingerprint:
+            if fingerprint != self._fingerprint or self._problems:
                 self._apply()
 
     def settings_changed(self) -> list[str]:
@@ -136,7 +138,15 @@ class ServiceControl:
         self._fingerprint = settings.fingerprint()
         persisted = settings.persisted()
         new = effective(self.base, persisted)
-        self._problems = []
+        before, self._problems = self._problems, []
+        try:
+            return self._apply_to(new, bool(persisted))
+        finally:
+            for line in self._problems:
+                if line not in before:  # a retry that fails the same way is not logged again
+                    log.error("%s", line)
+
+    def _apply_to(self, new: Config, persisted: bool) -> list[str]:
         if self.held:
             if not persisted:
                 self.cfg = new
@@ -175,7 +185,6 @@ class ServiceControl:
             if self.scp is not None and self.scp.alive():
                 line += f"; still {self.scp.cfg.scp.ae_title} on port {self.scp.cfg.scp.port}"
             self._problems = [line]
-            log.error("%s", line)
             return
         if old is not None:
             if not same_port:

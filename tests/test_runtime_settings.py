@@ -196,3 +196,49 @@ def test_a_real_proxy_forwards_after_a_shorter_timeout_to_a_node_set_through_the
         status, scp = proxy.api("GET", "/api/config/", token=TOKEN)
         assert scp["scp"]["instances_received"] == 3
         assert scp["scp"]["bytes_received"] > 3 * 64 * 64 * 2
+
+
+# --- the service's Control, in this process ---
+
+
+def test_a_backend_port_that_cannot_be_bound_is_a_health_line_until_it_can(tmp_path: Path) -> None:
+    """A change written by another connection (the link) is applied by poll();
+    a port in use keeps the old listener, says so in health, and is tried
+    again on each poll until it is free."""
+    import socket
+
+    from ith_proxy.control import ServiceControl
+    from ith_proxy.dicom.scp import StorageSCP
+
+    port = tools.free_port()
+    rooms = Rooms(
+        tmp_path / "site", env={"DICOM_PORT": str(port), "DICOM_BIND_ADDRESS": "127.0.0.1"}
+    )
+    control = ServiceControl(
+        rooms.cfg,
+        rooms.spool.catalog_file,
+        lambda cfg, counters: StorageSCP(cfg, rooms.spool, None, counters),
+        lambda: "offline",
+    )
+    control.start()
+    taken = socket.socket()
+    try:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = taken.getsockname()[1]
+        RuntimeSettings(rooms.catalog).update({"dicom_port": busy}, "backend")
+        control.poll()
+        [line] = control.problems()
+        assert line.startswith(f"dicom listener cannot listen as DICOMRCV on 127.0.0.1:{busy}: ")
+        assert line.endswith(f"; still DICOMRCV on port {port}")
+        assert tools.echoscu(port).returncode == 0
+        taken.close()
+        control.poll()
+        assert control.problems() == []
+        assert control.scp_status()["port"] == busy
+        assert tools.echoscu(busy).returncode == 0
+        assert not tools.port_listening(port)
+    finally:
+        taken.close()
+        control.stop()
+        rooms.close()

@@ -14,6 +14,7 @@ import pytest
 import tokens
 import tools
 from api_served import Served, served
+from helpers import wait_until
 from ith_proxy.control import ServiceControl
 from ith_proxy.dicom.scp import StorageSCP
 from ith_proxy.store.nodes import Nodes
@@ -223,3 +224,28 @@ def test_an_audit_log_that_cannot_be_written_refuses_the_change(site) -> None:
     )
     assert status == 500
     assert Nodes(rooms.catalog).get("n1") is None
+
+
+def test_an_association_in_progress_finishes_on_the_old_listener(site) -> None:
+    """Moving the SCP closes the old listening socket, not the associations
+    it accepted: one in progress goes on, is counted, and is then released."""
+    from pynetdicom import AE
+
+    rooms, api, control = site
+    ae = AE(ae_title="DRAINER")
+    ae.add_requested_context("1.2.840.10008.1.1")
+    assoc = ae.associate("127.0.0.1", rooms.cfg.scp.port, ae_title="DICOMRCV")
+    assert assoc.is_established
+    try:
+        new_port = tools.free_port()
+        assert _put(api, {"dicom_port": new_port})[0] == 200
+        assert not tools.port_listening(rooms.cfg.scp.port)
+        assert control.scp_status()["associations"] == 1  # the old one, draining
+        status = assoc.send_c_echo()
+        assert status.Status == 0x0000
+    finally:
+        assoc.release()
+    assert tools.echoscu(new_port).returncode == 0
+    wait_until(lambda: control.scp_status()["associations"] == 0, 30, "the old association ends")
+    control.poll()  # prunes the drained listener
+    assert control._retired == []

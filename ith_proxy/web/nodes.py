@@ -181,6 +181,7 @@ def _errors(*codes: int) -> dict[str, Any]:
         409: "the node is not an api node, or its name or AE title is taken",
         413: "body over 1 MB",
         502: "the C-ECHO failed; `error` says why in one line",
+        503: "no service runs here to echo from",
     }
     return {
         str(c): {"description": text[c], "content": {"application/json": {"schema": _ERROR}}}
@@ -305,7 +306,7 @@ OPENAPI: dict[str, Any] = {
                     },
                     "the C-ECHO failed; `error` says why in one line",
                 ),
-                **_errors(401, 403, 404, 409),
+                **_errors(401, 403, 404, 409, 503),
             },
         },
     },

@@ -37,6 +37,7 @@ from ith_proxy.store.settings import RuntimeSettings, effective
 log = logging.getLogger("ith_proxy.service")
 
 ScpFactory = Callable[[Config, Counters], StorageSCP]
+MAX_ECHOES = 2  # of the API's 4 threads, echoes to slow peers may hold at most 2
 
 
 def scu_timeouts(cfg: Config) -> scu.Timeouts:
@@ -79,6 +80,8 @@ class ServiceControl:
         self._fingerprint: tuple | None = None
         self._problems: list[str] = []
         self.held = False  # stopped on purpose: auto_start off, no settings written yet
+        # an echo holds an API thread up to the [scu] timeouts: at most this many at once
+        self._echoes = threading.BoundedSemaphore(MAX_ECHOES)
 
     # --- life ---
 
@@ -252,10 +255,14 @@ class ServiceControl:
         if found.kind != "dicom":
             raise ValueError(f"node {found.name} is a DICOMweb node: C-ECHO speaks DICOM")
         peer = scu.Peer(found.ae_title, found.host, found.port)
+        if not self._echoes.acquire(blocking=False):
+            raise BlockingIOError(f"{MAX_ECHOES} echoes are already running; try again later")
         try:
             return echo_peer(self.cfg, found.name, peer)
         except scu.ScuError as exc:
             raise ValueError(f"echo {found.name} ({peer}): {exc.reason}") from None
+        finally:
+            self._echoes.release()
 
     def link_state(self) -> str:
         return self._link_state()

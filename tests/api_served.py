@@ -18,6 +18,7 @@ class Served:
     def __init__(self, url: str, spool: Path) -> None:
         self.url = url
         self.spool = spool
+        self.control: Any = None  # the Control the app was given, for tests that need it
 
     def call(self, method: str, path: str, body: Any = None, token: str | None = None):
         return http_json(method, self.url + path, body, token=token)

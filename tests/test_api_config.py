@@ -249,3 +249,10 @@ def test_an_association_in_progress_finishes_on_the_old_listener(site) -> None:
     wait_until(lambda: control.scp_status()["associations"] == 0, 30, "the old association ends")
     control.poll()  # prunes the drained listener
     assert control._retired == []
+
+
+def test_a_key_with_control_characters_is_named_printably(site) -> None:
+    _rooms, api, _control = site
+    status, body = _put(api, {"a\nb\x1b[31m": 1})
+    assert status == 400 and body["field"] == "a\\nb\\x1b[31m"
+    assert "\n" not in body["error"] and "\x1b" not in body["error"]

@@ -52,6 +52,7 @@ def site(tmp_path: Path):
         lambda: "offline",  # type: ignore[arg-type, return-value]  # no SCP is made here
     )
     with served(rooms.api(control=control), rooms.spool.root) as api:
+        api.control = control
         yield rooms, api
     control.stop()
     rooms.close()
@@ -286,3 +287,19 @@ def test_a_node_made_through_the_api_survives_a_new_catalog_connection(site) -> 
     finally:
         other.close()
     assert node is not None and node.source == "api" and node.ae_title == "MOD1"
+
+
+def test_echoes_at_once_are_bounded(site, tmp_path: Path) -> None:
+    """Each echo may hold an API thread for the [scu] timeouts; past two at
+    once the answer is 429 at once, so echoes cannot take every thread."""
+    _rooms, api = site
+    control = api.control
+    assert control._echoes.acquire(blocking=False) and control._echoes.acquire(blocking=False)
+    try:
+        status, body = _call(api, "POST", "/api/nodes/pacs/echo/")
+        assert status == 429 and "already running" in body["error"]
+    finally:
+        control._echoes.release()
+        control._echoes.release()
+    status, body = _call(api, "POST", "/api/nodes/pacs/echo/")
+    assert status == 502  # nothing listens on 4242: the slots were given back

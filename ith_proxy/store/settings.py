@@ -120,7 +120,9 @@ def validate(partial: object) -> dict[str, object]:
             raise SettingsError(str(key), "is local only and cannot be changed remotely")
         parse = _PARSERS.get(key) if isinstance(key, str) else None
         if parse is None:
-            raise SettingsError(str(key)[:64], "is not a runtime setting")
+            shown = str(key)[:64].encode("ascii", "backslashreplace").decode()
+            shown = "".join(c if c.isprintable() else repr(c)[1:-1] for c in shown)
+            raise SettingsError(shown, "is not a runtime setting")
         try:
             out[key] = parse(raw)
         except ValueError as exc:

@@ -14,7 +14,8 @@ the node name as target, the outcome) before it is answered.  An echo is
 not a change and is not audited; it goes through the service's ``Control``
 (``[scu]`` timeouts): 200 ``{"ok": true, "node", "detail"}``, or 502 with
 ``{"ok": false, "error"}`` and the one-line reason when the peer cannot be
-reached or refuses.
+reached or refuses; 429 when two echoes are already running (each may hold
+one of the API's threads for the ``[scu]`` timeouts).
 """
 
 from __future__ import annotations
@@ -158,6 +159,8 @@ def install(app: bottle.Bottle, ctx: ApiContext) -> None:
             raise ApiError(503, "no service runs here to echo from")
         try:
             detail = ctx.control.echo(node.name)
+        except BlockingIOError as exc:  # too many echoes at once (each holds a thread)
+            raise ApiError(429, str(exc)) from None
         except (ValueError, LookupError) as exc:
             return json_response(502, {"ok": False, "node": node.name, "error": str(exc)})
         return json_response(200, {"ok": True, "node": node.name, "detail": detail})
@@ -182,6 +185,7 @@ def _errors(*codes: int) -> dict[str, Any]:
         413: "body over 1 MB",
         502: "the C-ECHO failed; `error` says why in one line",
         503: "no service runs here to echo from",
+        429: "two echoes are already running; try again later",
     }
     return {
         str(c): {"description": text[c], "content": {"application/json": {"schema": _ERROR}}}
@@ -306,7 +310,7 @@ OPENAPI: dict[str, Any] = {
                     },
                     "the C-ECHO failed; `error` says why in one line",
                 ),
-                **_errors(401, 403, 404, 409, 503),
+                **_errors(401, 403, 404, 409, 429, 503),
             },
         },
     },

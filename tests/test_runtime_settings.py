@@ -242,3 +242,38 @@ def test_a_backend_port_that_cannot_be_bound_is_a_health_line_until_it_can(tmp_p
         taken.close()
         control.stop()
         rooms.close()
+
+
+def test_the_cli_calls_out_with_the_ae_title_set_at_run_time(tmp_path: Path) -> None:
+    """`echo` (and `retrieve`, whose C-MOVE names it as destination) use the
+    AE title the SCP answers to now, not the one of the INI file."""
+    from ith_proxy.dicom.scp import StorageSCP
+    from ith_proxy.store.nodes import Nodes
+
+    port = tools.free_port()
+    rooms = Rooms(
+        tmp_path / "site",
+        "[scp]\nallowed_calling_aes = CALLER7\n",
+        {"DICOM_PORT": str(port), "DICOM_BIND_ADDRESS": "127.0.0.1"},
+    )
+    scp = StorageSCP(rooms.cfg, rooms.spool)  # admits only the calling AE CALLER7
+    scp.start()
+    try:
+        Nodes(rooms.catalog).put(
+            {
+                "name": "strict",
+                "kind": "dicom",
+                "ae_title": "DICOMRCV",
+                "host": "127.0.0.1",
+                "port": port,
+            }
+        )
+        refused = rooms.cli("echo", "strict")
+        assert refused.returncode == 1 and refused.stderr.count("\n") == 1, refused.stderr
+        RuntimeSettings(rooms.catalog).update({"ae_title": "CALLER7"}, "api")
+        done = rooms.cli("echo", "strict")
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.startswith("echo strict: ok (DICOMRCV@127.0.0.1:")
+    finally:
+        scp.stop()
+        rooms.close()

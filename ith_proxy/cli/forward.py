@@ -23,6 +23,7 @@ from ith_proxy.dicom.move import move
 from ith_proxy.store.catalog import Catalog
 from ith_proxy.store.nodes import Node, Nodes
 from ith_proxy.store.outbox import Outbox, OutboxError
+from ith_proxy.store.settings import RuntimeSettings, effective
 from ith_proxy.store.spool import Spool
 
 _UID = re.compile(r"[0-9]+(\.[0-9]+)*")
@@ -56,6 +57,19 @@ def _node(cfg: Config, name: str) -> Node | NodeConfig:
     raise CliError(f"unknown node {name[:64]!r} (see docs/nodes.md)")
 
 
+def _live(cfg: Config) -> Config:
+    """``cfg`` with the persisted runtime settings on top: the AE title that
+    calls out and that a C-MOVE names as destination is the one the SCP
+    answers to now (it may have been set through the API or the backend)."""
+    if not Spool(cfg.spool.dir).catalog_file.exists():
+        return cfg
+    catalog = _catalog(cfg, readonly=True)
+    try:
+        return effective(cfg, RuntimeSettings(catalog).persisted())
+    finally:
+        catalog.close()
+
+
 def _peer(cfg: Config, name: str) -> scu.Peer:
     node = _node(cfg, name)
     if node.kind != "dicom":
@@ -64,6 +78,7 @@ def _peer(cfg: Config, name: str) -> scu.Peer:
 
 
 def cmd_echo(cfg: Config, args: argparse.Namespace) -> int:
+    cfg = _live(cfg)
     peer = _peer(cfg, args.node)
     try:  # the same C-ECHO as the API's POST /api/nodes/<name>/echo/
         print(echo_peer(cfg, args.node, peer))
@@ -104,6 +119,7 @@ def cmd_requeue(cfg: Config, args: argparse.Namespace) -> int:
 
 def cmd_retrieve(cfg: Config, args: argparse.Namespace) -> int:
     study = _uid(args.study)
+    cfg = _live(cfg)
     peer = _peer(cfg, args.node)
     try:
         result = move(peer, cfg.scp.ae_title, study, cfg.scp.ae_title, scu_timeouts(cfg))

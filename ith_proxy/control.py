@@ -130,7 +130,10 @@ class ServiceControl:
                 log.warning("runtime settings not readable: %s", type(exc).__name__)
                 return
             if fingerprint != self._fingerprint or self._problems:
-                self._apply()
+                try:
+                    self._apply()
+                except Exception as exc:  # the supervise loop must go on; next second
+                    log.error("runtime settings not applied: %s", type(exc).__name__)
 
     def settings_changed(self) -> list[str]:
         with self._lock:

@@ -26,6 +26,7 @@ import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from ith_proxy.config import Config
 from ith_proxy.dicom import scu
@@ -65,7 +66,7 @@ class ServiceControl:
     """The SCP's life under the runtime settings; the API's ``Control``."""
 
     def __init__(
-        self, cfg: Config, catalog_file: object, make_scp: ScpFactory, link_state: Callable[[], str]
+        self, cfg: Config, catalog_file: Path, make_scp: ScpFactory, link_state: Callable[[], str]
     ) -> None:
         self.base = cfg  # defaults < INI < .env < environment
         self.cfg = cfg  # with the persisted layer on top (as last applied)
@@ -87,7 +88,7 @@ class ServiceControl:
 
     def _settings(self) -> RuntimeSettings:
         if self._catalog is None:
-            self._catalog = Catalog(self._catalog_file)  # type: ignore[arg-type]
+            self._catalog = Catalog(self._catalog_file)
         return RuntimeSettings(self._catalog)
 
     def start(self) -> None:
@@ -248,7 +249,7 @@ class ServiceControl:
         }
 
     def echo(self, node: str) -> str:
-        catalog = Catalog(self._catalog_file, readonly=True)  # type: ignore[arg-type]
+        catalog = Catalog(self._catalog_file, readonly=True)
         try:
             found = Nodes(catalog).get(node)
         finally:

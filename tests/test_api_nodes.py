@@ -6,6 +6,7 @@ a real DCMTK storescp (and to a dead port)."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, NoReturn
 
 import pytest
 
@@ -40,17 +41,16 @@ DICOM_NODE = {
 }
 
 
+def _no_scp(cfg: Any, counters: Any) -> NoReturn:
+    raise AssertionError("these tests start no SCP")
+
+
 @pytest.fixture
 def site(tmp_path: Path):
     env = {**tokens.ENV, "ITH_URL": "https://backend.example.org"}
     rooms = Rooms(tmp_path / "site", INI, env)
     Nodes(rooms.catalog).load_local(rooms.cfg.nodes, rooms.cfg.derived_nodes)
-    control = ServiceControl(
-        rooms.cfg,
-        rooms.spool.catalog_file,
-        lambda cfg, counters: None,
-        lambda: "offline",  # type: ignore[arg-type, return-value]  # no SCP is made here
-    )
+    control = ServiceControl(rooms.cfg, rooms.spool.catalog_file, _no_scp, lambda: "offline")
     with served(rooms.api(control=control), rooms.spool.root) as api:
         api.control = control
         yield rooms, api
@@ -112,7 +112,8 @@ def test_create_replace_delete_an_api_node_audited(site) -> None:
         api, "PUT", "/api/nodes/archive/", {"kind": "dicomweb", "url": "http://10.0.0.9/dcm"}
     )
     assert status == 201 and new["name"] == "archive" and new["auth_header_set"] is False
-    assert Nodes(rooms.catalog).get("modality1").port == 104  # type: ignore[union-attr]
+    stored = Nodes(rooms.catalog).get("modality1")
+    assert stored is not None and stored.port == 104
     status, _ = _call(api, "DELETE", "/api/nodes/modality1/")
     assert status == 200
     status, gone = _call(api, "GET", "/api/nodes/modality1/")

@@ -54,7 +54,8 @@ def _check(ctx: ApiContext, body: dict[str, Any], nodes: Nodes) -> dict[str, obj
     values = validate(body)
     if values.get("dicom_port") == ctx.cfg.api.port:
         raise SettingsError("dicom_port", "is the API's port")
-    for name in values.get("forward_to", []):  # type: ignore[attr-defined]
+    names = values.get("forward_to", [])
+    for name in names if isinstance(names, list) else []:
         if nodes.get(name) is None:
             raise SettingsError("forward_to", f"{name!r} is not a node (see /api/nodes/)")
     return values

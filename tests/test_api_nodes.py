@@ -206,11 +206,14 @@ def test_bad_node_bodies_are_400_naming_the_field(site, body, field) -> None:
     assert answer["field"] == field, answer
     assert "\n" not in answer["error"] and len(answer["error"]) < 400
     assert {n.name for n in Nodes(rooms.catalog).list()} == {"backend", "pacs", "web"}
+    [record] = api.audit()  # a refused change is audited too
+    assert record["action"] == "node.put" and record["detail"]["outcome"] == "400"
 
 
 def test_bodies_that_are_not_objects_or_too_large(site) -> None:
     _rooms, api = site
     assert _call(api, "POST", "/api/nodes/", b"{not json")[0] == 400
+    assert api.audit()[-1]["detail"]["outcome"] == "400"
     assert _call(api, "POST", "/api/nodes/", [DICOM_NODE])[0] == 400
     status, body = _call(api, "PUT", "/api/nodes/other/", DICOM_NODE)  # body names modality1
     assert status == 400 and body["field"] == "name"
@@ -226,6 +229,11 @@ def test_node_names_with_path_or_control_characters_are_not_found(site, path) ->
         assert status == 404 and body["error"], (method, path)
     status, body = _call(api, "PUT", f"/api/nodes/{path}/", DICOM_NODE)
     assert status == 404
+    # the refused changes are audited, without the name that could not be one
+    # (a name with a slash matches no route at all: no caller, no record)
+    expected = [("node.delete", "-", "404"), ("node.put", "-", "404")]
+    got = [(r["action"], r["target"], r["detail"]["outcome"]) for r in api.audit()]
+    assert got == ([] if "%2F" in path else expected)
 
 
 def test_concurrent_creates_of_one_name_give_one_node(site) -> None:

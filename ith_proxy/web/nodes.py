@@ -21,6 +21,8 @@ one of the API's threads for the ``[scu]`` timeouts).
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import bottle
@@ -61,6 +63,18 @@ def _refused(ctx: ApiContext, action: str, name: str, exc: NodeError) -> ApiErro
         status, outcome = 400, "400"
     audit(ctx, action, name, outcome, reason=str(exc)[:200])
     return ApiError(status, str(exc), _field(str(exc)))
+
+
+@contextmanager
+def _audited(ctx: ApiContext, action: str, target: str) -> Iterator[None]:
+    """A change refused before it reaches the registry (a body that is not
+    JSON, a name that cannot be one) is audited too, with its status; the
+    target is ``-`` when the name itself was refused (it is never logged)."""
+    try:
+        yield
+    except ApiError as exc:
+        audit(ctx, action, target, str(exc.status), reason=exc.message[:200])
+        raise
 
 
 def _get(ctx: ApiContext, name: str) -> Node | None:
@@ -120,21 +134,25 @@ def install(app: bottle.Bottle, ctx: ApiContext) -> None:
 
     @route(app, ctx, "POST", "/api/nodes/")
     def create_node() -> bottle.HTTPResponse:
-        body = json_object(bottle.request)
-        return _put(ctx, body, _body_name(body), created=True)
+        with _audited(ctx, "node.put", "-"):
+            body = json_object(bottle.request)
+            name = _body_name(body)
+        return _put(ctx, body, name, created=True)
 
     @route(app, ctx, "PUT", "/api/nodes/<name>/")
     def put_node(name: str) -> bottle.HTTPResponse:
-        name = _name(name)
-        body = json_object(bottle.request)
-        if "name" in body and body["name"] != name:
-            audit(ctx, "node.put", name, "400", reason="the body names another node")
-            raise ApiError(400, "name: the body names another node than the path", "name")
+        with _audited(ctx, "node.put", "-"):
+            name = _name(name)
+        with _audited(ctx, "node.put", name):
+            body = json_object(bottle.request)
+            if "name" in body and body["name"] != name:
+                raise ApiError(400, "name: the body names another node than the path", "name")
         return _put(ctx, {**body, "name": name}, name, created=False)
 
     @route(app, ctx, "DELETE", "/api/nodes/<name>/")
     def delete_node(name: str) -> bottle.HTTPResponse:
-        name = _name(name)
+        with _audited(ctx, "node.delete", "-"):
+            name = _name(name)
         catalog = ctx.connect_catalog()
         try:
             nodes = Nodes(catalog)

@@ -25,9 +25,10 @@ from collections.abc import Callable
 from ith_proxy import logs
 from ith_proxy.cli.common import audit_log
 from ith_proxy.config import Config
+from ith_proxy.control import ServiceControl
 from ith_proxy.dicom import scp_stream
 from ith_proxy.dicom.libsetup import configure_libraries
-from ith_proxy.dicom.scp import StorageSCP
+from ith_proxy.dicom.scp import Counters, StorageSCP
 from ith_proxy.health import Liveness, problems
 from ith_proxy.store.catalog import Catalog
 from ith_proxy.store.nodes import load_config_nodes
@@ -60,7 +61,7 @@ class Service:
         self.spool = Spool(cfg.spool.dir)
         self.stop_event = threading.Event()
         self.threads: dict[str, threading.Thread] = {}
-        self.scp: StorageSCP | None = None
+        self.control: ServiceControl | None = None  # the SCP under the runtime settings
         self.api: ApiServer | None = None
         # the backend link's state for status and metrics: offline | connected | disconnected
         self.link_status = "offline"
@@ -180,19 +181,24 @@ class Service:
         self._start_indexer()
         self._worker("scheduler", self._run_scheduler_thread)
         self._worker("forwarder", self._run_forwarder_thread)
-        if self.cfg.scp.auto_start:
-            encryptor = None  # the SCP gets a stream-encryptor factory, never a key
-            if self.cfg.spool.encrypt_incoming:
-                encryptor = vault_stream.encryptor(Keyring.load(self.cfg.vault.key_file))
-                log.info("received instances are encrypted under the vault key in incoming/")
-            self.scp = StorageSCP(self.cfg, self.spool, encryptor)
-            try:
-                self.scp.start()
-            except OSError as exc:
-                raise StartupError(
-                    f"cannot listen for DICOM on {self.cfg.scp.bind_address}:"
-                    f"{self.cfg.scp.port}: {exc.strerror}"
-                ) from None
+        encryptor = None  # the SCP gets a stream-encryptor factory, never a key
+        if self.cfg.spool.encrypt_incoming:
+            encryptor = vault_stream.encryptor(Keyring.load(self.cfg.vault.key_file))
+            log.info("received instances are encrypted under the vault key in incoming/")
+
+        def make_scp(cfg: Config, counters: Counters) -> StorageSCP:
+            return StorageSCP(cfg, self.spool, encryptor, counters)
+
+        self.control = ServiceControl(
+            self.cfg, self.spool.catalog_file, make_scp, lambda: self.link_status
+        )
+        try:  # the SCP starts on the persisted runtime settings (or is held)
+            self.control.start()
+        except OSError as exc:
+            scp = self.control.cfg.scp
+            raise StartupError(
+                f"cannot listen for DICOM on {scp.bind_address}:{scp.port}: {exc.strerror}"
+            ) from None
         try:
             self.api = ApiServer(self.cfg.api, self._make_api())
         except OSError as exc:
@@ -213,6 +219,7 @@ class Service:
                 open_vault=lambda: Vault(spool.vault_file, cfg.vault.key_file),
                 audit=audit_log(cfg, append=True),
                 health=self.health,
+                control=self.control,
             )
         except (AuthConfigError, VaultKeyError) as exc:
             raise StartupError(str(exc)) from None
@@ -223,23 +230,25 @@ class Service:
         """The problems /api/health/ reports (policy in ``health``)."""
         scheduler = self.threads.get("scheduler")
         forwarder = self.threads.get("forwarder")
-        return problems(
+        control = self.control
+        found = problems(
             self.cfg,
             self.spool,
-            Liveness(
-                dicom=self.scp is not None and self.scp.alive(),
+            Liveness(  # a listener held on purpose (auto_start off) is no problem
+                dicom=control is not None and control.listening(),
                 indexer=self.indexer is not None and self.indexer.is_alive(),
                 scheduler=scheduler is not None and scheduler.is_alive(),
                 forwarder=forwarder is not None and forwarder.is_alive(),
             ),
         )
+        return found + (control.problems() if control is not None else [])
 
     def stop(self) -> None:
         log.info("shutting down")
         if self.api:
             self.api.stop()
-        if self.scp:
-            self.scp.stop()
+        if self.control:
+            self.control.stop()
         self.stop_event.set()
         if self.indexer is not None:
             self._mp_stop.set()
@@ -264,6 +273,8 @@ class Service:
         try:
             while not done.wait(1.0):
                 self._supervise()
+                if self.control is not None:  # runtime settings the link wrote
+                    self.control.poll()
         finally:
             self.stop()
 

@@ -35,6 +35,15 @@ ALLOWED_ROOMS: dict[str, set[str] | None] = {
     # the spool and the catalog; worker liveness is passed in by the service
     "health": {"config", "store.spool", "store.catalog"},
     "service": None,  # wires everything
+    # the service's controls: the SCP under the runtime settings, its counters, C-ECHO of a node
+    "control": {
+        "config",
+        "dicom.scp",
+        "dicom.scu",
+        "store.catalog",
+        "store.nodes",
+        "store.settings",
+    },
     "cli": None,  # thin, may call any room
     # store/: the spool folders, the catalog (all SQL), the audit log
     "store": set(),
@@ -100,6 +109,7 @@ ALLOWED_ROOMS: dict[str, set[str] | None] = {
         "store.catalog",
         "store.outbox",
         "store.retention",
+        "store.settings",  # study_timeout and forward_to, read live each pass
     },
     # the offline rebuild of the catalog (`ith-proxy reindex`)
     "workers.reindex": {
@@ -147,8 +157,14 @@ ALLOWED_ROOMS: dict[str, set[str] | None] = {
     # the read routes' inputs: the study list's query parameters, study UIDs
     "web.query": {"store.browse", "store.catalog", "web.context"},
     "web.phi": {"deid", "store.audit", "store.catalog", "vault.records", "web.context"},
-    "web.nodes": {"store.audit", "store.catalog", "store.nodes", "web.context"},
-    "web.settings": {"store.audit", "store.catalog", "store.settings", "web.context"},
+    "web.nodes": {"config_values", "store.audit", "store.catalog", "store.nodes", "web.context"},
+    "web.settings": {
+        "store.audit",
+        "store.catalog",
+        "store.nodes",
+        "store.settings",
+        "web.context",
+    },
     "web.metrics": {
         "__init__",  # the version
         "health",

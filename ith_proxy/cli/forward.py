@@ -17,11 +17,13 @@ import time
 
 from ith_proxy.cli.common import Adder, CliError, Verbs, fail
 from ith_proxy.config import Config, NodeConfig
+from ith_proxy.control import echo_peer, scu_timeouts
 from ith_proxy.dicom import scu
 from ith_proxy.dicom.move import move
 from ith_proxy.store.catalog import Catalog
 from ith_proxy.store.nodes import Node, Nodes
 from ith_proxy.store.outbox import Outbox, OutboxError
+from ith_proxy.store.settings import RuntimeSettings, effective
 from ith_proxy.store.spool import Spool
 
 _UID = re.compile(r"[0-9]+(\.[0-9]+)*")
@@ -55,6 +57,19 @@ def _node(cfg: Config, name: str) -> Node | NodeConfig:
     raise CliError(f"unknown node {name[:64]!r} (see docs/nodes.md)")
 
 
+def _live(cfg: Config) -> Config:
+    """``cfg`` with the persisted runtime settings on top: the AE title that
+    calls out and that a C-MOVE names as destination is the one the SCP
+    answers to now (it may have been set through the API or the backend)."""
+    if not Spool(cfg.spool.dir).catalog_file.exists():
+        return cfg
+    catalog = _catalog(cfg, readonly=True)
+    try:
+        return effective(cfg, RuntimeSettings(catalog).persisted())
+    finally:
+        catalog.close()
+
+
 def _peer(cfg: Config, name: str) -> scu.Peer:
     node = _node(cfg, name)
     if node.kind != "dicom":
@@ -62,19 +77,13 @@ def _peer(cfg: Config, name: str) -> scu.Peer:
     return scu.Peer(node.ae_title, node.host, node.port)
 
 
-def _timeouts(cfg: Config) -> scu.Timeouts:
-    return scu.Timeouts(
-        connect=cfg.scu.connect_timeout, acse=cfg.scu.acse_timeout, dimse=cfg.scu.dimse_timeout
-    )
-
-
 def cmd_echo(cfg: Config, args: argparse.Namespace) -> int:
+    cfg = _live(cfg)
     peer = _peer(cfg, args.node)
-    try:
-        scu.echo(peer, cfg.scp.ae_title, _timeouts(cfg))
+    try:  # the same C-ECHO as the API's POST /api/nodes/<name>/echo/
+        print(echo_peer(cfg, args.node, peer))
     except scu.ScuError as exc:  # no association, or a C-ECHO status other than success
-        return fail(f"echo {args.node} ({peer.ae_title}@{peer.host}:{peer.port}): {exc.reason}")
-    print(f"echo {args.node}: ok ({peer.ae_title}@{peer.host}:{peer.port})")
+        return fail(f"echo {args.node} ({peer}): {exc.reason}")
     return 0
 
 
@@ -110,9 +119,10 @@ def cmd_requeue(cfg: Config, args: argparse.Namespace) -> int:
 
 def cmd_retrieve(cfg: Config, args: argparse.Namespace) -> int:
     study = _uid(args.study)
+    cfg = _live(cfg)
     peer = _peer(cfg, args.node)
     try:
-        result = move(peer, cfg.scp.ae_title, study, cfg.scp.ae_title, _timeouts(cfg))
+        result = move(peer, cfg.scp.ae_title, study, cfg.scp.ae_title, scu_timeouts(cfg))
     except scu.ScuError as exc:  # association failures included
         return fail(f"retrieve from {args.node}: {exc.reason}")
     summary = f"{result.completed} completed, {result.failed} failed, {result.warning} warning"

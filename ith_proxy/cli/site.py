@@ -14,6 +14,7 @@ from ith_proxy.config import Config
 from ith_proxy.store.audit import HEAD_USAGE, AuditBroken, AuditError, parse_head
 from ith_proxy.store.browse import site_counts
 from ith_proxy.store.catalog import Catalog
+from ith_proxy.store.settings import RuntimeSettings, describe
 from ith_proxy.store.spool import Spool
 from ith_proxy.vault.keyfiles import (
     VaultKeyError,
@@ -57,14 +58,21 @@ def cmd_status(cfg: Config, args: argparse.Namespace) -> int:
         return fail(f"no catalog in {cfg.spool.dir}: the proxy has not run here yet")
     cat = Catalog(spool.catalog_file, readonly=True)
     try:
+        runtime = describe(cfg, RuntimeSettings(cat).persisted())  # value + where it came from
         counts = site_counts(cat)  # what GET /api/status/ shows too
     finally:
         cat.close()
     forwarding, dead = counts.pop("outbox"), counts.pop("failed_forwards")
+    runtime["anonymize"] = {
+        "value": cfg.deid.anonymize,
+        "source": cfg.origins.get("deid.anonymize", "default") + "; local only",
+    }
+    ae_title, dicom_port = runtime["ae_title"]["value"], runtime["dicom_port"]["value"]
     info = {
         "service": _api_health(cfg),
-        "ae_title": cfg.scp.ae_title,
-        "dicom_port": cfg.scp.port,
+        "ae_title": ae_title,
+        "dicom_port": dicom_port,
+        "runtime": runtime,
         "api_port": cfg.api.port,
         "spool": str(cfg.spool.dir),
         "mode": "offline" if cfg.link.offline else f"backend {cfg.link.ith_url}",
@@ -81,7 +89,7 @@ def cmd_status(cfg: Config, args: argparse.Namespace) -> int:
     states = ", ".join(f"{k} {v}" for k, v in counts["studies_by_state"].items())
     print(
         f"service:     {info['service']}\n"
-        f"dicom:       {cfg.scp.ae_title} on port {cfg.scp.port}; API on port {cfg.api.port}\n"
+        f"dicom:       {ae_title} on port {dicom_port}; API on port {cfg.api.port}\n"
         f"mode:        {info['mode']}\n"
         f"spool:       {info['spool']} ({info['free_mb']} MB free)\n"
         f"queues:      incoming {info['incoming']}, quarantined {info['quarantined']}\n"
@@ -95,6 +103,12 @@ def cmd_status(cfg: Config, args: argparse.Namespace) -> int:
     for d in dead:  # the dead letter, newest first: `requeue STUDY` sends it again
         print(f"  failed:    {d['study_instance_uid']} to {d['node']} after {d['attempts']} "
               f"attempt(s): {d['last_error']}")  # fmt: skip
+    print("runtime settings (value, where it came from):")
+    for key, item in runtime.items():
+        value = item["value"]
+        if isinstance(value, list):
+            value = ", ".join(value) or "none"
+        print(f"  {key:<13} {value}  ({item['source']})")
     print(f"as of:       {datetime.now(UTC).isoformat(timespec='seconds')}")
     return 0
 

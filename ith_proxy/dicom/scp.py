@@ -77,19 +77,45 @@ def handle_echo(event: evt.Event) -> int:
     return 0x0000
 
 
-def handle_store(event: evt.Event) -> int:
+class Counters:
+    """What the SCP received since the process started, across restarts of the
+    SCP (a new AE title or port): instances acknowledged with success and
+    their bytes as received (the data set, without our file meta header).
+    Thread-safe: every association thread adds to it."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._instances = 0
+        self._bytes = 0
+
+    def add(self, size: int) -> None:
+        with self._lock:
+            self._instances += 1
+            self._bytes += size
+
+    def snapshot(self) -> tuple[int, int]:
+        """(instances, bytes)"""
+        with self._lock:
+            return self._instances, self._bytes
+
+
+def handle_store(event: evt.Event, counters: Counters | None = None) -> int:
     """Make the streamed data set durable in incoming/, then acknowledge
-    (or answer the failure found while it was received)."""
+    (or answer the failure found while it was received).  Only a success
+    is counted, just before it is answered."""
     incoming = scp_stream.take(event.request)
     if incoming is None:  # not received through scp_stream: never acknowledged
         log.error("C-STORE failed: the data set was not streamed to the spool")
         return CANNOT_UNDERSTAND
     try:
-        return incoming.finish()[0]
+        status = incoming.finish()[0]
     except Exception as exc:  # never a traceback on the wire
         incoming.discard()
         log.error("C-STORE failed: %s", type(exc).__name__)
         return CANNOT_UNDERSTAND
+    if status == 0 and counters is not None:
+        counters.add(incoming.size)
+    return status
 
 
 def _log_assoc(event: evt.Event, what: str) -> None:
@@ -113,12 +139,17 @@ class StorageSCP:
     """
 
     def __init__(
-        self, cfg: Config, spool: Spool, encryptor: scp_stream.WriterFactory | None = None
+        self,
+        cfg: Config,
+        spool: Spool,
+        encryptor: scp_stream.WriterFactory | None = None,
+        counters: Counters | None = None,
     ) -> None:
         scp_stream.check_library()  # raises LibraryMismatch on another pynetdicom
         self.cfg = cfg
         self.spool = spool
         self.encryptor = encryptor
+        self.counters = counters or Counters()
         self.ae = build_ae(cfg)
         self.server: ThreadedAssociationServer | None = None
         self._thread: threading.Thread | None = None
@@ -126,7 +157,7 @@ class StorageSCP:
     def start(self) -> None:
         handlers: list[EventHandlerType] = [
             (evt.EVT_C_ECHO, handle_echo),
-            (evt.EVT_C_STORE, handle_store),
+            (evt.EVT_C_STORE, handle_store, [self.counters]),
             (evt.EVT_ACCEPTED, _log_assoc, ["accepted"]),
             (evt.EVT_REJECTED, _log_assoc, ["rejected"]),
             (evt.EVT_ABORTED, _log_assoc, ["aborted"]),
@@ -191,8 +222,14 @@ class StorageSCP:
     def active_associations(self) -> int:
         return len(self.ae.active_associations)
 
-    def stop(self) -> None:
+    def stop_listening(self) -> None:
+        """Close the listening socket; the associations in progress go on to
+        their end (a restart on a new AE title or port drains the old SCP)."""
         if self.server is not None:
             self.server.shutdown()
             self.server = None
+
+    def stop(self) -> None:
+        """Stop listening and abort every association in progress."""
+        self.stop_listening()
         self.ae.shutdown()

@@ -24,6 +24,7 @@ nodes lives here; the table is made by the catalog's migration step 2.
 from __future__ import annotations
 
 import builtins
+import contextlib
 import logging
 import time
 from collections.abc import Iterable, Iterator, Mapping
@@ -165,6 +166,11 @@ class Nodes:
             raise
         self._conn.execute("COMMIT")
 
+    def transaction(self) -> contextlib.AbstractContextManager[None]:
+        """One write transaction around several calls (the API writes its audit
+        record inside it: no record, no change)."""
+        return self._write()
+
     def _insert(self, node: Node, now: float) -> None:
         self._conn.execute(
             f"INSERT INTO nodes({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -231,13 +237,16 @@ class Nodes:
         ).fetchall()
         return [_row(r) for r in rows]
 
-    def put(self, raw: Mapping[str, object]) -> Node:
-        """Add or replace an api node (from the API: untrusted)."""
+    def put(self, raw: Mapping[str, object], create_only: bool = False) -> Node:
+        """Add or replace an api node (from the API: untrusted); with
+        ``create_only`` a node of that name, whatever its source, is a conflict."""
         if not isinstance(raw, Mapping):
             raise NodeError("a node must be an object")
         node = validate(raw, "api")
         with self._write():
             for other in self._collisions(node):
+                if create_only and other.name.lower() == node.name.lower():
+                    raise NodeConflict(f"a node named {other.name!r} exists")
                 if other.name.lower() != node.name.lower():
                     raise NodeConflict(
                         f"AE title {node.ae_title!r} is already used by node {other.name!r}"

@@ -120,7 +120,9 @@ def validate(partial: object) -> dict[str, object]:
             raise SettingsError(str(key), "is local only and cannot be changed remotely")
         parse = _PARSERS.get(key) if isinstance(key, str) else None
         if parse is None:
-            raise SettingsError(str(key)[:64], "is not a runtime setting")
+            shown = str(key)[:64].encode("ascii", "backslashreplace").decode()
+            shown = "".join(c if c.isprintable() else repr(c)[1:-1] for c in shown)
+            raise SettingsError(shown, "is not a runtime setting")
         try:
             out[key] = parse(raw)
         except ValueError as exc:
@@ -143,36 +145,77 @@ class RuntimeSettings:
             for k, val, src, at in rows
         }
 
+    def _begin(self) -> None:
+        """A write transaction taken at once: two writers (the API's threads,
+        the link) never meet in a read that must then be upgraded."""
+        self._conn.execute("BEGIN IMMEDIATE")
+
     def update(self, partial: object, source: str, now: float | None = None) -> list[str]:
         """Validate and persist a partial settings object in one transaction;
         return the keys whose value changed.  Nothing is written if any
-        field is refused."""
+        field is refused.  Every key given is written, even with its value
+        unchanged (its source and time are), so that ``fingerprint`` moves on
+        every accepted write: a held SCP starts on the first one."""
         if source not in SOURCES:
             raise ValueError(f"unknown settings source {source!r}")
         values = validate(partial)
         now = time.time() if now is None else now
         changed = []
-        with self._conn:
+        self._begin()
+        try:
             current = self.persisted()
             for key, value in values.items():
                 old = current.get(key)
-                if old is not None and old.value == value and old.source == source:
-                    continue
-                self._conn.execute(
-                    "INSERT INTO runtime_settings(key, value, source, updated_at) "
-                    "VALUES (?, ?, ?, ?) ON CONFLICT(key) DO UPDATE SET "
-                    "value = excluded.value, source = excluded.source, "
-                    "updated_at = excluded.updated_at",
-                    (key, json.dumps(value), source, now),
-                )
+                self._put(key, value, source, now)
                 if old is None or old.value != value:
                     changed.append(key)
+        except BaseException:
+            self._conn.execute("ROLLBACK")
+            raise
+        self._conn.execute("COMMIT")
         return changed
 
+    def _put(self, key: str, value: object, source: str, at: float) -> None:
+        self._conn.execute(
+            "INSERT INTO runtime_settings(key, value, source, updated_at) "
+            "VALUES (?, ?, ?, ?) ON CONFLICT(key) DO UPDATE SET "
+            "value = excluded.value, source = excluded.source, "
+            "updated_at = excluded.updated_at",
+            (key, json.dumps(value), source, at),
+        )
+
+    def restore(
+        self, previous: Mapping[str, Persisted | None], written: Mapping[str, object]
+    ) -> list[str]:
+        """Undo a write that could not be applied: each key of ``previous``
+        gets its old row back (or none), but only while it still holds the
+        value ``written`` (another writer's later value is kept).  Returns
+        the keys restored."""
+        restored = []
+        self._begin()
+        try:
+            current = self.persisted()
+            for key, old in previous.items():
+                now = current.get(key)
+                if key not in KEYS or now is None or now.value != written.get(key):
+                    continue
+                if old is None:
+                    self._conn.execute("DELETE FROM runtime_settings WHERE key = ?", (key,))
+                else:
+                    self._put(key, old.value, old.source, old.updated_at)
+                restored.append(key)
+        except BaseException:
+            self._conn.execute("ROLLBACK")
+            raise
+        self._conn.execute("COMMIT")
+        return restored
+
     def fingerprint(self) -> tuple:
-        """Changes whenever a persisted value does (the service polls it)."""
+        """Changes on every accepted write (the service polls it)."""
         return tuple(
-            self._conn.execute("SELECT key, value FROM runtime_settings ORDER BY key").fetchall()
+            self._conn.execute(
+                "SELECT key, value, source, updated_at FROM runtime_settings ORDER BY key"
+            ).fetchall()
         )
 
 

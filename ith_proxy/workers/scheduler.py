@@ -12,6 +12,9 @@ of every study whose file is older than its row.
 
 A completed study is queued for every ``[forward] destinations`` node in the
 same transaction as its state (store/outbox.py); the forwarder does the rest.
+``study_timeout`` and the destinations are runtime settings: each pass reads
+the persisted layer (``store/settings.py``, written by the API and the
+backend link), so a change takes effect on the next pass, without a restart.
 Retention (``[spool] retention_hours`` > 0) removes the instance files of a
 study only when every destination acknowledged it that long ago; its rows stay,
 marked purged, and study.json stays as the tombstone (store/retention.py).
@@ -31,6 +34,7 @@ from ith_proxy.config import Config
 from ith_proxy.store.catalog import Catalog
 from ith_proxy.store.outbox import Outbox, OutboxError, check_node
 from ith_proxy.store.retention import Retention
+from ith_proxy.store.settings import RuntimeSettings, effective
 from ith_proxy.store.spool import Spool
 
 log = logging.getLogger("ith_proxy.scheduler")
@@ -103,6 +107,7 @@ class Scheduler:
         self.catalog = catalog
         self.outbox = Outbox(catalog)
         self.retention = Retention(catalog)
+        self.settings = RuntimeSettings(catalog)
         self.clock = clock
         self.destinations = tuple(dict.fromkeys(check_node(n) for n in destinations))
         if not retention_hours >= 0:  # NaN too
@@ -110,16 +115,26 @@ class Scheduler:
         self.retention_s = float(retention_hours) * 3600.0
         self._last_tmp_clean = 0.0
 
+    def live(self) -> tuple[float, tuple[str, ...]]:
+        """(study_timeout, destinations) as they are now: the persisted runtime
+        settings over the configuration and the constructor's destinations."""
+        persisted = self.settings.persisted()
+        live = effective(self.cfg, persisted)
+        destinations = self.destinations
+        if "forward_to" in persisted:
+            destinations = tuple(dict.fromkeys(check_node(n) for n in live.forward.destinations))
+        return live.scheduler.study_timeout, destinations
+
     def run_once(self) -> dict:
         now = self.clock()
-        timeout = self.cfg.scheduler.study_timeout
+        timeout, destinations = self.live()
         completed = [
             uid
             for uid in self.catalog.quiet_studies(now, timeout)
-            if self.outbox.complete_study(uid, now, timeout, self.destinations)
+            if self.outbox.complete_study(uid, now, timeout, destinations)
         ]
         for uid in completed:
-            log.info("study %s complete, queued for %d destination(s)", uid, len(self.destinations))
+            log.info("study %s complete, queued for %d destination(s)", uid, len(destinations))
         purged = self.purge(now) if self.retention_s > 0 else []
         written = 0
         for uid, version in self.catalog.stale_summaries():

@@ -21,7 +21,6 @@ from api_read_site import ApiSite
 from helpers import wait_until
 from ith_proxy import __version__
 from ith_proxy.web.metrics import family
-from test_api_status import needs_control
 
 NAME = re.compile(r"ith_proxy_[a-zA-Z_:][a-zA-Z0-9_:]*")
 LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\\n]|\\\\|\\"|\\n)*)"')
@@ -168,7 +167,6 @@ def test_metrics_move_when_instances_arrive_end_to_end(tmp_path: Path) -> None:
     assert after[("ith_proxy_incoming_files", ())] == 0
 
 
-@needs_control
 def test_scp_counters_move_when_instances_arrive_end_to_end(tmp_path: Path) -> None:
     """instances and bytes received, associations, the SCP up and the link
     offline: these come from the service's Control."""

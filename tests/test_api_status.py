@@ -5,7 +5,6 @@ node on a dead port."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import time
@@ -24,10 +23,6 @@ from outbox_site import Site
 
 # the service's Control (the ops part of issue 10) reports the SCP's state and
 # counters; until it is merged the running proxy has none and says "unknown"
-NO_CONTROL = importlib.util.find_spec("ith_proxy.control") is None
-needs_control = pytest.mark.xfail(
-    NO_CONTROL, reason="the service's Control (issue 10, ops part) is not merged", strict=True
-)
 
 DEAD_NODE_INI = """
 [scheduler]
@@ -148,7 +143,6 @@ def test_a_dead_lettered_forward_shows_in_status_end_to_end(tmp_path: Path) -> N
         assert src.study_uid not in shown
 
 
-@needs_control
 def test_the_scp_and_link_state_of_a_running_proxy(tmp_path: Path) -> None:
     """With the service's Control the SCP reads running, its AE title and port,
     and the link offline (no ITH_URL)."""

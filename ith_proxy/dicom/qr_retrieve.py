@@ -369,7 +369,10 @@ class Retrieve:
 
         def on_outcome(outcome: scu.Outcome) -> None:
             uid = outcome.sop_uid or by_path.get(str(outcome.path), "")
-            counts.add(uid, outcome.status if outcome.result == "delivered" else None)
+            delivered = outcome.result == "delivered"
+            if not delivered:  # our reason text: a status or a connection error, no peer text
+                log.warning("C-MOVE sub-operation for %s failed: %s", uid, outcome.reason)
+            counts.add(uid, outcome.status if delivered else None)
             if channel.cancelled():
                 raise _Cancelled
             counts.pending(channel)

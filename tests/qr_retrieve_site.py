@@ -129,8 +129,11 @@ def retrieve(
     calling_ae: str = "PYSCU",
     move_to: str | None = None,
     storage_ts: Sequence[str] = (EXPLICIT, IMPLICIT),
+    cancel_after: int | None = None,
 ) -> Responses:
-    """One C-GET (``move_to`` None) or C-MOVE by pynetdicom, every response kept."""
+    """One C-GET (``move_to`` None) or C-MOVE by pynetdicom, every response kept;
+    a C-GET is cancelled (C-CANCEL) while its ``cancel_after``-th instance is
+    being received, before that sub-operation is answered."""
     out = Responses()
     ae = AE(ae_title=calling_ae)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 60
@@ -144,6 +147,9 @@ def retrieve(
         ds = event.dataset
         ds.file_meta = event.file_meta
         out.received.append(ds)
+        if len(out.received) == cancel_after:
+            cx = next(c for c in event.assoc.accepted_contexts if c.abstract_syntax == sop_class)
+            event.assoc.send_c_cancel(1, cx.context_id)
         return 0x0000
 
     assoc = ae.associate(

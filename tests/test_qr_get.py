@@ -310,3 +310,21 @@ def test_access_control_refuses_with_0124(site: Site, four: Stored, tmp_path: Pa
     assert "C-GET from NOGET refused (0x0124)" in site.proxy.stderr_text()
     allowed = retrieve(site.proxy.dicom_port, STUDY_GET, identifier, calling_ae="SOMEONE")
     assert allowed.final == 0x0000 and len(allowed.received) == 4
+
+
+def test_c_cancel_stops_the_sub_operations_with_fe00(site: Site) -> None:
+    twenty = site.study(20, "twenty")
+    identifier = {"QueryRetrieveLevel": "STUDY", "StudyInstanceUID": twenty.study}
+    got = retrieve(site.proxy.dicom_port, STUDY_GET, identifier, cancel_after=3)
+    # the C-CANCEL reached the proxy before the third C-STORE response: no fourth
+    assert got.final == 0xFE00 and len(got.received) == 3
+    assert got.counts[-1] == (17, 3, 0, 0)
+    assert "cancelled after 3" in site.proxy.stderr_text()
+
+
+def test_another_pynetdicom_is_refused() -> None:
+    from ith_proxy.dicom import get_stream
+
+    get_stream.check_library()  # the installed, pinned one
+    with pytest.raises(get_stream.LibraryMismatch, match="3.0.5 is installed"):
+        get_stream.check_library("3.0.5")

@@ -326,5 +326,5 @@ def test_another_pynetdicom_is_refused() -> None:
     from ith_proxy.dicom import get_stream
 
     get_stream.check_library()  # the installed, pinned one
-    with pytest.raises(get_stream.LibraryMismatch, match="3.0.5 is installed"):
+    with pytest.raises(get_stream.LibraryMismatch, match=r"3\.0\.5 is installed"):
         get_stream.check_library("3.0.5")

@@ -328,3 +328,40 @@ def test_another_pynetdicom_is_refused() -> None:
     get_stream.check_library()  # the installed, pinned one
     with pytest.raises(get_stream.LibraryMismatch, match=r"3\.0\.5 is installed"):
         get_stream.check_library("3.0.5")
+
+
+def test_access_rules_from_the_ini(tmp_path: Path) -> None:
+    from ith_proxy.config import ConfigError, load
+    from ith_proxy.dicom.qr_access import allowed
+
+    def cfg(text: str):  # type: ignore[no-untyped-def]
+        ini = tmp_path / "proxy.ini"
+        ini.write_text(text)
+        return load(str(ini), env={}, cwd=tmp_path).qr
+
+    node = "[node:pacs]\nkind = dicom\nae_title = PACS\nhost = h\nport = 104\n"
+    default = cfg("")
+    nodes = {"PACS"}.__contains__
+    assert allowed(default, "find", "ANYONE", nodes) and allowed(default, "get", "ANYONE", nodes)
+    assert not allowed(default, "move", "ANYONE", nodes) and allowed(default, "move", "PACS", nodes)
+
+    listed = cfg(
+        "[qr]\nallow_get = VIEWER, nodes\nallow_find = none\n" + node + "allow_find = true\n"
+    )
+    assert allowed(listed, "get", "VIEWER", nodes) and allowed(listed, "get", "PACS", nodes)
+    assert not allowed(listed, "get", "OTHER", nodes)
+    assert allowed(listed, "find", "PACS", nodes) and not allowed(listed, "find", "VIEWER", nodes)
+
+    refused = cfg(node + "allow_get = no\n")
+    assert not allowed(refused, "get", "PACS", nodes) and allowed(refused, "get", "X", nodes)
+
+    for bad in (
+        "[qr]\nallow_move = any, PACS\n",
+        "[qr]\nallow_get =\n",
+        "[qr]\nallow_find = WAY_TOO_LONG_AE_TITLE\n",
+        node + "allow_move = maybe\n",
+        "[node:web]\nkind = dicomweb\nurl = https://x.org/dicom-web\nallow_get = true\n",
+        "[qr]\nallow_delete = any\n",
+    ):
+        with pytest.raises(ConfigError):
+            cfg(bad)

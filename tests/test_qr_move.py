@@ -43,6 +43,14 @@ class Site:
         self.proxy, self.scp, self.listener = proxy, scp, listener
 
 
+def _listening() -> socket.socket:
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(8)
+    sock.setblocking(False)
+    return sock
+
+
 @pytest.fixture(scope="module")
 def orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OrthancProcess]:
     with OrthancProcess(tmp_path_factory.mktemp("orthanc")) as pacs:
@@ -52,10 +60,8 @@ def orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OrthancProcess
 @pytest.fixture(scope="module")
 def site(tmp_path_factory: pytest.TempPathFactory, orthanc: OrthancProcess) -> Iterator[Site]:
     tmp = tmp_path_factory.mktemp("qr_move")
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(8)
-    listener.setblocking(False)
+    listener = _listening()
+    silent = _listening()  # the kernel completes the TCP handshake; nothing ever answers
     dead = tools.free_port()  # nothing listens there
     with tools.StoreSCP(tmp / "scp", extra=("+xa", "+B")) as scp:
         ini = (
@@ -66,11 +72,13 @@ def site(tmp_path_factory: pytest.TempPathFactory, orthanc: OrthancProcess) -> I
             + _node("pacs", orthanc.aet, orthanc.dicom_port)
             + _node("dead", "DEAD", dead)
             + _node("listener", "LISTENER", listener.getsockname()[1])
+            + _node("silent", "SILENT", silent.getsockname()[1])
             + _node("nomove", "NOMOVE", dead, "allow_move = false\n")
         )
         with tools.ProxyProcess(tmp / "p", config_text=ini) as proxy:
             yield Site(proxy, scp, listener)
     listener.close()
+    silent.close()
 
 
 @pytest.fixture(scope="module")
@@ -194,3 +202,15 @@ def test_a_caller_that_may_not_move_gets_0124(site: Site, three: Stored) -> None
         move_to=site.scp.aet,
     )
     assert got.final == 0x0000 and got.counts[-1] == (None, 3, 0, 0)
+
+
+def test_a_destination_that_never_answers_fails_within_the_acse_timeout(
+    site: Site, three: Stored
+) -> None:
+    identifier = {"QueryRetrieveLevel": "SERIES", "SeriesInstanceUID": three.series}
+    got = retrieve(
+        site.proxy.dicom_port, STUDY_MOVE, identifier, calling_ae="MOVER", move_to="SILENT"
+    )
+    assert got.final == 0xA702 and got.counts[-1] == (None, 0, 3, 0)
+    # [scu] acse_timeout = 5 bounds the wait for the association answer
+    assert "failed: no answer to the association request within 5 s" in site.proxy.stderr_text()

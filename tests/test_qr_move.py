@@ -63,6 +63,7 @@ def site(tmp_path_factory: pytest.TempPathFactory, orthanc: OrthancProcess) -> I
     listener = _listening()
     silent = _listening()  # the kernel completes the TCP handshake; nothing ever answers
     dead = tools.free_port()  # nothing listens there
+    own = tools.free_port()  # the proxy's DICOM port
     with tools.StoreSCP(tmp / "scp", extra=("+xa", "+B")) as scp:
         ini = (
             "[scheduler]\nstudy_timeout = 1\n"
@@ -74,8 +75,9 @@ def site(tmp_path_factory: pytest.TempPathFactory, orthanc: OrthancProcess) -> I
             + _node("listener", "LISTENER", listener.getsockname()[1])
             + _node("silent", "SILENT", silent.getsockname()[1])
             + _node("nomove", "NOMOVE", dead, "allow_move = false\n")
+            + _node("self", "DICOMRCV", own)  # the proxy itself, by mistake
         )
-        with tools.ProxyProcess(tmp / "p", config_text=ini) as proxy:
+        with tools.ProxyProcess(tmp / "p", config_text=ini, dicom_port=own) as proxy:
             yield Site(proxy, scp, listener)
     listener.close()
     silent.close()
@@ -163,7 +165,7 @@ def test_an_unknown_destination_is_a801_and_no_connection_is_opened(
     # the answer came after the lookup: any connection would be waiting by now
     with pytest.raises(BlockingIOError):
         site.listener.accept()
-    # a known node that is not dicom-reachable by that title is no destination either
+    # the same through DCMTK movescu
     result = movescu(
         site.proxy.dicom_port,
         "nobody",
@@ -172,6 +174,18 @@ def test_an_unknown_destination_is_a801_and_no_connection_is_opened(
     assert "Received Final Move Response (Refused: MoveDestinationUnknown)" in result.stderr
     with pytest.raises(BlockingIOError):
         site.listener.accept()
+
+
+def test_the_proxy_itself_is_no_move_destination(site: Site, three: Stored) -> None:
+    identifier = {"QueryRetrieveLevel": "STUDY", "StudyInstanceUID": three.study}
+    held = len(list((site.proxy.spool / "studies").glob("*/*/*.dcm")))
+    got = retrieve(
+        site.proxy.dicom_port, STUDY_MOVE, identifier, calling_ae="MOVER", move_to="DICOMRCV"
+    )
+    assert got.statuses == [0xA801]
+    assert "move destination is this proxy's own AE title" in site.proxy.stderr_text()
+    assert not any((site.proxy.spool / "incoming").iterdir())
+    assert len(list((site.proxy.spool / "studies").glob("*/*/*.dcm"))) == held
 
 
 def test_a_destination_that_is_down_fails_every_sub_operation(site: Site, three: Stored) -> None:

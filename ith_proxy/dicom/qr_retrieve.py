@@ -17,7 +17,8 @@ Statuses (PS3.4 C.4.2.1.5 / C.4.3.1.4), answered, never a traceback:
             wildcard or malformed unique key, a list above the retrieve level
 0xC000      undecodable identifier; more than ``MAX_KEYS`` keys
 0xA701      more than 65535 instances match (the counts are US)
-0xA801      C-MOVE destination not a known dicom node (no connection opened)
+0xA801      C-MOVE destination not a known dicom node, or this proxy's own
+            AE title (no connection opened)
 0xFF00      pending, after each sub-operation but the last, with the counts
 0x0000      every sub-operation completed (also: nothing matched, 0 of each)
 0xB000      some sub-operations failed or had warnings; Failed SOP Instance UID List
@@ -297,6 +298,8 @@ class Retrieve:
                 node = nodes.by_ae_title(channel.move_destination)
                 if node is None or not node.host or not node.port:
                     raise _Refused(UNKNOWN_DEST, "move destination is not a known dicom node")
+                if node.ae_title == self.cfg.scp.ae_title:  # would feed our own data back in
+                    raise _Refused(UNKNOWN_DEST, "move destination is this proxy's own AE title")
             rows = QrFiles(catalog).instances(want, MAX_MATCHES + 1)
         if len(rows) > MAX_MATCHES:
             raise _Refused(TOO_MANY, f"more than {MAX_MATCHES} instances match")

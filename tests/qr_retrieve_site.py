@@ -133,7 +133,8 @@ def retrieve(
 ) -> Responses:
     """One C-GET (``move_to`` None) or C-MOVE by pynetdicom, every response kept;
     a C-GET is cancelled (C-CANCEL) while its ``cancel_after``-th instance is
-    being received, before that sub-operation is answered."""
+    being received, before that sub-operation is answered; a C-MOVE when its
+    ``cancel_after``-th pending response arrives."""
     out = Responses()
     ae = AE(ae_title=calling_ae)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 60
@@ -171,6 +172,11 @@ def retrieve(
         for status, ident in replies:
             assert status is not None and "Status" in status, "no response"
             out.statuses.append(int(status.Status))
+            if move_to is not None and out.statuses.count(0xFF00) == cancel_after == len(
+                out.statuses
+            ):
+                cx = next(c for c in assoc.accepted_contexts if c.abstract_syntax == sop_class)
+                assoc.send_c_cancel(1, cx.context_id)
             out.counts.append(
                 (
                     status.get("NumberOfRemainingSuboperations"),

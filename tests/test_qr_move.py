@@ -17,6 +17,7 @@ from collections.abc import Iterator
 import pytest
 
 import tools
+from forward_e2e import SLOW_LUA
 from orthanc import OrthancProcess
 from qr_retrieve_site import (
     PATIENT_MOVE,
@@ -58,7 +59,19 @@ def orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OrthancProcess
 
 
 @pytest.fixture(scope="module")
-def site(tmp_path_factory: pytest.TempPathFactory, orthanc: OrthancProcess) -> Iterator[Site]:
+def slow(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OrthancProcess]:
+    """An Orthanc that takes ~0.1 s per received instance."""
+    workdir = tmp_path_factory.mktemp("slow")
+    script = workdir / "slow.lua"
+    script.write_text(SLOW_LUA)
+    with OrthancProcess(workdir, aet="SLOW", extra={"LuaScripts": [str(script)]}) as pacs:
+        yield pacs
+
+
+@pytest.fixture(scope="module")
+def site(
+    tmp_path_factory: pytest.TempPathFactory, orthanc: OrthancProcess, slow: OrthancProcess
+) -> Iterator[Site]:
     tmp = tmp_path_factory.mktemp("qr_move")
     listener = _listening()
     silent = _listening()  # the kernel completes the TCP handshake; nothing ever answers
@@ -71,6 +84,7 @@ def site(tmp_path_factory: pytest.TempPathFactory, orthanc: OrthancProcess) -> I
             "[qr]\nallow_move = MOVER, nodes\n"
             + _node("scp", scp.aet, scp.port)
             + _node("pacs", orthanc.aet, orthanc.dicom_port)
+            + _node("slow", slow.aet, slow.dicom_port)
             + _node("dead", "DEAD", dead)
             + _node("listener", "LISTENER", listener.getsockname()[1])
             + _node("silent", "SILENT", silent.getsockname()[1])
@@ -228,3 +242,21 @@ def test_a_destination_that_never_answers_fails_within_the_acse_timeout(
     assert got.final == 0xA702 and got.counts[-1] == (None, 0, 3, 0)
     # [scu] acse_timeout = 5 bounds the wait for the association answer
     assert "failed: no answer to the association request within 5 s" in site.proxy.stderr_text()
+
+
+def test_c_cancel_stops_a_move_with_fe00(site: Site, big: Stored, slow: OrthancProcess) -> None:
+    identifier = {"QueryRetrieveLevel": "STUDY", "StudyInstanceUID": big.study}
+    got = retrieve(
+        site.proxy.dicom_port,
+        STUDY_MOVE,
+        identifier,
+        calling_ae="MOVER",
+        move_to=slow.aet,
+        cancel_after=1,
+    )
+    # ~0.1 s per instance at the destination: the cancel arrives long before the 200th
+    assert got.final == 0xFE00
+    remaining, completed, failed, warning = got.counts[-1]
+    assert remaining is not None and remaining > 0
+    assert remaining + completed + failed + warning == 200
+    assert slow.instance_count() < 200

@@ -287,11 +287,11 @@ class Config:
     scu: ScuConfig = field(default_factory=ScuConfig)
     forward: ForwardConfig = field(default_factory=ForwardConfig)
     nodes: tuple[NodeConfig, ...] = ()  # the [node:NAME] sections
-    qr: QrConfig = field(default_factory=QrConfig)
     derived_nodes: tuple[NodeConfig, ...] = ()  # `backend`, when ITH_URL is set
     # "section.key" -> where its value came from: "default", the INI file's path,
     # ".env VAR" or "environment VAR" (status and GET /api/config/ show it)
     origins: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
+    qr: QrConfig = field(default_factory=QrConfig)  # Q/R access (dicom/qr_access.py)
 
     def local_nodes(self) -> tuple[NodeConfig, ...]:
         """The nodes this configuration defines: INI sections, then derived."""

@@ -103,6 +103,11 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("forward", "stow_batch_instances", "100", v.integer(1, 10000)),
     Setting("link", "ith_url", "", v.link_url, "ITH_URL"),
     Setting("link", "ith_token", "", v.text, "ITH_TOKEN"),
+    # Q/R access (dicom/qr_access.py); [node:NAME] allow_<op> = true|false overrides
+    Setting("qr", "allow_find", "any", v.qr_rule),
+    Setting("qr", "allow_get", "any", v.qr_rule),
+    Setting("qr", "allow_move", "nodes", v.qr_rule),
+    Setting("qr", "max_convert_mb", "256", v.integer(0, 1 << 22)),
     Setting("log", "level", "INFO", v.choice("DEBUG", "INFO", "WARNING", "ERROR")),
     Setting("log", "max_bytes", "10485760", v.integer(4096, 2**40)),
     Setting("log", "backups", "5", v.integer(0, 1000)),
@@ -247,6 +252,20 @@ class NodeConfig:
 
 
 @dataclass(frozen=True)
+class QrConfig:
+    """Q/R access and retrieve limits.  Each rule is ``("any",)``,
+    ``("none",)`` or calling AE titles and/or ``"nodes"``; ``node_access``
+    holds the ``[node:NAME] allow_<op>`` overrides as (node AE title, op,
+    allowed).  The decision is dicom/qr_access.py's ``allowed``."""
+
+    allow_find: tuple[str, ...] = ("any",)
+    allow_get: tuple[str, ...] = ("any",)
+    allow_move: tuple[str, ...] = ("nodes",)
+    max_convert_mb: int = 256  # Implicit<->Explicit VR LE conversion is in memory
+    node_access: tuple[tuple[str, str, bool], ...] = ()
+
+
+@dataclass(frozen=True)
 class LogConfig:
     level: str
     max_bytes: int
@@ -272,6 +291,7 @@ class Config:
     # "section.key" -> where its value came from: "default", the INI file's path,
     # ".env VAR" or "environment VAR" (status and GET /api/config/ show it)
     origins: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
+    qr: QrConfig = field(default_factory=QrConfig)  # Q/R access (dicom/qr_access.py)
 
     def local_nodes(self) -> tuple[NodeConfig, ...]:
         """The nodes this configuration defines: INI sections, then derived."""
@@ -311,12 +331,41 @@ def _read_ini(path: Path) -> configparser.ConfigParser:
 BACKEND_NODE = "backend"
 
 
+_QR_NODE_KEYS = tuple(f"allow_{op}" for op in v.QR_OPERATIONS)
+
+
 def _read_nodes(parser: configparser.ConfigParser, path: Path) -> tuple[NodeConfig, ...]:
-    sections = [(s, parser[s]) for s in parser.sections() if s.startswith(v.NODE_PREFIX)]
+    sections = [
+        (s, {k: val for k, val in parser[s].items() if k not in _QR_NODE_KEYS})
+        for s in parser.sections()
+        if s.startswith(v.NODE_PREFIX)
+    ]
     try:
         return tuple(NodeConfig(**values) for values in v.node_sections(sections))
     except ValueError as exc:
         raise ConfigError(f"{path}: {exc}") from None
+
+
+def _read_node_access(
+    parser: configparser.ConfigParser, path: Path, nodes: tuple[NodeConfig, ...]
+) -> tuple[tuple[str, str, bool], ...]:
+    """``[node:NAME] allow_find|allow_get|allow_move = true|false`` of dicom nodes."""
+    by_name = {n.name: n for n in nodes}
+    out: list[tuple[str, str, bool]] = []
+    for section in parser.sections():
+        if not section.startswith(v.NODE_PREFIX):
+            continue
+        node = by_name.get(section[len(v.NODE_PREFIX) :])
+        for key in _QR_NODE_KEYS:
+            if not parser.has_option(section, key):
+                continue
+            if node is None or node.kind != "dicom":
+                raise ConfigError(f"{path}: [{section[:80]}] {key}: only for a dicom node")
+            try:
+                out.append((node.ae_title, key[len("allow_") :], v.boolean(parser[section][key])))
+            except ValueError as exc:
+                raise ConfigError(f"{path}: [{section[:80]}] {key}: {exc}") from None
+    return tuple(out)
 
 
 def _derived_nodes(link: LinkConfig) -> tuple[NodeConfig, ...]:
@@ -402,6 +451,7 @@ def load(
         raise ConfigError(f"[vault] key_file: {key_path} must live outside the spool {spool_dir}")
 
     link = LinkConfig(**values["link"])
+    nodes = _read_nodes(parser, ini_file)
     return Config(
         scp=ScpConfig(**values["scp"]),
         spool=SpoolConfig(
@@ -421,7 +471,8 @@ def load(
         source=str(ini_file) if ini_file.exists() else "",
         scu=ScuConfig(**values["scu"]),
         forward=ForwardConfig(**forward),
-        nodes=_read_nodes(parser, ini_file),
+        nodes=nodes,
+        qr=QrConfig(**values["qr"], node_access=_read_node_access(parser, ini_file, nodes)),
         derived_nodes=_derived_nodes(link),
         origins=origins,
     )

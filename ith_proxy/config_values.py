@@ -111,6 +111,24 @@ def ae_list(raw: str) -> tuple[str, ...]:
     return tuple(ae_title(part) for part in raw.replace(",", " ").split())
 
 
+QR_OPERATIONS = ("find", "get", "move")  # [qr] allow_<op>, [node:NAME] allow_<op>
+
+
+def qr_rule(raw: str) -> tuple[str, ...]:
+    """Who may run a Q/R operation: ``any``, ``none``, or calling AE titles
+    and/or ``nodes`` (any dicom node's AE title), space or comma separated."""
+    parts = raw.replace(",", " ").split()
+    if not parts:
+        raise ValueError("empty: write any, none, nodes or AE titles")
+    lowered = [p.lower() for p in parts]
+    for word in ("any", "none"):
+        if word in lowered:
+            if len(parts) > 1:
+                raise ValueError(f"{word!r} cannot be combined with other entries")
+            return (word,)
+    return tuple("nodes" if p.lower() == "nodes" else ae_title(p) for p in parts)
+
+
 # Extra transfer syntaxes a site may enable; stored as received.
 TRANSFER_SYNTAX_NAMES = {
     "jpeg-lossless": "1.2.840.10008.1.2.4.70",

@@ -61,6 +61,8 @@ ALLOWED_ROOMS: dict[str, set[str] | None] = {
     "store.settings": {"config", "config_values", "store.catalog"},
     # the API's read queries: the study list (keyset pages), a study's detail, the site summary
     "store.browse": {"store.catalog", "store.outbox", "store.spool"},
+    # retrieve's SQL: the unpurged instances a C-GET/C-MOVE identifier names
+    "store.qr_files": {"store.catalog"},
     # vault/: keys (the only cryptography), key files, vault.phi, encrypted spool files
     "vault": set(),
     "vault.keyfiles": {"fsio"},
@@ -77,9 +79,35 @@ ALLOWED_ROOMS: dict[str, set[str] | None] = {
     "dicom.wake": set(),  # reactor wake-ups, for every room that makes associations
     "dicom.libsetup": set(),  # library settings, applied by explicit call only
     "dicom.scp_stream": {"config"},  # the one replacement of pynetdicom's data set assembly
-    "dicom.ae": {"config", "dicom.scp_stream", "dicom.wake"},
+    "dicom.ae": {"config", "dicom.get_stream", "dicom.scp_stream", "dicom.wake"},
     # the SCP gets a stream-encryptor factory from the service; it imports no vault room
-    "dicom.scp": {"config", "store.spool", "dicom.ae", "dicom.scp_stream"},
+    "dicom.scp": {
+        "config",
+        "store.spool",
+        "dicom.ae",
+        "dicom.get_stream",
+        "dicom.qr_retrieve",
+        "dicom.scp_stream",
+    },
+    # the one replacement of pynetdicom's C-GET/C-MOVE SCP (stored bytes as they are)
+    "dicom.get_stream": {"dicom.scu_wire"},
+    # who may find, get and move (stdlib + the config's rules)
+    "dicom.qr_access": {"config"},
+    # C-GET and C-MOVE over the catalog and studies/ (C-MOVE through the forwarder's SCU)
+    "dicom.qr_retrieve": {
+        "config",
+        "fsio",
+        "store.catalog",
+        "store.nodes",
+        "store.qr_files",
+        "store.spool",
+        "dicom.get_stream",
+        "dicom.qr_access",
+        "dicom.scu",
+        "dicom.scu_assoc",
+        "dicom.scu_wire",
+        "dicom.status",
+    },
     "dicom.qr": {"config", "store.spool", "store.catalog", "dicom.ae", "dicom.files"},
     # a DICOM status -> delivered / transient / permanent, for the SCU and STOW-RS (stdlib)
     "dicom.status": set(),

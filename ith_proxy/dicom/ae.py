@@ -28,7 +28,7 @@ from pynetdicom import AE
 from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
 from ith_proxy.config import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION, Config
-from ith_proxy.dicom import scp_stream
+from ith_proxy.dicom import get_stream, scp_stream
 from ith_proxy.dicom.wake import wake_on_work
 
 log = logging.getLogger("ith_proxy.dicom")
@@ -46,6 +46,13 @@ STORAGE_CLASSES = {
     "EnhancedPETImageStorage": "1.2.840.10008.5.1.4.1.1.130",
 }
 VERIFICATION = "1.2.840.10008.1.1"
+# Q/R retrieve, both models (dicom/qr_retrieve.py)
+RETRIEVE_CLASSES = (
+    "1.2.840.10008.5.1.4.1.2.1.2",  # Patient Root Q/R MOVE
+    "1.2.840.10008.5.1.4.1.2.1.3",  # Patient Root Q/R GET
+    "1.2.840.10008.5.1.4.1.2.2.2",  # Study Root Q/R MOVE
+    "1.2.840.10008.5.1.4.1.2.2.3",  # Study Root Q/R GET
+)
 DEFAULT_TRANSFER_SYNTAXES = ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1")
 
 
@@ -57,6 +64,9 @@ class AssociationHandler(RequestHandler):
         # data sets stream to spool/tmp/ instead of a BytesIO (scp_stream.py)
         scp_stream.install(assoc, self.server.store_opener(assoc), self.ae.maximum_pdu_size)
         wake_on_work(assoc)  # event-driven instead of 1 ms polling (wake.py)
+        retrieve = getattr(self.server, "retrieve", None)
+        if retrieve is not None:  # C-GET/C-MOVE: stored bytes as they are (get_stream.py)
+            get_stream.install(assoc, retrieve)
         return assoc
 
 
@@ -66,6 +76,8 @@ class Server(ThreadedAssociationServer):
     # set by the SCP (dicom/scp.py) on its subclass: per association, the maker
     # of each C-STORE's Incoming
     store_opener: Callable[[Any], Callable[[Any, str], scp_stream.Incoming]]
+    # set by the SCP: serves each C-GET/C-MOVE request (dicom/qr_retrieve.py)
+    retrieve: Callable[[get_stream.Channel], None] | None = None
 
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
         client, address = super().get_request()
@@ -99,12 +111,19 @@ def build_ae(cfg: Config) -> AE:
     ae = AE(ae_title=scp.ae_title)
     ae.implementation_class_uid = IMPLEMENTATION_CLASS_UID
     ae.implementation_version_name = IMPLEMENTATION_VERSION
-    syntaxes = list(DEFAULT_TRANSFER_SYNTAXES) + [
+    # Explicit VR LE first: of the syntaxes a requester proposes in one context
+    # pynetdicom accepts the first in this list, and a C-GET can then send
+    # the usual (explicit) stored files as they are (docs/conformance.md)
+    syntaxes = list(reversed(DEFAULT_TRANSFER_SYNTAXES)) + [
         t for t in scp.transfer_syntaxes if t not in DEFAULT_TRANSFER_SYNTAXES
     ]
     ae.add_supported_context(VERIFICATION, list(DEFAULT_TRANSFER_SYNTAXES))
     for uid in STORAGE_CLASSES.values():
-        ae.add_supported_context(uid, syntaxes)
+        # either role: C-STORE to us, or from us as C-GET sub-operations
+        # (the requester proposes the SCP role for itself; PS3.7 D.3.3.4)
+        ae.add_supported_context(uid, syntaxes, scu_role=True, scp_role=True)
+    for uid in RETRIEVE_CLASSES:
+        ae.add_supported_context(uid, list(DEFAULT_TRANSFER_SYNTAXES))
     ae.maximum_associations = scp.max_associations
     ae.maximum_pdu_size = scp.max_pdu_size
     ae.acse_timeout = scp.acse_timeout

@@ -29,7 +29,7 @@ from pynetdicom.events import EventHandlerType
 from pynetdicom.transport import ThreadedAssociationServer
 
 from ith_proxy.config import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION, Config
-from ith_proxy.dicom import scp_stream
+from ith_proxy.dicom import get_stream, qr_retrieve, scp_stream
 from ith_proxy.dicom.ae import AssociationHandler, Server, build_ae
 from ith_proxy.store.spool import Spool
 
@@ -146,6 +146,7 @@ class StorageSCP:
         counters: Counters | None = None,
     ) -> None:
         scp_stream.check_library()  # raises LibraryMismatch on another pynetdicom
+        get_stream.check_library()
         self.cfg = cfg
         self.spool = spool
         self.encryptor = encryptor
@@ -169,6 +170,7 @@ class StorageSCP:
                 "request_queue_size": max(self.cfg.scp.max_associations * 2, 64),
                 "artim_timeout": self.cfg.scp.artim_timeout,
                 "store_opener": staticmethod(self._store_opener),
+                "retrieve": staticmethod(qr_retrieve.serve(self.cfg, self.spool)),
             },
         )
         self.server = self.ae.make_server(

@@ -134,6 +134,16 @@ _MIGRATIONS: tuple[str, ...] = (
         updated_at REAL NOT NULL
     ) WITHOUT ROWID;
     """,
+    # 5: the backend link's durable outgoing messages (store/linkbox.py holds their SQL)
+    """
+    CREATE TABLE linkbox(
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        id TEXT NOT NULL UNIQUE,
+        type TEXT NOT NULL,
+        body TEXT NOT NULL,
+        created_at REAL NOT NULL
+    );
+    """,
 )
 
 

@@ -101,7 +101,7 @@ class Scheduler:
         self.cfg = cfg
         self.spool = spool
         self.catalog = catalog
-        self.outbox = Outbox(catalog)
+        self.outbox = Outbox(catalog, link_events=not cfg.link.offline)
         self.retention = Retention(catalog)
         self.clock = clock
         self.destinations = tuple(dict.fromkeys(check_node(n) for n in destinations))

@@ -19,6 +19,7 @@ connect_timeout = 5
 reconnect_base = 0.1
 reconnect_cap = 0.5
 max_message_kb = 64
+{link}
 [scu]
 connect_timeout = 2
 acse_timeout = 5
@@ -29,9 +30,18 @@ dimse_timeout = 5
 class LinkSite:
     """Rooms of a site with ITH_URL set to the simulator, the link in a thread."""
 
-    def __init__(self, tmp_path: Path, sim: BackendSim, ini: str = "", env: dict | None = None):
+    def __init__(
+        self,
+        tmp_path: Path,
+        sim: BackendSim,
+        ini: str = "",
+        env: dict | None = None,
+        link: str = "",
+    ) -> None:
+        """``link``: more lines of the [link] section; ``ini``: more sections."""
         self.sim = sim
-        self.rooms = Rooms(tmp_path / "site", FAST + ini, env={**sim.env(), **(env or {})})
+        ini = FAST.format(link=link) + ini
+        self.rooms = Rooms(tmp_path / "site", ini, env={**sim.env(), **(env or {})})
         load_config_nodes(self.rooms.catalog, self.rooms.cfg)
         self.site = Site(self.rooms, tmp_path, destinations=())
         self.stop_event = threading.Event()

@@ -153,7 +153,7 @@ class Link:
             self._fetch_attempts += 1
             delay = self.backoff.delay(self._fetch_attempts, self.rand)
             self._next_fetch = time.monotonic() + delay
-            log.warning("link: backend config not fetched (%s); retry in %.0f s", exc, delay)
+            log.warning("link: backend config not fetched (%s); retry in %.1f s", exc, delay)
             return
         self.config_pending = False
         self.note_config(report)

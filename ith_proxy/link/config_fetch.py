@@ -69,6 +69,9 @@ def fetch(cfg: Config) -> dict[str, Any]:
         raise FetchError(f"HTTP {exc.code}") from None
     except (urllib.error.URLError, OSError, ValueError) as exc:
         reason = getattr(exc, "reason", exc)
+        if isinstance(reason, ssl.SSLCertVerificationError):
+            why = safe(str(reason.verify_message), 120)
+            raise FetchError(f"TLS certificate not accepted ({why})") from None
         raise FetchError(f"unreachable ({type(reason).__name__})") from None
     if len(raw) > limit:
         raise FetchError(f"the config is larger than {cfg.link.max_message_kb} KiB")

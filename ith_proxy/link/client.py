@@ -111,6 +111,7 @@ class Link:
         self.rand = rand
         self.backoff = Backoff(cfg.link.reconnect_base, cfg.link.reconnect_cap)
         self._fetch_attempts = 0
+        self.greeted = False  # the current session got through hello
         self._next_fetch = 0.0
 
     # --- the thread ---
@@ -121,17 +122,17 @@ class Link:
             failures = 0
             while not stop.is_set():
                 self.fetch_config(catalog)
+                self.greeted = False
                 try:
                     self.session(catalog, stop)
-                    failures = 0
                 except LinkDown as exc:
                     log.warning("link: %s", exc)
-                    failures += 1
                 except Exception as exc:  # a bug must not end the thread
                     log.error("link: session failed: %s", describe(exc))
-                    failures += 1
+                # a session that got through hello starts the backoff again
+                failures = 1 if self.greeted else failures + 1
                 self.set_status("disconnected")
-                self._wait(catalog, stop, self.backoff.delay(max(failures, 1), self.rand))
+                self._wait(catalog, stop, self.backoff.delay(failures, self.rand))
         finally:
             self.set_status("disconnected")
             catalog.close()
@@ -217,6 +218,7 @@ class Link:
         linkbox = Linkbox(catalog)
         self._send(ws, p.hello(commands.ae_title(self.cfg, catalog), self.cfg.deid.anonymize))
         sent = self._flush(ws, linkbox, 0)  # every unacked message again, in order
+        self.greeted = True
         self.set_status("connected")
         log.info("link: connected to the backend (%d unacked message(s) sent again)", sent[1])
         self.fetch_config(catalog)

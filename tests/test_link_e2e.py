@@ -218,6 +218,9 @@ def test_heartbeat_and_audit_head(tmp_path: Path) -> None:
     finally:
         proxy.stop()
         sim.kill()
+    logs = main_log(proxy) + proxy.stdout_path.read_text() + proxy.stderr_path.read_text()
+    assert "link: connected to the backend" in logs
+    assert sim.token not in logs  # the token is never logged
 
 
 @pytest.mark.timeout(300)

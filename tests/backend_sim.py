@@ -27,9 +27,9 @@ import ssl
 import threading
 import uuid
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
-from aiohttp import WSMsgType, web
+from aiohttp import BodyPartReader, WSMsgType, web
 from pydicom import dcmread
 
 import tools
@@ -158,7 +158,8 @@ class BackendSim:
             part = await reader.next()
             if part is None:
                 break
-            data = await part.read()  # type: ignore[union-attr]
+            assert isinstance(part, BodyPartReader), "a nested multipart"
+            data = await part.read()
             ds = dcmread(io.BytesIO(bytes(data)), force=True)
             with self.lock:
                 self.stow_parts.append(bytes(data))
@@ -247,7 +248,7 @@ class BackendSim:
                     return m
             return None
 
-        return wait_until(find, timeout, f"command.result for {command_id}")  # type: ignore[return-value]
+        return cast(dict[str, Any], wait_until(find, timeout, f"command.result for {command_id}"))
 
     def wait_for(
         self, predicate: Callable[[dict[str, Any]], bool], timeout: float, what: str
@@ -256,7 +257,7 @@ class BackendSim:
             with self.lock:
                 return next((m for m in self.received if predicate(m)), None)
 
-        return wait_until(find, timeout, what)  # type: ignore[return-value]
+        return cast(dict[str, Any], wait_until(find, timeout, what))
 
     def wait_connected(self, timeout: float = 30, connections: int = 1) -> None:
         wait_until(

@@ -306,3 +306,31 @@ def test_config_fetch_applies_each_field_on_its_own(tmp_path: Path, caplog) -> N
         assert sim.requests[0][2] == f"Token {sim.token}"
     with pytest.raises(config_fetch.FetchError, match="unreachable"):
         config_fetch.fetch(s.rooms.cfg)
+
+
+def test_a_config_fetch_that_failed_is_retried_while_connected(
+    tmp_path: Path, sim: BackendSim
+) -> None:
+    """The config endpoint fails while the WebSocket works: the link keeps
+    fetching, in the session, and reports it in health until it succeeds."""
+    sim.config_status = 500
+    s = LinkSite(tmp_path, sim).start()
+    try:
+        sim.wait_connected()
+        sim.wait_for(
+            lambda m: m["type"] == "health" and "backend config not fetched yet" in m["problems"],
+            30,
+            "the pending fetch in health",
+        )
+        sim.config, sim.config_status = {"study_timeout": 8}, 200
+        wait_until(
+            lambda: "study_timeout" in RuntimeSettings(s.rooms.catalog).persisted(),
+            30,
+            "the fetch during the session",
+        )
+        sim.wait_for(
+            lambda m: m["type"] == "health" and m["status"] == "ok", 30, "a healthy heartbeat"
+        )
+        assert sim.connections == 1
+    finally:
+        s.stop()

@@ -221,7 +221,6 @@ class Link:
         self.greeted = True
         self.set_status("connected")
         log.info("link: connected to the backend (%d unacked message(s) sent again)", sent[1])
-        self.fetch_config(catalog)
         anchor = _Anchor(self.cfg.vault.audit_anchor_file)
         anchor.changed()  # the heartbeat carries the head; audit.head tells moves
         next_health = 0.0
@@ -235,6 +234,7 @@ class Link:
             if anchor.changed() and anchor.head is not None:
                 self._send(ws, p.audit_head(anchor.head))
             cursor = self._flush(ws, linkbox, cursor)[0]
+            self.fetch_config(catalog)  # while still pending, when due
             try:
                 item = inbox.get(timeout=_TICK)
             except queue.Empty:

@@ -108,6 +108,12 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("qr", "allow_get", "any", v.qr_rule),
     Setting("qr", "allow_move", "nodes", v.qr_rule),
     Setting("qr", "max_convert_mb", "256", v.integer(0, 1 << 22)),
+    Setting("link", "ca_file", "", v.text),
+    Setting("link", "heartbeat_interval", "30", v.seconds),
+    Setting("link", "connect_timeout", "10", v.seconds),
+    Setting("link", "reconnect_base", "1", v.seconds),
+    Setting("link", "reconnect_cap", "60", v.seconds),
+    Setting("link", "max_message_kb", "1024", v.integer(16, 65536)),
     Setting("log", "level", "INFO", v.choice("DEBUG", "INFO", "WARNING", "ERROR")),
     Setting("log", "max_bytes", "10485760", v.integer(4096, 2**40)),
     Setting("log", "backups", "5", v.integer(0, 1000)),
@@ -204,6 +210,12 @@ class ApiConfig:
 class LinkConfig:
     ith_url: str
     ith_token: str = field(repr=False)
+    ca_file: str = ""  # CA bundle for https/wss; empty: the system's
+    heartbeat_interval: float = 30.0
+    connect_timeout: float = 10.0
+    reconnect_base: float = 1.0
+    reconnect_cap: float = 60.0
+    max_message_kb: int = 1024  # a larger WebSocket message from the backend closes the link
 
     @property
     def offline(self) -> bool:
@@ -433,6 +445,8 @@ def load(
         raise ConfigError("[forward] destinations: 'none' cannot be combined with node names")
     elif not forward["destinations"] and values["link"]["ith_url"]:
         forward["destinations"] = (BACKEND_NODE,)
+    if values["link"]["reconnect_cap"] < values["link"]["reconnect_base"]:
+        raise ConfigError("[link] reconnect_cap: must not be smaller than reconnect_base")
     if forward["backoff_cap"] < forward["backoff_base"]:
         raise ConfigError("[forward] backoff_cap: must not be smaller than backoff_base")
     if values["deid"]["retain_long_full_dates"] and values["deid"]["retain_long_modified_dates"]:

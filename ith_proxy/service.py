@@ -30,6 +30,7 @@ from ith_proxy.dicom import scp_stream
 from ith_proxy.dicom.libsetup import configure_libraries
 from ith_proxy.dicom.scp import Counters, StorageSCP
 from ith_proxy.health import Liveness, problems
+from ith_proxy.link.client import Link
 from ith_proxy.store.catalog import Catalog
 from ith_proxy.store.nodes import load_config_nodes
 from ith_proxy.store.spool import Spool
@@ -65,6 +66,7 @@ class Service:
         self.api: ApiServer | None = None
         # the backend link's state for status and metrics: offline | connected | disconnected
         self.link_status = "offline"
+        self.link: Link | None = None  # set when ITH_URL is set
         self._lock_fd: int | None = None
         self.indexer: multiprocessing.process.BaseProcess | None = None
         self._log_listener: logging.handlers.QueueListener | None = None
@@ -142,10 +144,37 @@ class Service:
                 self._worker(name, target)
 
     def _restartable(self) -> tuple[tuple[str, Callable[[], None]], ...]:
+        link = (("link", self._run_link_thread),) if self.link is not None else ()
         return (
             ("scheduler", self._run_scheduler_thread),
             ("forwarder", self._run_forwarder_thread),
+            *link,
         )
+
+    def _set_link_status(self, status: str) -> None:
+        self.link_status = status
+
+    def _start_link(self) -> None:
+        """The backend link, when ITH_URL is set: the backend's config is
+        fetched once now (it is persisted before the SCP starts; when the
+        backend is down the proxy starts on the last persisted config), then
+        the link thread keeps the WebSocket and retries the fetch."""
+        if self.cfg.link.offline:
+            return
+        self.link = Link(
+            self.cfg, self.spool.catalog_file, health=self.health, set_status=self._set_link_status
+        )
+        self.link_status = "disconnected"
+        catalog = Catalog(self.spool.catalog_file)
+        try:
+            self.link.fetch_config(catalog)
+        finally:
+            catalog.close()
+        self._worker("link", self._run_link_thread)
+
+    def _run_link_thread(self) -> None:
+        assert self.link is not None
+        self.link.run(self.stop_event)
 
     def _run_scheduler_thread(self) -> None:
         catalog = Catalog(self.spool.catalog_file)
@@ -181,6 +210,7 @@ class Service:
         self._start_indexer()
         self._worker("scheduler", self._run_scheduler_thread)
         self._worker("forwarder", self._run_forwarder_thread)
+        self._start_link()
         encryptor = None  # the SCP gets a stream-encryptor factory, never a key
         if self.cfg.spool.encrypt_incoming:
             encryptor = vault_stream.encryptor(Keyring.load(self.cfg.vault.key_file))

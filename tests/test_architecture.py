@@ -51,7 +51,9 @@ ALLOWED_ROOMS: dict[str, set[str] | None] = {
     "store.quarantine": {"fsio"},  # the quarantine folder's part of the spool
     "store.catalog": {"config"},
     # the forwarding outbox and its per-instance ledger (SQL over a Catalog's connection)
-    "store.outbox": {"backoff", "store.catalog"},
+    "store.outbox": {"backoff", "store.catalog", "store.linkbox"},
+    # the backend link's durable outgoing messages (SQL over a Catalog's connection)
+    "store.linkbox": {"store.catalog"},
     # what retention may purge, the tombstones, the outbox restored by reindex
     "store.retention": {"store.catalog", "store.outbox"},
     "store.audit": {"config", "fsio"},
@@ -205,6 +207,38 @@ ALLOWED_ROOMS: dict[str, set[str] | None] = {
     },
     # link/: the backend WebSocket link
     "link": {"config", "store.catalog", "link"},
+    # the backend's messages: parsing (untrusted) and building; the envelope is the linkbox's
+    "link.protocol": {"__init__", "store.linkbox"},
+    # what each backend command does, through catalog rows; node.echo is a C-ECHO SCU
+    "link.commands": {
+        "config",
+        "dicom.scu",
+        "link.protocol",
+        "store.catalog",
+        "store.nodes",
+        "store.outbox",
+        "store.settings",
+    },
+    # GET {ITH_URL}/api/proxy/config/ (stdlib HTTP) and its application
+    "link.config_fetch": {
+        "config",
+        "link.commands",
+        "link.protocol",
+        "store.catalog",
+        "store.nodes",
+    },
+    # the WebSocket session loop and reconnects (websocket-client)
+    "link.client": {
+        "backoff",
+        "config",
+        "link.commands",
+        "link.config_fetch",
+        "link.protocol",
+        "store.audit",
+        "store.catalog",
+        "store.linkbox",
+        "store.outbox",
+    },
 }
 
 # a worker is a room (or package) that runs on its own; workers never import each other

@@ -134,8 +134,16 @@ _MIGRATIONS: tuple[str, ...] = (
         updated_at REAL NOT NULL
     ) WITHOUT ROWID;
     """,
-    # 5: reserved for the link's durable outgoing messages (store/linkbox.py)
-    "-- 5: the link outbox (issue 10, link part)",
+    # 5: the backend link's durable outgoing messages (store/linkbox.py holds their SQL)
+    """
+    CREATE TABLE linkbox(
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        id TEXT NOT NULL UNIQUE,
+        type TEXT NOT NULL,
+        body TEXT NOT NULL,
+        created_at REAL NOT NULL
+    );
+    """,
     # 6: the API's study list (store/browse.py): newest activity first, by state, by modality
     """
     CREATE INDEX studies_recent ON studies(last_received, study_uid);

@@ -24,6 +24,7 @@ from typing import NamedTuple
 
 from ith_proxy.backoff import Backoff
 from ith_proxy.store.catalog import Catalog
+from ith_proxy.store.linkbox import Linkbox
 
 REASONS = ("complete", "followup", "requeue", "manual")
 TEXT_LIMIT = 300  # a peer's error text is stored bounded and printable
@@ -110,9 +111,12 @@ def immediate(catalog: Catalog) -> Iterator[None]:
 
 
 class Outbox:
-    def __init__(self, catalog: Catalog) -> None:
+    def __init__(self, catalog: Catalog, link_events: bool = False) -> None:
+        """``link_events``: post the study events for the backend link
+        (store/linkbox.py) in the same transactions (only with ITH_URL set)."""
         self.catalog = catalog
         self.conn = catalog.conn
+        self.linkbox = Linkbox(catalog) if link_events else None
 
     # --- reading ---
 
@@ -239,6 +243,8 @@ class Outbox:
             ]
             if events:  # the state stays 'complete' until the forwarder starts
                 self.catalog.study_changed(study_uid, now, None, events)
+            if self.linkbox is not None:
+                self.linkbox.study_completed(study_uid, now)
         return True
 
     def _state(self, study_uid: str, node: str) -> str | None:
@@ -379,6 +385,8 @@ class Outbox:
                     (now, now, entry_id),
                 )
                 self.settle(entry.study_uid, now, [f"delivered {entry.node}"])
+                if self.linkbox is not None:
+                    self.linkbox.study_forwarded(entry.study_uid, entry.node, now)
                 return "delivered"
             return self.fail(entry_id, now, self._failure_summary(entry, failed, lost, delivered))
 
@@ -408,6 +416,10 @@ class Outbox:
                 (clean_text(reason), now, entry_id),
             )
             self.settle(entry.study_uid, now, [f"failed {entry.node}"])
+            if self.linkbox is not None:
+                self.linkbox.study_failed(
+                    entry.study_uid, entry.node, clean_text(reason) or "", now
+                )
         return "failed"
 
     def _entry_or_raise(self, entry_id: int) -> Entry:

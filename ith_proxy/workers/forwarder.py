@@ -83,7 +83,7 @@ class Forwarder:
     ) -> None:
         self.cfg = cfg
         self.spool = spool
-        self.outbox = Outbox(catalog)
+        self.outbox = Outbox(catalog, link_events=not cfg.link.offline)
         self.nodes = Nodes(catalog)
         self.clock = clock
         self.rand = rand

@@ -105,7 +105,7 @@ class Scheduler:
         self.cfg = cfg
         self.spool = spool
         self.catalog = catalog
-        self.outbox = Outbox(catalog)
+        self.outbox = Outbox(catalog, link_events=not cfg.link.offline)
         self.retention = Retention(catalog)
         self.settings = RuntimeSettings(catalog)
         self.clock = clock

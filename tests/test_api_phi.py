@@ -8,6 +8,7 @@ fed by DCMTK storescu."""
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import os
 import shutil
@@ -34,6 +35,11 @@ from worker_rooms import Rooms
 
 PATH = "/api/phi-metadata/"
 READ = tokens.mint("phi:read")
+
+
+def unknown(uid: str) -> str:
+    """The audit target of a UID that names no study: a digest, never the UID."""
+    return "unknown:" + hashlib.sha256(uid.encode()).hexdigest()[:16]
 
 
 class Site:
@@ -180,14 +186,15 @@ def test_without_the_scope_403_is_audited_and_reveals_nothing(site: Site) -> Non
     site.audited("403", "-")
     status, body, _ = site.post({"study_instance_uid": "1.2.3"}, token=tokens.mint(""))
     assert status == 403, body
-    site.audited("403", "1.2.3")
+    site.audited("403", unknown("1.2.3"))
 
 
 def test_unknown_uid_is_404_and_audited(site: Site) -> None:
     status, body, headers = site.post({"study_instance_uid": "2.25.1234567890"})
     assert status == 404 and body["field"] == "study_instance_uid", body
     assert headers["Cache-Control"] == "no-store"
-    site.audited("404", "2.25.1234567890")
+    # a UID that names no study here may be an original one: only its digest is recorded
+    site.audited("404", unknown("2.25.1234567890"))
 
 
 @pytest.mark.parametrize(
@@ -215,7 +222,7 @@ def test_malformed_requests_are_400_naming_the_field_and_audited(site: Site, bod
     assert set(answer) == {"error", "field"}
     assert len(site.records()) == before + 1
     # a malformed UID is never written to the audit log (it may be anything, PHI too)
-    target = "1.2" if field == "PatientName" else "-"
+    target = unknown("1.2") if field == "PatientName" else "-"
     site.audited("400", target)
 
 
@@ -479,7 +486,7 @@ def test_phi_end_to_end_through_a_real_proxy(tmp_path: Path) -> None:
         json.loads(line) for line in (proxy.spool / "logs" / "audit.log").read_bytes().splitlines()
     ]
     phi = [(r["target"], r["detail"]["outcome"]) for r in audit if r["action"] == "phi.read"]
-    assert phi == [(uid, "success"), (uid, "403"), ("2.25.42", "404")]
+    assert phi == [(uid, "success"), (uid, "403"), (unknown("2.25.42"), "404")]
     # no PHI in any log: the spool's logs and the process's own output
     needles = corpus.needles(network_only=True)
     for path in [*(proxy.spool / "logs").iterdir(), proxy.stdout_path, proxy.stderr_path]:

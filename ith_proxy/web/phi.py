@@ -2,8 +2,9 @@
 study, from the vault, audited before the answer.
 
 Every request by an authenticated caller leaves exactly one audit record
-(action ``phi.read``, the anonymized StudyInstanceUID as target, or ``-``
-when the body names none that is well formed), whatever its outcome:
+(action ``phi.read``, the anonymized StudyInstanceUID as target; ``unknown:``
+and a digest for a UID that names no study here, which may be an original;
+``-`` when the body names none that is well formed), whatever its outcome:
 ``success``, ``400``, ``403``, ``404``, ``413`` or ``error``.  So the scope is
 checked here, after the token (a request without a valid token is answered
 401 by ``context.route`` and has no identity to audit): a token without
@@ -22,6 +23,7 @@ values are shaped, and what happens when instances disagree, is in
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from typing import Any
 
@@ -84,9 +86,27 @@ def _originals(ctx: ApiContext, uid: str) -> Originals | None:
         vault.close()
 
 
+def _target(ctx: ApiContext, uid: str | None) -> str:
+    """The audit record's target: the UID when it names a study here (an
+    anonymized UID), else ``unknown:`` and a digest: a caller may post an
+    original UID, and the audit log holds no PHI; the digest still lets a
+    reviewer see the same unknown UID asked for again.  ``-`` for none."""
+    if uid is None:
+        return "-"
+    try:
+        catalog = ctx.connect_catalog()
+        try:
+            known = catalog.study(uid) is not None
+        finally:
+            catalog.close()
+    except Exception:  # the lookup's failure is answered below; never name the UID
+        known = False
+    return uid if known else "unknown:" + hashlib.sha256(uid.encode()).hexdigest()[:16]
+
+
 def read_phi(ctx: ApiContext) -> bottle.HTTPResponse:
     uid, problem = _requested_uid()
-    target = uid or "-"
+    target = _target(ctx, uid)
     try:
         claims().require(SCOPE)
     except ApiError as exc:

@@ -41,8 +41,8 @@ from ith_proxy.vault.keyfiles import (
 )
 from ith_proxy.vault.keys import Keyring
 from ith_proxy.vault.records import Vault
-from ith_proxy.web.app import ApiServer, make_app
-from ith_proxy.web.auth import AuthConfigError
+from ith_proxy.web.app import NO_JWT_KEY, ApiServer, make_app
+from ith_proxy.web.auth import AuthConfigError, Verifier
 from ith_proxy.workers.forwarder import Forwarder
 from ith_proxy.workers.indexer import Indexer
 from ith_proxy.workers.scheduler import Scheduler
@@ -72,6 +72,10 @@ class Service:
 
     def prepare(self) -> None:
         os.umask(0o077)  # files 0600, folders 0700: catalog, logs, everything
+        try:  # the JWT keys, before anything is created or logged (one line)
+            jwt_configured = Verifier(self.cfg.api).configured
+        except AuthConfigError as exc:
+            raise StartupError(str(exc)) from None
         try:
             self.spool.ensure()
         except OSError as exc:
@@ -86,6 +90,8 @@ class Service:
         if self._lock_fd is None:
             raise StartupError(f"another ith-proxy is already using {self.spool.root}")
         logs.setup(self.spool.logs, self.cfg.log)
+        if not jwt_configured:
+            log.warning("%s", NO_JWT_KEY)
         # Keys are created only for a new spool (no vault, no catalog); otherwise a
         # missing one stops the start, naming it, before anything is created.
         new_spool = not self.spool.vault_file.exists() and not self.spool.catalog_file.exists()

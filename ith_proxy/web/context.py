@@ -112,17 +112,41 @@ def json_response(
 
 
 def json_body(request: bottle.BaseRequest) -> object:
-    """The request's JSON body; 413 over MAX_BODY, 400 when it is not JSON."""
+    """The request's JSON body; 413 over MAX_BODY, 400 when it is not JSON.
+
+    Read here, at most MAX_BODY + 1 bytes, never through Bottle's
+    ``request.body`` / ``request.json``: Bottle reads a chunked body whole
+    (into a temporary file past ``MEMFILE_MAX``) before anyone can refuse it.
+    (waitress de-chunks and bounds every body before the app sees it; this
+    bound holds under any server.)"""
     length = request.content_length
     if length > MAX_BODY:
         raise ApiError(413, f"the request body is larger than {MAX_BODY} bytes")
-    raw = request.body.read(MAX_BODY + 1)
+    raw = _read_bounded(request, MAX_BODY + 1)
     if len(raw) > MAX_BODY:
         raise ApiError(413, f"the request body is larger than {MAX_BODY} bytes")
     try:
         return json.loads(raw)
     except (ValueError, UnicodeDecodeError):
         raise ApiError(400, "the request body is not valid JSON", "body") from None
+
+
+def _read_bounded(request: bottle.BaseRequest, limit: int) -> bytes:
+    stream = request.environ.get("wsgi.input")
+    if stream is None:
+        return b""
+    if request.chunked:
+        out = bytearray()
+        try:
+            for part in request._iter_chunked(stream.read, 65536):
+                out += part
+                if len(out) >= limit:
+                    break
+        except bottle.HTTPError:
+            raise ApiError(400, "the chunked request body is malformed", "body") from None
+        return bytes(out)
+    length = request.content_length
+    return stream.read(min(length, limit)) if length > 0 else b""
 
 
 def json_object(request: bottle.BaseRequest) -> dict[str, Any]:

@@ -30,6 +30,8 @@ from ith_proxy.web.context import ApiError, Claims
 LEEWAY = 30  # seconds; DESIGN.md allows at most 60
 MIN_SECRET = 32  # bytes: HS256 with a shorter secret can be brute-forced (RFC 7518 3.2)
 MAX_TOKEN = 8192  # a longer Authorization header is refused unread
+# JWA names a refusal reason may repeat (any other alg header is attacker text)
+_KNOWN_ALGS = frozenset({a.lower() for a in jwt.algorithms.get_default_algorithms()} | {"none"})
 REFUSAL = "ith.auth_refusal"  # environ key: why a token was refused (for api.log)
 
 
@@ -117,7 +119,8 @@ class Verifier:
             except (jwt.PyJWTError, ValueError, TypeError, OverflowError) as exc:
                 raise _refused(type(exc).__name__) from None
             return _claims(payload)
-        raise _refused(f"algorithm {str(alg)[:16]!r} is not accepted")
+        named = alg if isinstance(alg, str) and alg.lower() in _KNOWN_ALGS else "(unknown)"
+        raise _refused(f"algorithm {named} is not accepted")
 
     def authenticate(self, request: bottle.BaseRequest) -> Claims:
         header = request.get_header("Authorization", "") or ""

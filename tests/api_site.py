@@ -1,9 +1,9 @@
 """The API of a real site served by the real ApiServer (waitress, the access
 log, the JSON errors) on 127.0.0.1, for the API's tests.
 
-``probe_app(rooms)`` is a Bottle app built with ``context.route`` and a real
-``ApiContext`` of the site: the route contract without the route modules
-(which other parts fill):
+``probe_app(rooms)`` is the site's real app (``Rooms.api()``: make_app) with
+a few more routes declared by ``context.route`` on a real ``ApiContext`` of
+the site, to test the route contract whatever the route modules hold:
 
 - ``GET  /api/probe/whoami/``  any valid token: ``{"sub", "scopes"}``
 - ``GET  /api/probe/phi/``     a token with the scope ``phi:read``
@@ -25,6 +25,7 @@ from ith_proxy.cli.common import audit_log
 from ith_proxy.config import Config
 from ith_proxy.store.catalog import Catalog
 from ith_proxy.vault.records import Vault
+from ith_proxy.web.access import RefusalLimiter
 from ith_proxy.web.app import ApiServer
 from ith_proxy.web.auth import Verifier
 from ith_proxy.web.context import ApiContext, claims, json_object, json_response, route
@@ -42,7 +43,7 @@ def probe_app(rooms: Rooms) -> bottle.Bottle:
         authenticate=Verifier(rooms.cfg.api).authenticate,
         health=list,
     )
-    app = bottle.Bottle()
+    app = rooms.api()  # the real app (health, openapi, JSON errors), and the probes
 
     @route(app, ctx, "GET", "/api/probe/whoami/")
     def whoami() -> bottle.HTTPResponse:
@@ -65,11 +66,13 @@ def probe_app(rooms: Rooms) -> bottle.Bottle:
 
 
 @contextmanager
-def serving(cfg: Config, app: bottle.Bottle, **api: object) -> Iterator[str]:
+def serving(
+    cfg: Config, app: bottle.Bottle, limiter: RefusalLimiter | None = None, **api: object
+) -> Iterator[str]:
     """``app`` served by ApiServer on 127.0.0.1 (a free port); yields the base URL.
     ``api`` overrides [api] settings (threads, channel_timeout, ...)."""
     api_cfg = dataclasses.replace(cfg.api, bind_address="127.0.0.1", port=0, **api)
-    server = ApiServer(api_cfg, app)
+    server = ApiServer(api_cfg, app, limiter)
     server.start()
     try:
         host, port = server.server.getsockname()  # type: ignore[union-attr]

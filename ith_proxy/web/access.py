@@ -6,7 +6,8 @@ app) when its answer has been sent, to the logger ``ith_proxy.api``::
     2026-12-02T04:00:00.123Z GET /api/status/ 200 3.1ms sub=backend rid=6f1c...
 
 UTC time, method, path, status, duration, the token's ``sub`` (``-`` when no
-token was verified) and the request id (also in the audit record).  The
+token was verified) and the request id (set here for every request, sent
+back as ``X-Request-Id``, and in the audit record of the request).  The
 query string is never written (it may carry anything), nor any header, body
 or token; the path is cut at 200 characters and anything but printable
 ASCII in it is escaped, so that a request cannot forge a log line.
@@ -24,6 +25,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import uuid
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from datetime import UTC, datetime
@@ -39,10 +41,10 @@ BURST = 20  # anonymous refusals written per window
 WINDOW = 60.0  # seconds
 
 
-def clean(text: str, limit: int = MAX_PATH) -> str:
-    """``text`` as printable ASCII without spaces (a space as ``%20``, any
+def clean(text: str, limit: int = MAX_PATH, spaces: bool = False) -> str:
+    """``text`` as printable ASCII (a space as ``%20`` unless ``spaces``, any
     other character as ``\\xNN``/``\\uNNNN``), cut at ``limit`` characters."""
-    shown = "".join(_char(ch) for ch in text[:limit])
+    shown = "".join(" " if spaces and ch == " " else _char(ch) for ch in text[:limit])
     if len(text) > limit:
         shown += f"...(+{len(text) - limit})"
     return shown
@@ -113,10 +115,12 @@ class AccessLog:
     def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
         started = time.monotonic()
         seen: list[int] = []
+        request_id = environ.setdefault(REQUEST_ID, uuid.uuid4().hex)
 
         def recording(status: str, headers: list, exc_info: Any = None) -> Any:
             seen[:] = [int(status.split(" ", 1)[0] or 0)]
-            return start_response(status, headers, exc_info)
+            headers = [h for h in headers if h[0].lower() != "x-request-id"]
+            return start_response(status, [*headers, ("X-Request-Id", request_id)], exc_info)
 
         try:
             body = self.app(environ, recording)
@@ -157,7 +161,7 @@ def refused(limiter: RefusalLimiter, fields: list[Any], reason: str | None = Non
         log.warning("%s", summary)
     if admitted:
         if reason:
-            log.info(LINE + " refused=%s", *_args(fields), clean(reason, 80))
+            log.info(LINE + " refused=%s", *_args(fields), clean(reason, 80, spaces=True))
         else:
             log.info(LINE, *_args(fields))
 

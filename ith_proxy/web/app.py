@@ -198,8 +198,10 @@ def _channel(limiter: RefusalLimiter) -> type[HTTPChannel]:
 class ApiServer:
     """waitress in a thread, with a clean shutdown."""
 
-    def __init__(self, cfg: ApiConfig, app: bottle.Bottle) -> None:
-        limiter = RefusalLimiter()
+    def __init__(
+        self, cfg: ApiConfig, app: bottle.Bottle, limiter: RefusalLimiter | None = None
+    ) -> None:
+        limiter = limiter or RefusalLimiter()
         self.server = create_server(
             AccessLog(_errors_to_log(app), limiter),
             host=cfg.bind_address,

@@ -90,8 +90,6 @@ class Service:
         if self._lock_fd is None:
             raise StartupError(f"another ith-proxy is already using {self.spool.root}")
         logs.setup(self.spool.logs, self.cfg.log)
-        if not jwt_configured:
-            log.warning("%s", NO_JWT_KEY)
         # Keys are created only for a new spool (no vault, no catalog); otherwise a
         # missing one stops the start, naming it, before anything is created.
         new_spool = not self.spool.vault_file.exists() and not self.spool.catalog_file.exists()
@@ -113,6 +111,8 @@ class Service:
         removed = self.spool.clean_tmp(0)
         if removed:
             log.info("removed %d partial file(s) left in tmp/", removed)
+        if not jwt_configured:  # after every refusal above (each one stderr line)
+            log.warning("%s", NO_JWT_KEY)
 
     def _worker(self, name: str, target) -> None:
         thread = threading.Thread(target=target, name=name, daemon=True)

@@ -75,7 +75,7 @@ def serving(
     server = ApiServer(api_cfg, app, limiter)
     server.start()
     try:
-        host, port = server.server.getsockname()  # type: ignore[union-attr]
+        host, port = server.server.getsockname()
         yield f"http://{host}:{port}"
     finally:
         server.stop()

@@ -208,7 +208,7 @@ def test_waitress_own_refusals_are_json(url) -> None:
     status, _, body = raw_request(
         url, b"POST /api/probe/echo/ HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\n"
     )
-    assert status == 501 and set(as_json(body)) == {"error"}  # type: ignore[arg-type]
+    assert status == 501 and set(as_json(body)) == {"error"}
 
 
 # --------------------------------------------------------------------------
@@ -229,7 +229,7 @@ def test_one_line_per_request_without_query_token_or_forged_lines(url, caplog) -
     assert len(lines) == 5, lines
     parsed = [LINE.fullmatch(line) for line in lines]
     assert all(parsed), lines
-    got = {(m["method"], m["path"], m["status"], m["sub"]) for m in parsed}  # type: ignore[index]
+    got = {(m["method"], m["path"], m["status"], m["sub"]) for m in parsed}
     assert got == {
         ("GET", "/api/probe/whoami/", "200", "backend"),
         ("GET", "/api/health/", "200", "-"),
@@ -238,8 +238,8 @@ def test_one_line_per_request_without_query_token_or_forged_lines(url, caplog) -
         ("GET", "/api/probe/boom/", "500", "backend"),
     }
     for m in parsed:
-        assert re.fullmatch(r"[0-9a-f]{32}", m["rid"]), m["rid"]  # type: ignore[index]
-    assert len({m["rid"] for m in parsed}) == 5  # type: ignore[index]
+        assert re.fullmatch(r"[0-9a-f]{32}", m["rid"]), m["rid"]
+    assert len({m["rid"] for m in parsed}) == 5
     text = "\n".join(lines)
     assert PHI not in text and "patient" not in text and token.split(".")[1] not in text
     assert "\n" not in "".join(lines)
@@ -283,13 +283,17 @@ def test_an_unauthenticated_flood_writes_a_bounded_number_of_lines(site, caplog)
             )
             lines = api_lines(caplog)
             assert len(lines) == BURST + 1, lines
-            assert sum("refused=InvalidSignatureError" in line for line in lines) == BURST // 2
+            # which 20 are written depends on the order the threads finish them
+            written_401 = sum("refused=InvalidSignatureError" in line for line in lines)
+            written_404 = sum(" /scan/" in line and " 404 " in line for line in lines)
+            assert written_401 + written_404 == BURST
             now[0] += 61  # the window ends: the next refusal brings the count
             assert call("GET", base + "/api/probe/whoami/")[0] == 401
             wait_until(lambda: len(api_lines(caplog)) == BURST + 3, 30, "the summary")
     summary = api_lines(caplog)[BURST + 1]
     assert summary.startswith(f"{BURST * 5} more refused requests without a valid token")
-    assert f"(401: {BURST * 5 // 2}, 404: {BURST * 5 // 2})" in summary
+    left_401, left_404 = BURST * 3 - written_401, BURST * 3 - written_404
+    assert f"(401: {left_401}, 404: {left_404})" in summary
     assert api_lines(caplog)[-1].endswith("refused=no bearer token")
 
 

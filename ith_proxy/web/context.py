@@ -4,7 +4,12 @@ and out, and the one way a route is declared.
 A route module is ``ith_proxy/web/<group>.py`` with
 
 - ``install(app, ctx)``: adds its routes with ``route(app, ctx, ...)``;
-- ``OPENAPI``: its part of the OpenAPI document's ``paths``.
+- ``OPENAPI``: its part of the OpenAPI document's ``paths``, and optionally
+  ``SCHEMAS`` (components shared by name): how to write them is in
+  ``web/openapi.py``.  Every route must be documented (a test checks).
+
+Read a body only with ``json_body`` / ``json_object`` (bounded, 413 over
+1 MB), never ``request.body`` or ``request.json``.
 
 ``route`` puts the authentication in front of every route that is not
 public (a missing or bad token: 401; a valid one without the scope: 403),

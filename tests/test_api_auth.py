@@ -27,6 +27,7 @@ import tools
 from api_site import probe_app, serving
 from helpers import wait_until
 from ith_proxy.config import ApiConfig
+from ith_proxy.web import auth
 from ith_proxy.web.auth import REFUSAL, AuthConfigError, Verifier
 from ith_proxy.web.context import ApiError
 from tokens import SECRET, mint
@@ -126,6 +127,7 @@ def test_a_valid_token_passes_and_names_its_caller(hs_site) -> None:
     status, body, _ = get(hs_site, "/api/probe/whoami/", good("phi:read other"))
     assert (status, body) == (200, {"sub": "tester", "scopes": ["other", "phi:read"]})
     # a token a little past exp or before nbf, within the 30 s leeway, passes
+    assert 0 < auth.LEEWAY <= 60  # DESIGN.md: at most 60 s
     now = int(time.time())
     assert get(hs_site, "/api/probe/whoami/", good(exp=now - 10))[0] == 200
     assert get(hs_site, "/api/probe/whoami/", good(nbf=now + 10))[0] == 200

@@ -18,6 +18,7 @@ import json
 import logging
 import re
 import socket
+import threading
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -272,32 +273,46 @@ def test_the_refusal_limiter_counts_what_it_leaves_out() -> None:
     assert limiter.admit(401) == (True, None)
 
 
+class _Counting(RefusalLimiter):
+    """A limiter that counts the refusals it was asked about."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.asked = 0
+        self._count_lock = threading.Lock()
+
+    def admit(self, status: int) -> tuple[bool, str | None]:
+        answer = super().admit(status)
+        with self._count_lock:
+            self.asked += 1
+        return answer
+
+
 def test_an_unauthenticated_flood_writes_a_bounded_number_of_lines(site, caplog) -> None:
     now = [0.0]
-    limiter = RefusalLimiter(clock=lambda: now[0])
+    limiter = _Counting(clock=lambda: now[0])
     bad = mint(key="wrong-secret-0123456789abcdef0123456789abcdef")
     with (
         serving(site.cfg, probe_app(site), limiter) as base,
         caplog.at_level(logging.INFO, logger="ith_proxy.api"),
     ):
-        if True:
-            for i in range(BURST * 3):
-                assert call("GET", base + "/api/probe/whoami/", token=bad)[0] == 401
-                assert call("GET", base + f"/scan/{i}")[0] == 404
-            # an authenticated request is always written
-            assert call("GET", base + "/api/probe/whoami/", token=mint())[0] == 200
-            wait_until(
-                lambda: any(" 200 " in line for line in api_lines(caplog)), 30, "the 200 line"
-            )
-            lines = api_lines(caplog)
-            assert len(lines) == BURST + 1, lines
-            # which 20 are written depends on the order the threads finish them
-            written_401 = sum("refused=InvalidSignatureError" in line for line in lines)
-            written_404 = sum(" /scan/" in line and " 404 " in line for line in lines)
-            assert written_401 + written_404 == BURST
-            now[0] += 61  # the window ends: the next refusal brings the count
-            assert call("GET", base + "/api/probe/whoami/")[0] == 401
-            wait_until(lambda: len(api_lines(caplog)) == BURST + 3, 30, "the summary")
+        for i in range(BURST * 3):
+            assert call("GET", base + "/api/probe/whoami/", token=bad)[0] == 401
+            assert call("GET", base + f"/scan/{i}")[0] == 404
+        # an authenticated request is always written
+        assert call("GET", base + "/api/probe/whoami/", token=mint())[0] == 200
+        wait_until(lambda: any(" 200 " in line for line in api_lines(caplog)), 30, "the 200 line")
+        # every refusal has been through the limiter (its line is written after the answer)
+        wait_until(lambda: limiter.asked == BURST * 6, 30, "all refusals counted")
+        lines = api_lines(caplog)
+        assert len(lines) == BURST + 1, lines
+        # which 20 are written depends on the order the threads finish them
+        written_401 = sum("refused=InvalidSignatureError" in line for line in lines)
+        written_404 = sum(" /scan/" in line and " 404 " in line for line in lines)
+        assert written_401 + written_404 == BURST
+        now[0] += 61  # the window ends: the next refusal brings the count
+        assert call("GET", base + "/api/probe/whoami/")[0] == 401
+        wait_until(lambda: len(api_lines(caplog)) == BURST + 3, 30, "the summary")
     summary = api_lines(caplog)[BURST + 1]
     assert summary.startswith(f"{BURST * 5} more refused requests without a valid token")
     left_401, left_404 = BURST * 3 - written_401, BURST * 3 - written_404

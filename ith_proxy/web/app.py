@@ -128,7 +128,7 @@ def make_app(
         # JSON, never Bottle's HTML page with its traceback
         bottle.response.content_type = "application/json"
         bottle.response.set_header("Cache-Control", "no-store")
-        return error_body(err.status_code)
+        return error_body(err.status_code, bottle.HTTP_CODES.get(err.status_code, ""))
 
     app.default_error_handler = any_error
     return app

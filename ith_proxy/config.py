@@ -91,6 +91,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("api", "jwt_public_key_file", "", v.text, "JWT_PUBLIC_KEY_FILE"),
     Setting("api", "jwt_audience", "", v.text, "JWT_AUDIENCE"),
     Setting("api", "jwt_issuer", "", v.text, "JWT_ISSUER"),
+    Setting("api", "threads", "4", v.integer(1, 64)),
+    Setting("api", "channel_timeout", "30", v.integer(1, 3600)),
+    Setting("api", "connection_limit", "100", v.integer(1, 10000)),
     Setting("scu", "connect_timeout", "10", v.seconds),
     Setting("scu", "acse_timeout", "30", v.seconds),
     Setting("scu", "dimse_timeout", "60", v.seconds),
@@ -204,6 +207,9 @@ class ApiConfig:
     jwt_public_key_file: str
     jwt_audience: str
     jwt_issuer: str
+    threads: int = 4  # waitress worker threads
+    channel_timeout: int = 30  # seconds an idle connection is kept
+    connection_limit: int = 100  # connections at once; more wait in the backlog
 
 
 @dataclass(frozen=True)

@@ -43,8 +43,8 @@ from ith_proxy.vault.keyfiles import (
 )
 from ith_proxy.vault.keys import Keyring
 from ith_proxy.vault.records import Vault
-from ith_proxy.web.app import ApiServer, make_app
-from ith_proxy.web.auth import AuthConfigError
+from ith_proxy.web.app import NO_JWT_KEY, ApiServer, make_app
+from ith_proxy.web.auth import AuthConfigError, Verifier
 from ith_proxy.workers.forwarder import Forwarder
 from ith_proxy.workers.indexer import Indexer
 from ith_proxy.workers.scheduler import Scheduler
@@ -75,6 +75,10 @@ class Service:
 
     def prepare(self) -> None:
         os.umask(0o077)  # files 0600, folders 0700: catalog, logs, everything
+        try:  # the JWT keys, before anything is created or logged (one line)
+            jwt_configured = Verifier(self.cfg.api).configured
+        except AuthConfigError as exc:
+            raise StartupError(str(exc)) from None
         try:
             self.spool.ensure()
         except OSError as exc:
@@ -110,6 +114,8 @@ class Service:
         removed = self.spool.clean_tmp(0)
         if removed:
             log.info("removed %d partial file(s) left in tmp/", removed)
+        if not jwt_configured:  # after every refusal above (each one stderr line)
+            log.warning("%s", NO_JWT_KEY)
 
     def _worker(self, name: str, target) -> None:
         thread = threading.Thread(target=target, name=name, daemon=True)

@@ -165,6 +165,10 @@ ALLOWED_ROOMS: dict[str, set[str] | None] = {
     # what every route module gets: the context, ApiError, JSON in and out, route()
     "web.context": {"config", "store.audit", "store.catalog", "vault.records"},
     "web.auth": {"config", "web.context"},  # JWT bearer tokens (PyJWT)
+    # the api.log line of each request, anonymous refusals rate-limited
+    "web.access": {"web.auth", "web.context"},
+    # the OpenAPI document, joined from the route modules' fragments
+    "web.openapi": {"__init__"},
     # the route modules, one per group of routes
     "web.status": {
         "__init__",  # the version

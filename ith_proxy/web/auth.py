@@ -10,8 +10,11 @@
 - The token comes from the ``Authorization: Bearer`` header only, never from
   the query string.
 
-With neither a secret nor a public key configured, every token is refused.
-Every refusal is one generic 401; the reason is kept for ``api.log`` only.
+With neither a secret nor a public key configured, every token is refused
+(the API is then health and the OpenAPI document only; ``make_app`` warns at
+start-up).  Every refusal is one generic 401; the reason is kept for
+``api.log`` only (``ith.auth_refusal`` in the WSGI environ): it never holds
+the token or a claim's value.
 """
 
 from __future__ import annotations
@@ -25,7 +28,10 @@ from ith_proxy.config import ApiConfig
 from ith_proxy.web.context import ApiError, Claims
 
 LEEWAY = 30  # seconds; DESIGN.md allows at most 60
+MIN_SECRET = 32  # bytes: HS256 with a shorter secret can be brute-forced (RFC 7518 3.2)
 MAX_TOKEN = 8192  # a longer Authorization header is refused unread
+# JWA names a refusal reason may repeat (any other alg header is attacker text)
+_KNOWN_ALGS = frozenset({a.lower() for a in jwt.algorithms.get_default_algorithms()} | {"none"})
 REFUSAL = "ith.auth_refusal"  # environ key: why a token was refused (for api.log)
 
 
@@ -34,6 +40,9 @@ class AuthConfigError(ValueError):
 
 
 def _public_key(path: str) -> tuple[object, list[str]]:
+    """The verifying key in ``path`` and its one algorithm: an RSA public key
+    of at least 2048 bits (RS256) or an EC P-256 public key (ES256).  A private
+    key, a certificate, another curve or anything else stops the start."""
     try:
         pem = Path(path).read_bytes()
     except OSError as exc:
@@ -42,9 +51,20 @@ def _public_key(path: str) -> tuple[object, list[str]]:
         ) from None
     for alg in ("RS256", "ES256"):
         try:
-            return jwt.get_algorithm_by_name(alg).prepare_key(pem), [alg]
+            key = jwt.get_algorithm_by_name(alg).prepare_key(pem)
         except (jwt.InvalidKeyError, ValueError, TypeError):
             continue
+        if not hasattr(key, "verify") or hasattr(key, "sign"):  # a private key
+            break
+        if alg == "RS256" and getattr(key, "key_size", 0) < 2048:
+            raise AuthConfigError(
+                f"[api] jwt_public_key_file: {path} is an RSA key shorter than 2048 bits"
+            )
+        if alg == "ES256" and getattr(getattr(key, "curve", None), "name", "") != "secp256r1":
+            raise AuthConfigError(
+                f"[api] jwt_public_key_file: {path} is an EC key not on P-256 (ES256 only)"
+            )
+        return key, [alg]
     raise AuthConfigError(
         f"[api] jwt_public_key_file: {path} is not an RSA or EC (P-256) public key in PEM"
     )
@@ -58,6 +78,10 @@ class Verifier:
         if cfg.jwt_public_key_file:
             self._keys.append(_public_key(cfg.jwt_public_key_file))
         if cfg.jwt_secret:
+            if len(cfg.jwt_secret.encode()) < MIN_SECRET:
+                raise AuthConfigError(
+                    f"[api] jwt_secret is shorter than {MIN_SECRET} bytes (HS256 needs 256 bits)"
+                )
             self._keys.append((cfg.jwt_secret.encode(), ["HS256"]))
         self._audience = cfg.jwt_audience or None
         self._issuer = cfg.jwt_issuer or None
@@ -92,10 +116,11 @@ class Verifier:
                         "verify_iss": self._issuer is not None,
                     },
                 )
-            except jwt.PyJWTError as exc:
+            except (jwt.PyJWTError, ValueError, TypeError, OverflowError) as exc:
                 raise _refused(type(exc).__name__) from None
             return _claims(payload)
-        raise _refused(f"algorithm {str(alg)[:16]!r} is not accepted")
+        named = alg if isinstance(alg, str) and alg.lower() in _KNOWN_ALGS else "(unknown)"
+        raise _refused(f"algorithm {named} is not accepted")
 
     def authenticate(self, request: bottle.BaseRequest) -> Claims:
         header = request.get_header("Authorization", "") or ""

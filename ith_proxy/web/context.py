@@ -4,7 +4,12 @@ and out, and the one way a route is declared.
 A route module is ``ith_proxy/web/<group>.py`` with
 
 - ``install(app, ctx)``: adds its routes with ``route(app, ctx, ...)``;
-- ``OPENAPI``: its part of the OpenAPI document's ``paths``.
+- ``OPENAPI``: its part of the OpenAPI document's ``paths``, and optionally
+  ``SCHEMAS`` (components shared by name): how to write them is in
+  ``web/openapi.py``.  Every route must be documented (a test checks).
+
+Read a body only with ``json_body`` / ``json_object`` (bounded, 413 over
+1 MB), never ``request.body`` or ``request.json``.
 
 ``route`` puts the authentication in front of every route that is not
 public (a missing or bad token: 401; a valid one without the scope: 403),
@@ -112,17 +117,41 @@ def json_response(
 
 
 def json_body(request: bottle.BaseRequest) -> object:
-    """The request's JSON body; 413 over MAX_BODY, 400 when it is not JSON."""
+    """The request's JSON body; 413 over MAX_BODY, 400 when it is not JSON.
+
+    Read here, at most MAX_BODY + 1 bytes, never through Bottle's
+    ``request.body`` / ``request.json``: Bottle reads a chunked body whole
+    (into a temporary file past ``MEMFILE_MAX``) before anyone can refuse it.
+    (waitress de-chunks and bounds every body before the app sees it; this
+    bound holds under any server.)"""
     length = request.content_length
     if length > MAX_BODY:
         raise ApiError(413, f"the request body is larger than {MAX_BODY} bytes")
-    raw = request.body.read(MAX_BODY + 1)
+    raw = _read_bounded(request, MAX_BODY + 1)
     if len(raw) > MAX_BODY:
         raise ApiError(413, f"the request body is larger than {MAX_BODY} bytes")
     try:
         return json.loads(raw)
     except (ValueError, UnicodeDecodeError):
         raise ApiError(400, "the request body is not valid JSON", "body") from None
+
+
+def _read_bounded(request: bottle.BaseRequest, limit: int) -> bytes:
+    stream = request.environ.get("wsgi.input")
+    if stream is None:
+        return b""
+    if request.chunked:
+        out = bytearray()
+        try:
+            for part in request._iter_chunked(stream.read, 65536):
+                out += part
+                if len(out) >= limit:
+                    break
+        except bottle.HTTPError:
+            raise ApiError(400, "the chunked request body is malformed", "body") from None
+        return bytes(out)
+    length = request.content_length
+    return stream.read(min(length, limit)) if length > 0 else b""
 
 
 def json_object(request: bottle.BaseRequest) -> dict[str, Any]:

@@ -16,6 +16,7 @@ from api_served import Served, served
 from ith_proxy.control import ServiceControl
 from ith_proxy.store.catalog import Catalog
 from ith_proxy.store.nodes import Nodes
+from ith_proxy.web.context import MAX_BODY
 from worker_rooms import Rooms
 
 SECRET_HEADER = "Bearer node-secret-QX7Z-do-not-show"
@@ -217,8 +218,9 @@ def test_bodies_that_are_not_objects_or_too_large(site) -> None:
     assert _call(api, "POST", "/api/nodes/", [DICOM_NODE])[0] == 400
     status, body = _call(api, "PUT", "/api/nodes/other/", DICOM_NODE)  # body names modality1
     assert status == 400 and body["field"] == "name"
-    big = {**DICOM_NODE, "host": "a" * (2 * 1024 * 1024)}
+    big = {**DICOM_NODE, "host": "a" * (MAX_BODY + 1000)}  # within waitress's read limit
     assert _call(api, "POST", "/api/nodes/", big)[0] == 413
+    assert api.audit()[-1]["detail"]["outcome"] == "413"
 
 
 @pytest.mark.parametrize("path", ["..%2F..%2Fetc", "a%00b", "a%0Ab", "%C3%A9", "-x", "a%20b"])

@@ -334,7 +334,7 @@ def test_access_rules_from_the_ini(tmp_path: Path) -> None:
     from ith_proxy.config import ConfigError, load
     from ith_proxy.dicom.qr_access import allowed
 
-    def cfg(text: str):  # type: ignore[no-untyped-def]
+    def cfg(text: str):  # type: ignore[no-untyped-def]  # returns config.QrConfig, imported above
         ini = tmp_path / "proxy.ini"
         ini.write_text(text)
         return load(str(ini), env={}, cwd=tmp_path).qr

@@ -103,6 +103,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("forward", "stow_batch_instances", "100", v.integer(1, 10000)),
     Setting("link", "ith_url", "", v.link_url, "ITH_URL"),
     Setting("link", "ith_token", "", v.text, "ITH_TOKEN"),
+    # C-FIND answers at most this many matches, then 0xA700 (0: no limit); dicom/qr.py
+    Setting("qr", "max_find_results", "0", v.integer(0, 10**9)),
     Setting("log", "level", "INFO", v.choice("DEBUG", "INFO", "WARNING", "ERROR")),
     Setting("log", "max_bytes", "10485760", v.integer(4096, 2**40)),
     Setting("log", "backups", "5", v.integer(0, 1000)),
@@ -247,6 +249,11 @@ class NodeConfig:
 
 
 @dataclass(frozen=True)
+class QrConfig:
+    max_find_results: int = 0  # C-FIND answers before 0xA700 (0: no limit)
+
+
+@dataclass(frozen=True)
 class LogConfig:
     level: str
     max_bytes: int
@@ -269,6 +276,7 @@ class Config:
     forward: ForwardConfig = field(default_factory=ForwardConfig)
     nodes: tuple[NodeConfig, ...] = ()  # the [node:NAME] sections
     derived_nodes: tuple[NodeConfig, ...] = ()  # `backend`, when ITH_URL is set
+    qr: QrConfig = field(default_factory=QrConfig)  # the Q/R SCP (issue 9)
     # "section.key" -> where its value came from: "default", the INI file's path,
     # ".env VAR" or "environment VAR" (status and GET /api/config/ show it)
     origins: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
@@ -423,5 +431,6 @@ def load(
         forward=ForwardConfig(**forward),
         nodes=_read_nodes(parser, ini_file),
         derived_nodes=_derived_nodes(link),
+        qr=QrConfig(**values["qr"]),
         origins=origins,
     )

@@ -41,6 +41,8 @@ ALLOWED_ROOMS: dict[str, set[str] | None] = {
     "store.spool": {"config", "fsio", "store.quarantine"},
     "store.quarantine": {"fsio"},  # the quarantine folder's part of the spool
     "store.catalog": {"config"},
+    # the C-FIND queries: a query spec -> parameterized SQL over a Catalog's connection
+    "store.qr_catalog": {"store.catalog"},
     # the forwarding outbox and its per-instance ledger (SQL over a Catalog's connection)
     "store.outbox": {"backoff", "store.catalog"},
     # what retention may purge, the tombstones, the outbox restored by reindex
@@ -68,8 +70,18 @@ ALLOWED_ROOMS: dict[str, set[str] | None] = {
     "dicom.scp_stream": {"config"},  # the one replacement of pynetdicom's data set assembly
     "dicom.ae": {"config", "dicom.scp_stream", "dicom.wake"},
     # the SCP gets a stream-encryptor factory from the service; it imports no vault room
-    "dicom.scp": {"config", "store.spool", "dicom.ae", "dicom.scp_stream"},
-    "dicom.qr": {"config", "store.spool", "store.catalog", "dicom.ae", "dicom.files"},
+    "dicom.scp": {"config", "store.spool", "dicom.ae", "dicom.scp_stream", "dicom.qr"},
+    "dicom.qr": {
+        "config",
+        "store.spool",
+        "store.catalog",
+        "store.qr_catalog",
+        "dicom.ae",
+        "dicom.files",
+        "dicom.qr_match",
+    },
+    # a C-FIND identifier as a pure-data query spec (PS3.4 C.2.2.2, C.4.1)
+    "dicom.qr_match": {"store.qr_catalog"},
     # a DICOM status -> delivered / transient / permanent, for the SCU and STOW-RS (stdlib)
     "dicom.status": set(),
     # the STOW-RS client (stdlib HTTP) and what its responses mean (pure)
@@ -136,8 +148,7 @@ ALLOWED_ROOMS: dict[str, set[str] | None] = {
 
 # a worker is a room (or package) that runs on its own; workers never import each other
 WORKERS = {
-    "dicom.scp",
-    "dicom.qr",
+    "dicom.scp",  # dicom.qr runs in the SCP's association threads: part of this worker
     "workers.indexer",
     "workers.scheduler",
     "workers.reindex",

@@ -46,6 +46,8 @@ STORAGE_CLASSES = {
     "EnhancedPETImageStorage": "1.2.840.10008.5.1.4.1.1.130",
 }
 VERIFICATION = "1.2.840.10008.1.1"
+# Query/Retrieve FIND (dicom/qr.py): Patient Root, Study Root
+QR_FIND_CLASSES = ("1.2.840.10008.5.1.4.1.2.1.1", "1.2.840.10008.5.1.4.1.2.2.1")
 DEFAULT_TRANSFER_SYNTAXES = ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1")
 
 
@@ -105,6 +107,8 @@ def build_ae(cfg: Config) -> AE:
     ae.add_supported_context(VERIFICATION, list(DEFAULT_TRANSFER_SYNTAXES))
     for uid in STORAGE_CLASSES.values():
         ae.add_supported_context(uid, syntaxes)
+    for uid in QR_FIND_CLASSES:
+        ae.add_supported_context(uid, list(DEFAULT_TRANSFER_SYNTAXES))
     ae.maximum_associations = scp.max_associations
     ae.maximum_pdu_size = scp.max_pdu_size
     ae.acse_timeout = scp.acse_timeout

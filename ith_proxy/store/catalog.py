@@ -15,13 +15,26 @@ Only anonymized values are stored here.  The filesystem is the truth:
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import apsw
 
 STATES = ("receiving", "complete", "forwarding", "forwarded", "failed")
+
+# InstanceRow.main's columns per level (dicom/files.main_attributes fills them)
+PATIENT_MAIN = ("birth_date", "sex")
+STUDY_MAIN = ("study_date", "study_time", "accession", "study_id", "description", "referring")
+SERIES_MAIN = ("series_number", "description", "body_part", "series_date", "series_time")
+INSTANCE_MAIN = ("instance_number", "number_of_frames")
+_LEVELS = (
+    ("patient", PATIENT_MAIN),
+    ("study", STUDY_MAIN),
+    ("series", SERIES_MAIN),
+    ("instance", INSTANCE_MAIN),
+)
+
 
 _MIGRATIONS: tuple[str, ...] = (
     # 1: the ingest core
@@ -134,6 +147,25 @@ _MIGRATIONS: tuple[str, ...] = (
         updated_at REAL NOT NULL
     ) WITHOUT ROWID;
     """,
+    # 7: Q/R main attributes per level, as stored (anonymized), and the indexes C-FIND
+    # filters on (store/qr_catalog.py); older rows stay empty until `reindex`
+    "".join(
+        f"ALTER TABLE {table} ADD COLUMN {col} TEXT NOT NULL DEFAULT '';"
+        for table, cols in (
+            ("patients", ("name_folded", *PATIENT_MAIN)),
+            ("studies", STUDY_MAIN),
+            ("series", SERIES_MAIN),
+            ("instances", INSTANCE_MAIN),
+        )
+        for col in cols
+    )
+    + """
+    UPDATE patients SET name_folded = upper(pseudo_name);
+    CREATE INDEX patients_name ON patients(name_folded);
+    CREATE INDEX studies_patient ON studies(patient_id);
+    CREATE INDEX studies_date ON studies(study_date);
+    CREATE INDEX studies_accession ON studies(accession);
+    """,
 )
 
 
@@ -152,6 +184,8 @@ class InstanceRow:
     size: int
     vault_offset: int | None
     received_at: float
+    # Q/R main attributes: {"patient"|"study"|"series"|"instance": {column: value}}
+    main: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
 
 
 def _best_practice(conn: apsw.Connection) -> None:
@@ -225,25 +259,31 @@ class Catalog:
         with self.conn:
             for r in rows:
                 c = self.conn
+                pm, sm, se, im = (
+                    [r.main.get(level, {}).get(k, "") for k in cols] for level, cols in _LEVELS
+                )
                 c.execute(
-                    "INSERT INTO patients(pseudo_id, pseudo_name, created_at) VALUES (?,?,?) "
-                    "ON CONFLICT(pseudo_id) DO NOTHING",
-                    (r.patient_id, r.patient_name, r.received_at),
+                    "INSERT INTO patients(pseudo_id, pseudo_name, created_at, name_folded,"
+                    " birth_date, sex) VALUES (?,?,?,upper(?),?,?)"
+                    " ON CONFLICT(pseudo_id) DO NOTHING",
+                    (r.patient_id, r.patient_name, r.received_at, r.patient_name, *pm),
                 )
                 state = c.execute(
                     "SELECT state FROM studies WHERE study_uid = ?", (r.study_uid,)
                 ).get
                 if state is None:
                     c.execute(
-                        "INSERT INTO studies(study_uid, patient_id, first_received, last_received)"
-                        " VALUES (?,?,?,?)",
-                        (r.study_uid, r.patient_id, r.received_at, r.received_at),
+                        "INSERT INTO studies(study_uid, patient_id, first_received, last_received,"
+                        " study_date, study_time, accession, study_id, description, referring)"
+                        " VALUES (?,?,?,?,?,?,?,?,?,?)",
+                        (r.study_uid, r.patient_id, r.received_at, r.received_at, *sm),
                     )
                     self._event(r.study_uid, r.received_at, "first-received")
                 c.execute(
-                    "INSERT INTO series(series_uid, study_uid, modality) VALUES (?,?,?) "
-                    "ON CONFLICT(series_uid) DO NOTHING",
-                    (r.series_uid, r.study_uid, r.modality),
+                    "INSERT INTO series(series_uid, study_uid, modality, series_number,"
+                    " description, body_part, series_date, series_time) VALUES (?,?,?,?,?,?,?,?)"
+                    " ON CONFLICT(series_uid) DO NOTHING",
+                    (r.series_uid, r.study_uid, r.modality, *se),
                 )
                 existed = (
                     c.execute("SELECT 1 FROM instances WHERE sop_uid = ?", (r.sop_uid,)).get
@@ -251,10 +291,13 @@ class Catalog:
                 )
                 c.execute(
                     "INSERT INTO instances(sop_uid, series_uid, study_uid, sop_class_uid,"
-                    " transfer_syntax, size, vault_offset, received_at) VALUES (?,?,?,?,?,?,?,?)"
+                    " transfer_syntax, size, vault_offset, received_at, instance_number,"
+                    " number_of_frames) VALUES (?,?,?,?,?,?,?,?,?,?)"
                     " ON CONFLICT(sop_uid) DO UPDATE SET size = excluded.size,"
                     " transfer_syntax = excluded.transfer_syntax,"
-                    " vault_offset = COALESCE(excluded.vault_offset, vault_offset)",
+                    " vault_offset = COALESCE(excluded.vault_offset, vault_offset),"
+                    " instance_number = excluded.instance_number,"
+                    " number_of_frames = excluded.number_of_frames",
                     (
                         r.sop_uid,
                         r.series_uid,
@@ -264,6 +307,7 @@ class Catalog:
                         r.size,
                         r.vault_offset,
                         r.received_at,
+                        *im,
                     ),
                 )
                 if not existed:

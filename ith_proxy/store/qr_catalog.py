@@ -192,14 +192,18 @@ def _one(col: str, kind: str, how: str, value: str, sql: Sql) -> str:
     return f"{col} = ?"
 
 
-def _range(col: str, low: str, high: str, sql: Sql) -> str:
-    """DA/TM range, inclusive; an empty stored value never matches.  The high
-    bound compares on its own length, so "-1015" takes 10:15:30."""
+def _range(col: str, kind: str, low: str, high: str, sql: Sql) -> str:
+    """DA/TM range, inclusive; an empty stored value never matches.  A date
+    bound is a whole date (an index range); a time's high bound compares on
+    its own length, so "-1015" takes 10:15:30."""
     parts = [f"{col} <> ''"]
     if low:
         parts.append(f"{col} >= ?")
         sql.params.append(low)
-    if high:
+    if high and kind == "date":
+        parts.append(f"{col} <= ?")
+        sql.params.append(high)
+    elif high:
         parts.append(f"substr({col}, 1, ?) <= ?")
         sql.params += [len(high), high]
     return "(" + " AND ".join(parts) + ")"
@@ -221,7 +225,7 @@ def _condition(m: Match, level: str, sql: Sql) -> str:
     kind = ATTRIBUTES[m.keyword][1]
     col = column(m.keyword, level)
     if m.how == "range":
-        return _range(col, m.values[0], m.values[1], sql)
+        return _range(col, kind, m.values[0], m.values[1], sql)
     if m.how == "list" and kind == "uid":
         sql.params.append(json.dumps(list(m.values)))
         return f"{col} IN (SELECT value FROM json_each(?))"

@@ -71,7 +71,9 @@ PLANNED = {
     "StudyDate range": _ident("STUDY", StudyDate="20200301-20200401"),
     "PatientName prefix": _ident("STUDY", PatientName="anon^p1*"),
     "AccessionNumber": _ident("STUDY", AccessionNumber="A1"),
-    "series of a study": _ident("SERIES", StudyInstanceUID="1.5", NumberOfSeriesRelatedInstances=""),
+    "series of a study": _ident(
+        "SERIES", StudyInstanceUID="1.5", NumberOfSeriesRelatedInstances=""
+    ),
     "images of a series": _ident("IMAGE", StudyInstanceUID="1.5", SeriesInstanceUID="1.5.1"),
 }
 
@@ -178,10 +180,7 @@ def test_migration_7_keeps_older_rows(tmp_path: Path) -> None:
     cat.close()
 
 
-@pytest.mark.parametrize(
-    "value",
-    ["20200101-20200201-", "2020", "abcdefgh", "20200101--", "-"],
-)
+@pytest.mark.parametrize("value", ["20200101-20200201-", "2020", "abcdefgh", "20200101--", "-"])
 def test_bad_ranges(value: str) -> None:
     with pytest.raises(m.IdentifierError) as err:
         m.parse(_ident("STUDY", StudyDate=value), m.STUDY_ROOT_FIND)

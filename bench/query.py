@@ -159,7 +159,7 @@ QUERIES = {
 
 
 def findscu(port: int, aec: str, keys: list[str]) -> tuple[float, int]:
-    args = ["findscu", "-S", "-aet", "BENCH", "-aec", aec]
+    args = ["findscu", "-v", "-S", "-aet", "BENCH", "-aec", aec]
     for k in keys:
         args += ["-k", k]
     args += ["127.0.0.1", str(port)]
@@ -175,7 +175,7 @@ def findscu(port: int, aec: str, keys: list[str]) -> tuple[float, int]:
     text = done.stdout + done.stderr
     if "Final Find Response (Success)" not in text and done.returncode != 0:
         raise RuntimeError(f"findscu failed on port {port}: {text[-400:]}")
-    return took, text.count("Find Response") - 1
+    return took, text.count("(Pending)")
 
 
 def run_findscu(port: int, aec: str, keys: list[str], runs: int) -> tuple[float, int]:

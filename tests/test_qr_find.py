@@ -509,3 +509,40 @@ def test_reindex_refills_the_columns(site: Site) -> None:
     assert after == before
     got = findscu(site, "-S", ["QueryRetrieveLevel=STUDY", "StudyDate", "StudyInstanceUID"])
     assert len(got.answers) == 3
+
+
+def _pdus_per_answer(site: Site, max_pdu: int) -> tuple[list[int], int]:
+    """(statuses, P-DATA-TF PDUs received) for a 3-match STUDY query."""
+    from pynetdicom import evt
+    from pynetdicom.pdu import P_DATA_TF
+
+    pdus = []
+    ae = AE(ae_title="QRTEST")
+    ae.add_requested_context(STUDY_ROOT, [ExplicitVRLittleEndian])
+    handlers = [(evt.EVT_PDU_RECV, lambda event: pdus.append(type(event.pdu)))]
+    assoc = ae.associate(
+        "127.0.0.1",
+        site.proxy.dicom_port,
+        ae_title="DICOMRCV",
+        max_pdu=max_pdu,
+        evt_handlers=handlers,
+    )
+    assert assoc.is_established
+    try:
+        identifier = _identifier("STUDY", StudyInstanceUID="", PatientName="")
+        statuses = [int(s.Status) for s, _ in assoc.send_c_find(identifier, STUDY_ROOT) if s]
+    finally:
+        assoc.release()
+    return statuses, sum(p is P_DATA_TF for p in pdus)
+
+
+def test_each_answer_is_one_pdu(site: Site) -> None:
+    """dicom/qr.one_pdu_answers: command and identifier of a pending answer in
+    one P-DATA-TF (stock pynetdicom sends two); split as stock when the peer's
+    maximum PDU is too small for both."""
+    statuses, pdus = _pdus_per_answer(site, 16384)
+    assert statuses == [0xFF00] * 3 + [0x0000]
+    assert pdus == 3 + 1  # three answers, then the final (command only)
+    statuses, pdus = _pdus_per_answer(site, 100)  # below one answer's size
+    assert statuses == [0xFF00] * 3 + [0x0000]
+    assert pdus > 3 * 2

@@ -13,6 +13,10 @@ with the anonymized values the catalog holds.  At the IMAGE level a key
 without a catalog column is read from the stored file's header (no pixels);
 above it such a key is returned empty.
 
+Each pending answer leaves as one P-DATA-TF PDU (command and identifier
+PDVs together, ``one_pdu_answers``: the one place that replaces pynetdicom's
+sending, for C-FIND responses only and on 3.0.4 only) instead of two.
+
 ``[qr] max_find_results`` (0: no limit) cuts the answers: after that many
 pending answers the final status is 0xA700 (Out of resources) with the
 ErrorComment "result limit reached": the requester knows the list is
@@ -30,8 +34,13 @@ import logging
 from collections.abc import Iterator
 from typing import Any
 
+import pynetdicom
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
+from pynetdicom import evt
+from pynetdicom.dimse_messages import C_FIND_RSP
+from pynetdicom.dimse_primitives import C_FIND
+from pynetdicom.pdu_primitives import P_DATA
 
 from ith_proxy.config import Config
 from ith_proxy.dicom import files as dicomfile
@@ -50,6 +59,8 @@ _MODEL_NAMES = {qr_match.PATIENT_ROOT_FIND: "Patient Root", qr_match.STUDY_ROOT_
 FIND_CLASSES = tuple(_MODEL_NAMES)
 
 Answer = tuple[int | Dataset, Dataset | None]
+ONE_PDU_WRITTEN_FOR = "3.0.4"
+_ONE_PDU = "_ith_one_pdu_find"
 
 
 def _status(code: int, comment: str) -> Dataset:
@@ -59,8 +70,49 @@ def _status(code: int, comment: str) -> Dataset:
     return ds
 
 
+def one_pdu_answers(assoc: Any) -> None:
+    """REPLACES PYNETDICOM'S C-FIND-RSP SENDING on one association (3.0.4 only).
+
+    Stock 3.0.4 sends each DIMSE message as one P-DATA-TF PDU per fragment:
+    a pending answer is two PDUs (command, identifier), each a hand-off to
+    the DUL thread and a socket send: most of a match's cost.  Here a C-FIND
+    response whose fragments fit in one PDU of the peer's maximum length goes
+    as ONE P-DATA-TF with both PDVs (PS3.8 9.3.5 allows several PDVs per
+    PDU); anything else is sent as stock does.  Idempotent."""
+    dimse = assoc.dimse
+    if pynetdicom.__version__ != ONE_PDU_WRITTEN_FOR or getattr(dimse, _ONE_PDU, False):
+        return
+    stock = dimse.send_msg
+
+    def send_msg(primitive: Any, context_id: int) -> None:
+        if not isinstance(primitive, C_FIND) or primitive.MessageIDBeingRespondedTo is None:
+            stock(primitive, context_id)
+            return
+        msg = C_FIND_RSP()
+        msg.primitive_to_message(primitive)
+        msg.context_id = context_id
+        evt.trigger(assoc, evt.EVT_DIMSE_SENT, {"message": msg})
+        limit = dimse.maximum_pdu_size
+        pdvs = [
+            pdv for p in msg.encode_msg(context_id, limit) for pdv in p.presentation_data_value_list
+        ]
+        if limit and sum(5 + len(value) for _, value in pdvs) > limit:
+            for pdv in pdvs:
+                single = P_DATA()
+                single.presentation_data_value_list.append(pdv)
+                assoc.dul.send_pdu(single)
+            return
+        merged = P_DATA()
+        merged.presentation_data_value_list.extend(pdvs)
+        assoc.dul.send_pdu(merged)
+
+    dimse.send_msg = send_msg
+    setattr(dimse, _ONE_PDU, True)
+
+
 def handle_find(event: Any, cfg: Config, spool: Spool) -> Iterator[Answer]:
     """EVT_C_FIND: yield (status, identifier) pairs, pending ones streamed."""
+    one_pdu_answers(event.assoc)
     model = str(event.request.AffectedSOPClassUID)
     calling = event.assoc.requestor.ae_title
     try:

@@ -186,3 +186,35 @@ def test_bad_ranges(value: str) -> None:
         m.parse(_ident("STUDY", StudyDate=value), m.STUDY_ROOT_FIND)
     assert err.value.status == m.NOT_MATCHING
     assert value not in err.value.comment or not value.strip("-")
+
+
+def test_main_attributes_from_a_header(tmp_path: Path) -> None:
+    """Plain ASCII values are taken as stored, others decoded by pydicom with
+    the header's character set; a value that is not text is stored empty."""
+    from pydicom.dataelem import DataElement
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.sequence import Sequence
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    from ith_proxy.dicom import files as dicomfile
+
+    ds = Dataset()
+    ds.SpecificCharacterSet = "ISO_IR 192"
+    ds.SOPClassUID, ds.SOPInstanceUID = "1.2.840.10008.5.1.4.1.1.7", "1.2.3"
+    ds.StudyDate, ds.StudyTime, ds.Modality = "20200102", "101530 ", "CT"
+    ds.StudyDescription = "Thorax Ü"
+    ds.SeriesNumber = "7"
+    ds.add(DataElement(0x00180015, "SQ", Sequence([Dataset()])))  # BodyPartExamined as SQ
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    path = tmp_path / "x.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    main = dicomfile.main_attributes(dicomfile.read_split(path).header)
+    assert main["study"]["study_date"] == "20200102"
+    assert main["study"]["study_time"] == "101530"
+    assert main["study"]["description"] == "Thorax Ü"
+    assert main["series"]["series_number"] == "7"
+    assert main["series"]["body_part"] == ""
+    assert main["patient"] == {"birth_date": "", "sex": ""}

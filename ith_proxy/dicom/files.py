@@ -18,11 +18,13 @@ from __future__ import annotations
 import errno
 import io
 import os
+import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, cast
 
+from pydicom.datadict import tag_for_keyword
 from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
 from pydicom.filebase import DicomFileLike
@@ -364,6 +366,11 @@ MAIN_ATTRIBUTES: dict[str, tuple[tuple[str, str], ...]] = {
     "instance": (("instance_number", "InstanceNumber"), ("number_of_frames", "NumberOfFrames")),
 }
 _MAIN_TEXT_LIMIT = 1024  # a catalog column holds a short value, never a blob
+_MAIN_TAGS = tuple(
+    (level, tuple((column, int(tag_for_keyword(kw) or 0)) for column, kw in pairs))
+    for level, pairs in MAIN_ATTRIBUTES.items()
+)
+_PRINTABLE = re.compile(rb"[\x20-\x7e]*")
 
 
 def _main_text(value: Any) -> str:
@@ -378,18 +385,33 @@ def _main_text(value: Any) -> str:
     return text.strip()[:_MAIN_TEXT_LIMIT]
 
 
+def _main_value(ds: Dataset, tag: int) -> str:
+    """One main attribute's text: printable ASCII bytes as they are (no pydicom
+    conversion: ~20x cheaper), anything else through pydicom."""
+    elem = ds.get_item(tag)
+    if elem is None or elem.VR in ("SQ", "UN", "OB", "OW"):  # no text: stored empty
+        return ""
+    if isinstance(elem, RawDataElement):
+        raw = elem.value
+        if raw is None:
+            return ""
+        if _PRINTABLE.fullmatch(raw):
+            return raw.decode("ascii").strip(" ")[:_MAIN_TEXT_LIMIT]
+        elem = ds[tag]
+    return _main_text(elem.value)
+
+
 def main_attributes(ds: Dataset) -> dict[str, dict[str, str]]:
     """The Q/R main attributes of a (de-identified) header, by level and column.
 
     A value that does not decode (a hostile header) is stored empty: the
     instance itself was already accepted."""
     out: dict[str, dict[str, str]] = {}
-    for level, pairs in MAIN_ATTRIBUTES.items():
+    for level, pairs in _MAIN_TAGS:
         values = out.setdefault(level, {})
-        for column, keyword in pairs:
+        for column, tag in pairs:
             try:
-                elem = ds.get(keyword)
-                values[column] = "" if elem is None else _main_text(elem)
+                values[column] = _main_value(ds, tag)
             except Exception:  # a value pydicom cannot decode
                 values[column] = ""
     return out

@@ -23,7 +23,9 @@ PKG = Path(__file__).resolve().parent.parent / "ith_proxy"
 ALLOWED_ROOMS: dict[str, set[str] | None] = {
     "__init__": set(),
     "__main__": {"cli"},
-    "config": {"config_values"},
+    "config": {"config_types", "config_values"},
+    # the configuration's dataclasses, one per INI section (re-exported by config)
+    "config_types": set(),
     # the value parsers and validators of config and of node definitions (stdlib only)
     "config_values": set(),
     "logs": {"config"},
@@ -49,7 +51,11 @@ ALLOWED_ROOMS: dict[str, set[str] | None] = {
     "store": set(),
     "store.spool": {"config", "fsio", "store.quarantine"},
     "store.quarantine": {"fsio"},  # the quarantine folder's part of the spool
-    "store.catalog": {"config"},
+    "store.catalog": {"config", "store.schema"},
+    # the catalog's user_version migration steps and the Q/R columns per level (no imports)
+    "store.schema": set(),
+    # the C-FIND queries: a query spec -> parameterized SQL over a Catalog's connection
+    "store.qr_catalog": {"store.catalog"},
     # the forwarding outbox and its per-instance ledger (SQL over a Catalog's connection)
     "store.outbox": {"backoff", "store.catalog", "store.linkbox"},
     # the backend link's durable outgoing messages (SQL over a Catalog's connection)
@@ -88,6 +94,7 @@ ALLOWED_ROOMS: dict[str, set[str] | None] = {
         "store.spool",
         "dicom.ae",
         "dicom.get_stream",
+        "dicom.qr",
         "dicom.qr_retrieve",
         "dicom.scp_stream",
     },
@@ -110,7 +117,17 @@ ALLOWED_ROOMS: dict[str, set[str] | None] = {
         "dicom.scu_wire",
         "dicom.status",
     },
-    "dicom.qr": {"config", "store.spool", "store.catalog", "dicom.ae", "dicom.files"},
+    "dicom.qr": {
+        "config",
+        "store.spool",
+        "store.catalog",
+        "store.qr_catalog",
+        "dicom.ae",
+        "dicom.files",
+        "dicom.qr_match",
+    },
+    # a C-FIND identifier as a pure-data query spec (PS3.4 C.2.2.2, C.4.1)
+    "dicom.qr_match": {"store.qr_catalog"},
     # a DICOM status -> delivered / transient / permanent, for the SCU and STOW-RS (stdlib)
     "dicom.status": set(),
     # the STOW-RS client (stdlib HTTP) and what its responses mean (pure)
@@ -247,8 +264,7 @@ ALLOWED_ROOMS: dict[str, set[str] | None] = {
 
 # a worker is a room (or package) that runs on its own; workers never import each other
 WORKERS = {
-    "dicom.scp",
-    "dicom.qr",
+    "dicom.scp",  # dicom.qr runs in the SCP's association threads: part of this worker
     "workers.indexer",
     "workers.scheduler",
     "workers.reindex",

@@ -53,6 +53,8 @@ RETRIEVE_CLASSES = (
     "1.2.840.10008.5.1.4.1.2.2.2",  # Study Root Q/R MOVE
     "1.2.840.10008.5.1.4.1.2.2.3",  # Study Root Q/R GET
 )
+# Query/Retrieve FIND (dicom/qr.py): Patient Root, Study Root
+QR_FIND_CLASSES = ("1.2.840.10008.5.1.4.1.2.1.1", "1.2.840.10008.5.1.4.1.2.2.1")
 DEFAULT_TRANSFER_SYNTAXES = ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1")
 
 
@@ -122,7 +124,7 @@ def build_ae(cfg: Config) -> AE:
         # either role: C-STORE to us, or from us as C-GET sub-operations
         # (the requester proposes the SCP role for itself; PS3.7 D.3.3.4)
         ae.add_supported_context(uid, syntaxes, scu_role=True, scp_role=True)
-    for uid in RETRIEVE_CLASSES:
+    for uid in RETRIEVE_CLASSES + QR_FIND_CLASSES:
         ae.add_supported_context(uid, list(DEFAULT_TRANSFER_SYNTAXES))
     ae.maximum_associations = scp.max_associations
     ae.maximum_pdu_size = scp.max_pdu_size

@@ -18,16 +18,19 @@ from __future__ import annotations
 import errno
 import io
 import os
+import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, cast
+from typing import Any, BinaryIO, cast
 
+from pydicom.datadict import tag_for_keyword
 from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
 from pydicom.filebase import DicomFileLike
 from pydicom.filereader import read_dataset
 from pydicom.filewriter import write_data_element, write_file_meta_info
+from pydicom.multival import MultiValue
 from pydicom.uid import UID
 
 from ith_proxy.dicom.scu_wire import WireError, meta_group
@@ -339,3 +342,76 @@ def write_joined(out: BinaryIO, split: SplitFile, src: BinaryIO | None = None) -
     _copy_range(out, src, split.pixel_end - split.pixel_start)
     if split.trailer is not None and len(split.trailer):
         out.write(_encode_dataset(split.trailer, implicit, little))
+
+
+# Q/R main attributes (issue 9) by catalog level and column, read from the
+# de-identified header the indexer already holds: anonymized values, as stored.
+MAIN_ATTRIBUTES: dict[str, tuple[tuple[str, str], ...]] = {
+    "patient": (("birth_date", "PatientBirthDate"), ("sex", "PatientSex")),
+    "study": (
+        ("study_date", "StudyDate"),
+        ("study_time", "StudyTime"),
+        ("accession", "AccessionNumber"),
+        ("study_id", "StudyID"),
+        ("description", "StudyDescription"),
+        ("referring", "ReferringPhysicianName"),
+    ),
+    "series": (
+        ("series_number", "SeriesNumber"),
+        ("description", "SeriesDescription"),
+        ("body_part", "BodyPartExamined"),
+        ("series_date", "SeriesDate"),
+        ("series_time", "SeriesTime"),
+    ),
+    "instance": (("instance_number", "InstanceNumber"), ("number_of_frames", "NumberOfFrames")),
+}
+_MAIN_TEXT_LIMIT = 1024  # a catalog column holds a short value, never a blob
+_MAIN_TAGS = tuple(
+    (level, tuple((column, int(tag_for_keyword(kw) or 0)) for column, kw in pairs))
+    for level, pairs in MAIN_ATTRIBUTES.items()
+)
+_PRINTABLE = re.compile(rb"[\x20-\x7e]*")
+
+
+def _main_text(value: Any) -> str:
+    if value is None or isinstance(value, (bytes, bytearray, Dataset)):
+        return ""
+    if isinstance(value, (list, tuple, MultiValue)):  # pydicom's Sequence is a MultiValue
+        if any(isinstance(v, Dataset) for v in value):
+            return ""
+        text = "\\".join(_main_text(v) for v in value)
+    else:
+        text = str(value)
+    return text.strip()[:_MAIN_TEXT_LIMIT]
+
+
+def _main_value(ds: Dataset, tag: int) -> str:
+    """One main attribute's text: printable ASCII bytes as they are (no pydicom
+    conversion: ~20x cheaper), anything else through pydicom."""
+    elem = ds.get_item(tag)
+    if elem is None or elem.VR in ("SQ", "UN", "OB", "OW"):  # no text: stored empty
+        return ""
+    if isinstance(elem, RawDataElement):
+        raw = elem.value
+        if raw is None:
+            return ""
+        if _PRINTABLE.fullmatch(raw):
+            return raw.decode("ascii").strip(" ")[:_MAIN_TEXT_LIMIT]
+        elem = ds[tag]
+    return _main_text(elem.value)
+
+
+def main_attributes(ds: Dataset) -> dict[str, dict[str, str]]:
+    """The Q/R main attributes of a (de-identified) header, by level and column.
+
+    A value that does not decode (a hostile header) is stored empty: the
+    instance itself was already accepted."""
+    out: dict[str, dict[str, str]] = {}
+    for level, pairs in _MAIN_TAGS:
+        values = out.setdefault(level, {})
+        for column, tag in pairs:
+            try:
+                values[column] = _main_value(ds, tag)
+            except Exception:  # a value pydicom cannot decode
+                values[column] = ""
+    return out

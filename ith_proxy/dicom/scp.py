@@ -29,7 +29,7 @@ from pynetdicom.events import EventHandlerType
 from pynetdicom.transport import ThreadedAssociationServer
 
 from ith_proxy.config import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION, Config
-from ith_proxy.dicom import get_stream, qr_retrieve, scp_stream
+from ith_proxy.dicom import get_stream, qr, qr_retrieve, scp_stream
 from ith_proxy.dicom.ae import AssociationHandler, Server, build_ae
 from ith_proxy.store.spool import Spool
 
@@ -159,6 +159,7 @@ class StorageSCP:
         handlers: list[EventHandlerType] = [
             (evt.EVT_C_ECHO, handle_echo),
             (evt.EVT_C_STORE, handle_store, [self.counters]),
+            (evt.EVT_C_FIND, qr.handle_find, [self.cfg, self.spool]),  # Q/R (dicom/qr.py)
             (evt.EVT_ACCEPTED, _log_assoc, ["accepted"]),
             (evt.EVT_REJECTED, _log_assoc, ["rejected"]),
             (evt.EVT_ABORTED, _log_assoc, ["aborted"]),

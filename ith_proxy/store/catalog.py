@@ -15,142 +15,21 @@ Only anonymized values are stored here.  The filesystem is the truth:
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import apsw
 
-STATES = ("receiving", "complete", "forwarding", "forwarded", "failed")
-
-_MIGRATIONS: tuple[str, ...] = (
-    # 1: the ingest core
-    """
-    CREATE TABLE patients(
-        pseudo_id TEXT PRIMARY KEY,
-        pseudo_name TEXT NOT NULL,
-        created_at REAL NOT NULL
-    );
-    CREATE TABLE studies(
-        study_uid TEXT PRIMARY KEY,
-        patient_id TEXT NOT NULL REFERENCES patients(pseudo_id),
-        state TEXT NOT NULL DEFAULT 'receiving'
-            CHECK (state IN ('receiving','complete','forwarding','forwarded','failed')),
-        first_received REAL NOT NULL,
-        last_received REAL NOT NULL,
-        completed_at REAL,
-        reopened INTEGER NOT NULL DEFAULT 0,
-        version INTEGER NOT NULL DEFAULT 1,
-        json_version INTEGER NOT NULL DEFAULT 0
-    );
-    CREATE INDEX studies_state ON studies(state, last_received);
-    CREATE TABLE series(
-        series_uid TEXT PRIMARY KEY,
-        study_uid TEXT NOT NULL REFERENCES studies(study_uid) ON DELETE CASCADE,
-        modality TEXT NOT NULL DEFAULT ''
-    );
-    CREATE INDEX series_study ON series(study_uid);
-    CREATE TABLE instances(
-        sop_uid TEXT PRIMARY KEY,
-        series_uid TEXT NOT NULL REFERENCES series(series_uid) ON DELETE CASCADE,
-        study_uid TEXT NOT NULL REFERENCES studies(study_uid) ON DELETE CASCADE,
-        sop_class_uid TEXT NOT NULL,
-        transfer_syntax TEXT NOT NULL,
-        size INTEGER NOT NULL,
-        vault_offset INTEGER,
-        received_at REAL NOT NULL
-    );
-    CREATE INDEX instances_study ON instances(study_uid);
-    CREATE INDEX instances_series ON instances(series_uid);
-    CREATE TABLE study_events(
-        id INTEGER PRIMARY KEY,
-        study_uid TEXT NOT NULL REFERENCES studies(study_uid) ON DELETE CASCADE,
-        ts REAL NOT NULL,
-        event TEXT NOT NULL
-    );
-    CREATE INDEX study_events_study ON study_events(study_uid, ts);
-    """,
-    # 2: the node registry (its SQL lives in store/nodes.py)
-    """
-    CREATE TABLE nodes(
-        name TEXT PRIMARY KEY COLLATE NOCASE,
-        kind TEXT NOT NULL CHECK (kind IN ('dicom','dicomweb')),
-        source TEXT NOT NULL CHECK (source IN ('ini','api','backend','derived')),
-        ae_title TEXT NOT NULL DEFAULT '',
-        host TEXT NOT NULL DEFAULT '',
-        port INTEGER NOT NULL DEFAULT 0,
-        url TEXT NOT NULL DEFAULT '',
-        auth_header TEXT NOT NULL DEFAULT '',
-        updated_at REAL NOT NULL,
-        CHECK ((kind = 'dicom' AND ae_title <> '' AND host <> '' AND port BETWEEN 1 AND 65535
-                AND url = '' AND auth_header = '')
-            OR (kind = 'dicomweb' AND url <> '' AND ae_title = '' AND host = '' AND port = 0))
-    );
-    CREATE UNIQUE INDEX nodes_ae_title ON nodes(ae_title) WHERE kind = 'dicom';
-    """,
-    # 3: forwarding outbox, ledger, retention
-    # (store/outbox.py holds their SQL and docs/forwarding.md their design; no
-    # foreign key to studies: reindex rebuilds studies under the forwarder's history)
-    """
-    ALTER TABLE studies ADD COLUMN purged_at REAL;
-    ALTER TABLE instances ADD COLUMN purged_at REAL;
-    CREATE INDEX instances_unpurged ON instances(study_uid) WHERE purged_at IS NULL;
-    CREATE TABLE outbox(
-        id INTEGER PRIMARY KEY,
-        study_uid TEXT NOT NULL,
-        node TEXT NOT NULL CHECK (length(node) BETWEEN 1 AND 64),
-        reason TEXT NOT NULL CHECK (reason IN ('complete','followup','requeue','manual')),
-        state TEXT NOT NULL DEFAULT 'pending' CHECK (state IN ('pending','delivered','failed')),
-        attempts INTEGER NOT NULL DEFAULT 0,
-        next_at REAL NOT NULL,
-        last_error TEXT,
-        created_at REAL NOT NULL,
-        updated_at REAL NOT NULL,
-        delivered_at REAL,
-        UNIQUE (study_uid, node)
-    );
-    CREATE INDEX outbox_due ON outbox(state, next_at);
-    CREATE TABLE deliveries(
-        node TEXT NOT NULL,
-        sop_uid TEXT NOT NULL,
-        study_uid TEXT NOT NULL,
-        outbox_id INTEGER NOT NULL REFERENCES outbox(id),
-        result TEXT NOT NULL CHECK (result IN ('delivered','failed')),
-        status INTEGER,
-        reason TEXT,
-        warning TEXT,
-        at REAL NOT NULL,
-        PRIMARY KEY (node, sop_uid)
-    ) WITHOUT ROWID;
-    CREATE INDEX deliveries_study ON deliveries(study_uid, node, result);
-    """,
-    # 4: the persisted runtime settings (store/settings.py holds their SQL)
-    """
-    CREATE TABLE runtime_settings(
-        key TEXT PRIMARY KEY
-            CHECK (key IN ('ae_title','dicom_port','study_timeout','forward_to')),
-        value TEXT NOT NULL,
-        source TEXT NOT NULL CHECK (source IN ('api','backend')),
-        updated_at REAL NOT NULL
-    ) WITHOUT ROWID;
-    """,
-    # 5: the backend link's durable outgoing messages (store/linkbox.py holds their SQL)
-    """
-    CREATE TABLE linkbox(
-        seq INTEGER PRIMARY KEY AUTOINCREMENT,
-        id TEXT NOT NULL UNIQUE,
-        type TEXT NOT NULL,
-        body TEXT NOT NULL,
-        created_at REAL NOT NULL
-    );
-    """,
-    # 6: the API's study list (store/browse.py): newest activity first, by state, by modality
-    """
-    CREATE INDEX studies_recent ON studies(last_received, study_uid);
-    CREATE INDEX studies_state_recent ON studies(state, last_received, study_uid);
-    CREATE INDEX series_modality ON series(modality, study_uid);
-    """,
+from ith_proxy.store.schema import (  # noqa: F401  # re-exported: the catalog's schema
+    _LEVELS,
+    INSTANCE_MAIN,
+    PATIENT_MAIN,
+    SERIES_MAIN,
+    STATES,
+    STUDY_MAIN,
 )
+from ith_proxy.store.schema import MIGRATIONS as _MIGRATIONS
 
 
 @dataclass(frozen=True)
@@ -168,6 +47,8 @@ class InstanceRow:
     size: int
     vault_offset: int | None
     received_at: float
+    # Q/R main attributes: {"patient"|"study"|"series"|"instance": {column: value}}
+    main: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
 
 
 def _best_practice(conn: apsw.Connection) -> None:
@@ -241,25 +122,31 @@ class Catalog:
         with self.conn:
             for r in rows:
                 c = self.conn
+                pm, sm, se, im = (
+                    [r.main.get(level, {}).get(k, "") for k in cols] for level, cols in _LEVELS
+                )
                 c.execute(
-                    "INSERT INTO patients(pseudo_id, pseudo_name, created_at) VALUES (?,?,?) "
-                    "ON CONFLICT(pseudo_id) DO NOTHING",
-                    (r.patient_id, r.patient_name, r.received_at),
+                    "INSERT INTO patients(pseudo_id, pseudo_name, created_at, name_folded,"
+                    " birth_date, sex) VALUES (?,?,?,upper(?),?,?)"
+                    " ON CONFLICT(pseudo_id) DO NOTHING",
+                    (r.patient_id, r.patient_name, r.received_at, r.patient_name, *pm),
                 )
                 state = c.execute(
                     "SELECT state FROM studies WHERE study_uid = ?", (r.study_uid,)
                 ).get
                 if state is None:
                     c.execute(
-                        "INSERT INTO studies(study_uid, patient_id, first_received, last_received)"
-                        " VALUES (?,?,?,?)",
-                        (r.study_uid, r.patient_id, r.received_at, r.received_at),
+                        "INSERT INTO studies(study_uid, patient_id, first_received, last_received,"
+                        " study_date, study_time, accession, study_id, description, referring)"
+                        " VALUES (?,?,?,?,?,?,?,?,?,?)",
+                        (r.study_uid, r.patient_id, r.received_at, r.received_at, *sm),
                     )
                     self._event(r.study_uid, r.received_at, "first-received")
                 c.execute(
-                    "INSERT INTO series(series_uid, study_uid, modality) VALUES (?,?,?) "
-                    "ON CONFLICT(series_uid) DO NOTHING",
-                    (r.series_uid, r.study_uid, r.modality),
+                    "INSERT INTO series(series_uid, study_uid, modality, series_number,"
+                    " description, body_part, series_date, series_time) VALUES (?,?,?,?,?,?,?,?)"
+                    " ON CONFLICT(series_uid) DO NOTHING",
+                    (r.series_uid, r.study_uid, r.modality, *se),
                 )
                 existed = (
                     c.execute("SELECT 1 FROM instances WHERE sop_uid = ?", (r.sop_uid,)).get
@@ -267,10 +154,13 @@ class Catalog:
                 )
                 c.execute(
                     "INSERT INTO instances(sop_uid, series_uid, study_uid, sop_class_uid,"
-                    " transfer_syntax, size, vault_offset, received_at) VALUES (?,?,?,?,?,?,?,?)"
+                    " transfer_syntax, size, vault_offset, received_at, instance_number,"
+                    " number_of_frames) VALUES (?,?,?,?,?,?,?,?,?,?)"
                     " ON CONFLICT(sop_uid) DO UPDATE SET size = excluded.size,"
                     " transfer_syntax = excluded.transfer_syntax,"
-                    " vault_offset = COALESCE(excluded.vault_offset, vault_offset)",
+                    " vault_offset = COALESCE(excluded.vault_offset, vault_offset),"
+                    " instance_number = excluded.instance_number,"
+                    " number_of_frames = excluded.number_of_frames",
                     (
                         r.sop_uid,
                         r.series_uid,
@@ -280,6 +170,7 @@ class Catalog:
                         r.size,
                         r.vault_offset,
                         r.received_at,
+                        *im,
                     ),
                 )
                 if not existed:

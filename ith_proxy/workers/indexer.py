@@ -347,6 +347,7 @@ class Indexer:
             size=self.spool.instance_path(study, series, sop).stat().st_size,
             vault_offset=offset,
             received_at=received,
+            main=dicomfile.main_attributes(ds),  # the de-identified header's (Q/R)
         )
 
     def _known(self, study: str, series: str, sop: str) -> int | None:

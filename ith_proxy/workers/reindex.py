@@ -65,6 +65,7 @@ def reindex(spool: Spool, catalog: Catalog, vault: Vault | None, now: float | No
                 size=split.size,
                 vault_offset=offsets.get((study, sop)),
                 received_at=path.stat().st_mtime,
+                main=dicomfile.main_attributes(ds),  # Q/R main attributes (migration 7)
             )
         )
     summaries = _summaries(spool)

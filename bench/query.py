@@ -1,0 +1,266 @@
+"""C-FIND benchmark: the proxy's Q/R SCP against Orthanc, side by side, with
+the same DCMTK ``findscu`` client (its process start included: ~30 ms floor).
+
+Three servers in one run:
+
+- ``proxy 10k``: a proxy whose catalog holds 10,000 studies x 1 instance;
+- ``proxy 1M``: a proxy whose catalog holds 10,000 studies x ``--per-study``
+  instances (100 by default: 1,000,000 instance rows, in 4 series each).
+  The catalog rows are made directly (no pixel files: C-FIND never reads them
+  for these queries);
+- ``Orthanc``: 10,000 studies x 1 instance (tiny instances without pixels,
+  sent by ``storescu``), the same patient IDs, names, dates and modalities.
+
+Study ``k`` (0..9999) belongs to patient ``ITH-%04d`` named ``ANON^ITH-%04d``,
+dated 2020-01-01 + (k mod 100) days (1% of the studies per day).
+
+Queries (Study Root): STUDY by exact PatientID; STUDY by StudyInstanceUID;
+STUDY by a one-day StudyDate range (~1%, 100 studies); SERIES within one
+study; PatientName ``ANON^ITH-00*`` (100 studies); PatientName ``ANON*``
+(every study).  Each is timed ``--runs`` times per server; the median wall
+time is printed, with the ratio to Orthanc and the per-match cost
+(match-everything minus exact, divided by 10,000).
+
+Run: ``.venv/bin/python bench/query.py`` (about 3 minutes; ``--per-study 10``
+for a quicker 100k run).  Figures go to docs/performance.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+from pydicom.dataset import Dataset, FileMetaDataset  # noqa: E402  # after the sys.path lines above
+from pydicom.filewriter import dcmwrite  # noqa: E402  # after the sys.path lines above
+from pydicom.uid import ExplicitVRLittleEndian  # noqa: E402  # after the sys.path lines above
+
+from ith_proxy.store.catalog import Catalog  # noqa: E402  # after the sys.path lines above
+
+STUDIES = 10_000
+SERIES_PER_STUDY = 4
+CT = "1.2.840.10008.5.1.4.1.1.2"
+SC = "1.2.840.10008.5.1.4.1.1.7"
+BASE = "1.2.826.0.1.3680043.10.7777"
+
+
+def study_uid(k: int) -> str:
+    return f"{BASE}.1.{k}"
+
+
+def series_uid(k: int, s: int) -> str:
+    return f"{BASE}.2.{k}.{s}"
+
+
+def sop_uid(k: int, s: int, i: int) -> str:
+    return f"{BASE}.3.{k}.{s}.{i}"
+
+
+def study_date(k: int) -> str:
+    return (datetime.date(2020, 1, 1) + datetime.timedelta(days=k % 100)).strftime("%Y%m%d")
+
+
+def build_catalog(path: Path, per_study: int) -> float:
+    """The catalog rows of STUDIES studies x per_study instances; seconds taken."""
+    started = time.perf_counter()
+    cat = Catalog(path)
+    conn = cat.conn
+    series_n = min(SERIES_PER_STUDY, per_study)
+    with conn:
+        conn.executemany(
+            "INSERT INTO patients(pseudo_id, pseudo_name, created_at, name_folded)"
+            " VALUES (?,?,1,?)",
+            ((f"ITH-{k:04d}", f"ANON^ITH-{k:04d}", f"ANON^ITH-{k:04d}") for k in range(STUDIES)),
+        )
+        conn.executemany(
+            "INSERT INTO studies(study_uid, patient_id, state, first_received, last_received,"
+            " completed_at, version, json_version, study_date, study_time)"
+            " VALUES (?,?,'forwarded',1,1,1,1,1,?,'101530')",
+            ((study_uid(k), f"ITH-{k:04d}", study_date(k)) for k in range(STUDIES)),
+        )
+        conn.executemany(
+            "INSERT INTO series(series_uid, study_uid, modality, series_number, series_date)"
+            " VALUES (?,?,'CT',?,?)",
+            (
+                (series_uid(k, s), study_uid(k), str(s + 1), study_date(k))
+                for k in range(STUDIES)
+                for s in range(series_n)
+            ),
+        )
+        conn.executemany(
+            "INSERT INTO instances(sop_uid, series_uid, study_uid, sop_class_uid,"
+            " transfer_syntax, size, received_at, instance_number)"
+            " VALUES (?,?,?,?,'1.2.840.10008.1.2.1',1000,1,?)",
+            (
+                (sop_uid(k, i % series_n, i), series_uid(k, i % series_n), study_uid(k), CT, str(i))
+                for k in range(STUDIES)
+                for i in range(per_study)
+            ),
+        )
+    conn.execute("ANALYZE")
+    cat.close()
+    return time.perf_counter() - started
+
+
+def orthanc_files(out: Path) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    files = []
+    for k in range(STUDIES):
+        ds = Dataset()
+        ds.SOPClassUID, ds.SOPInstanceUID = SC, sop_uid(k, 0, 0)
+        ds.PatientID, ds.PatientName = f"ITH-{k:04d}", f"ANON^ITH-{k:04d}"
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid(k), series_uid(k, 0)
+        ds.StudyDate, ds.StudyTime, ds.Modality = study_date(k), "101530", "CT"
+        ds.SeriesNumber, ds.InstanceNumber = "1", "1"
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.MediaStorageSOPClassUID = SC
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        path = out / f"{k:05d}.dcm"
+        dcmwrite(path, ds, enforce_file_format=True)
+        files.append(path)
+    return files
+
+
+QUERIES = {
+    "STUDY exact PatientID": ["QueryRetrieveLevel=STUDY", "PatientID=ITH-4242", "StudyInstanceUID"],
+    "STUDY StudyInstanceUID": ["QueryRetrieveLevel=STUDY", f"StudyInstanceUID={study_uid(4242)}"],
+    "STUDY date range 1%": [
+        "QueryRetrieveLevel=STUDY",
+        f"StudyDate={study_date(42)}-{study_date(42)}",
+        "StudyInstanceUID",
+    ],
+    "SERIES in one study": [
+        "QueryRetrieveLevel=SERIES",
+        f"StudyInstanceUID={study_uid(4242)}",
+        "SeriesInstanceUID",
+        "Modality",
+    ],
+    "PatientName ANON^ITH-00*": [
+        "QueryRetrieveLevel=STUDY",
+        "PatientName=ANON^ITH-00*",
+        "StudyInstanceUID",
+    ],
+    "PatientName ANON* (all)": [
+        "QueryRetrieveLevel=STUDY",
+        "PatientName=ANON*",
+        "StudyInstanceUID",
+    ],
+}
+
+
+def findscu(port: int, aec: str, keys: list[str]) -> tuple[float, int]:
+    args = ["findscu", "-v", "-S", "-aet", "BENCH", "-aec", aec]
+    for k in keys:
+        args += ["-k", k]
+    args += ["127.0.0.1", str(port)]
+    started = time.perf_counter()
+    done = subprocess.run(
+        args,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={"PATH": "/usr/bin:/bin", "TCP_NODELAY": "1"},
+    )
+    took = time.perf_counter() - started
+    text = done.stdout + done.stderr
+    if "Final Find Response (Success)" not in text and done.returncode != 0:
+        raise RuntimeError(f"findscu failed on port {port}: {text[-400:]}")
+    return took, text.count("(Pending)")
+
+
+def run_findscu(port: int, aec: str, keys: list[str], runs: int) -> tuple[float, int]:
+    findscu(port, aec, keys)  # warm-up
+    times, matches = [], 0
+    for _ in range(runs):
+        took, matches = findscu(port, aec, keys)
+        times.append(took)
+    return statistics.median(times), matches
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--per-study", type=int, default=100)
+    parser.add_argument("--keep", action="store_true")
+    args = parser.parse_args()
+
+    import orthanc  # tests/orthanc.py
+    from tools import ProxyProcess, storescu
+
+    tmp = Path(tempfile.mkdtemp(prefix="ith-bench-query-"))
+    servers: dict[str, tuple[int, str]] = {}
+    started: list = []
+    try:
+        for name, per in (
+            ("proxy 10k", 1),
+            (f"proxy {STUDIES * args.per_study // 1000}k", args.per_study),
+        ):
+            proxy = ProxyProcess(tmp / name.replace(" ", "-"))
+            proxy.start()
+            proxy.stop()
+            took = build_catalog(proxy.spool / "catalog.sqlite3", per)
+            print(
+                f"{name}: catalog of {STUDIES * per} instance rows built in {took:.1f} s",
+                flush=True,
+            )
+            proxy.start(timeout=120)
+            started.append(proxy)
+            servers[name] = (proxy.dicom_port, "DICOMRCV")
+        pacs = orthanc.OrthancProcess(tmp / "orthanc", extra={"DicomAlwaysAllowFind": True})
+        pacs.start()
+        started.append(pacs)
+        t0 = time.perf_counter()
+        files = orthanc_files(tmp / "orthanc-in")
+        sent = storescu(pacs.dicom_port, tmp / "orthanc-in", aec="ORTHANC", timeout=3600)
+        if sent.returncode != 0:
+            raise RuntimeError(sent.stderr[-400:])
+        print(
+            f"Orthanc: {len(files)} studies loaded in {time.perf_counter() - t0:.1f} s", flush=True
+        )
+        servers["Orthanc"] = (pacs.dicom_port, "ORTHANC")
+
+        results: dict[tuple[str, str], tuple[float, int]] = {}
+        for query, keys in QUERIES.items():
+            for name, (port, aec) in servers.items():
+                results[(query, name)] = run_findscu(port, aec, keys, args.runs)
+        names = list(servers)
+        print(f"\nC-FIND wall time, median of {args.runs} (ms; matches in brackets)")
+        print(f"{'query':28}" + "".join(f"{n:>20}" for n in names) + f"{'10k/Orthanc':>13}")
+        for query in QUERIES:
+            cells = "".join(
+                f"{results[(query, n)][0] * 1000:>13.1f} [{results[(query, n)][1]:>4}]"
+                for n in names
+            )
+            ratio = results[(query, names[0])][0] / results[(query, "Orthanc")][0]
+            print(f"{query:28}{cells}{ratio:>12.2f}x")
+        every, exact = "PatientName ANON* (all)", "STUDY exact PatientID"
+        for n in names:
+            per_match = (results[(every, n)][0] - results[(exact, n)][0]) / STUDIES * 1000
+            print(f"per-match cost {n}: {per_match:.3f} ms")
+        big = names[1]
+        drift = results[(exact, big)][0] / results[(exact, names[0])][0] - 1
+        print(f"exact PatientID at {big} vs 10k: {drift * 100:+.1f}%")
+    finally:
+        for server in started:
+            server.stop()
+        if args.keep:
+            print(f"kept {tmp}")
+        else:
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -203,18 +203,34 @@ ALLOWED_ROOMS: dict[str, set[str] | None] = {
         "store.nodes",
         "store.outbox",
         "web.context",
+        "web.openapi",
         "web.query",
     },
     # the read routes' inputs: the study list's query parameters, study UIDs
     "web.query": {"store.browse", "store.catalog", "web.context"},
-    "web.phi": {"deid", "store.audit", "store.catalog", "vault.records", "web.context"},
-    "web.nodes": {"config_values", "store.audit", "store.catalog", "store.nodes", "web.context"},
+    "web.phi": {
+        "deid",
+        "store.audit",
+        "store.catalog",
+        "vault.records",
+        "web.context",
+        "web.openapi",
+    },
+    "web.nodes": {
+        "config_values",
+        "store.audit",
+        "store.catalog",
+        "store.nodes",
+        "web.context",
+        "web.openapi",
+    },
     "web.settings": {
         "store.audit",
         "store.catalog",
         "store.nodes",
         "store.settings",
         "web.context",
+        "web.openapi",
     },
     "web.metrics": {
         "__init__",  # the version

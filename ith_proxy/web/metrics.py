@@ -156,12 +156,6 @@ def install(app: bottle.Bottle, ctx: ApiContext) -> None:
         )
 
 
-_ERROR = {
-    "type": "object",
-    "required": ["error"],
-    "properties": {"error": {"type": "string"}, "field": {"type": "string"}},
-}
-
 OPENAPI: dict[str, Any] = {
     "/metrics": {
         "get": {
@@ -173,15 +167,7 @@ OPENAPI: dict[str, Any] = {
                 "200": {
                     "description": "the metrics",
                     "content": {"text/plain": {"schema": {"type": "string"}}},
-                },
-                "401": {
-                    "description": "missing or invalid token",
-                    "content": {"application/json": {"schema": _ERROR}},
-                },
-                "403": {
-                    "description": "token refused",
-                    "content": {"application/json": {"schema": _ERROR}},
-                },
+                }
             },
         }
     }

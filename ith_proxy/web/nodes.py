@@ -30,6 +30,7 @@ import bottle
 from ith_proxy import config_values as v
 from ith_proxy.store.nodes import Node, NodeConflict, NodeError, NodeNotFound, Nodes
 from ith_proxy.web.context import ApiContext, ApiError, audit, json_object, json_response, route
+from ith_proxy.web.openapi import error_response
 
 # the field a registry refusal is about: "invalid node: port: ..." -> port
 _FIELD = re.compile(r"\b(name|kind|ae_title|host|port|url|auth_header)\b")
@@ -186,12 +187,6 @@ def install(app: bottle.Bottle, ctx: ApiContext) -> None:
 
 # --- OpenAPI ---
 
-_ERROR: dict[str, Any] = {
-    "type": "object",
-    "required": ["error"],
-    "properties": {"error": {"type": "string"}, "field": {"type": "string"}},
-}
-
 
 def _errors(*codes: int) -> dict[str, Any]:
     text = {
@@ -205,10 +200,7 @@ def _errors(*codes: int) -> dict[str, Any]:
         503: "no service runs here to echo from",
         429: "two echoes are already running; try again later",
     }
-    return {
-        str(c): {"description": text[c], "content": {"application/json": {"schema": _ERROR}}}
-        for c in codes
-    }
+    return {str(c): error_response(text[c]) for c in codes}
 
 
 _NODE_IN: dict[str, Any] = {

@@ -71,6 +71,12 @@ ERROR_SCHEMA: dict[str, Any] = {
     "additionalProperties": False,
 }
 
+
+def error_response(description: str) -> dict[str, Any]:
+    """A response with the JSON error body (``{"error": ..., "field": ...}``)."""
+    return json_content(description, ERROR_SCHEMA)
+
+
 _ERRORS = {
     "BadRequest": ("400", "bad input: `field` names it"),
     "Unauthorized": ("401", "no valid bearer token (any reason: one generic answer)"),

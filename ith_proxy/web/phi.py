@@ -39,6 +39,7 @@ from ith_proxy.web.context import (
     json_response,
     route,
 )
+from ith_proxy.web.openapi import error_response
 
 log = logging.getLogger("ith_proxy.api")
 
@@ -139,15 +140,6 @@ def install(app: bottle.Bottle, ctx: ApiContext) -> None:
         return read_phi(ctx)
 
 
-def _error(description: str) -> dict[str, Any]:
-    return {"description": description, "content": {"application/json": {"schema": _ERROR}}}
-
-
-_ERROR: dict[str, Any] = {
-    "type": "object",
-    "required": ["error"],
-    "properties": {"error": {"type": "string"}, "field": {"type": "string"}},
-}
 _VALUE: dict[str, Any] = {
     "description": "a string; a list of strings (multi-valued); "
     '{"InlineBinary": base64} (binary); a list of objects (sequence)'
@@ -207,14 +199,14 @@ OPENAPI: dict[str, Any] = {
                         }
                     },
                 },
-                "400": _error(
+                "400": error_response(
                     "the body is not JSON, or study_instance_uid is missing or malformed"
                 ),
-                "401": _error("no valid bearer token (not audited)"),
-                "403": _error("the token lacks the scope phi:read (audited)"),
-                "404": _error("no study with this UID (audited)"),
-                "413": _error("the body is larger than 1 MB (audited)"),
-                "500": _error(
+                "401": error_response("no valid bearer token (not audited)"),
+                "403": error_response("the token lacks the scope phi:read (audited)"),
+                "404": error_response("no study with this UID (audited)"),
+                "413": error_response("the body is larger than 1 MB (audited)"),
+                "500": error_response(
                     "the audit record could not be written, or the vault could not be read"
                 ),
             },

@@ -29,6 +29,7 @@ import bottle
 from ith_proxy.store.nodes import Nodes
 from ith_proxy.store.settings import KEYS, RuntimeSettings, SettingsError, describe, validate
 from ith_proxy.web.context import ApiContext, ApiError, audit, json_object, json_response, route
+from ith_proxy.web.openapi import error_response
 
 TARGET = "config"  # the audit record's target
 
@@ -117,11 +118,6 @@ def install(app: bottle.Bottle, ctx: ApiContext) -> None:
 
 # --- OpenAPI ---
 
-_ERROR: dict[str, Any] = {
-    "type": "object",
-    "required": ["error"],
-    "properties": {"error": {"type": "string"}, "field": {"type": "string"}},
-}
 _SOURCE = {
     "type": "string",
     "description": "default, the INI path, environment VAR, .env VAR, api or backend",
@@ -186,10 +182,7 @@ def _errors(*codes: int) -> dict[str, Any]:
         409: "the SCP cannot listen there; it keeps its old AE title and port",
         413: "body over 1 MB",
     }
-    return {
-        str(c): {"description": text[c], "content": {"application/json": {"schema": _ERROR}}}
-        for c in codes
-    }
+    return {str(c): error_response(text[c]) for c in codes}
 
 
 OPENAPI: dict[str, Any] = {

@@ -99,11 +99,6 @@ _OUTBOX = {
     "type": "object",
     "properties": dict.fromkeys(("pending", "delivered", "failed"), _COUNT),
 }
-_ERROR = {
-    "type": "object",
-    "required": ["error"],
-    "properties": {"error": {"type": "string"}, "field": {"type": "string"}},
-}
 
 STATUS_SCHEMA: dict[str, Any] = {
     "type": "object",
@@ -206,15 +201,7 @@ OPENAPI: dict[str, Any] = {
                 "200": {
                     "description": "the status",
                     "content": {"application/json": {"schema": STATUS_SCHEMA}},
-                },
-                "401": {
-                    "description": "missing or invalid token",
-                    "content": {"application/json": {"schema": _ERROR}},
-                },
-                "403": {
-                    "description": "token refused",
-                    "content": {"application/json": {"schema": _ERROR}},
-                },
+                }
             },
         }
     }

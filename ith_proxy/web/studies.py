@@ -26,6 +26,7 @@ from ith_proxy.store.catalog import STATES
 from ith_proxy.store.nodes import Nodes
 from ith_proxy.store.outbox import Outbox, OutboxError
 from ith_proxy.web.context import ApiContext, ApiError, audit, json_object, json_response, route
+from ith_proxy.web.openapi import error_response
 from ith_proxy.web.query import (
     CURSOR_PATTERN,
     DEFAULT_LIMIT,
@@ -117,15 +118,6 @@ def _nullable(schema: dict[str, Any]) -> dict[str, Any]:
 
 _TIME = {"type": "string", "format": "date-time"}
 _COUNT = {"type": "integer", "minimum": 0}
-_ERROR = {
-    "type": "object",
-    "required": ["error"],
-    "properties": {"error": {"type": "string"}, "field": {"type": "string"}},
-}
-
-
-def _error(description: str) -> dict[str, Any]:
-    return {"description": description, "content": {"application/json": {"schema": _ERROR}}}
 
 
 _UID_PARAM = {
@@ -275,7 +267,7 @@ OPENAPI: dict[str, Any] = {
                         }
                     },
                 },
-                "400": _error("a bad query parameter (field names it)"),
+                "400": error_response("a bad query parameter (field names it)"),
             },
         }
     },
@@ -291,8 +283,8 @@ OPENAPI: dict[str, Any] = {
                     "description": "the study",
                     "content": {"application/json": {"schema": DETAIL}},
                 },
-                "400": _error("not a DICOM UID"),
-                "404": _error("no such study"),
+                "400": error_response("not a DICOM UID"),
+                "404": error_response("no such study"),
             },
         }
     },
@@ -326,9 +318,9 @@ OPENAPI: dict[str, Any] = {
                     "description": "queued; the forwarder sends it",
                     "content": {"application/json": {"schema": ENTRY}},
                 },
-                "400": _error("bad body, bad UID or unknown node (field names it)"),
-                "404": _error("no such study"),
-                "409": _error("the study was purged by retention: nothing left to send"),
+                "400": error_response("bad body, bad UID or unknown node (field names it)"),
+                "404": error_response("no such study"),
+                "409": error_response("the study was purged by retention: nothing left to send"),
             },
         }
     },

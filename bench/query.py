@@ -21,20 +21,32 @@ study; PatientName ``ANON^ITH-00*`` (100 studies); PatientName ``ANON*``
 time is printed, with the ratio to Orthanc and the per-match cost
 (match-everything minus exact, divided by 10,000).
 
-Run: ``.venv/bin/python bench/query.py`` (about 3 minutes; ``--per-study 10``
-for a quicker 100k run).  Figures go to docs/performance.md.
+C-GET (unless ``--no-get``): the 200-slice 512x512 CT study of
+bench/ingest.py, stored in a fresh proxy (by ``storescu``, then indexed) and
+in a fresh Orthanc, retrieved whole (STUDY level) by DCMTK ``getscu`` with
+TCP_NODELAY=1, ``--runs`` times each after one warm-up; the median wall time
+(process start included), MB/s (10^6 bytes of the files getscu wrote) and the
+ratio proxy/Orthanc (issue 9 target: >= 0.5x).
+
+Run: ``.venv/bin/python bench/query.py`` (about 12 minutes, most of it
+loading Orthanc; ``--per-study 10`` for a quicker 100k run, ``--studies 1000``
+for a smaller catalog, ``--no-find`` or ``--no-get`` to skip a part).
+Figures go to docs/performance.md.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+import ingest  # bench/ingest.py (this script's own dir): the 200-slice CT study
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -131,31 +143,40 @@ def orthanc_files(out: Path) -> list[Path]:
     return files
 
 
-QUERIES = {
-    "STUDY exact PatientID": ["QueryRetrieveLevel=STUDY", "PatientID=ITH-4242", "StudyInstanceUID"],
-    "STUDY StudyInstanceUID": ["QueryRetrieveLevel=STUDY", f"StudyInstanceUID={study_uid(4242)}"],
-    "STUDY date range 1%": [
-        "QueryRetrieveLevel=STUDY",
-        f"StudyDate={study_date(42)}-{study_date(42)}",
-        "StudyInstanceUID",
-    ],
-    "SERIES in one study": [
-        "QueryRetrieveLevel=SERIES",
-        f"StudyInstanceUID={study_uid(4242)}",
-        "SeriesInstanceUID",
-        "Modality",
-    ],
-    "PatientName ANON^ITH-00*": [
-        "QueryRetrieveLevel=STUDY",
-        "PatientName=ANON^ITH-00*",
-        "StudyInstanceUID",
-    ],
-    "PatientName ANON* (all)": [
-        "QueryRetrieveLevel=STUDY",
-        "PatientName=ANON*",
-        "StudyInstanceUID",
-    ],
-}
+def queries() -> dict[str, list[str]]:
+    one = 4242 % STUDIES  # a study in the middle of the catalog
+    return {
+        "STUDY exact PatientID": [
+            "QueryRetrieveLevel=STUDY",
+            f"PatientID=ITH-{one:04d}",
+            "StudyInstanceUID",
+        ],
+        "STUDY StudyInstanceUID": [
+            "QueryRetrieveLevel=STUDY",
+            f"StudyInstanceUID={study_uid(one)}",
+        ],
+        "STUDY date range 1%": [
+            "QueryRetrieveLevel=STUDY",
+            f"StudyDate={study_date(42)}-{study_date(42)}",
+            "StudyInstanceUID",
+        ],
+        "SERIES in one study": [
+            "QueryRetrieveLevel=SERIES",
+            f"StudyInstanceUID={study_uid(one)}",
+            "SeriesInstanceUID",
+            "Modality",
+        ],
+        "PatientName ANON^ITH-00*": [
+            "QueryRetrieveLevel=STUDY",
+            "PatientName=ANON^ITH-00*",
+            "StudyInstanceUID",
+        ],
+        "PatientName ANON* (all)": [
+            "QueryRetrieveLevel=STUDY",
+            "PatientName=ANON*",
+            "StudyInstanceUID",
+        ],
+    }
 
 
 def findscu(port: int, aec: str, keys: list[str]) -> tuple[float, int]:
@@ -187,23 +208,115 @@ def run_findscu(port: int, aec: str, keys: list[str], runs: int) -> tuple[float,
     return statistics.median(times), matches
 
 
+def getscu(port: int, aec: str, study: str, out: Path) -> tuple[float, int, int]:
+    """One whole-study C-GET into a fresh ``out``: seconds, files, bytes."""
+    from tools import dcmtk_env, require_tool
+
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    args = [require_tool("getscu"), "-S", "-aet", "BENCH", "-aec", aec, "-od", str(out)]
+    args += ["-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={study}"]
+    args += ["127.0.0.1", str(port)]
+    started = time.perf_counter()
+    done = subprocess.run(args, capture_output=True, text=True, timeout=600, env=dcmtk_env())
+    took = time.perf_counter() - started
+    files = [p for p in out.iterdir() if p.is_file()]
+    if done.returncode != 0:
+        raise RuntimeError(f"getscu failed on port {port}: {(done.stdout + done.stderr)[-400:]}")
+    return took, len(files), sum(p.stat().st_size for p in files)
+
+
+def bench_get(tmp: Path, runs: int) -> None:
+    """C-GET of the 200-slice CT study: the proxy and Orthanc, side by side."""
+    from pydicom import dcmread
+
+    import orthanc  # tests/orthanc.py
+    from qr_retrieve_site import store_study  # tests/: storescu + wait until indexed
+    from tools import ProxyProcess, storescu
+
+    data = tmp / "ct"
+    nbytes = ingest.make_dataset(data, 200, 512)
+    files = sorted(data.iterdir())
+    print(f"\nC-GET: 200-slice 512x512 CT, {nbytes / 1e6:.1f} MB", flush=True)
+    started: list = []
+    try:
+        proxy = ProxyProcess(tmp / "proxy-get")
+        proxy.start()
+        started.append(proxy)
+        stored = store_study(proxy, files)
+        pacs = orthanc.OrthancProcess(tmp / "orthanc-get", extra={"DicomAlwaysAllowGet": True})
+        pacs.start()
+        started.append(pacs)
+        sent = storescu(pacs.dicom_port, data, aec="ORTHANC")
+        if sent.returncode != 0:
+            raise RuntimeError(sent.stderr[-400:])
+        original = str(dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+        servers = {
+            "proxy": (proxy.dicom_port, "DICOMRCV", stored.study),
+            "Orthanc": (pacs.dicom_port, "ORTHANC", original),
+        }
+        rate: dict[str, float] = {}
+        print(f"C-GET whole study by getscu, median of {runs} (after a warm-up)")
+        for name, (port, aec, study) in servers.items():
+            out = tmp / f"got-{name}"
+            getscu(port, aec, study, out)  # warm-up
+            times, sizes = [], []
+            for _ in range(runs):
+                took, count, size = getscu(port, aec, study, out)
+                if count != len(files):
+                    raise RuntimeError(f"{name}: getscu received {count} of {len(files)} files")
+                times.append(took)
+                sizes.append(size)
+            took = statistics.median(times)
+            rate[name] = statistics.median(sizes) / 1e6 / took
+            print(f"  {name:10} {took:7.3f} s {rate[name]:8.1f} MB/s", flush=True)
+        ratio = rate["proxy"] / rate["Orthanc"]
+        verdict = "PASS" if ratio >= 0.5 else "FAIL"
+        print(f"C-GET proxy/Orthanc: {ratio:.2f}x (target >= 0.5x: {verdict})")
+    finally:
+        for server in started:
+            server.stop()
+
+
 def main() -> int:
+    global STUDIES
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--per-study", type=int, default=100)
+    parser.add_argument("--studies", type=int, default=STUDIES, help="C-FIND catalog (>= 100)")
+    parser.add_argument("--no-find", action="store_true", help="skip the C-FIND part")
+    parser.add_argument("--no-get", action="store_true", help="skip the C-GET part")
     parser.add_argument("--keep", action="store_true")
     args = parser.parse_args()
+    if args.studies < 100:
+        parser.error("--studies must be >= 100")
+    STUDIES = args.studies
 
+    tmp = Path(tempfile.mkdtemp(prefix="ith-bench-query-"))
+    try:
+        if not args.no_find:
+            bench_find(tmp, args.runs, args.per_study)
+        if not args.no_get:
+            bench_get(tmp, args.runs)
+    finally:
+        if args.keep:
+            print(f"kept {tmp}")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return 0
+
+
+def bench_find(tmp: Path, runs: int, per_study: int) -> None:
+    """C-FIND: two proxy catalogs and Orthanc, side by side."""
     import orthanc  # tests/orthanc.py
     from tools import ProxyProcess, storescu
 
-    tmp = Path(tempfile.mkdtemp(prefix="ith-bench-query-"))
     servers: dict[str, tuple[int, str]] = {}
     started: list = []
     try:
         for name, per in (
-            ("proxy 10k", 1),
-            (f"proxy {STUDIES * args.per_study // 1000}k", args.per_study),
+            (f"proxy {STUDIES // 1000}k", 1),
+            (f"proxy {STUDIES * per_study // 1000}k", per_study),
         ):
             proxy = ProxyProcess(tmp / name.replace(" ", "-"))
             proxy.start()
@@ -230,13 +343,14 @@ def main() -> int:
         servers["Orthanc"] = (pacs.dicom_port, "ORTHANC")
 
         results: dict[tuple[str, str], tuple[float, int]] = {}
-        for query, keys in QUERIES.items():
+        asked = queries()
+        for query, keys in asked.items():
             for name, (port, aec) in servers.items():
-                results[(query, name)] = run_findscu(port, aec, keys, args.runs)
+                results[(query, name)] = run_findscu(port, aec, keys, runs)
         names = list(servers)
-        print(f"\nC-FIND wall time, median of {args.runs} (ms; matches in brackets)")
-        print(f"{'query':28}" + "".join(f"{n:>20}" for n in names) + f"{'10k/Orthanc':>13}")
-        for query in QUERIES:
+        print(f"\nC-FIND wall time, median of {runs} (ms; matches in brackets)")
+        print(f"{'query':28}" + "".join(f"{n:>20}" for n in names) + f"{'proxy/Orthanc':>14}")
+        for query in asked:
             cells = "".join(
                 f"{results[(query, n)][0] * 1000:>13.1f} [{results[(query, n)][1]:>4}]"
                 for n in names
@@ -249,17 +363,10 @@ def main() -> int:
             print(f"per-match cost {n}: {per_match:.3f} ms")
         big = names[1]
         drift = results[(exact, big)][0] / results[(exact, names[0])][0] - 1
-        print(f"exact PatientID at {big} vs 10k: {drift * 100:+.1f}%")
+        print(f"exact PatientID at {big} vs {names[0]}: {drift * 100:+.1f}%")
     finally:
         for server in started:
             server.stop()
-        if args.keep:
-            print(f"kept {tmp}")
-        else:
-            import shutil
-
-            shutil.rmtree(tmp, ignore_errors=True)
-    return 0
 
 
 if __name__ == "__main__":

@@ -124,6 +124,7 @@ ALLOWED_ROOMS: dict[str, set[str] | None] = {
         "store.qr_catalog",
         "dicom.ae",
         "dicom.files",
+        "dicom.get_stream",
         "dicom.qr_match",
     },
     # a C-FIND identifier as a pure-data query spec (PS3.4 C.2.2.2, C.4.1)

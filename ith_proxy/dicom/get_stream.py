@@ -201,18 +201,29 @@ class Channel:
         return status
 
 
+WRITE_LOCK = "_ith_write_lock"  # on the association: the lock below (qr.py writes under it)
+ENDED = "_ith_writes_ended"  # on its socket: an A-RELEASE or A-ABORT PDU went out
+_ENDING_PDUS = (0x05, 0x06, 0x07)  # A-RELEASE-RQ, A-RELEASE-RP, A-ABORT
+
+
 def _lock_writes(assoc: Any) -> threading.Lock:
     """One lock for every write on this association's socket: the DUL
-    thread's (``AssociationSocket.send``) and ours (``Channel._write``)."""
+    thread's (``AssociationSocket.send``) and ours (``Channel._write``,
+    qr.py's C-FIND answers).  Once the DUL has written an A-RELEASE or
+    A-ABORT PDU the socket is marked ``ENDED`` under the same lock, so a
+    writer that checks it never puts a P-DATA-TF after it."""
     lock = threading.Lock()
     sock = assoc.dul.socket
     stock_send = sock.send
 
     def send(bytestream: bytes) -> None:
         with lock:
+            if bytestream[:1] and bytestream[0] in _ENDING_PDUS:
+                setattr(sock, ENDED, True)
             stock_send(bytestream)
 
     sock.send = send
+    setattr(assoc, WRITE_LOCK, lock)
     raw = getattr(sock, "socket", None)
     if raw is not None and raw.gettimeout() is None:
         # our sendall must not block for ever on a peer that stops reading

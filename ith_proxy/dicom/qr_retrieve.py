@@ -50,10 +50,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, BinaryIO
 
-from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
-from pynetdicom.dsutils import encode
 
 from ith_proxy.config import Config
 from ith_proxy.dicom import qr_access, scu
@@ -176,17 +174,12 @@ def retrieve_keys(ds: Dataset, sop_class: str) -> RetrieveKeys:
 
 
 def _converted(fh: BinaryIO, ts: str) -> bytes:
-    """The data set in Implicit/Explicit VR Little Endian ``ts`` (lossless
-    between these two): decoded and encoded by pydicom, bounded by the
-    caller's size check."""
+    """The data set in Implicit/Explicit VR Little Endian ``ts`` (scu.reencoded,
+    bounded by the caller's size check); a failed sub-operation otherwise."""
     try:
-        fh.seek(0)
-        data = encode(dcmread(fh), ts == IMPLICIT_LE, True)
-    except Exception as exc:  # pydicom raises many types on bad input
-        raise _SubOpFailed(f"cannot convert to {ts}: {type(exc).__name__}") from None
-    if not data:
-        raise _SubOpFailed(f"cannot convert to {ts}")
-    return data
+        return scu.reencoded(fh, ts)
+    except wire.WireError as exc:
+        raise _SubOpFailed(str(exc).replace("re-encode for", "convert to", 1)) from None
 
 
 class Counts:

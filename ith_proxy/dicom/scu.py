@@ -151,9 +151,10 @@ def _plan(items: list[_Item]) -> list[tuple[list[tuple[str, str]], list[_Item]]]
     return list(zip(groups, members, strict=True))
 
 
-def _reencoded(fh: BinaryIO, ts: str) -> bytes:
-    """The data set in Explicit/Implicit VR Little Endian ``ts``: the fallback
-    when the peer refused the file's own syntax (the only decode)."""
+def reencoded(fh: BinaryIO, ts: str) -> bytes:
+    """The data set in Explicit/Implicit VR Little Endian ``ts`` (lossless
+    between these two): the fallback when the peer refused the file's own
+    syntax, here and for C-GET (the only decode).  WireError says why not."""
     try:
         fh.seek(0)
         data = encode(dcmread(fh), ts == IMPLICIT_LE, True)
@@ -210,7 +211,7 @@ def _send_one(
             source: BinaryIO = fh
             length = meta.size - meta.offset
             if convert is not None:
-                data = _reencoded(fh, convert)
+                data = reencoded(fh, convert)
                 source, length = io.BytesIO(data), len(data)
         except (OSError, WireError) as exc:
             return item.outcome("permanent", _unreadable(exc))

@@ -12,7 +12,7 @@ import pydicom
 
 from ith_proxy.deid.engine import Deidentifier
 from ith_proxy.dicom import files as dicomfile
-from ith_proxy.store.catalog import Catalog
+from ith_proxy.store.catalog import Catalog, InstanceRow
 from ith_proxy.vault.records import Vault
 
 
@@ -131,3 +131,27 @@ def deidentify_file(
         out = io.BytesIO()
         dicomfile.write_joined(out, split, src)
     return out.getvalue(), {"phi": result.phi}
+
+
+def bulk_rows(
+    patient: str, study: str, series: str, sop_root: str, count: int
+) -> list[InstanceRow]:
+    """``count`` catalog rows of one CT series with no files behind them (Q/R
+    answers without ingest): patient ``patient`` (named ``ANON^<patient>``),
+    SOP Instance UIDs ``<sop_root>.<n>``."""
+    return [
+        InstanceRow(
+            patient_id=patient,
+            patient_name=f"ANON^{patient}",
+            study_uid=study,
+            series_uid=series,
+            sop_uid=f"{sop_root}.{n}",
+            sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
+            modality="CT",
+            transfer_syntax="1.2.840.10008.1.2.1",
+            size=1,
+            vault_offset=None,
+            received_at=1.0,
+        )
+        for n in range(count)
+    ]

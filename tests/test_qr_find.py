@@ -22,9 +22,9 @@ from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 
-from ith_proxy.store.catalog import Catalog, InstanceRow
+from ith_proxy.store.catalog import Catalog
 from tests.dicomgen import Series, make_small_series
-from tests.helpers import wait_indexed
+from tests.helpers import bulk_rows, wait_indexed
 from tests.tools import ProxyProcess, require_tool, storescu
 
 PATIENT_ROOT = "1.2.840.10008.5.1.4.1.2.1.1"
@@ -365,22 +365,7 @@ def test_cancel_stops_the_answers(site: Site) -> None:
     """findscu --cancel 1 on a series of BULK instances: the answers stop,
     the final status is Cancel."""
     study, series = "1.2.826.0.1.3680043.10.9999.1", "1.2.826.0.1.3680043.10.9999.2"
-    rows = [
-        InstanceRow(
-            patient_id="ITH-BULK",
-            patient_name="ANON^ITH-BULK",
-            study_uid=study,
-            series_uid=series,
-            sop_uid=f"1.2.826.0.1.3680043.10.9999.3.{n}",
-            sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
-            modality="CT",
-            transfer_syntax="1.2.840.10008.1.2.1",
-            size=1,
-            vault_offset=None,
-            received_at=1.0,
-        )
-        for n in range(BULK)
-    ]
+    rows = bulk_rows("ITH-BULK", study, series, "1.2.826.0.1.3680043.10.9999.3", BULK)
     cat = Catalog(site.proxy.spool / "catalog.sqlite3")
     try:
         cat.record_instances(rows)

@@ -23,7 +23,8 @@ from pynetdicom.dimse_primitives import C_CANCEL, C_FIND
 from pynetdicom.dsutils import decode, encode
 from pynetdicom.pdu import P_DATA_TF
 
-from ith_proxy.store.catalog import Catalog, InstanceRow
+from ith_proxy.store.catalog import Catalog
+from tests.helpers import bulk_rows
 from tests.tools import ProxyProcess
 
 STUDY_ROOT = "1.2.840.10008.5.1.4.1.2.2.1"
@@ -36,22 +37,7 @@ MAX_PDU = 16384
 @pytest.fixture(scope="module")
 def proxy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProxyProcess]:
     with ProxyProcess(tmp_path_factory.mktemp("qr-wire") / "p") as proxy:
-        rows = [
-            InstanceRow(
-                patient_id="ITH-WIRE",
-                patient_name="ANON^ITH-WIRE",
-                study_uid=STUDY,
-                series_uid=SERIES,
-                sop_uid=f"1.2.826.0.1.3680043.10.9998.3.{n}",
-                sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
-                modality="CT",
-                transfer_syntax="1.2.840.10008.1.2.1",
-                size=1,
-                vault_offset=None,
-                received_at=1.0,
-            )
-            for n in range(BULK)
-        ]
+        rows = bulk_rows("ITH-WIRE", STUDY, SERIES, "1.2.826.0.1.3680043.10.9998.3", BULK)
         cat = Catalog(Path(proxy.spool) / "catalog.sqlite3")
         try:
             cat.record_instances(rows)

@@ -1,11 +1,16 @@
 """C-FIND benchmark: the proxy's Q/R SCP against Orthanc, side by side, with
 the same DCMTK ``findscu`` client (its process start included: ~30 ms floor).
 
-Three servers in one run:
+Four servers in one run:
 
-- ``proxy 10k``: a proxy whose catalog holds 10,000 studies x 1 instance;
-- ``proxy 1M``: a proxy whose catalog holds 10,000 studies x ``--per-study``
-  instances (100 by default: 1,000,000 instance rows, in 4 series each).
+- ``proxy 10k``: a proxy whose catalog holds 10,000 studies x 1 instance,
+  with the profile that keeps dates (``retain_long_modified_dates``) and
+  descriptions (``clean_descriptors``);
+- ``proxy 1M``: the same with 10,000 studies x ``--per-study`` instances
+  (100 by default: 1,000,000 instance rows, in 4 series each);
+- ``proxy 10k basic``: 10,000 studies x 1 instance under the default Basic
+  Profile: no StudyDate, StudyTime or SeriesDate in the catalog, so the
+  date range honestly matches nothing there.
   The catalog rows are made directly (no pixel files: C-FIND never reads them
   for these queries);
 - ``Orthanc``: 10,000 studies x 1 instance (tiny instances without pixels,
@@ -63,6 +68,10 @@ SERIES_PER_STUDY = 4
 CT = "1.2.840.10008.5.1.4.1.1.2"
 SC = "1.2.840.10008.5.1.4.1.1.7"
 BASE = "1.2.826.0.1.3680043.10.7777"
+# the profile whose dates and descriptions are kept (shifted, cleaned): what the
+# "proxy 10k" and "proxy 1M" catalogs hold; "proxy 10k basic" runs the default
+# Basic Profile, whose catalog has no dates (its date range matches nothing)
+RETAINED = "[deid]\nretain_long_modified_dates = true\nclean_descriptors = true\n"
 
 
 def study_uid(k: int) -> str:
@@ -81,9 +90,15 @@ def study_date(k: int) -> str:
     return (datetime.date(2020, 1, 1) + datetime.timedelta(days=k % 100)).strftime("%Y%m%d")
 
 
-def build_catalog(path: Path, per_study: int) -> float:
-    """The catalog rows of STUDIES studies x per_study instances; seconds taken."""
+def build_catalog(path: Path, per_study: int, dated: bool = True) -> float:
+    """The catalog rows of STUDIES studies x per_study instances; seconds taken.
+
+    ``dated``: as the profile with retain_long_modified_dates stores them
+    (dates and times kept, shifted); otherwise as the default Basic Profile
+    does (StudyDate, StudyTime and SeriesDate emptied)."""
     started = time.perf_counter()
+    day = study_date if dated else (lambda k: "")
+    hour = "101530" if dated else ""
     cat = Catalog(path)
     conn = cat.conn
     series_n = min(SERIES_PER_STUDY, per_study)
@@ -96,14 +111,14 @@ def build_catalog(path: Path, per_study: int) -> float:
         conn.executemany(
             "INSERT INTO studies(study_uid, patient_id, state, first_received, last_received,"
             " completed_at, version, json_version, study_date, study_time)"
-            " VALUES (?,?,'forwarded',1,1,1,1,1,?,'101530')",
-            ((study_uid(k), f"ITH-{k:04d}", study_date(k)) for k in range(STUDIES)),
+            " VALUES (?,?,'forwarded',1,1,1,1,1,?,?)",
+            ((study_uid(k), f"ITH-{k:04d}", day(k), hour) for k in range(STUDIES)),
         )
         conn.executemany(
             "INSERT INTO series(series_uid, study_uid, modality, series_number, series_date)"
             " VALUES (?,?,'CT',?,?)",
             (
-                (series_uid(k, s), study_uid(k), str(s + 1), study_date(k))
+                (series_uid(k, s), study_uid(k), str(s + 1), day(k))
                 for k in range(STUDIES)
                 for s in range(series_n)
             ),
@@ -314,14 +329,15 @@ def bench_find(tmp: Path, runs: int, per_study: int) -> None:
     servers: dict[str, tuple[int, str]] = {}
     started: list = []
     try:
-        for name, per in (
-            (f"proxy {STUDIES // 1000}k", 1),
-            (f"proxy {STUDIES * per_study // 1000}k", per_study),
+        for name, per, profile in (
+            (f"proxy {STUDIES // 1000}k", 1, RETAINED),
+            (f"proxy {STUDIES * per_study // 1000}k", per_study, RETAINED),
+            (f"proxy {STUDIES // 1000}k basic", 1, ""),
         ):
-            proxy = ProxyProcess(tmp / name.replace(" ", "-"))
+            proxy = ProxyProcess(tmp / name.replace(" ", "-"), config_text=profile)
             proxy.start()
             proxy.stop()
-            took = build_catalog(proxy.spool / "catalog.sqlite3", per)
+            took = build_catalog(proxy.spool / "catalog.sqlite3", per, dated=bool(profile))
             print(
                 f"{name}: catalog of {STUDIES * per} instance rows built in {took:.1f} s",
                 flush=True,

@@ -122,11 +122,12 @@ ALLOWED_ROOMS: dict[str, set[str] | None] = {
         "store.spool",
         "store.catalog",
         "store.qr_catalog",
-        "dicom.ae",
         "dicom.files",
-        "dicom.get_stream",
+        "dicom.find_wire",
         "dicom.qr_match",
     },
+    # the one replacement of pynetdicom's C-FIND-RSP sending; identifiers packed by hand
+    "dicom.find_wire": {"dicom.get_stream"},
     # a C-FIND identifier as a pure-data query spec (PS3.4 C.2.2.2, C.4.1)
     "dicom.qr_match": {"store.qr_catalog"},
     # a DICOM status -> delivered / transient / permanent, for the SCU and STOW-RS (stdlib)

@@ -522,7 +522,7 @@ def _pdus_per_answer(site: Site, max_pdu: int) -> tuple[list[int], int]:
 
 
 def test_each_answer_is_one_pdu(site: Site) -> None:
-    """dicom/qr.one_pdu_answers: command and identifier of a pending answer in
+    """dicom/find_wire.one_pdu_answers: command and identifier of a pending answer in
     one P-DATA-TF (stock pynetdicom sends two); split as stock when the peer's
     maximum PDU is too small for both."""
     statuses, pdus = _pdus_per_answer(site, 16384)
@@ -531,3 +531,36 @@ def test_each_answer_is_one_pdu(site: Site) -> None:
     statuses, pdus = _pdus_per_answer(site, 100)  # below one answer's size
     assert statuses == [0xFF00] * 3 + [0x0000]
     assert pdus > 3 * 2
+
+
+def _answers_as(site: Site, syntax: str, max_pdu: int) -> list[dict]:
+    ae = AE(ae_title="QRTEST")
+    ae.add_requested_context(STUDY_ROOT, [syntax])
+    assoc = ae.associate("127.0.0.1", site.proxy.dicom_port, ae_title="DICOMRCV", max_pdu=max_pdu)
+    assert assoc.is_established
+    keys = ("StudyInstanceUID", "PatientName", "PatientID", "StudyDate", "ModalitiesInStudy")
+    identifier = _identifier("STUDY", **dict.fromkeys(keys, ""), NumberOfStudyRelatedInstances="")
+    try:
+        answers = [
+            {elem.keyword: str(elem.value) for elem in ds}
+            for status, ds in assoc.send_c_find(identifier, STUDY_ROOT)
+            if status and status.Status == 0xFF00
+        ]
+    finally:
+        assoc.release()
+    return sorted(answers, key=lambda a: a["StudyInstanceUID"])
+
+
+def test_answers_are_the_same_in_every_transfer_syntax_and_pdu_size(site: Site) -> None:
+    """The hand-encoded answers (dicom/find_wire) read the same by pynetdicom
+    in Implicit and Explicit VR Little Endian, whole or in fragments of a
+    100-byte maximum PDU, and hold the catalog's values."""
+    implicit = _answers_as(site, ImplicitVRLittleEndian, 16384)
+    assert len(implicit) == 3
+    assert implicit == _answers_as(site, ExplicitVRLittleEndian, 16384)
+    assert implicit == _answers_as(site, ExplicitVRLittleEndian, 100)
+    by_uid = {a["StudyInstanceUID"]: a for a in implicit}
+    uid, pid = site._uids[site.a_ct.study_uid]
+    assert by_uid[uid]["ModalitiesInStudy"] == "['CT', 'MR']"
+    assert by_uid[uid]["NumberOfStudyRelatedInstances"] == "4"
+    assert by_uid[uid]["PatientID"] == pid

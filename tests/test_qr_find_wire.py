@@ -1,6 +1,6 @@
 """C-FIND answers on the wire, read by a raw socket peer that checks every
 PDU's framing: the answers are written from the association thread
-(dicom/qr._write_direct) while the DUL thread may write too (an A-ABORT),
+(dicom/find_wire._write_direct) while the DUL thread may write too (an A-ABORT),
 so a PDU must never start inside another, and no P-DATA-TF may follow an
 A-ABORT.  Two cases on a series of BULK matches: C-CANCEL in the middle of
 the stream (the answers stop with 0xFE00, then a clean release), and an

@@ -22,9 +22,10 @@ dated 2020-01-01 + (k mod 100) days (1% of the studies per day).
 Queries (Study Root): STUDY by exact PatientID; STUDY by StudyInstanceUID;
 STUDY by a one-day StudyDate range (~1%, 100 studies); SERIES within one
 study; PatientName ``ANON^ITH-00*`` (100 studies); PatientName ``ANON*``
-(every study).  Each is timed ``--runs`` times per server; the median wall
-time is printed, with the ratio to Orthanc and the per-match cost
-(match-everything minus exact, divided by 10,000).
+(every study).  Each is timed ``--runs`` times per server, the servers taken
+in turn within each round; the median wall time is printed, with the ratio
+to Orthanc and the per-match cost (match-everything minus exact, divided by
+10,000).
 
 C-GET (unless ``--no-get``): the 200-slice 512x512 CT study of
 bench/ingest.py, stored in a fresh proxy (by ``storescu``, then indexed) and
@@ -214,13 +215,21 @@ def findscu(port: int, aec: str, keys: list[str]) -> tuple[float, int]:
     return took, text.count("(Pending)")
 
 
-def run_findscu(port: int, aec: str, keys: list[str], runs: int) -> tuple[float, int]:
-    findscu(port, aec, keys)  # warm-up
-    times, matches = [], 0
+def run_findscu(
+    servers: dict[str, tuple[int, str]], keys: list[str], runs: int
+) -> dict[str, tuple[float, int]]:
+    """One query against every server: a warm-up each, then ``runs`` rounds
+    that take the servers in turn (so a burst of load on this machine falls
+    on all of them alike); the median wall time and the matches per server."""
+    for port, aec in servers.values():
+        findscu(port, aec, keys)  # warm-up
+    times: dict[str, list[float]] = {name: [] for name in servers}
+    matches: dict[str, int] = {}
     for _ in range(runs):
-        took, matches = findscu(port, aec, keys)
-        times.append(took)
-    return statistics.median(times), matches
+        for name, (port, aec) in servers.items():
+            took, matches[name] = findscu(port, aec, keys)
+            times[name].append(took)
+    return {name: (statistics.median(times[name]), matches[name]) for name in servers}
 
 
 def getscu(port: int, aec: str, study: str, out: Path) -> tuple[float, int, int]:
@@ -361,8 +370,8 @@ def bench_find(tmp: Path, runs: int, per_study: int) -> None:
         results: dict[tuple[str, str], tuple[float, int]] = {}
         asked = queries()
         for query, keys in asked.items():
-            for name, (port, aec) in servers.items():
-                results[(query, name)] = run_findscu(port, aec, keys, runs)
+            for name, result in run_findscu(servers, keys, runs).items():
+                results[(query, name)] = result
         names = list(servers)
         print(f"\nC-FIND wall time, median of {runs} (ms; matches in brackets)")
         print(f"{'query':28}" + "".join(f"{n:>20}" for n in names) + f"{'proxy/Orthanc':>14}")

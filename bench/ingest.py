@@ -90,14 +90,19 @@ def load() -> str:
 
 
 def run_proxy(
-    work: Path, shares: list[Path], n: int, cmd: list[str], profile: tuple[Path, str] | None
+    work: Path,
+    shares: list[Path],
+    n: int,
+    cmd: list[str],
+    profile: tuple[Path, str] | None,
+    gil: bool = False,
 ) -> dict[str, float]:
     proc, port = peers.launch_proxy(work, cmd)
     rec = None
     try:
         cpu0 = peers.cpu_seconds(peers.tree_pids(proc.pid))
         if profile:
-            rec = pyspy.Recorder(proc.pid, *profile)
+            rec = pyspy.Recorder(proc.pid, *profile, gil=gil)
             time.sleep(0.5)  # let py-spy attach
         t0 = time.perf_counter()
         ack = peers.send_parallel(PROXY_AET, port, shares)
@@ -155,7 +160,7 @@ def throughput(root: Path, rows: list[Row], args, sizes: dict[str, tuple[int, in
             tag = f"{name}x{assoc}-run{run}"
             prof = (Path(args.profile), tag) if args.profile else None
             runners = [
-                ("proxy", lambda w, s, n, p=prof: run_proxy(w, s, n, args.proxy_cmd, p)),
+                ("proxy", lambda w, s, n, p=prof: run_proxy(w, s, n, args.proxy_cmd, p, args.gil)),
                 ("storescp", run_storescp),
                 ("orthanc", run_orthanc),
             ]
@@ -277,6 +282,7 @@ def main() -> int:
     ap.add_argument("--sustained", type=float, metavar="SECONDS", help="sustained stream")
     ap.add_argument("--senders", type=int, default=1, help="looping storescu for --sustained")
     ap.add_argument("--profile", metavar="DIR", help="py-spy the proxy's processes into DIR")
+    ap.add_argument("--gil", action="store_true", help="--profile: sample GIL holders only")
     ap.add_argument("--keep", action="store_true", help="keep the temp dirs")
     ap.add_argument("--proxy-cmd", help="proxy command line (default: python -m ith_proxy.cli run)")
     args = ap.parse_args()

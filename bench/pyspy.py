@@ -6,7 +6,9 @@ them with SIGINT, which makes py-spy write its collapsed stacks
 (``frame;frame;... count``).  ``summary`` turns such a file into the top
 functions by own time (the sampled leaf) and by total time (anywhere on the
 stack), and the commonest stacks.  py-spy samples only threads that are not
-idle, so the shares are of the CPU-busy samples.  py-spy needs ptrace rights
+idle (a thread woken but waiting for a CPU or the GIL is not idle), so the
+shares are of the busy samples; with ``gil`` only the thread holding the GIL
+is sampled: where the Python CPU time of a process goes.  py-spy needs ptrace rights
 (root).  Used by ``bench/ingest.py --profile DIR``.  See bench/README.md.
 """
 
@@ -24,6 +26,8 @@ import memory
 
 _LINE = re.compile(r":\d+\)$")
 _PATH = re.compile(r"\(.*?/(?:site-packages|lib/python3\.\d+|ith_proxy)/")
+# frames under every stack of a thread or a process: left out of "total time"
+_BOOT = re.compile(r"\((threading\.py|multiprocessing/(spawn|process)\.py|<string>)\)$")
 
 
 def find_pyspy() -> str | None:
@@ -37,7 +41,7 @@ def _frame(raw: str) -> str:
 
 
 class Recorder:
-    def __init__(self, root: int, out: Path, tag: str, rate: int = 100) -> None:
+    def __init__(self, root: int, out: Path, tag: str, gil: bool = False, rate: int = 100) -> None:
         self.files: dict[str, Path] = {}
         self.procs: list[subprocess.Popen] = []
         exe = find_pyspy()
@@ -50,7 +54,7 @@ class Recorder:
             name = f"{tag}-{label.replace(' ', '_')}.raw"
             self.files[label] = out / name
             cmd = [exe, "record", "--pid", str(pid), "--format", "raw", "--nonblocking"]
-            cmd += ["--rate", str(rate), "--output", str(out / name)]
+            cmd += ["--rate", str(rate), "--output", str(out / name), *(["--gil"] if gil else [])]
             self.procs.append(
                 subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             )
@@ -93,8 +97,9 @@ def summary(path: Path, title: str, top: int = 15, n_stacks: int = 5) -> list[st
         whole[tuple(frames)] += count
     lines = [f"{title}: {total} samples ({path.name})", "  own time (leaf):"]
     lines += [f"    {100 * c / total:5.1f}%  {f}" for f, c in own.most_common(top)]
-    lines.append("  total time (on the stack):")
-    lines += [f"    {100 * c / total:5.1f}%  {f}" for f, c in incl.most_common(top)]
+    lines.append("  total time (on the stack; thread and process start-up frames left out):")
+    busy = [(f, c) for f, c in incl.most_common() if not _BOOT.search(f)][:top]
+    lines += [f"    {100 * c / total:5.1f}%  {f}" for f, c in busy]
     lines.append("  commonest stacks (innermost 6 frames, outermost first):")
     for frames, c in whole.most_common(n_stacks):
         lines.append(f"    {100 * c / total:5.1f}%  " + " > ".join(frames[-6:]))

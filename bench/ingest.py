@@ -96,10 +96,12 @@ def run_proxy(
     cmd: list[str],
     profile: tuple[Path, str] | None,
     gil: bool = False,
+    warm: float = 0.0,
 ) -> dict[str, float]:
     proc, port = peers.launch_proxy(work, cmd)
     rec = None
     try:
+        time.sleep(warm)
         cpu0 = peers.cpu_seconds(peers.tree_pids(proc.pid))
         if profile:
             rec = pyspy.Recorder(proc.pid, *profile, gil=gil)
@@ -115,9 +117,10 @@ def run_proxy(
     return {"proxy ack": ack, "proxy e2e": e2e, "proxy cpu": 1000 * cpu / n}
 
 
-def run_storescp(work: Path, shares: list[Path], n: int) -> dict[str, float]:
+def run_storescp(work: Path, shares: list[Path], n: int, warm: float = 0.0) -> dict[str, float]:
     proc, port, out = peers.start_storescp(work, fork=len(shares) > 1)
     try:
+        time.sleep(warm)
         secs = peers.send_parallel("STORESCP", port, shares)
     finally:
         stop(proc)
@@ -126,9 +129,10 @@ def run_storescp(work: Path, shares: list[Path], n: int) -> dict[str, float]:
     return {"storescp": secs}
 
 
-def run_orthanc(work: Path, shares: list[Path], n: int) -> dict[str, float]:
+def run_orthanc(work: Path, shares: list[Path], n: int, warm: float = 0.0) -> dict[str, float]:
     proc, dicom_port, base = start_orthanc(work)
     try:
+        time.sleep(warm)
         cpu0 = peers.cpu_seconds([proc.pid])
         secs = peers.send_parallel("ORTHANC", dicom_port, shares)
         cpu = peers.cpu_seconds([proc.pid]) - cpu0
@@ -160,7 +164,10 @@ def throughput(root: Path, rows: list[Row], args, sizes: dict[str, tuple[int, in
             tag = f"{name}x{assoc}-run{run}"
             prof = (Path(args.profile), tag) if args.profile else None
             runners = [
-                ("proxy", lambda w, s, n, p=prof: run_proxy(w, s, n, args.proxy_cmd, p, args.gil)),
+                (
+                    "proxy",
+                    lambda w, s, n, wm, p=prof: run_proxy(w, s, n, args.proxy_cmd, p, args.gil, wm),
+                ),
                 ("storescp", run_storescp),
                 ("orthanc", run_orthanc),
             ]
@@ -168,7 +175,7 @@ def throughput(root: Path, rows: list[Row], args, sizes: dict[str, tuple[int, in
             for peer, fn in runners[k:] + runners[:k]:
                 work = root / f"{tag}-{peer}"
                 work.mkdir()
-                for fig, val in fn(work, shares, count).items():
+                for fig, val in fn(work, shares, count, args.warm).items():
                     results[row].setdefault(fig, []).append(val)
                     if not fig.endswith("cpu"):
                         print(
@@ -282,12 +289,13 @@ def main() -> int:
     ap.add_argument("--sustained", type=float, metavar="SECONDS", help="sustained stream")
     ap.add_argument("--senders", type=int, default=1, help="looping storescu for --sustained")
     ap.add_argument("--profile", metavar="DIR", help="py-spy the proxy's processes into DIR")
+    ap.add_argument("--warm", type=float, default=0.0, help="idle seconds after ready")
     ap.add_argument("--gil", action="store_true", help="--profile: sample GIL holders only")
     ap.add_argument("--keep", action="store_true", help="keep the temp dirs")
     ap.add_argument("--proxy-cmd", help="proxy command line (default: python -m ith_proxy.cli run)")
     args = ap.parse_args()
-    if args.runs < 1 or args.parallel < 1 or args.senders < 1:
-        ap.error("--runs, --parallel and --senders must be >= 1")
+    if args.runs < 1 or args.parallel < 1 or args.senders < 1 or args.warm < 0:
+        ap.error("--runs, --parallel and --senders must be >= 1, --warm >= 0")
     args.proxy_cmd = (
         shlex.split(args.proxy_cmd)
         if args.proxy_cmd

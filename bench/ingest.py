@@ -1,292 +1,127 @@
 """Ingest benchmark: DCMTK storescu -> ith-proxy vs. DCMTK storescp vs. Orthanc.
 
-Sends the same synthetic data sets with one storescu association to each peer
-in turn and prints instances/s and MB/s (MB = 10^6 bytes).  For the proxy it
-reports the acknowledgement rate (storescu returned) and the end-to-end rate
-(incoming/ empty and every instance anonymized and in the catalog).
-See bench/README.md.  Stdlib + pydicom only.
+Sends the same synthetic data sets with storescu (one association, or N at
+once with ``--parallel N``) to each peer in turn and prints instances/s and
+MB/s (MB = 10^6 bytes).  For the proxy it reports the acknowledgement rate
+(every storescu returned) and the end-to-end rate (incoming/ empty and every
+instance anonymized and in the catalog).  ``--matrix`` runs every throughput
+row of issue 11, ``--memory`` the PSS / peak RSS of every process at idle and
+under 10 and 50 associations, ``--sustained S`` the backlog of a long stream,
+``--profile DIR`` py-spy profiles of the proxy.  See bench/README.md.
+Stdlib + pydicom (+ py-spy for --profile).  The receivers live in peers.py,
+the data sets in dataset.py; their names are re-exported here for the other
+benches (``import ingest``).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shlex
 import shutil
-import signal
-import socket
-import sqlite3
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
-DATASETS = {
-    "large": (200, 512, "200-slice 512x512 16-bit CT"),
-    "small": (1000, 64, "1000 small 64x64 CT instances"),
-}
-PROXY_AET, E2E_TIMEOUT, START_TIMEOUT = "DICOMRCV", 600.0, 60.0
-TOOLS: dict[str, str] = {}  # name -> absolute path of the DCMTK / Orthanc binary
+import dataset
+import memory
+import peers
+import pyspy
+import sustained
+from dataset import CT_IMAGE_STORAGE, DATASETS, make_dataset
+from peers import (
+    DICOMWEB_PLUGIN,
+    E2E_TIMEOUT,
+    PROXY_AET,
+    REPO,
+    START_TIMEOUT,
+    TOOLS,
+    BenchError,
+    base_env,
+    catalog_count,
+    echo_ok,
+    find_tool,
+    free_port,
+    http_ok,
+    proxy_env,
+    start,
+    start_orthanc,
+    start_proxy,
+    stop,
+    storescu,
+    wait_ready,
+)
+
+__all__ = [  # the names other benches use as ingest.X
+    "CT_IMAGE_STORAGE",
+    "DATASETS",
+    "DICOMWEB_PLUGIN",
+    "E2E_TIMEOUT",
+    "PROXY_AET",
+    "REPO",
+    "START_TIMEOUT",
+    "TOOLS",
+    "BenchError",
+    "base_env",
+    "catalog_count",
+    "echo_ok",
+    "find_tool",
+    "free_port",
+    "http_ok",
+    "make_dataset",
+    "proxy_env",
+    "start",
+    "start_orthanc",
+    "start_proxy",
+    "stop",
+    "storescu",
+    "wait_ready",
+]
+
+MATRIX = [("large", 1), ("small", 1), ("small", 4), ("small", 10)]
+FIGURES = ["proxy ack", "proxy e2e", "storescp", "Orthanc"]
+Row = tuple[str, int]  # (data set, associations)
 
 
-class BenchError(Exception):
-    pass
+def load() -> str:
+    return "load {:.2f} {:.2f} {:.2f}".format(*os.getloadavg())
 
 
-def base_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["TCP_NODELAY"] = "1"  # DCMTK 3.6.7 on loopback is ~30x slower without it
-    return env
-
-
-def find_tool(name: str) -> str | None:
-    """First ``name`` on PATH (+ /usr/bin, /usr/sbin) that is the real thing: pynetdicom
-    installs look-alike storescu/storescp/echoscu scripts into venvs."""
-    dirs = [*os.environ.get("PATH", "").split(os.pathsep), "/usr/bin", "/usr/sbin"]
-    for d in dict.fromkeys(filter(None, dirs)):
-        path = shutil.which(name, path=d)
-        if path is None:
-            continue
-        if name == "Orthanc":
-            return path
-        r = subprocess.run([path, "--version"], capture_output=True, text=True)
-        if "dcmtk" in (r.stdout + r.stderr).lower():
-            return path
-    return None
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-# --- data -------------------------------------------------------------------
-
-
-def make_dataset(out: Path, count: int, size: int) -> int:
-    """Write ``count`` CT slices of size x size into ``out``; return total bytes."""
-    from pydicom.dataset import FileDataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-
-    out.mkdir(parents=True)
-    pixels = bytearray(os.urandom(size * size * 2))
-    pixels[1::2] = bytes(b & 0x0F for b in pixels[1::2])  # 12 bits stored
-    study, frame = generate_uid(), generate_uid()
-    per_series = 200 if count <= 200 else 100
-    series = [generate_uid() for _ in range((count + per_series - 1) // per_series)]
-    for i in range(count):
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = CT_IMAGE_STORAGE
-        meta.MediaStorageSOPInstanceUID = sop = generate_uid()
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds = FileDataset(None, {}, file_meta=meta, preamble=b"\0" * 128)
-        ds.SpecificCharacterSet = "ISO_IR 100"
-        ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
-        ds.SOPClassUID, ds.SOPInstanceUID = CT_IMAGE_STORAGE, sop
-        ds.StudyDate = ds.SeriesDate = ds.ContentDate = "20240115"
-        ds.StudyTime = ds.SeriesTime = "101500"
-        ds.ContentTime = f"1016{i % 60:02d}"
-        ds.AccessionNumber, ds.Modality = "ACC20240115001", "CT"
-        ds.Manufacturer, ds.InstitutionName = "BenchCo", "Bench General Hospital"
-        ds.ReferringPhysicianName = "Doe^Referrer"
-        ds.StudyDescription, ds.SeriesDescription = "CT CHEST", f"AXIAL {size}"
-        ds.PatientName, ds.PatientID = "Bench^Patient^Q", "BENCH000123"
-        ds.PatientBirthDate, ds.PatientSex, ds.PatientAge = "19600302", "F", "063Y"
-        ds.BodyPartExamined, ds.SliceThickness, ds.KVP = "CHEST", "1.25", "120"
-        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series[i // per_series]
-        ds.StudyID, ds.SeriesNumber = "1", i // per_series + 1
-        ds.InstanceNumber = i % per_series + 1
-        z = -100.0 - 1.25 * (i % per_series)
-        ds.ImagePositionPatient = [-175.0, -175.0, z]
-        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
-        ds.FrameOfReferenceUID, ds.PositionReferenceIndicator = frame, ""
-        ds.SliceLocation = z
-        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-        ds.Rows = ds.Columns = size
-        ds.PixelSpacing = [350.0 / size, 350.0 / size]
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-        ds.WindowCenter, ds.WindowWidth = 40, 400
-        ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = -1024, 1, "HU"
-        pixels[0:4] = i.to_bytes(4, "little")  # varying prefix, same buffer
-        ds.PixelData = bytes(pixels)
-        ds.save_as(out / f"ct{i:05d}.dcm", enforce_file_format=True)
-    return sum(p.stat().st_size for p in out.iterdir())
-
-
-# --- processes ---------------------------------------------------------------
-
-
-def start(cmd: list[str], log: Path, cwd: Path, env: dict[str, str]) -> subprocess.Popen:
+def run_proxy(
+    work: Path,
+    shares: list[Path],
+    n: int,
+    cmd: list[str],
+    profile: tuple[Path, str] | None,
+    gil: bool = False,
+    warm: float = 0.0,
+) -> dict[str, float]:
+    proc, port = peers.launch_proxy(work, cmd)
+    rec = None
     try:
-        with open(log, "wb") as fh:
-            return subprocess.Popen(
-                cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=cwd, env=env, start_new_session=True
-            )
-    except OSError as exc:
-        raise BenchError(f"cannot start {cmd[0]}: {exc}") from None
-
-
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
-def wait_ready(proc: subprocess.Popen, log: Path, name: str, probe) -> None:
-    deadline = time.monotonic() + START_TIMEOUT
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            tail = log.read_text(errors="replace").strip().splitlines()[-5:]
-            raise BenchError(f"{name} exited with code {proc.returncode}: " + " | ".join(tail))
-        if probe():
-            return
-        time.sleep(0.1)
-    raise BenchError(f"{name} not ready after {START_TIMEOUT:.0f} s (log: {log})")
-
-
-def http_ok(url: str, want=None) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as r:
-            return r.status == 200 and (want is None or want(json.loads(r.read())))
-    except (OSError, ValueError):
-        return False
-
-
-def echo_ok(aet: str, port: int) -> bool:
-    return (
-        subprocess.run(
-            [TOOLS["echoscu"], "-aec", aet, "127.0.0.1", str(port)],
-            env=base_env(),
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        ).returncode
-        == 0
-    )
-
-
-def storescu(aet: str, port: int, data: Path) -> float:
-    """Send every file of ``data`` in one association; return elapsed seconds."""
-    t0 = time.perf_counter()
-    r = subprocess.run(
-        [TOOLS["storescu"], "-aec", aet, "127.0.0.1", str(port), "+sd", str(data)],
-        env=base_env(),
-        capture_output=True,
-        text=True,
-    )
-    elapsed = time.perf_counter() - t0
-    if r.returncode != 0 or "E:" in r.stderr or "Failed" in r.stderr:
-        raise BenchError(
-            f"storescu to {aet}:{port} failed (rc {r.returncode}): "
-            + " | ".join((r.stdout + r.stderr).strip().splitlines()[-3:])
-        )
-    return elapsed
-
-
-def catalog_count(db: Path) -> int:
-    if not db.exists():
-        return 0
-    try:
-        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1)
-        try:
-            return con.execute("SELECT count(*) FROM instances").fetchone()[0]
-        finally:
-            con.close()
-    except sqlite3.Error:
-        return 0  # not created/migrated yet, or busy: try again next poll
-
-
-def proxy_env(work: Path, dicom_port: int, api_port: int) -> dict[str, str]:
-    """The proxy's environment for a bench: no DICOM_/ITH_/API_/JWT_/VAULT_
-    setting from the caller, loopback ports, the spool and keys under ``work``."""
-    env = base_env()
-    for key in [k for k in env if k.startswith(("DICOM_", "ITH_", "API_", "JWT_", "VAULT_"))]:
-        del env[key]
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    env.update(
-        DICOM_PORT=str(dicom_port),
-        API_PORT=str(api_port),
-        DICOM_BIND_ADDRESS="127.0.0.1",
-        API_BIND_ADDRESS="127.0.0.1",
-        DICOM_STORAGE_DIR=str(work / "spool"),
-        VAULT_KEY_FILE=str(work / "secrets" / "vault.key"),
-        DICOM_STUDY_TIMEOUT="600",
-    )
-    return env
-
-
-def start_proxy(
-    work: Path, env: dict[str, str], api_port: int, cmd: list[str] | None = None
-) -> subprocess.Popen:
-    """The proxy (``cmd``, default ``python -m ith_proxy.cli run``) with its
-    log in ``work/proxy.log`` and ``cwd=work`` (so no conf/proxy.ini or .env is
-    picked up), once its health API says ok; stopped again if it never does.
-    The DICOM port is never probed: readiness comes from the health API only."""
-    log = work / "proxy.log"
-    proc = start(cmd or [sys.executable, "-m", "ith_proxy.cli", "run"], log, work, env)
-    try:
-        wait_ready(
-            proc,
-            log,
-            "proxy",
-            lambda: http_ok(
-                f"http://127.0.0.1:{api_port}/api/health/", lambda b: b.get("status") == "ok"
-            ),
-        )
-    except BaseException:
-        stop(proc)
-        raise
-    return proc
-
-
-def run_proxy(work: Path, data: Path, n: int, proxy_cmd: list[str]) -> dict[str, float]:
-    spool, dicom_port, api_port = work / "spool", free_port(), free_port()
-    proc = start_proxy(work, proxy_env(work, dicom_port, api_port), api_port, proxy_cmd)
-    try:
+        time.sleep(warm)
+        cpu0 = peers.cpu_seconds(peers.tree_pids(proc.pid))
+        if profile:
+            rec = pyspy.Recorder(proc.pid, *profile, gil=gil)
+            time.sleep(0.5)  # let py-spy attach
         t0 = time.perf_counter()
-        ack = storescu(PROXY_AET, dicom_port, data)
-        incoming, db, quarantine = (
-            spool / "incoming",
-            spool / "catalog.sqlite3",
-            spool / "quarantine",
-        )
-        while True:
-            with os.scandir(incoming) as it:
-                pending = any(it)
-            if not pending:
-                got = catalog_count(db)
-                if got == n:
-                    break
-                if any(f for _, _, fs in os.walk(quarantine) for f in fs):
-                    raise BenchError(f"proxy quarantined input ({got}/{n} cataloged); see {spool}")
-            if time.perf_counter() - t0 > E2E_TIMEOUT:
-                raise BenchError(
-                    f"proxy: only {catalog_count(db)}/{n} instances cataloged "
-                    f"after {E2E_TIMEOUT:.0f} s"
-                )
-            time.sleep(0.02)
-        return {"proxy ack": ack, "proxy e2e": time.perf_counter() - t0}
+        ack = peers.send_parallel(PROXY_AET, port, shares)
+        e2e = peers.wait_indexed(work / "spool", n, t0)
+        cpu = peers.cpu_seconds(peers.tree_pids(proc.pid)) - cpu0
     finally:
+        if rec:
+            rec.stop()
         stop(proc)
+    return {"proxy ack": ack, "proxy e2e": e2e, "proxy cpu": 1000 * cpu / n}
 
 
-def run_storescp(work: Path, data: Path, n: int) -> dict[str, float]:
-    out, port, log = work / "out", free_port(), work / "storescp.log"
-    out.mkdir()
-    proc = start([TOOLS["storescp"], "+xa", "-od", str(out), str(port)], log, work, base_env())
+def run_storescp(work: Path, shares: list[Path], n: int, warm: float = 0.0) -> dict[str, float]:
+    proc, port, out = peers.start_storescp(work, fork=len(shares) > 1)
     try:
-        wait_ready(proc, log, "storescp", lambda: echo_ok("STORESCP", port))
-        secs = storescu("STORESCP", port, data)
+        time.sleep(warm)
+        secs = peers.send_parallel("STORESCP", port, shares)
     finally:
         stop(proc)
     if (got := len(os.listdir(out))) != n:
@@ -294,78 +129,183 @@ def run_storescp(work: Path, data: Path, n: int) -> dict[str, float]:
     return {"storescp": secs}
 
 
-DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
-
-
-def start_orthanc(work: Path, dicomweb: bool = False) -> tuple[subprocess.Popen, int, str]:
-    """Orthanc on free ports with a fresh SQLite index, no compression, and no
-    plugin but DICOMweb when asked (STOW-RS at BASE/dicom-web/studies); ready
-    when it returns: (process, DICOM port, HTTP base URL)."""
-    dicom_port, http_port, log = free_port(), free_port(), work / "orthanc.log"
-    cfg = {
-        "Name": "bench",
-        "StorageDirectory": str(work / "storage"),
-        "IndexDirectory": str(work / "index"),
-        "DicomAet": "ORTHANC",
-        "DicomPort": dicom_port,
-        "HttpPort": http_port,
-        "RemoteAccessAllowed": False,
-        "AuthenticationEnabled": False,
-        "DicomCheckCalledAet": False,
-        "Plugins": [str(DICOMWEB_PLUGIN)] if dicomweb else [],
-        "DicomWeb": {"Enable": dicomweb, "Root": "/dicom-web/"},
-        "StorageCompression": False,
-        "OverwriteInstances": True,
-    }
-    (work / "orthanc.json").write_text(json.dumps(cfg, indent=2))
-    proc = start([TOOLS["Orthanc"], str(work / "orthanc.json")], log, work, base_env())
-    base = f"http://127.0.0.1:{http_port}"
-    try:
-        wait_ready(proc, log, "Orthanc", lambda: http_ok(f"{base}/system"))
-    except BaseException:
-        stop(proc)
-        raise
-    return proc, dicom_port, base
-
-
-def run_orthanc(work: Path, data: Path, n: int) -> dict[str, float]:
+def run_orthanc(work: Path, shares: list[Path], n: int, warm: float = 0.0) -> dict[str, float]:
     proc, dicom_port, base = start_orthanc(work)
     try:
-        secs = storescu("ORTHANC", dicom_port, data)
-        with urllib.request.urlopen(f"{base}/statistics", timeout=10) as r:
-            got = json.loads(r.read())["CountInstances"]
+        time.sleep(warm)
+        cpu0 = peers.cpu_seconds([proc.pid])
+        secs = peers.send_parallel("ORTHANC", dicom_port, shares)
+        cpu = peers.cpu_seconds([proc.pid]) - cpu0
+        got = peers.orthanc_count(base)
     finally:
         stop(proc)
     if got != n:
         raise BenchError(f"Orthanc stored {got}/{n} instances")
-    return {"Orthanc": secs}
-
-
-# --- report ------------------------------------------------------------------
-
-FIGURES = ["proxy ack", "proxy e2e", "storescp", "Orthanc"]
+    return {"Orthanc": secs, "Orthanc cpu": 1000 * cpu / n}
 
 
 def fmt_rate(secs: float, n: int, nbytes: int) -> str:
     return f"{secs:8.2f} s {n / secs:9.1f} inst/s {nbytes / 1e6 / secs:8.1f} MB/s"
 
 
+def throughput(root: Path, rows: list[Row], args, sizes: dict[str, tuple[int, int]]):
+    results: dict[Row, dict[str, list[float]]] = {r: {} for r in rows}
+    for run in range(1, args.runs + 1):
+        for row in rows:
+            name, assoc = row
+            count, nbytes = sizes[name]
+            data = root / "data" / name
+            shares = [data]
+            if assoc > 1:
+                shares_dir = root / "shares" / f"{name}-{assoc}"
+                if not shares_dir.exists():
+                    dataset.split_shares(data, assoc, shares_dir)
+                shares = sorted(shares_dir.iterdir())
+            tag = f"{name}x{assoc}-run{run}"
+            prof = (Path(args.profile), tag) if args.profile else None
+            runners = [
+                (
+                    "proxy",
+                    lambda w, s, n, wm, p=prof: run_proxy(w, s, n, args.proxy_cmd, p, args.gil, wm),
+                ),
+                ("storescp", run_storescp),
+                ("orthanc", run_orthanc),
+            ]
+            k = (run - 1) % len(runners)  # rotate the order from run to run
+            for peer, fn in runners[k:] + runners[:k]:
+                work = root / f"{tag}-{peer}"
+                work.mkdir()
+                for fig, val in fn(work, shares, count, args.warm).items():
+                    results[row].setdefault(fig, []).append(val)
+                    if not fig.endswith("cpu"):
+                        print(
+                            f"  {name} x{assoc:<3d} run {run}/{args.runs} {fig:10s}"
+                            f"{fmt_rate(val, count, nbytes)}  ({load()})",
+                            flush=True,
+                        )
+                if not args.keep:
+                    shutil.rmtree(work, ignore_errors=True)
+    return results
+
+
+def report(results, sizes, runs: int) -> list[str]:
+    agg = f"median of {runs} runs" if runs > 1 else "1 run"
+    rate = {
+        (row, f): statistics.median(sizes[row[0]][0] / s for s in v)
+        for row, figs in results.items()
+        for f, v in figs.items()
+        if f in FIGURES
+    }
+    cpu = {(row, f): statistics.median(v) for row, figs in results.items() for f, v in figs.items()}
+    out = [f"\nRESULTS ({agg}; DCMTK storescu, TCP_NODELAY=1; MB = 10^6 bytes)"]
+    out.append(
+        f"{'data set':9s} {'assoc':>5s} {'receiver':10s} {'seconds':>8s} {'inst/s':>8s} "
+        f"{'MB/s':>7s} {'CPU ms/inst':>11s}"
+    )
+    for (row, f), r in rate.items():
+        n, nbytes = sizes[row[0]]
+        c = cpu.get((row, f.split()[0] + " cpu"))
+        ctext = f"{c:11.2f}" if c is not None and f != "proxy ack" else ""
+        out.append(
+            f"{row[0]:9s} {row[1]:5d} {f:10s} {n / r:8.2f} {r:8.1f} "
+            f"{r * nbytes / n / 1e6:7.1f} {ctext}"
+        )
+    out.append("\nRATIOS (proxy throughput / peer throughput; 1.00x = as fast as the peer)")
+    out.append(
+        f"{'data set':9s} {'assoc':>5s} {'figure':10s} {'/ Orthanc':>10s} {'/ storescp':>11s}"
+    )
+    for row in results:
+        for f in ("proxy e2e", "proxy ack"):
+            out.append(
+                f"{row[0]:9s} {row[1]:5d} {f:10s} {rate[row, f] / rate[row, 'Orthanc']:9.2f}x "
+                f"{rate[row, f] / rate[row, 'storescp']:10.2f}x"
+            )
+    out.append("\nTARGETS (issue 11)")
+    for row, floor in ((("large", 1), 1.2), (("small", 1), 1.0), (("small", 10), 0.8)):
+        if row in results:
+            ratio = rate[row, "proxy e2e"] / rate[row, "Orthanc"]
+            out.append(
+                f"target {row[0]} x{row[1]} e2e >= {floor:.1f}x Orthanc: "
+                f"{'PASS' if ratio >= floor else 'FAIL'} ({ratio:.2f}x)"
+            )
+    if ("small", 4) in results and ("small", 1) in results:
+        four, one = rate[("small", 4), "proxy e2e"], rate[("small", 1), "proxy e2e"]
+        out.append(
+            f"target small x4 e2e >= small x1 e2e: {'PASS' if four >= one else 'FAIL'} "
+            f"({four:.1f} vs {one:.1f} inst/s)"
+        )
+    return out
+
+
+def run_memory(root: Path, refresher: dataset.Refresher, args) -> list[str]:
+    loads = {n: refresher.write(root / "memory" / f"load{n}", n) for n in (10, 50)}
+    per_load, out, targets = len(refresher.files), [], []
+    for name in ("proxy", "Orthanc"):
+        work = root / f"memory-{name}"
+        work.mkdir()
+        if name == "proxy":
+            proc, port = peers.launch_proxy(work, args.proxy_cmd)
+            aet, sent = PROXY_AET, [0]
+
+            def wait(n: int, sent=sent, spool=work / "spool") -> None:
+                sent[0] += per_load
+                peers.wait_indexed(spool, sent[0], time.perf_counter())
+        else:
+            proc, port, _base = start_orthanc(work)
+            aet = "ORTHANC"
+
+            def wait(n: int) -> None:
+                pass
+
+        try:
+            phases = memory.measure(
+                proc.pid,
+                lambda n, aet=aet, port=port: peers.send_parallel(aet, port, loads[n]),
+                wait,
+                args.settle,
+            )
+        finally:
+            stop(proc)
+        out += memory.table(f"{name} PSS MiB", phases)
+        if name == "proxy":
+            targets = memory.verdicts(phases)
+        print(f"  memory {name} measured ({load()})", flush=True)
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+    head = "\nMEMORY (PSS in MiB per process and phase; 'N assoc' = the largest summed PSS "
+    head += "sampled every 0.25 s while N storescu sent the small set at once; "
+    head += "VmHWM = peak RSS, MiB)"
+    return [head, *out, *targets]
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--runs", type=int, default=1, help="runs per data set (median reported)")
+    ap.add_argument("--runs", type=int, default=1, help="runs per row (median reported)")
     ap.add_argument("--only", choices=list(DATASETS), help="run one data set only")
+    ap.add_argument("--parallel", type=int, default=1, help="storescu associations at once")
+    ap.add_argument("--matrix", action="store_true", help="large x1, small x1, x4, x10")
+    ap.add_argument("--memory", action="store_true", help="PSS at idle, 10 and 50 assoc")
+    ap.add_argument("--settle", type=float, default=5.0, help="idle seconds before --memory")
+    ap.add_argument("--sustained", type=float, metavar="SECONDS", help="sustained stream")
+    ap.add_argument("--senders", type=int, default=1, help="looping storescu for --sustained")
+    ap.add_argument("--profile", metavar="DIR", help="py-spy the proxy's processes into DIR")
+    ap.add_argument("--warm", type=float, default=0.0, help="idle seconds after ready")
+    ap.add_argument("--gil", action="store_true", help="--profile: sample GIL holders only")
     ap.add_argument("--keep", action="store_true", help="keep the temp dirs")
     ap.add_argument("--proxy-cmd", help="proxy command line (default: python -m ith_proxy.cli run)")
     args = ap.parse_args()
-    if args.runs < 1:
-        ap.error("--runs must be >= 1")
-    proxy_cmd = (
+    if args.runs < 1 or args.parallel < 1 or args.senders < 1 or args.warm < 0:
+        ap.error("--runs, --parallel and --senders must be >= 1, --warm >= 0")
+    args.proxy_cmd = (
         shlex.split(args.proxy_cmd)
         if args.proxy_cmd
         else [sys.executable, "-m", "ith_proxy.cli", "run"]
     )
-    if shutil.which(proxy_cmd[0]) is None:
-        print(f"bench: proxy command '{proxy_cmd[0]}' not found", file=sys.stderr)
+    if shutil.which(args.proxy_cmd[0]) is None:
+        print(f"bench: proxy command '{args.proxy_cmd[0]}' not found", file=sys.stderr)
+        return 1
+    if args.profile and pyspy.find_pyspy() is None:
+        print("bench: --profile needs py-spy (pip install py-spy)", file=sys.stderr)
         return 1
     for tool in ("storescu", "storescp", "echoscu", "Orthanc"):
         if (path := find_tool(tool)) is None:
@@ -379,37 +319,44 @@ def main() -> int:
         print("bench: pydicom is not installed for this Python", file=sys.stderr)
         return 1
     os.environ["TCP_NODELAY"] = "1"
+    if args.matrix:
+        rows = MATRIX
+    elif args.memory or args.sustained:
+        rows = [(args.only, args.parallel)] if args.only else []
+    else:
+        rows = [(d, args.parallel) for d in ([args.only] if args.only else DATASETS)]
+    needed = {r[0] for r in rows} | ({"small"} if args.memory or args.sustained else set())
     root = Path(tempfile.mkdtemp(prefix="ith-bench-"))
-    results: dict[str, dict[str, list[float]]] = {}
     sizes: dict[str, tuple[int, int]] = {}
+    lines: list[str] = []
     try:
-        for name in [args.only] if args.only else list(DATASETS):
+        for name in [d for d in DATASETS if d in needed]:
             count, px, label = DATASETS[name]
             t = time.perf_counter()
-            nbytes = make_dataset(root / "data" / name, count, px)
-            sizes[name] = (count, nbytes)
+            sizes[name] = (count, make_dataset(root / "data" / name, count, px))
             print(
-                f"[{name}] {label}: {count} instances, {nbytes / 1e6:.1f} MB "
-                f"(generated in {time.perf_counter() - t:.1f} s)",
+                f"[{name}] {label}: {count} instances, {sizes[name][1] / 1e6:.1f} MB "
+                f"(generated in {time.perf_counter() - t:.1f} s; {load()})",
                 flush=True,
             )
-            results[name] = {f: [] for f in FIGURES}
-            for run in range(1, args.runs + 1):
-                for peer, fn in (
-                    ("proxy", lambda w, d, n: run_proxy(w, d, n, proxy_cmd)),
-                    ("storescp", run_storescp),
-                    ("orthanc", run_orthanc),
-                ):
-                    work = root / f"{name}-run{run}-{peer}"
-                    work.mkdir()
-                    for fig, secs in fn(work, root / "data" / name, count).items():
-                        results[name][fig].append(secs)
-                        print(
-                            f"  run {run}/{args.runs}  {fig:10s}{fmt_rate(secs, count, nbytes)}",
-                            flush=True,
-                        )
-                    if not args.keep:
-                        shutil.rmtree(work, ignore_errors=True)
+        if rows:
+            lines += report(throughput(root, rows, args, sizes), sizes, args.runs)
+        refresher = None
+        if args.memory or args.sustained:
+            refresher = dataset.Refresher(root / "data" / "small")
+        if args.memory and refresher:
+            lines += run_memory(root, refresher, args)
+        if args.sustained and refresher:
+            work = root / "sustained"
+            work.mkdir()
+            fig = sustained.run_sustained(
+                work, refresher, args.sustained, args.senders, args.proxy_cmd
+            )
+            lines += ["", *sustained.report(fig, args.senders)]
+        if args.profile:
+            lines.append(f"\nPROFILES (py-spy, raw files in {args.profile})")
+            for raw in sorted(Path(args.profile).glob("*.raw")):
+                lines += pyspy.summary(raw, raw.stem)
     except BenchError as exc:
         print(f"bench: {exc}", file=sys.stderr)
         return 1
@@ -419,37 +366,11 @@ def main() -> int:
     finally:
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)
-
-    agg = f"median of {args.runs} runs" if args.runs > 1 else "1 run"
-    rate = {
-        (d, f): statistics.median(sizes[d][0] / s for s in v)
-        for d, figs in results.items()
-        for f, v in figs.items()
-    }
-    print(f"\nRESULTS ({agg}; storescu, one association, TCP_NODELAY=1; MB = 10^6 bytes)")
-    print(f"{'data set':9s} {'receiver':12s} {'seconds':>9s} {'inst/s':>9s} {'MB/s':>8s}")
-    for (d, f), r in rate.items():
-        n, nbytes = sizes[d]
-        print(f"{d:9s} {f:12s} {n / r:9.2f} {r:9.1f} {r * nbytes / n / 1e6:8.1f}")
-    print("\nRATIOS (proxy throughput / peer throughput; 1.00x = as fast as the peer)")
-    print(f"{'data set':9s} {'proxy figure':12s} {'/ Orthanc':>10s} {'/ storescp':>11s}")
-    for d in results:
-        for f in ("proxy e2e", "proxy ack"):
-            print(
-                f"{d:9s} {f:12s} {rate[d, f] / rate[d, 'Orthanc']:9.2f}x "
-                f"{rate[d, f] / rate[d, 'storescp']:10.2f}x"
-            )
-    if "large" in results:
-        ratio = rate["large", "proxy e2e"] / rate["large", "Orthanc"]
-        print(
-            f"\ntarget large-CT e2e >= 0.8x Orthanc: {'PASS' if ratio >= 0.8 else 'FAIL'} "
-            f"({ratio:.2f}x)"
-        )
-    else:
-        print("\ntarget large-CT e2e >= 0.8x Orthanc: NOT RUN (--only small)")
+    print("\n".join(lines))
+    print(f"\n({load()}; nproc {os.cpu_count()})")
     if args.keep:
         print(f"temp dirs kept in {root}")
-    return 0
+    return 1 if any(" FAIL " in line for line in lines) else 0
 
 
 if __name__ == "__main__":

@@ -54,6 +54,8 @@ from pynetdicom.dimse_primitives import C_CANCEL, N_EVENT_REPORT
 from pynetdicom.dsutils import decode
 from pynetdicom.utils import make_target
 
+from ith_proxy.dicom import store_rsp
+
 log = logging.getLogger("ith_proxy.dicom")
 
 WRITTEN_FOR = "3.0.4"
@@ -377,6 +379,7 @@ def install(assoc: Any, open_store: Callable[[Any, str], Incoming], max_pdu: int
     a C-STORE-RQ whose command set is complete (on the DUL thread); ``max_pdu``
     is the maximum PDU length we announced (0: unlimited)."""
     _bound_pdu_reads(assoc, max_pdu)
+    store_rsp.install(assoc)  # C-STORE-RSP packed by hand (store_rsp.py)
     receiver = Receiver(assoc, open_store)
     assoc.dimse.receive_primitive = receiver.receive_primitive
     stock_run = assoc.run

@@ -1,0 +1,178 @@
+"""CPU time per instance of the proxy's receive (ack) path and of its indexer.
+
+Starts the proxy as ``bench/ingest.py`` does, sends N small instances over
+one DCMTK storescu association, and reads utime+stime from /proc/<pid>/stat
+of the main process (the SCP threads) and of the indexer process before and
+after: the main process's figure is taken when storescu returns (every
+instance acknowledged), the indexer's when the catalog holds all N.  CPU time
+is the figure to compare on a loaded machine; wall times are printed too.
+
+``--profile DIR`` runs ``py-spy record`` (``pip install py-spy``, as root or
+with ptrace allowed) on both processes during the run and writes
+``DIR/main.txt`` and ``DIR/indexer.txt`` (collapsed stacks) plus a summary of
+the top own-time frames.
+
+    python bench/recv_cost.py --count 1000 --size 64 [--runs 3] [--profile /tmp/prof]
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import ingest  # bench/ingest.py: the same start code and data
+
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> tuple[float, float]:
+    """(utime, stime) of a process, in seconds."""
+    with open(f"/proc/{pid}/stat") as fh:
+        fields = fh.read().rsplit(")", 1)[1].split()
+    return int(fields[11]) / TICK, int(fields[12]) / TICK
+
+
+def children(pid: int) -> list[int]:
+    out: list[int] = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{task}/children") as fh:
+                out += [int(p) for p in fh.read().split()]
+        except FileNotFoundError:
+            pass
+    return out
+
+
+def indexer_pid(main: int) -> int:
+    """The child whose command line runs the indexer (not the resource tracker)."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        for pid in children(main):
+            try:
+                cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+            except FileNotFoundError:
+                continue
+            if b"resource_tracker" not in cmd:
+                return pid
+        time.sleep(0.1)
+    raise ingest.BenchError("no indexer process found")
+
+
+def top_frames(collapsed: Path, n: int = 25, inclusive: bool = False) -> list[tuple[float, str]]:
+    """Share of the samples in a py-spy collapsed file per frame: own time
+    (the leaf), or inclusive (every frame of the stack, line numbers dropped)."""
+    counts: collections.Counter[str] = collections.Counter()
+    total = 0
+    for line in collapsed.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not count.isdigit():
+            continue
+        frames = stack.split(";")
+        if inclusive:
+            for frame in {f.rsplit(":", 1)[0] for f in frames[1:]}:
+                counts[frame] += int(count)
+        else:
+            counts[frames[-1]] += int(count)
+        total += int(count)
+    return [(100.0 * c / total, f) for f, c in counts.most_common(n)] if total else []
+
+
+def one_run(data: Path, n: int, profile: Path | None) -> dict[str, float]:
+    work = Path(tempfile.mkdtemp(prefix="ith-recv-cost-"))
+    spool, dicom_port, api_port = work / "spool", ingest.free_port(), ingest.free_port()
+    proc = ingest.start_proxy(work, ingest.proxy_env(work, dicom_port, api_port), api_port)
+    spies: list[subprocess.Popen] = []
+    try:
+        idx = indexer_pid(proc.pid)
+        if profile is not None:
+            profile.mkdir(parents=True, exist_ok=True)
+            for name, pid in (("main", proc.pid), ("indexer", idx)):
+                spies.append(
+                    subprocess.Popen(
+                        [
+                            shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy"),
+                            *("record", "-p", str(pid), "-r", "100", "--gil", "--nonblocking"),
+                            *("-f", "raw", "-o", str(profile / f"{name}.txt")),
+                        ],
+                        stdout=subprocess.DEVNULL,
+                        stderr=subprocess.DEVNULL,
+                    )
+                )
+            time.sleep(1.0)
+        main0, idx0, t0 = cpu_seconds(proc.pid), cpu_seconds(idx), time.perf_counter()
+        ack = ingest.storescu(ingest.PROXY_AET, dicom_port, data)
+        main1 = cpu_seconds(proc.pid)
+        db = spool / "catalog.sqlite3"
+        while ingest.catalog_count(db) < n:
+            if time.perf_counter() - t0 > ingest.E2E_TIMEOUT:
+                raise ingest.BenchError("not all instances cataloged")
+            time.sleep(0.02)
+        e2e = time.perf_counter() - t0
+        idx1 = cpu_seconds(idx)
+        for spy in spies:
+            spy.send_signal(2)
+            spy.wait(timeout=60)
+        return {
+            "main ms/inst": 1000 * (sum(main1) - sum(main0)) / n,
+            "(user": 1000 * (main1[0] - main0[0]) / n,
+            "sys)": 1000 * (main1[1] - main0[1]) / n,
+            "indexer ms/inst": 1000 * (sum(idx1) - sum(idx0)) / n,
+            "(user ": 1000 * (idx1[0] - idx0[0]) / n,
+            "sys) ": 1000 * (idx1[1] - idx0[1]) / n,
+            "ack inst/s": n / ack,
+            "e2e inst/s": n / e2e,
+        }
+    finally:
+        for spy in spies:
+            if spy.poll() is None:
+                spy.kill()
+        ingest.stop(proc)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--count", type=int, default=1000)
+    ap.add_argument("--size", type=int, default=64)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--profile", type=Path, default=None)
+    args = ap.parse_args()
+    for tool in ("storescu", "echoscu"):
+        found = ingest.find_tool(tool)
+        if found is None:
+            raise SystemExit(f"{tool} (DCMTK) not found")
+        ingest.TOOLS[tool] = found
+    with tempfile.TemporaryDirectory(prefix="ith-recv-data-") as tmp:
+        data = Path(tmp) / "data"
+        ingest.make_dataset(data, args.count, args.size)
+        results = []
+        for i in range(args.runs):
+            prof = args.profile if (args.profile is not None and i == 0) else None
+            r = one_run(data, args.count, prof)
+            results.append(r)
+            print(f"run {i + 1}: " + ", ".join(f"{k} {v:.3f}" for k, v in r.items()), flush=True)
+        for key in results[0]:
+            vals = sorted(r[key] for r in results)
+            print(f"median {key}: {vals[len(vals) // 2]:.3f}")
+    if args.profile is not None:
+        for name in ("main", "indexer"):
+            path = args.profile / f"{name}.txt"
+            if path.exists():
+                for inclusive in (False, True):
+                    kind = "inclusive" if inclusive else "own-time"
+                    print(f"\ntop {kind} frames, {name} (samples holding the GIL):")
+                    for share, frame in top_frames(path, 30, inclusive):
+                        print(f"  {share:5.1f}%  {frame}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -7,12 +7,19 @@ after: the main process's figure is taken when storescu returns (every
 instance acknowledged), the indexer's when the catalog holds all N.  CPU time
 is the figure to compare on a loaded machine; wall times are printed too.
 
+``--indexer-only`` measures the indexer alone, in this process: the N
+instances are first written to a fresh site's incoming/ as the SCP writes
+them (encrypted, ``[spool] encrypt_incoming``), then ``Indexer.run_once`` is
+called until incoming/ is empty; CPU time is ``getrusage`` (no
+watchdog, no SCP, full batches: the steadiest figure for A/B).
+
 ``--profile DIR`` runs ``py-spy record`` (``pip install py-spy``, as root or
 with ptrace allowed) on both processes during the run and writes
 ``DIR/main.txt`` and ``DIR/indexer.txt`` (collapsed stacks) plus a summary of
 the top own-time frames.
 
     python bench/recv_cost.py --count 1000 --size 64 [--runs 3] [--profile /tmp/prof]
+    python bench/recv_cost.py --indexer-only [--runs 5]
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ from __future__ import annotations
 import argparse
 import collections
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -138,12 +146,67 @@ def one_run(data: Path, n: int, profile: Path | None) -> dict[str, float]:
         shutil.rmtree(work, ignore_errors=True)
 
 
+def indexer_only(data: Path) -> dict[str, float]:
+    """The indexer's CPU per instance over a full incoming/ (see the module doc)."""
+    sys.path.insert(0, str(ingest.REPO))
+    from ith_proxy import config
+    from ith_proxy.dicom.libsetup import configure_libraries
+    from ith_proxy.store.catalog import Catalog
+    from ith_proxy.store.spool import Spool
+    from ith_proxy.vault import stream as vault_stream
+    from ith_proxy.vault.keyfiles import init_secrets, load_site_secret
+    from ith_proxy.vault.records import Vault
+    from ith_proxy.workers.indexer import Indexer
+
+    configure_libraries()
+    work = Path(tempfile.mkdtemp(prefix="ith-recv-idx-"))
+    try:
+        (work / "proxy.ini").write_text("")
+        env = {
+            "DICOM_STORAGE_DIR": str(work / "spool"),
+            "VAULT_KEY_FILE": str(work / "secrets" / "vault.key"),
+            "ITH_PROXY_CONFIG": str(work / "proxy.ini"),
+        }
+        cfg = config.load(env=env, cwd=work)
+        spool = Spool(cfg.spool.dir)
+        spool.ensure()
+        init_secrets(cfg.vault.key_file)
+        catalog, vault = Catalog(spool.catalog_file), Vault(spool.vault_file, cfg.vault.key_file)
+        try:
+            files = sorted(data.iterdir())
+            for path in files:
+                spool.deliver_incoming(
+                    vault_stream.encrypt_stream(vault.keyring, [path.read_bytes()])
+                )
+            indexer = Indexer(cfg, spool, catalog, vault, load_site_secret(cfg.vault.secret_file))
+            r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+            done = 0
+            while (n := indexer.run_once()) > 0:
+                done += n
+            r1, wall = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter() - t0
+            user, system = r1.ru_utime - r0.ru_utime, r1.ru_stime - r0.ru_stime
+            if done != len(files) or indexer.quarantined:
+                raise ingest.BenchError(f"indexed {done}/{len(files)}")
+        finally:
+            vault.close()
+            catalog.close()
+        return {
+            "indexer ms/inst": 1000 * (user + system) / done,
+            "(user": 1000 * user / done,
+            "sys)": 1000 * system / done,
+            "wall ms/inst": 1000 * wall / done,
+        }
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--count", type=int, default=1000)
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--profile", type=Path, default=None)
+    ap.add_argument("--indexer-only", action="store_true")
     args = ap.parse_args()
     for tool in ("storescu", "echoscu"):
         found = ingest.find_tool(tool)
@@ -156,7 +219,7 @@ def main() -> int:
         results = []
         for i in range(args.runs):
             prof = args.profile if (args.profile is not None and i == 0) else None
-            r = one_run(data, args.count, prof)
+            r = indexer_only(data) if args.indexer_only else one_run(data, args.count, prof)
             results.append(r)
             print(f"run {i + 1}: " + ", ".join(f"{k} {v:.3f}" for k, v in r.items()), flush=True)
         for key in results[0]:

@@ -86,9 +86,9 @@ ALLOWED_ROOMS: dict[str, set[str] | None] = {
     "dicom.codestream": set(),  # marker segments of JPEG / JPEG 2000 (stdlib only)
     "dicom.wake": set(),  # reactor wake-ups, for every room that makes associations
     "dicom.libsetup": set(),  # library settings, applied by explicit call only
-    "dicom.scp_stream": {"config", "dicom.store_rsp"},  # replaces pynetdicom's data set assembly
+    "dicom.scp_stream": {"config", "dicom.store_wire"},  # replaces pynetdicom's data set assembly
     # the one replacement of pynetdicom's C-STORE-RSP sending (command set packed by hand)
-    "dicom.store_rsp": {"dicom.find_wire"},
+    "dicom.store_wire": {"dicom.find_wire"},
     "dicom.ae": {"config", "dicom.get_stream", "dicom.scp_stream", "dicom.wake"},
     # the SCP gets a stream-encryptor factory from the service; it imports no vault room
     "dicom.scp": {

@@ -38,7 +38,13 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from watchdog.events import FileSystemEvent, FileSystemEventHandler
+from watchdog.events import (
+    FileClosedEvent,
+    FileCreatedEvent,
+    FileMovedEvent,
+    FileSystemEvent,
+    FileSystemEventHandler,
+)
 from watchdog.observers import Observer
 
 from ith_proxy.config import Config
@@ -383,7 +389,9 @@ class Indexer:
         """Pipelined loop: batch N+1 is processed while batch N is synced and committed
         in a second thread (the sync is I/O wait, ~30% of the per-instance time)."""
         observer = Observer()
-        observer.schedule(_Wake(self.wake), str(self.spool.incoming), recursive=False)
+        observer.schedule(  # only arrivals: not our own reads and deletions (4 events a file)
+            _Wake(self.wake), str(self.spool.incoming), recursive=False, event_filter=_ARRIVALS
+        )
         observer.daemon = True
         observer.start()
         pending: Future | None = None
@@ -444,6 +452,10 @@ class _Batch:
     @property
     def solo(self) -> bool:  # a suspect: committed before anything else is processed
         return bool(self.prev)
+
+
+# the inotify mask asks the kernel for these only (watchdog 7: get_event_mask_from_filter)
+_ARRIVALS = [FileCreatedEvent, FileMovedEvent, FileClosedEvent]
 
 
 class _Wake(FileSystemEventHandler):

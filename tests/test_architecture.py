@@ -49,8 +49,9 @@ ALLOWED_ROOMS: dict[str, set[str] | None] = {
     "cli": None,  # thin, may call any room
     # store/: the spool folders, the catalog (all SQL), the audit log
     "store": set(),
-    "store.spool": {"config", "fsio", "store.quarantine"},
+    "store.spool": {"config", "fsio", "store.attempts", "store.quarantine"},
     "store.quarantine": {"fsio"},  # the quarantine folder's part of the spool
+    "store.attempts": {"fsio"},  # the indexer's in-progress markers' part of the spool
     "store.catalog": {"config", "store.schema"},
     # the catalog's user_version migration steps and the Q/R columns per level (no imports)
     "store.schema": set(),

@@ -83,7 +83,8 @@ ALLOWED_ROOMS: dict[str, set[str] | None] = {
     "deid": {"config", "deid"},
     # dicom/: every pynetdicom import; the files we read and write
     "dicom": set(),
-    "dicom.files": {"config", "fsio", "dicom.scu_wire"},
+    "dicom.files": {"config", "fsio", "dicom.file_meta", "dicom.scu_wire"},
+    "dicom.file_meta": set(),  # an output's file meta group, packed by hand (pydicom otherwise)
     "dicom.codestream": set(),  # marker segments of JPEG / JPEG 2000 (stdlib only)
     "dicom.wake": set(),  # reactor wake-ups, for every room that makes associations
     "dicom.libsetup": set(),  # library settings, applied by explicit call only

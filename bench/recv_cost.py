@@ -5,7 +5,8 @@ one DCMTK storescu association, and reads utime+stime from /proc/<pid>/stat
 of the main process (the SCP threads) and of the indexer process before and
 after: the main process's figure is taken when storescu returns (every
 instance acknowledged), the indexer's when the catalog holds all N.  The "net" figures subtract
-what each process burns idle (measured for 5 s before sending) over the
+what each process burns idle (measured for 5 s before sending, once it
+has settled) over the
 same time, so that a slower run on a loaded machine is not charged its
 timers.  CPU time
 is the figure to compare on a loaded machine; wall times are printed too.
@@ -43,6 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import ingest  # bench/ingest.py: the same start code and data
 
 TICK = os.sysconf("SC_CLK_TCK")
+SETTLE = 5.0  # seconds after the health check before anything is measured
 IDLE_WINDOW = 5.0  # seconds of idle CPU measured before sending (subtracted: "net")
 
 
@@ -120,6 +122,7 @@ def one_run(data: Path, n: int, profile: Path | None) -> dict[str, float]:
                     )
                 )
             time.sleep(1.0)
+        time.sleep(SETTLE)  # the indexer process finishes its imports and recovery
         # the idle cost (timers, pollers) per second, charged to no instance
         main_i, idx_i, t_i = sum(cpu_seconds(proc.pid)), sum(cpu_seconds(idx)), time.perf_counter()
         time.sleep(IDLE_WINDOW)

@@ -155,7 +155,10 @@ ALLOWED_ROOMS: dict[str, set[str] | None] = {
         "deid",
         "dicom.files",
         "dicom.codestream",
+        "workers.index_checks",
     },
+    # what the indexer refuses and how: checks, quarantine reasons, quarantine (not a worker)
+    "workers.index_checks": {"deid", "dicom.files", "vault.stream"},
     "workers.scheduler": {
         "config",
         "store.spool",

@@ -6,7 +6,9 @@ follow a symbolic link.
 Rooms that own files (``store.spool``, ``store.audit``, ``vault.keyfiles``,
 ``vault.keys``, ``vault.records``, ``vault.stream``) use these instead of
 their own copies; the append-only logs (``vault.phi``, ``audit.log``) append
-a record whole or not at all with ``append_whole``.
+a record whole or not at all with ``append_whole``.  ``DirSync`` shares one
+directory fsync among the threads waiting for it (the SCP's associations
+promoting received instances into incoming/).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import errno
 import os
 import secrets
 import stat
+import threading
 import time
 from collections.abc import Callable, Iterable
 from io import BufferedReader
@@ -92,6 +95,45 @@ def fsync_dir(path: Path | str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+class DirSync:
+    """Group commit of one directory's fsync, shared by threads that each
+    renamed a file into it and must not go on (acknowledge) before that
+    directory entry is durable.
+
+    ``sync()`` returns once a directory fsync that began after the call has
+    succeeded.  The first caller runs the fsync; callers that arrive while it
+    runs wait and are covered together by the next one, which one of them
+    runs: with N concurrent writers, two fsyncs instead of N.  A failed fsync
+    covers no one: its caller gets the error, the waiters try again
+    themselves (and get their own error if it fails again).
+    """
+
+    def __init__(self, path: Path | str) -> None:
+        self._path = path
+        self._cond = threading.Condition()
+        self._asked = 0  # tickets handed out (one per waiting rename)
+        self._synced = 0  # every ticket up to this one is durable
+        self._busy = False  # an fsync is running
+
+    def sync(self) -> None:
+        with self._cond:
+            self._asked += 1
+            ticket = self._asked
+            while self._synced < ticket:
+                if self._busy:
+                    self._cond.wait()
+                    continue
+                self._busy, covered = True, self._asked
+                self._cond.release()
+                try:
+                    fsync_dir(self._path)
+                finally:
+                    self._cond.acquire()
+                    self._busy = False
+                    self._cond.notify_all()
+                self._synced = max(self._synced, covered)  # not reached when it failed
 
 
 def load_syncfs() -> Callable[[int], int] | None:

@@ -49,8 +49,9 @@ ALLOWED_ROOMS: dict[str, set[str] | None] = {
     "cli": None,  # thin, may call any room
     # store/: the spool folders, the catalog (all SQL), the audit log
     "store": set(),
-    "store.spool": {"config", "fsio", "store.quarantine"},
+    "store.spool": {"config", "fsio", "store.attempts", "store.quarantine"},
     "store.quarantine": {"fsio"},  # the quarantine folder's part of the spool
+    "store.attempts": {"fsio"},  # the indexer's in-progress markers' part of the spool
     "store.catalog": {"config", "store.schema"},
     # the catalog's user_version migration steps and the Q/R columns per level (no imports)
     "store.schema": set(),
@@ -82,11 +83,14 @@ ALLOWED_ROOMS: dict[str, set[str] | None] = {
     "deid": {"config", "deid"},
     # dicom/: every pynetdicom import; the files we read and write
     "dicom": set(),
-    "dicom.files": {"config", "fsio", "dicom.scu_wire"},
+    "dicom.files": {"config", "fsio", "dicom.file_meta", "dicom.scu_wire"},
+    "dicom.file_meta": set(),  # an output's file meta group, packed by hand (pydicom otherwise)
     "dicom.codestream": set(),  # marker segments of JPEG / JPEG 2000 (stdlib only)
     "dicom.wake": set(),  # reactor wake-ups, for every room that makes associations
     "dicom.libsetup": set(),  # library settings, applied by explicit call only
-    "dicom.scp_stream": {"config"},  # the one replacement of pynetdicom's data set assembly
+    "dicom.scp_stream": {"config", "dicom.store_wire"},  # replaces pynetdicom's data set assembly
+    # the one replacement of pynetdicom's C-STORE-RSP sending (command set packed by hand)
+    "dicom.store_wire": {"dicom.find_wire"},
     "dicom.ae": {"config", "dicom.get_stream", "dicom.scp_stream", "dicom.wake"},
     # the SCP gets a stream-encryptor factory from the service; it imports no vault room
     "dicom.scp": {
@@ -151,7 +155,10 @@ ALLOWED_ROOMS: dict[str, set[str] | None] = {
         "deid",
         "dicom.files",
         "dicom.codestream",
+        "workers.index_checks",
     },
+    # what the indexer refuses and how: checks, quarantine reasons, quarantine (not a worker)
+    "workers.index_checks": {"deid", "dicom.files", "vault.stream"},
     "workers.scheduler": {
         "config",
         "store.spool",

@@ -29,10 +29,11 @@ from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
 from pydicom.filebase import DicomFileLike
 from pydicom.filereader import read_dataset
-from pydicom.filewriter import write_data_element, write_file_meta_info
+from pydicom.filewriter import write_data_element
 from pydicom.multival import MultiValue
 from pydicom.uid import UID
 
+from ith_proxy.dicom import file_meta
 from ith_proxy.dicom.scu_wire import WireError, meta_group
 from ith_proxy.fsio import open_read
 
@@ -40,21 +41,7 @@ from ith_proxy.fsio import open_read
 # libsetup.configure_libraries(), which every entry point calls.
 
 CHUNK = 1 << 20
-_LONG_VRS = {
-    b"OB",
-    b"OW",
-    b"OF",
-    b"OD",
-    b"OL",
-    b"OV",
-    b"SQ",
-    b"UC",
-    b"UN",
-    b"UR",
-    b"UT",
-    b"SV",
-    b"UV",
-}
+_LONG_VRS = frozenset(b"OB OW OF OD OL OV SQ UC UN UR UT SV UV".split())
 DEFLATED = {"1.2.840.10008.1.2.1.99", "1.2.840.10008.1.2.4.95"}
 
 
@@ -304,22 +291,6 @@ def _encode_dataset(ds: Dataset, implicit: bool, little: bool) -> bytes:
     return buf.getvalue()
 
 
-# The file meta elements an output may have (PS3.10 7.1); the de-identifier
-# sets their values (deid.engine.META_KEPT), anything else is never written.
-_META_ALLOWED = (0x00020001, 0x00020002, 0x00020003, 0x00020010, 0x00020012, 0x00020013)
-_META_ALLOWED_SET = frozenset(_META_ALLOWED)
-
-
-def _allowed_meta(meta: FileMetaDataset) -> FileMetaDataset:
-    if all(int(tag) in _META_ALLOWED_SET for tag in meta.keys()):
-        return meta  # the de-identifier rebuilt it already
-    out = FileMetaDataset()
-    for tag in _META_ALLOWED:
-        if tag in meta:
-            out[tag] = meta[tag]
-    return out
-
-
 def write_joined(out: BinaryIO, split: SplitFile, src: BinaryIO | None = None) -> None:
     """Write split.header (as it is now), the original pixel bytes, the trailer.
 
@@ -333,11 +304,8 @@ def write_joined(out: BinaryIO, split: SplitFile, src: BinaryIO | None = None) -
             return write_joined(out, split, fh)
     ts = split.header.file_meta.TransferSyntaxUID
     implicit, little = ts.is_implicit_VR, ts.is_little_endian
-    buf = io.BytesIO()
-    head = DicomFileLike(buf)
-    head.write(b"\x00" * 128 + b"DICM")  # preamble zeroed (CVE-2019-11687)
-    write_file_meta_info(head, _allowed_meta(split.header.file_meta), enforce_standard=True)
-    out.write(buf.getvalue() + _encode_dataset(split.header, implicit, little))
+    head = file_meta.encode(split.header.file_meta)  # preamble zeroed, allowed elements only
+    out.write(head + _encode_dataset(split.header, implicit, little))
     src.seek(split.pixel_start)
     _copy_range(out, src, split.pixel_end - split.pixel_start)
     if split.trailer is not None and len(split.trailer):

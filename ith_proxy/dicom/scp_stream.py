@@ -12,8 +12,10 @@ writes plaintext to the system temp dir, from the network thread.
 ``install(assoc, open_store)`` replaces ``receive_primitive`` on one
 association's DIMSE provider with ``Receiver.receive_primitive``: the same
 steps as 3.0.4's (command set fragments, the message class, the completed
-message queued for the association thread), except that a C-STORE-RQ's data
-set fragments go, as they arrive on the DUL thread, to an ``Incoming``:
+message queued for the association thread; a plain C-STORE-RQ command set is
+read by hand, ``store_wire.py``, which also packs the C-STORE-RSP), except
+that a C-STORE-RQ's data set fragments go, as they arrive on the DUL thread,
+to an ``Incoming``:
 
 - its first element is checked: a data set that starts in a group below
   0x0008 (file meta, command or illegal groups, e.g. a (0002,0010) that
@@ -53,6 +55,8 @@ from pynetdicom.dimse_messages import _MESSAGE_TYPES, C_STORE_RQ, DIMSEMessage
 from pynetdicom.dimse_primitives import C_CANCEL, N_EVENT_REPORT
 from pynetdicom.dsutils import decode
 from pynetdicom.utils import make_target
+
+from ith_proxy.dicom import store_wire
 
 log = logging.getLogger("ith_proxy.dicom")
 
@@ -227,6 +231,7 @@ class Receiver:
         self._current: Incoming | None = None  # being received
         self._pending: set[Incoming] = set()  # received, not yet taken by the handler
         self._other = 0  # bytes of a non-C-STORE data set
+        self._request: store_wire.StoreRequest | None = None  # a command set read by hand
         self._done = False  # aborted, or the association is over
 
     def receive_primitive(self, primitive: Any) -> None:
@@ -241,7 +246,7 @@ class Receiver:
         msg = dimse.message
         if msg is None:
             msg = dimse.message = DIMSEMessage()
-            self._other = 0
+            self._other, self._request = 0, None
         for context_id, data in primitive.presentation_data_value_list:
             control = data[0]
             if control & 1:  # command set fragment
@@ -250,15 +255,17 @@ class Receiver:
                     return self._abort("command set too large")
                 if control & 2:
                     msg.context_id = context_id
-                    msg.command_set = decode(msg.encoded_command_set, True, True)
-                    msg.__class__ = _MESSAGE_TYPES[msg.command_set.CommandField][1]
-                    if msg.command_set.CommandDataSetType == 0x0101:
-                        return True
+                    self._request = store_wire.read_request(self._assoc, msg)
+                    if self._request is None:  # not a plain C-STORE-RQ: pynetdicom decodes
+                        msg.command_set = decode(msg.encoded_command_set, True, True)
+                        msg.__class__ = _MESSAGE_TYPES[msg.command_set.CommandField][1]
+                        if msg.command_set.CommandDataSetType == 0x0101:
+                            return True
                     if self._current is not None:  # a second command set mid-message
                         self._current.discard()
                         self._current = None
                     if isinstance(msg, C_STORE_RQ):
-                        self._current = self._open(msg, context_id)
+                        self._current = self._open(self._request or msg.command_set, context_id)
             else:  # data set fragment
                 incoming = self._current
                 if incoming is not None:
@@ -274,11 +281,9 @@ class Receiver:
                     return True
         return False
 
-    def _open(self, msg: Any, context_id: int) -> Incoming:
+    def _open(self, command_set: Any, context_id: int) -> Incoming:
         cx = self._assoc._accepted_cx.get(context_id)
-        incoming = self._open_store(
-            msg.command_set, cx.transfer_syntax[0] if cx is not None else ""
-        )
+        incoming = self._open_store(command_set, cx.transfer_syntax[0] if cx is not None else "")
         incoming.owner = self
         if cx is None:
             incoming.discard()  # pynetdicom refuses the message itself
@@ -312,7 +317,11 @@ class Receiver:
                     self._abort("too many C-STORE requests waiting for an answer")
                     return
         try:
-            d_primitive = msg.message_to_primitive()
+            request, self._request = self._request, None
+            if request is not None:
+                d_primitive = store_wire.store_primitive(request, context_id)
+            else:
+                d_primitive = msg.message_to_primitive()
         except Exception as exc:
             log.error("received an invalid DIMSE message (%s)", type(exc).__name__)
             dimse.dul.event_queue.put("Evt19")
@@ -377,6 +386,7 @@ def install(assoc: Any, open_store: Callable[[Any, str], Incoming], max_pdu: int
     a C-STORE-RQ whose command set is complete (on the DUL thread); ``max_pdu``
     is the maximum PDU length we announced (0: unlimited)."""
     _bound_pdu_reads(assoc, max_pdu)
+    store_wire.install(assoc)  # C-STORE-RSP packed by hand (store_wire.py)
     receiver = Receiver(assoc, open_store)
     assoc.dimse.receive_primitive = receiver.receive_primitive
     stock_run = assoc.run

@@ -22,7 +22,8 @@ regular files are listed, handed out or moved (a link planted in incoming/ or
 quarantine/ is skipped, never read), and ``symlinks()`` lets the service refuse
 to start when the spool's folders, logs, vault or catalog are links.
 
-The quarantine folder's part of the spool is ``store/quarantine.py``.
+The quarantine folder's part of the spool is ``store/quarantine.py``, the
+indexer's in-progress markers (attempts/) ``store/attempts.py``.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from pathlib import Path
 from typing import BinaryIO, Literal, TypeAlias
 
 from ith_proxy.fsio import (
+    DirSync,
     fsync_dir,
     is_regular_entry,
     keeping_times,
@@ -47,6 +49,7 @@ from ith_proxy.fsio import (
     unique_name,
     writev_all,
 )
+from ith_proxy.store.attempts import AttemptsFolder
 from ith_proxy.store.quarantine import QuarantineFolder
 
 _Chunk: TypeAlias = bytes | bytearray | memoryview  # what writev takes
@@ -61,7 +64,7 @@ def _check_uid(uid: str) -> str:
     return uid
 
 
-class Spool(QuarantineFolder):
+class Spool(QuarantineFolder, AttemptsFolder):
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
         self.tmp = self.root / "tmp"
@@ -74,6 +77,7 @@ class Spool(QuarantineFolder):
         self.audit_file = self.logs / "audit.log"
         self._tmp_s = str(self.tmp)
         self._incoming_s = str(self.incoming)
+        self._incoming_sync = DirSync(self._incoming_s)  # group commit (fsio.DirSync)
         # libc syncfs, looked up on first use (None: unavailable)
         self._syncfs: Callable[[int], int] | Literal[False] | None = False
 
@@ -227,7 +231,9 @@ class Spool(QuarantineFolder):
 
     def promote_incoming(self, fd: int, tmp_path: str) -> str:
         """fsync and close a file from ``open_tmp``, rename it into incoming/,
-        fsync incoming/; return its opaque name.  On failure it is removed."""
+        fsync incoming/ (shared with the other associations' renames waiting
+        for it: ``fsio.DirSync``); return its opaque name.  On failure it is
+        removed."""
         name = unique_name()
         try:
             try:
@@ -238,7 +244,7 @@ class Spool(QuarantineFolder):
         except BaseException:
             self.discard_tmp(-1, tmp_path)
             raise
-        fsync_dir(self._incoming_s)
+        self._incoming_sync.sync()  # one fsync for the renames of concurrent associations
         return name
 
     @staticmethod
@@ -280,68 +286,6 @@ class Spool(QuarantineFolder):
                 pass
         if removed:
             fsync_dir(self.incoming)
-
-    # --- attempts/: the indexer's in-progress markers (docs/architecture.md) ---
-    # .inflight-<unique>: a batch's names after a 9-byte header, the index of
-    # the file in hand (len(names): committing), removed when the batch ends;
-    # <name>: how often the indexer died with incoming/<name> in flight.  No
-    # fsync: the page cache survives a killed indexer; a power cut resets them.
-
-    def begin_batch(self, names: list[str]) -> tuple[str, int]:
-        path = os.path.join(self.root, "attempts", ".inflight-" + unique_name())
-        os.makedirs(os.path.dirname(path), mode=DIR_MODE, exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, FILE_MODE)
-        os.write(fd, b"00000000\n" + "".join(n + "\n" for n in names).encode())
-        return path, fd
-
-    @staticmethod
-    def batch_at(batch: tuple[str, int], index: int) -> None:
-        os.pwrite(batch[1], b"%08d" % index, 0)
-
-    @staticmethod
-    def end_batch(batch: tuple[str, int]) -> None:
-        os.close(batch[1])
-        Path(batch[0]).unlink(missing_ok=True)
-
-    def dead_batches(self) -> Iterator[tuple[int, list[str]]]:
-        """(index, names) of each batch file left by a dead indexer, removed
-        once read; only before this indexer begins batches."""
-        for entry in sorted(self.attempt_names(".inflight-")):
-            path = self.root / "attempts" / entry
-            lines = read_nofollow(path).decode(errors="replace").split("\n")
-            yield (int(lines[0]) if lines[0].isdigit() else 0), [n for n in lines[1:] if n]
-            path.unlink()
-
-    def attempt_names(self, prefix: str = "") -> set[str]:
-        """Names with an attempt count (or batch files, with their prefix)."""
-        try:
-            names = os.listdir(self.root / "attempts")
-        except FileNotFoundError:
-            return set()
-        return {n for n in names if n.startswith(prefix) and (prefix or n[0] != ".")}
-
-    def attempts(self, name: str) -> int:
-        try:
-            text = read_nofollow(self.root / "attempts" / name).strip()
-        except FileNotFoundError:
-            return 0
-        except OSError:  # a link planted in attempts/ (never followed): count it in flight
-            return 1
-        return int(text) if text.isdigit() else 1  # torn write: it was in flight
-
-    def set_attempts(self, name: str, count: int) -> None:
-        """Record COUNT attempts at incoming/<name>; 0 removes the marker."""
-        if "/" in name or name[:1] in ("", "."):
-            raise ValueError("bad incoming name")
-        path = self.root / "attempts" / name
-        if count <= 0:
-            return path.unlink(missing_ok=True)
-        path.parent.mkdir(mode=DIR_MODE, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, FILE_MODE)
-        try:
-            os.write(fd, b"%d\n" % count)
-        finally:
-            os.close(fd)
 
     # --- studies/ : owned by the indexer (instances) and scheduler (study.json) ---
 

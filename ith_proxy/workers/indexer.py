@@ -9,7 +9,8 @@ vault records and output files durable together.  A crash at any point leaves th
 file in ``incoming/``; re-processing it produces the same names and the same
 rows, so nothing is lost and nothing is duplicated.
 
-Input that cannot be processed goes to ``quarantine/<reason>/``, always
+Input that cannot be processed (``index_checks.py``: the checks, the
+reasons, the move) goes to ``quarantine/<reason>/``, always
 encrypted under the vault key (it may hold PHI); so does input that is a
 PHI risk for de-identification (burned-in annotation), and input that hit
 an unexpected error (``failed``: one bad file never stops the others).  An
@@ -33,16 +34,15 @@ import os
 import signal
 import threading
 import time
-import traceback
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from watchdog.events import FileSystemEvent, FileSystemEventHandler
+from watchdog import events as wd
 from watchdog.observers import Observer
 
 from ith_proxy.config import Config
-from ith_proxy.deid import Deidentifier, stored_uid, valid_uid
+from ith_proxy.deid import Deidentifier
 from ith_proxy.deid.risk import phi_risk
 from ith_proxy.dicom import codestream
 from ith_proxy.dicom import files as dicomfile
@@ -51,56 +51,10 @@ from ith_proxy.store.spool import Spool
 from ith_proxy.vault import stream as vault_stream
 from ith_proxy.vault.records import Vault, VaultRecordError
 from ith_proxy.vault.stream import EncryptedFileError
+from ith_proxy.workers import index_checks as checks
+from ith_proxy.workers.index_checks import Inconsistent, PhiRisk
 
 log = logging.getLogger("ith_proxy.indexer")
-
-_REQUIRED = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
-
-
-class Inconsistent(ValueError):
-    """Parsed, but the dataset contradicts itself or lacks what we need."""
-
-
-class PhiRisk(ValueError):
-    """De-identifying the header would not remove all PHI (e.g. text in the pixels)."""
-
-
-# Error texts in quarantine .json files and logs are fixed phrases naming
-# attributes, never DICOM values.
-_REASONS = (
-    (dicomfile.DicomFileError, "unparseable"),
-    (Inconsistent, "inconsistent"),
-    (PhiRisk, "phi-risk"),
-    (EncryptedFileError, "undecryptable"),
-)
-
-
-def _internal_error(exc: Exception) -> str:
-    """A PHI-free description of an unexpected error: its type and where it
-    happened.  The message is left out (it may quote a value); the frames
-    (code only) go to the log."""
-    frames = traceback.extract_tb(exc.__traceback__)
-    where = f" at {Path(frames[-1].filename).name}:{frames[-1].lineno}" if frames else ""
-    log.error(
-        "unexpected %s while processing an incoming file; traceback without the message:\n%s",
-        type(exc).__name__,
-        "".join(traceback.format_list(frames)),
-    )
-    return f"internal error: {type(exc).__name__}{where}"
-
-
-def _check(split: dicomfile.SplitFile) -> None:
-    ds = split.header
-    for kw in _REQUIRED:  # as stored: a trailing newline or space is no padding
-        if not valid_uid(stored_uid(ds, kw)):
-            raise Inconsistent(f"missing or invalid {kw}")
-    meta = ds.file_meta
-    if str(meta.get("MediaStorageSOPInstanceUID", ds.SOPInstanceUID)) != str(ds.SOPInstanceUID):
-        raise Inconsistent("file meta SOP Instance UID does not match the dataset")
-    if str(meta.get("MediaStorageSOPClassUID", ds.SOPClassUID)) != str(ds.SOPClassUID):
-        raise Inconsistent("file meta SOP Class UID does not match the dataset")
-    if split.pixel_start >= split.size and "PixelData" not in ds:
-        raise Inconsistent("no pixel data")
 
 
 class Indexer:
@@ -228,12 +182,14 @@ class Indexer:
         try:
             return self._process(name)
         except (dicomfile.DicomFileError, Inconsistent, PhiRisk, EncryptedFileError) as exc:
-            reason = next(r for cls, r in _REASONS if isinstance(exc, cls))
+            reason = next(r for cls, r in checks.REASONS if isinstance(exc, cls))
             batch.handled += self._quarantine(name, reason, str(exc), before + 1)
         except OSError:
             raise
         except Exception as exc:  # a bug or MemoryError, not bad input: isolate this file
-            batch.handled += self._quarantine(name, "failed", _internal_error(exc), before + 1)
+            batch.handled += self._quarantine(
+                name, "failed", checks.internal_error(exc), before + 1
+            )
         return None
 
     def _commit(self, batch: _Batch) -> None:
@@ -257,29 +213,9 @@ class Indexer:
                     self._pending.pop(row.sop_uid, None)
 
     def _quarantine(self, name: str, reason: str, why: str, attempts: int = 0) -> int:
-        """Quarantine encrypted: plaintext input is sealed on the way, encrypted
-        input moves as it is.  The .json gets the plaintext's size and sha256."""
-        path = self.spool.incoming_path(name)
-        keyring = self.vault.keyring
-        detail = {"error": why, "encrypted": True, "attempts": attempts}
-        try:
-            if vault_stream.is_encrypted(path):
-                try:
-                    info = vault_stream.digest(path, keyring)
-                except EncryptedFileError:
-                    info = {"size": None, "sha256": None}
-                self.spool.quarantine(name, reason, {**detail, **info})
-            else:
-                self.spool.quarantine(
-                    name, reason, detail, seal=lambda src, out: vault_stream.seal(src, out, keyring)
-                )
-        except FileNotFoundError:
-            self.spool.set_attempts(name, 0)
-            return 0
-        self.spool.set_attempts(name, 0)
-        self.quarantined += 1
-        log.warning("quarantined incoming file %s (%s): %s", name, reason, why)
-        return 1
+        moved = checks.quarantine(self.spool, self.vault.keyring, name, reason, why, attempts)
+        self.quarantined += moved
+        return moved
 
     def _process(self, name: str) -> InstanceRow:
         path = self.spool.incoming_path(name)
@@ -289,7 +225,7 @@ class Indexer:
 
     def _process_open(self, path: Path, src, received: float) -> InstanceRow:
         split = dicomfile.read_split(src, path)
-        _check(split)
+        checks.check(split)
         ds = split.header
         if self._kill_marker and self._kill_marker in str(ds.get("ImageComments", "") or ""):
             os.kill(os.getpid(), signal.SIGKILL)  # test-only failpoint, see __init__
@@ -383,7 +319,9 @@ class Indexer:
         """Pipelined loop: batch N+1 is processed while batch N is synced and committed
         in a second thread (the sync is I/O wait, ~30% of the per-instance time)."""
         observer = Observer()
-        observer.schedule(_Wake(self.wake), str(self.spool.incoming), recursive=False)
+        observer.schedule(  # only arrivals: not our own reads and deletions (4 events a file)
+            _Wake(self.wake), str(self.spool.incoming), recursive=False, event_filter=_ARRIVALS
+        )
         observer.daemon = True
         observer.start()
         pending: Future | None = None
@@ -446,10 +384,14 @@ class _Batch:
         return bool(self.prev)
 
 
-class _Wake(FileSystemEventHandler):
+# the inotify mask asks the kernel for these only (watchdog 7: get_event_mask_from_filter)
+_ARRIVALS = [wd.FileCreatedEvent, wd.FileMovedEvent, wd.FileClosedEvent]
+
+
+class _Wake(wd.FileSystemEventHandler):
     def __init__(self, event: threading.Event) -> None:
         self.event = event
 
-    def on_any_event(self, event: FileSystemEvent) -> None:
+    def on_any_event(self, event: wd.FileSystemEvent) -> None:
         if event.event_type in ("created", "moved", "closed"):
             self.event.set()

@@ -5,19 +5,22 @@ through spool folders and catalog rows.  The SCP, scheduler, forwarder and API r
 threads here; the indexer runs in a child process of its own, because
 parsing and rewriting files is CPU work that would otherwise compete with
 the SCP for the GIL (measured: ingest ~45% slower with both in one process).
-The child's log records come back over a queue, so only this process writes
-the log files.  The child exits by itself if this process dies.
+The process tree is this process and that one child, nothing else (no
+multiprocessing, so no resource-tracker process).  The first indexer is
+forked in ``start`` before this process starts any thread, so it shares the
+imported modules' pages copy-on-write; a restarted one is a fresh, lean
+interpreter (``indexer_child``: forking a process with threads would copy
+the locks they hold).  The child's log records come back over a socket, so
+only this process writes the log files; it stops at end of file on its
+lifeline pipe, so it exits by itself when this process dies.
 """
 
 from __future__ import annotations
 
 import logging
-import logging.handlers
-import multiprocessing
-import multiprocessing.process
 import os
-import resource
 import signal
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -30,6 +33,7 @@ from ith_proxy.dicom import scp_stream
 from ith_proxy.dicom.libsetup import configure_libraries
 from ith_proxy.dicom.scp import Counters, StorageSCP
 from ith_proxy.health import Liveness, problems
+from ith_proxy.indexer_child import IndexerProcess
 from ith_proxy.link.client import Link
 from ith_proxy.store.catalog import Catalog
 from ith_proxy.store.nodes import load_config_nodes
@@ -46,7 +50,6 @@ from ith_proxy.vault.records import Vault
 from ith_proxy.web.app import NO_JWT_KEY, ApiServer, make_app
 from ith_proxy.web.auth import AuthConfigError, Verifier
 from ith_proxy.workers.forwarder import Forwarder
-from ith_proxy.workers.indexer import Indexer
 from ith_proxy.workers.scheduler import Scheduler
 
 log = logging.getLogger("ith_proxy.service")
@@ -68,8 +71,9 @@ class Service:
         self.link_status = "offline"
         self.link: Link | None = None  # set when ITH_URL is set
         self._lock_fd: int | None = None
-        self.indexer: multiprocessing.process.BaseProcess | None = None
-        self._log_listener: logging.handlers.QueueListener | None = None
+        self.indexer: IndexerProcess | None = None
+        self._log_listener: logs.Listener | None = None
+        self._log_socks: tuple[socket.socket, socket.socket] | None = None  # (read, send)
 
     # --- start-up ---
 
@@ -123,14 +127,12 @@ class Service:
         thread.start()
 
     def _start_indexer(self) -> None:
-        indexer = self._mp.Process(
-            target=indexer_main,
-            name="ith-proxy-indexer",
-            args=(self.cfg, self._mp_stop, self._log_queue, os.getpid()),
-            daemon=True,
-        )
-        indexer.start()
-        self.indexer = indexer
+        """Forked while this process has no thread yet (at start-up), exec'd
+        later (a restart): see ``indexer_child``."""
+        assert self._log_socks is not None
+        read, send = self._log_socks
+        lock = () if self._lock_fd is None else (self._lock_fd,)
+        self.indexer = IndexerProcess.start(self.cfg, send, close_in_child=(read, *lock))
         self._indexer_started = time.monotonic()
 
     def _supervise(self) -> None:
@@ -138,10 +140,12 @@ class Service:
         indexer with a short back-off; a thread's loop catches every error of
         a pass, so only a failure to start, such as an unopenable catalog,
         ends one)."""
-        if self.indexer is not None and not self.indexer.is_alive() and not self._mp_stop.is_set():
+        indexer = self.indexer
+        if indexer is not None and not indexer.is_alive() and not self.stop_event.is_set():
             if time.monotonic() - self._indexer_started < 5:
                 return
-            log.error("indexer process exited (code %s); restarting", self.indexer.exitcode)
+            log.error("indexer process exited (code %s); restarting", indexer.exitcode)
+            indexer.forget()
             self._start_indexer()
         for name, target in self._restartable():
             thread = self.threads.get(name)
@@ -209,11 +213,10 @@ class Service:
             raise StartupError(str(exc)) from None
         self.prepare()
         configure_libraries()  # library globals, before any DICOM is handled
-        self._mp = multiprocessing.get_context("spawn")
-        self._mp_stop = self._mp.Event()
-        self._log_queue = self._mp.Queue()
-        self._log_listener = logs.listen(self._log_queue)
+        # the indexer first: forked before this process starts any thread
+        self._log_socks = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self._start_indexer()
+        self._log_listener = logs.listen(self._log_socks[0])
         self._worker("scheduler", self._run_scheduler_thread)
         self._worker("forwarder", self._run_forwarder_thread)
         self._start_link()
@@ -287,15 +290,15 @@ class Service:
             self.control.stop()
         self.stop_event.set()
         if self.indexer is not None:
-            self._mp_stop.set()
-            self.indexer.join(timeout=30)
-            if self.indexer.is_alive():
-                self.indexer.kill()
+            self.indexer.stop(timeout=30)
         for t in self.threads.values():
             t.join(timeout=30)
         if self._log_listener is not None:
             self._log_listener.stop()
             self._log_listener = None
+        for sock in self._log_socks or ():
+            sock.close()
+        self._log_socks = None
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
@@ -313,52 +316,3 @@ class Service:
                     self.control.poll()
         finally:
             self.stop()
-
-
-def limit_memory(limit_mb: int) -> None:
-    """Cap this process's data segment ([indexer] memory_limit_mb; 0: no cap).
-
-    RLIMIT_DATA (heap, anonymous mmaps, thread stacks), not RLIMIT_AS: the
-    address space also counts the 64 MB malloc arenas each thread reserves
-    and every mapped library, which are not memory in use.  A parse that
-    runs away then raises MemoryError for that one file (quarantined as
-    ``failed``) instead of waking the OOM killer.
-    """
-    if limit_mb <= 0:
-        return
-    _, hard = resource.getrlimit(resource.RLIMIT_DATA)
-    limit = limit_mb * 1024 * 1024
-    if hard != resource.RLIM_INFINITY:
-        limit = min(limit, hard)
-    resource.setrlimit(resource.RLIMIT_DATA, (limit, hard))
-
-
-def indexer_process(cfg: Config, stop, log_queue, parent_pid: int) -> None:
-    """Entry point of the indexer's child process."""
-    limit_memory(cfg.indexer.memory_limit_mb)
-    logs.setup_worker(log_queue, cfg.log)
-    configure_libraries()
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when we stop
-
-    def orphan_watch() -> None:
-        while not stop.wait(1.0):
-            if os.getppid() != parent_pid:
-                stop.set()
-
-    threading.Thread(target=orphan_watch, name="orphan-watch", daemon=True).start()
-    spool = Spool(cfg.spool.dir)
-    catalog = Catalog(spool.catalog_file)
-    vault = Vault(spool.vault_file, cfg.vault.key_file)
-    try:
-        secret = load_site_secret(cfg.vault.secret_file)
-        Indexer(cfg, spool, catalog, vault, secret).run(stop)
-    finally:
-        vault.close()
-        catalog.close()
-
-
-def indexer_main(*args) -> None:
-    """The indexer process's target: ``indexer_process``, with an exception
-    that ends it logged by type and place (multiprocessing would print its
-    message to stderr) and exit code 1."""
-    logs.uncaught_logged(indexer_process)(*args)

@@ -37,6 +37,17 @@ ALLOWED_ROOMS: dict[str, set[str] | None] = {
     # the spool and the catalog; worker liveness is passed in by the service
     "health": {"config", "store.spool", "store.catalog"},
     "service": None,  # wires everything
+    # the indexer's child process: forked at start-up or exec'd, its lifeline and entry point
+    "indexer_child": {
+        "config",
+        "logs",
+        "dicom.libsetup",
+        "store.catalog",
+        "store.spool",
+        "vault.keyfiles",
+        "vault.records",
+        "workers.indexer",
+    },
     # the service's controls: the SCP under the runtime settings, its counters, C-ECHO of a node
     "control": {
         "config",

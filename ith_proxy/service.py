@@ -24,6 +24,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from ith_proxy import logs
 from ith_proxy.cli.common import audit_log
@@ -34,7 +35,6 @@ from ith_proxy.dicom.libsetup import configure_libraries
 from ith_proxy.dicom.scp import Counters, StorageSCP
 from ith_proxy.health import Liveness, problems
 from ith_proxy.indexer_child import IndexerProcess
-from ith_proxy.link.client import Link
 from ith_proxy.store.catalog import Catalog
 from ith_proxy.store.nodes import load_config_nodes
 from ith_proxy.store.spool import Spool
@@ -51,6 +51,9 @@ from ith_proxy.web.app import NO_JWT_KEY, ApiServer, make_app
 from ith_proxy.web.auth import AuthConfigError, Verifier
 from ith_proxy.workers.forwarder import Forwarder
 from ith_proxy.workers.scheduler import Scheduler
+
+if TYPE_CHECKING:  # imported when ITH_URL is set: offline, no websocket-client (~0.7 MiB)
+    from ith_proxy.link.client import Link
 
 log = logging.getLogger("ith_proxy.service")
 
@@ -171,6 +174,8 @@ class Service:
         the link thread keeps the WebSocket and retries the fetch."""
         if self.cfg.link.offline:
             return
+        from ith_proxy.link.client import Link
+
         self.link = Link(
             self.cfg, self.spool.catalog_file, health=self.health, set_status=self._set_link_status
         )

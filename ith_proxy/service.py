@@ -26,7 +26,8 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from ith_proxy import logs
+from ith_proxy import indexer_child, logs
+from ith_proxy.children import ChildProcess
 from ith_proxy.cli.common import audit_log
 from ith_proxy.config import Config
 from ith_proxy.control import ServiceControl
@@ -34,7 +35,6 @@ from ith_proxy.dicom import scp_stream
 from ith_proxy.dicom.libsetup import configure_libraries
 from ith_proxy.dicom.scp import Counters, StorageSCP
 from ith_proxy.health import Liveness, problems
-from ith_proxy.indexer_child import IndexerProcess
 from ith_proxy.store.catalog import Catalog
 from ith_proxy.store.nodes import load_config_nodes
 from ith_proxy.store.spool import Spool
@@ -74,7 +74,7 @@ class Service:
         self.link_status = "offline"
         self.link: Link | None = None  # set when ITH_URL is set
         self._lock_fd: int | None = None
-        self.indexer: IndexerProcess | None = None
+        self.indexer: ChildProcess | None = None
         self._log_listener: logs.Listener | None = None
         self._log_socks: tuple[socket.socket, socket.socket] | None = None  # (read, send)
 
@@ -135,7 +135,13 @@ class Service:
         assert self._log_socks is not None
         read, send = self._log_socks
         lock = () if self._lock_fd is None else (self._lock_fd,)
-        self.indexer = IndexerProcess.start(self.cfg, send, close_in_child=(read, *lock))
+        self.indexer = ChildProcess.start(
+            self.cfg,
+            send,
+            indexer_child.child_main,
+            indexer_child.MODULE,
+            close_in_child=(read, *lock),
+        )
         self._indexer_started = time.monotonic()
 
     def _supervise(self) -> None:

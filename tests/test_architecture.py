@@ -37,8 +37,11 @@ ALLOWED_ROOMS: dict[str, set[str] | None] = {
     # the spool and the catalog; worker liveness is passed in by the service
     "health": {"config", "store.spool", "store.catalog"},
     "service": None,  # wires everything
-    # the indexer's child process: forked at start-up or exec'd, its lifeline and entry point
+    # child processes: forked at start-up or exec'd later, the lifeline (stdlib + config)
+    "children": {"config"},
+    # the indexer's child process: its entry point (forked or exec'd through children)
     "indexer_child": {
+        "children",
         "config",
         "logs",
         "dicom.libsetup",

@@ -38,7 +38,7 @@ from pathlib import Path
 from ith_proxy.config import Config
 
 _LENGTH = struct.Struct("!Q")
-Entry = Callable[..., int]  # (lifeline, log_fd, "fork" | "exec", *pass_fds) -> exit code
+Entry = Callable[..., int]  # (lifeline, log_fd, "fork" | "exec", *pass_fds, *args) -> code
 
 
 class ChildProcess:
@@ -61,19 +61,21 @@ class ChildProcess:
         module: str,
         close_in_child: Sequence[object] = (),
         pass_fds: Sequence[int] = (),
+        args: Sequence[int] = (),
     ) -> ChildProcess:
-        """Fork a child that runs ``entry(lifeline, log_fd, "fork", *pass_fds)``
+        """Fork a child that runs ``entry(lifeline, log_fd, "fork", *pass_fds, *args)``
         if this process has no other thread, else exec ``python -m module
-        LIFELINE LOGFD FD...`` (whose ``__main__`` calls the same entry with
+        LIFELINE LOGFD FD... ARG...`` (whose ``__main__`` calls the same entry with
         "exec").  ``close_in_child``: sockets and fds of the service a forked
         child must not keep (the log socket's reading end, the spool lock,
         other children's lifelines); ``pass_fds``: descriptors the child gets."""
         read_end, write_end = os.pipe()  # both close-on-exec
         try:
             if threading.active_count() == 1:
-                proc = cls._fork(read_end, write_end, log_sock, close_in_child, entry, pass_fds)
+                extra = (*pass_fds, *args)
+                proc = cls._fork(read_end, write_end, log_sock, close_in_child, entry, extra)
             else:
-                proc = cls._exec(read_end, write_end, log_sock, module, pass_fds)
+                proc = cls._exec(read_end, write_end, log_sock, module, pass_fds, args)
         finally:
             os.close(read_end)
         blob = pickle.dumps(cfg)
@@ -94,7 +96,7 @@ class ChildProcess:
         log_sock: socket.socket,
         close: Sequence[object],
         entry: Entry,
-        pass_fds: Sequence[int],
+        extra: Sequence[int],
     ) -> ChildProcess:
         gc.collect()
         gc.freeze()  # the collector never writes to the objects both processes share
@@ -105,7 +107,7 @@ class ChildProcess:
                 os.close(write_end)
                 for item in close:
                     os.close(item.detach() if isinstance(item, socket.socket) else int(item))  # type: ignore[call-overload]
-                code = entry(read_end, log_sock.detach(), "fork", *pass_fds)
+                code = entry(read_end, log_sock.detach(), "fork", *extra)
             except SystemExit as exc:
                 code = exc.code if isinstance(exc.code, int) else 1
             except BaseException:
@@ -122,6 +124,7 @@ class ChildProcess:
         log_sock: socket.socket,
         module: str,
         pass_fds: Sequence[int],
+        args: Sequence[int],
     ) -> ChildProcess:
         root = str(Path(__file__).resolve().parent.parent)
         env = dict(os.environ)
@@ -129,7 +132,7 @@ class ChildProcess:
         log_fd = log_sock.fileno()
         fds = (read_end, log_fd, *pass_fds)
         popen = subprocess.Popen(
-            [sys.executable, "-m", module, *map(str, fds)],
+            [sys.executable, "-m", module, *map(str, (*fds, *args))],
             pass_fds=fds,
             env=env,
             stdin=subprocess.DEVNULL,

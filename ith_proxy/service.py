@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from ith_proxy import indexer_child, logs
+from ith_proxy import indexer_child, logs, scp_worker
 from ith_proxy.children import ChildProcess
 from ith_proxy.cli.common import audit_log
 from ith_proxy.config import Config
@@ -35,6 +35,7 @@ from ith_proxy.dicom import scp_stream
 from ith_proxy.dicom.libsetup import configure_libraries
 from ith_proxy.dicom.scp import Counters, StorageSCP
 from ith_proxy.health import Liveness, problems
+from ith_proxy.scp_stats import WorkerStats
 from ith_proxy.store.catalog import Catalog
 from ith_proxy.store.nodes import load_config_nodes
 from ith_proxy.store.spool import Spool
@@ -77,6 +78,10 @@ class Service:
         self.indexer: ChildProcess | None = None
         self._log_listener: logs.Listener | None = None
         self._log_socks: tuple[socket.socket, socket.socket] | None = None  # (read, send)
+        # [scp] workers > 1: SCP processes 1..N-1 (this process is 0) and their reports
+        self.scp_workers: dict[int, ChildProcess] = {}
+        self._scp_stats: WorkerStats | None = None
+        self._scp_started: dict[int, float] = {}
 
     # --- start-up ---
 
@@ -133,16 +138,36 @@ class Service:
         """Forked while this process has no thread yet (at start-up), exec'd
         later (a restart): see ``indexer_child``."""
         assert self._log_socks is not None
-        read, send = self._log_socks
-        lock = () if self._lock_fd is None else (self._lock_fd,)
         self.indexer = ChildProcess.start(
             self.cfg,
-            send,
+            self._log_socks[1],
             indexer_child.child_main,
             indexer_child.MODULE,
-            close_in_child=(read, *lock),
+            close_in_child=self._children_fds(),
         )
         self._indexer_started = time.monotonic()
+
+    def _children_fds(self) -> tuple[object, ...]:
+        """What a forked child must not keep: the log socket's reading end,
+        the spool lock, the other children's lifelines."""
+        assert self._log_socks is not None
+        lock = () if self._lock_fd is None else (self._lock_fd,)
+        kids = [self.indexer, *self.scp_workers.values()]
+        lifelines = tuple(k.lifeline for k in kids if k is not None and k.lifeline is not None)
+        return (self._log_socks[0], *lock, *lifelines)
+
+    def _start_scp_worker(self, slot: int) -> None:
+        assert self._log_socks is not None and self._scp_stats is not None
+        self.scp_workers[slot] = ChildProcess.start(
+            self.cfg,
+            self._log_socks[1],
+            scp_worker.child_main,
+            scp_worker.MODULE,
+            close_in_child=self._children_fds(),
+            pass_fds=(self._scp_stats.fd,),
+            args=(slot,),
+        )
+        self._scp_started[slot] = time.monotonic()
 
     def _supervise(self) -> None:
         """Restart the indexer process, or a worker thread, that died (the
@@ -156,6 +181,16 @@ class Service:
             log.error("indexer process exited (code %s); restarting", indexer.exitcode)
             indexer.forget()
             self._start_indexer()
+        for slot, worker in list(self.scp_workers.items()):
+            if worker.is_alive() or self.stop_event.is_set():
+                continue
+            if time.monotonic() - self._scp_started[slot] < 5:
+                continue
+            log.error("SCP worker %d exited (code %s); restarting", slot, worker.exitcode)
+            worker.forget()
+            assert self._scp_stats is not None
+            self._scp_stats.forget_associations(slot)
+            self._start_scp_worker(slot)
         for name, target in self._restartable():
             thread = self.threads.get(name)
             if thread is not None and not thread.is_alive() and not self.stop_event.is_set():
@@ -227,6 +262,10 @@ class Service:
         # the indexer first: forked before this process starts any thread
         self._log_socks = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self._start_indexer()
+        if self.cfg.scp.workers > 1:  # forked too, before any thread
+            self._scp_stats = WorkerStats()
+            for slot in range(1, self.cfg.scp.workers):
+                self._start_scp_worker(slot)
         self._log_listener = logs.listen(self._log_socks[0])
         self._worker("scheduler", self._run_scheduler_thread)
         self._worker("forwarder", self._run_forwarder_thread)
@@ -242,6 +281,10 @@ class Service:
         self.control = ServiceControl(
             self.cfg, self.spool.catalog_file, make_scp, lambda: self.link_status
         )
+        stats = self._scp_stats
+        if stats is not None:  # the metrics and status count every SCP process
+            workers = range(1, self.cfg.scp.workers)
+            self.control.others = lambda: stats.totals(workers)
         try:  # the SCP starts on the persisted runtime settings (or is held)
             self.control.start()
         except OSError as exc:
@@ -285,7 +328,9 @@ class Service:
             self.cfg,
             self.spool,
             Liveness(  # a listener held on purpose (auto_start off) is no problem
-                dicom=control is not None and control.listening(),
+                dicom=control is not None
+                and control.listening()
+                and all(w.is_alive() for w in self.scp_workers.values()),
                 indexer=self.indexer is not None and self.indexer.is_alive(),
                 scheduler=scheduler is not None and scheduler.is_alive(),
                 forwarder=forwarder is not None and forwarder.is_alive(),
@@ -300,6 +345,8 @@ class Service:
         if self.control:
             self.control.stop()
         self.stop_event.set()
+        for worker in self.scp_workers.values():  # before the indexer: they hold no lifeline
+            worker.stop(timeout=30)
         if self.indexer is not None:
             self.indexer.stop(timeout=30)
         for t in self.threads.values():

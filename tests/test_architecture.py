@@ -39,6 +39,21 @@ ALLOWED_ROOMS: dict[str, set[str] | None] = {
     "service": None,  # wires everything
     # child processes: forked at start-up or exec'd later, the lifeline (stdlib + config)
     "children": {"config"},
+    # what each SCP worker process reports to the service: a shared page (stdlib only)
+    "scp_stats": set(),
+    # an SCP worker process ([scp] workers > 1): its own ServiceControl on the shared port
+    "scp_worker": {
+        "children",
+        "config",
+        "control",
+        "logs",
+        "dicom.libsetup",
+        "dicom.scp",
+        "scp_stats",
+        "store.spool",
+        "vault.keys",
+        "vault.stream",
+    },
     # the indexer's child process: its entry point (forked or exec'd through children)
     "indexer_child": {
         "children",

@@ -72,6 +72,7 @@ def _index(cfg: Config, lifeline: int, how: str) -> None:
     finally:
         vault.close()
         catalog.close()
+    log.info("indexer process %d stopped", os.getpid())
 
 
 if __name__ == "__main__":  # the exec'd child: python -m ith_proxy.indexer_child LIFELINE LOGFD

@@ -229,8 +229,9 @@ class Listener:
     """In the service: a thread that writes the records worker processes
     send over the log socket (one SOCK_SEQPACKET message each)."""
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, wake: socket.socket | None = None) -> None:
         self._sock = sock
+        self._wake = wake  # the sending end: an empty message after every record stops us
         self._thread = threading.Thread(target=self._run, name="log-listener", daemon=True)
         self._thread.start()
 
@@ -240,7 +241,7 @@ class Listener:
                 data = self._sock.recv(MAX_MESSAGE)
             except OSError:
                 return
-            if not data:  # stop() shut the socket down
+            if not data:  # stop(): the empty message, or the socket shut down
                 return
             try:
                 fields = json.loads(data)
@@ -251,16 +252,25 @@ class Listener:
                 logging.getLogger(record.name).handle(record)
 
     def stop(self) -> None:
+        """Write every record sent so far, then end the thread."""
         try:
-            self._sock.shutdown(socket.SHUT_RDWR)
+            if self._wake is not None:
+                self._wake.send(b"")
+                self._thread.join(timeout=5)
         except OSError:
             pass
-        self._thread.join(timeout=5)
+        if self._thread.is_alive():
+            try:
+                self._sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            self._thread.join(timeout=5)
 
 
-def listen(sock: socket.socket) -> Listener:
-    """In the service: write records that worker processes send on ``sock``."""
-    return Listener(sock)
+def listen(sock: socket.socket, wake: socket.socket | None = None) -> Listener:
+    """In the service: write records that worker processes send on ``sock``
+    (``wake``: the pair's sending end, for a stop after the last record)."""
+    return Listener(sock, wake)
 
 
 class _SocketHandler(logging.handlers.QueueHandler):

@@ -79,6 +79,7 @@ def _serve(cfg: Config, lifeline: int, how: str, stats: WorkerStats, slot: int) 
     finally:
         control.stop()
         stats.forget_associations(slot)
+    log.info("SCP worker %d (pid %d) stopped", slot, os.getpid())
 
 
 if __name__ == "__main__":  # python -m ith_proxy.scp_worker LIFELINE LOGFD STATSFD SLOT

@@ -266,7 +266,7 @@ class Service:
             self._scp_stats = WorkerStats()
             for slot in range(1, self.cfg.scp.workers):
                 self._start_scp_worker(slot)
-        self._log_listener = logs.listen(self._log_socks[0])
+        self._log_listener = logs.listen(*self._log_socks)
         self._worker("scheduler", self._run_scheduler_thread)
         self._worker("forwarder", self._run_forwarder_thread)
         self._start_link()

@@ -70,7 +70,11 @@ def test_the_tree_is_the_service_and_one_forked_indexer_whose_logs_arrive(tmp_pa
         assert _data_limit(proxy.pid) == "unlimited"
         assert proxy.stop() == 0  # SIGTERM: a clean stop, the indexer with it
     assert _gone(indexer)
-    assert "stopped" in _log(proxy)
+    text = _log(proxy)  # its last record too: the listener writes all before it stops
+    assert f"indexer process {indexer} stopped" in text
+    assert text.index(f"indexer process {indexer} stopped") < text.index(
+        "INFO ith_proxy.service [MainThread] stopped"
+    )
 
 
 def test_a_killed_indexer_comes_back_exec_d_and_still_logs(tmp_path) -> None:

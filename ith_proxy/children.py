@@ -51,6 +51,7 @@ class ChildProcess:
         self._popen = popen
         self._exitcode: int | None = None
         self._reaped = False
+        self._lock = threading.Lock()  # health() asks from API threads, the supervisor too
 
     @classmethod
     def start(
@@ -142,6 +143,10 @@ class ChildProcess:
     # --- state ---
 
     def _poll(self, block: bool = False) -> None:
+        with self._lock:
+            self._poll_locked(block)
+
+    def _poll_locked(self, block: bool) -> None:
         if self._reaped:
             return
         if self._popen is not None:

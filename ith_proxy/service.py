@@ -12,7 +12,9 @@ imported modules' pages copy-on-write; a restarted one is a fresh, lean
 interpreter (``indexer_child``: forking a process with threads would copy
 the locks they hold).  The child's log records come back over a socket, so
 only this process writes the log files; it stops at end of file on its
-lifeline pipe, so it exits by itself when this process dies.
+lifeline pipe, so it exits by itself when this process dies.  With
+``[scp] workers`` > 1 (a prototype) SCP worker processes (``scp_worker``)
+are forked the same way and share the DICOM port with this one.
 """
 
 from __future__ import annotations
@@ -175,9 +177,12 @@ class Service:
         a pass, so only a failure to start, such as an unopenable catalog,
         ends one)."""
         indexer = self.indexer
-        if indexer is not None and not indexer.is_alive() and not self.stop_event.is_set():
-            if time.monotonic() - self._indexer_started < 5:
-                return
+        if (
+            indexer is not None
+            and not indexer.is_alive()
+            and not self.stop_event.is_set()
+            and time.monotonic() - self._indexer_started >= 5
+        ):
             log.error("indexer process exited (code %s); restarting", indexer.exitcode)
             indexer.forget()
             self._start_indexer()
@@ -345,7 +350,7 @@ class Service:
         if self.control:
             self.control.stop()
         self.stop_event.set()
-        for worker in self.scp_workers.values():  # before the indexer: they hold no lifeline
+        for worker in self.scp_workers.values():  # SCPs first: nothing arrives once it stops
             worker.stop(timeout=30)
         if self.indexer is not None:
             self.indexer.stop(timeout=30)

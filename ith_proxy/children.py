@@ -5,8 +5,10 @@ start-up): the child shares every page the service had imported
 (copy-on-write; ``gc.freeze`` first, so the collector does not write to
 them) and costs only what it dirties.  Forking a process that has threads
 would copy the locks other threads hold (SQLite's, OpenSSL's, an import's)
-locked, so later starts (restarts) exec a fresh interpreter that runs the
-child's module (``python -m``), which imports only what that child needs.
+locked, so later starts (restarts) ask the zygote (``zygote``), which is
+single-threaded and forks the child with the same sharing; without it they
+exec a fresh interpreter that runs the child's module (``python -m``),
+which imports only what that child needs.
 
 Either way the child gets two descriptors, and nothing from multiprocessing
 (so no semaphore, no feeder thread, no resource-tracker process):
@@ -25,6 +27,7 @@ from __future__ import annotations
 import gc
 import os
 import pickle
+import select
 import signal
 import socket
 import struct
@@ -34,21 +37,43 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Protocol
 
 from ith_proxy.config import Config
 
 _LENGTH = struct.Struct("!Q")
-Entry = Callable[..., int]  # (lifeline, log_fd, "fork" | "exec", *pass_fds, *args) -> code
+# (lifeline, log_fd, "fork" | "zygote" | "exec", *pass_fds, *args) -> exit code
+Entry = Callable[..., int]
+
+
+class Spawner(Protocol):
+    """Forks children once the service has threads (``zygote.Zygote``)."""
+
+    def spawn(self, kind: str, fds: Sequence[int], args: Sequence[int]) -> tuple[int, int] | None:
+        """(pid, pidfd) of a new child of that kind, or None."""
+
+    def exit_of(self, pid: int) -> int | None:
+        """The exit code of a child it started (None: not known yet)."""
 
 
 class ChildProcess:
-    """The service's handle on one child (forked or exec'd)."""
+    """The service's handle on one child (forked, from the zygote, or exec'd)."""
 
-    def __init__(self, pid: int, lifeline: int, how: str, popen: subprocess.Popen | None) -> None:
+    def __init__(
+        self,
+        pid: int,
+        lifeline: int,
+        how: str,
+        popen: subprocess.Popen | None = None,
+        pidfd: int | None = None,
+        spawner: Spawner | None = None,
+    ) -> None:
         self.pid = pid
-        self.how = how  # "fork" | "exec"
+        self.how = how  # "fork" | "zygote" | "exec"
         self._lifeline: int | None = lifeline
         self._popen = popen
+        self._pidfd = pidfd  # a zygote's child: polled and signalled through it
+        self._spawner = spawner
         self._exitcode: int | None = None
         self._reaped = False
         self._lock = threading.Lock()  # health() asks from API threads, the supervisor too
@@ -63,18 +88,25 @@ class ChildProcess:
         close_in_child: Sequence[object] = (),
         pass_fds: Sequence[int] = (),
         args: Sequence[int] = (),
+        spawner: Spawner | None = None,
+        kind: str = "",
     ) -> ChildProcess:
         """Fork a child that runs ``entry(lifeline, log_fd, "fork", *pass_fds, *args)``
         if this process has no other thread, else exec ``python -m module
         LIFELINE LOGFD FD... ARG...`` (whose ``__main__`` calls the same entry with
         "exec").  ``close_in_child``: sockets and fds of the service a forked
         child must not keep (the log socket's reading end, the spool lock,
-        other children's lifelines); ``pass_fds``: descriptors the child gets."""
+        other children's lifelines); ``pass_fds``: descriptors the child gets.
+        Once there are threads, ``spawner`` (the zygote) forks a child of
+        ``kind`` instead of an exec, when it can."""
         read_end, write_end = os.pipe()  # both close-on-exec
         try:
+            got = None
             if threading.active_count() == 1:
                 extra = (*pass_fds, *args)
                 proc = cls._fork(read_end, write_end, log_sock, close_in_child, entry, extra)
+            elif spawner is not None and (got := spawner.spawn(kind, (read_end, *pass_fds), args)):
+                proc = cls(got[0], write_end, "zygote", pidfd=got[1], spawner=spawner)
             else:
                 proc = cls._exec(read_end, write_end, log_sock, module, pass_fds, args)
         finally:
@@ -115,7 +147,7 @@ class ChildProcess:
                 code = 1
             finally:
                 os._exit(code)
-        return cls(pid, write_end, "fork", None)
+        return cls(pid, write_end, "fork")
 
     @classmethod
     def _exec(
@@ -138,7 +170,7 @@ class ChildProcess:
             env=env,
             stdin=subprocess.DEVNULL,
         )
-        return cls(popen.pid, write_end, "exec", popen)
+        return cls(popen.pid, write_end, "exec", popen=popen)
 
     # --- state ---
 
@@ -148,6 +180,12 @@ class ChildProcess:
 
     def _poll_locked(self, block: bool) -> None:
         if self._reaped:
+            return
+        if self._pidfd is not None:  # readable once the child has exited
+            if select.select([self._pidfd], [], [], None if block else 0)[0]:
+                self._reaped = True
+                os.close(self._pidfd)
+                self._pidfd = None
             return
         if self._popen is not None:
             code = self._popen.wait() if block else self._popen.poll()
@@ -169,6 +207,8 @@ class ChildProcess:
     @property
     def exitcode(self) -> int | None:
         self._poll()
+        if self._reaped and self._exitcode is None and self._spawner is not None:
+            self._exitcode = self._spawner.exit_of(self.pid)
         return self._exitcode
 
     def stop(self, timeout: float) -> None:
@@ -182,8 +222,11 @@ class ChildProcess:
             time.sleep(0.05)
         if self.is_alive():
             try:
-                os.kill(self.pid, signal.SIGKILL)
-            except ProcessLookupError:
+                if self._pidfd is not None:
+                    signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
+                else:
+                    os.kill(self.pid, signal.SIGKILL)
+            except (ProcessLookupError, OSError):
                 pass
             self._poll(block=True)
 

@@ -1,7 +1,8 @@
-"""The indexer's child process: its entry point, forked or exec'd by the
-service through ``children.ChildProcess`` (see there: the lifeline, the log
-socket, why a restart is exec'd).  Run as ``python -m ith_proxy.indexer_child
-LIFELINE LOGFD`` it imports only the indexer's rooms (no SCP, API or link).
+"""The indexer's child process: its entry point, forked by the service or
+the zygote, or exec'd, through ``children.ChildProcess`` (see there: the
+lifeline, the log socket, why a restart is not forked by the service).
+Run as ``python -m ith_proxy.indexer_child LIFELINE LOGFD`` it imports only
+the indexer's rooms (no SCP, API or link).
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
 """An SCP worker process ([scp] workers > 1; issue 11 prototype).
 
 The service is worker 0 (its SCP as before); workers 1..N-1 are children
-started through ``children.ChildProcess`` (forked at start-up, exec'd as
-``python -m ith_proxy.scp_worker LIFELINE LOGFD STATSFD SLOT`` on a
-restart).  Each runs its own ``ServiceControl``: the SCP (C-STORE, C-ECHO,
+started through ``children.ChildProcess`` (forked at start-up, by the
+zygote on a restart, or exec'd as ``python -m ith_proxy.scp_worker LIFELINE
+LOGFD STATSFD SLOT`` without one).  Each runs its own ``ServiceControl``: the SCP (C-STORE, C-ECHO,
 Q/R) on the same port with SO_REUSEPORT, under the runtime settings, which
 it polls every second as the service does (so a new AE title or port set
 through the API or the link reaches every worker within a second).  It

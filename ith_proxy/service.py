@@ -5,12 +5,14 @@ through spool folders and catalog rows.  The SCP, scheduler, forwarder and API r
 threads here; the indexer runs in a child process of its own, because
 parsing and rewriting files is CPU work that would otherwise compete with
 the SCP for the GIL (measured: ingest ~45% slower with both in one process).
-The process tree is this process and that one child, nothing else (no
-multiprocessing, so no resource-tracker process).  The first indexer is
-forked in ``start`` before this process starts any thread, so it shares the
-imported modules' pages copy-on-write; a restarted one is a fresh, lean
-interpreter (``indexer_child``: forking a process with threads would copy
-the locks they hold).  The child's log records come back over a socket, so
+The process tree is this process, that child and a zygote, nothing else
+(no multiprocessing, so no resource-tracker process).  The zygote and the
+first indexer are forked in ``start`` before this process starts any
+thread, so they share the imported modules' pages copy-on-write; a
+restarted indexer is forked by the single-threaded zygote (``zygote``;
+forking this process once it has threads would copy the locks they hold),
+or is a fresh, lean interpreter if the zygote is gone (``children``).  The
+child's log records come back over a socket, so
 only this process writes the log files; it stops at end of file on its
 lifeline pipe, so it exits by itself when this process dies.  With
 ``[scp] workers`` > 1 (a prototype) SCP worker processes (``scp_worker``)
@@ -54,6 +56,7 @@ from ith_proxy.web.app import NO_JWT_KEY, ApiServer, make_app
 from ith_proxy.web.auth import AuthConfigError, Verifier
 from ith_proxy.workers.forwarder import Forwarder
 from ith_proxy.workers.scheduler import Scheduler
+from ith_proxy.zygote import Zygote
 
 if TYPE_CHECKING:  # imported when ITH_URL is set: offline, no websocket-client (~0.7 MiB)
     from ith_proxy.link.client import Link
@@ -84,6 +87,7 @@ class Service:
         self.scp_workers: dict[int, ChildProcess] = {}
         self._scp_stats: WorkerStats | None = None
         self._scp_started: dict[int, float] = {}
+        self._zygote: Zygote | None = None  # forks the children started later (restarts)
 
     # --- start-up ---
 
@@ -146,6 +150,8 @@ class Service:
             indexer_child.child_main,
             indexer_child.MODULE,
             close_in_child=self._children_fds(),
+            spawner=self._live_zygote(),
+            kind="indexer",
         )
         self._indexer_started = time.monotonic()
 
@@ -156,7 +162,14 @@ class Service:
         lock = () if self._lock_fd is None else (self._lock_fd,)
         kids = [self.indexer, *self.scp_workers.values()]
         lifelines = tuple(k.lifeline for k in kids if k is not None and k.lifeline is not None)
-        return (self._log_socks[0], *lock, *lifelines)
+        zygote = () if self._zygote is None else (self._zygote.sock,)
+        return (self._log_socks[0], *lock, *lifelines, *zygote)
+
+    def _live_zygote(self) -> Zygote | None:
+        if self._zygote is not None and not self._zygote.alive():
+            log.warning("the zygote process has exited; children are exec'd from now on")
+            self._zygote = None
+        return self._zygote
 
     def _start_scp_worker(self, slot: int) -> None:
         assert self._log_socks is not None and self._scp_stats is not None
@@ -168,6 +181,8 @@ class Service:
             close_in_child=self._children_fds(),
             pass_fds=(self._scp_stats.fd,),
             args=(slot,),
+            spawner=self._live_zygote(),
+            kind="scp",
         )
         self._scp_started[slot] = time.monotonic()
 
@@ -176,6 +191,7 @@ class Service:
         indexer with a short back-off; a thread's loop catches every error of
         a pass, so only a failure to start, such as an unopenable catalog,
         ends one)."""
+        self._live_zygote()  # reaps it (and says so) if it died
         indexer = self.indexer
         if (
             indexer is not None
@@ -266,6 +282,11 @@ class Service:
         configure_libraries()  # library globals, before any DICOM is handled
         # the indexer first: forked before this process starts any thread
         self._log_socks = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self._zygote = Zygote.start(  # first: it must hold no child's lifeline
+            {"indexer": indexer_child.child_main, "scp": scp_worker.child_main},
+            self._log_socks[1],
+            close_in_child=self._children_fds(),
+        )
         self._start_indexer()
         if self.cfg.scp.workers > 1:  # forked too, before any thread
             self._scp_stats = WorkerStats()
@@ -354,6 +375,9 @@ class Service:
             worker.stop(timeout=30)
         if self.indexer is not None:
             self.indexer.stop(timeout=30)
+        if self._zygote is not None:
+            self._zygote.stop()
+            self._zygote = None
         for t in self.threads.values():
             t.join(timeout=30)
         if self._log_listener is not None:

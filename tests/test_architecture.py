@@ -39,6 +39,8 @@ ALLOWED_ROOMS: dict[str, set[str] | None] = {
     "service": None,  # wires everything
     # child processes: forked at start-up or exec'd later, the lifeline (stdlib + config)
     "children": {"config"},
+    # the zygote: forked at start-up, single-threaded, forks the children started later
+    "zygote": {"children"},
     # what each SCP worker process reports to the service: a shared page (stdlib only)
     "scp_stats": set(),
     # an SCP worker process ([scp] workers > 1): its own ServiceControl on the shared port

@@ -1,7 +1,8 @@
 """[scp] workers > 1 (issue 11 prototype): several processes listen on the
 DICOM port with SO_REUSEPORT; associations land on all of them; every
 instance is indexed; the metrics count all of them; a move of the SCP
-through the API reaches every worker; a killed worker comes back."""
+through the API reaches every worker; a killed worker comes back (forked by
+the zygote)."""
 
 from __future__ import annotations
 
@@ -66,7 +67,8 @@ def test_two_processes_share_the_port_and_all_instances_are_counted(tmp_path: Pa
     with tools.ProxyProcess(tmp_path / "p", env=tokens.ENV, config_text=INI) as proxy:
         assert proxy.pid is not None
         worker = _worker(proxy)
-        assert sorted(_comm(c) for c in _children(proxy.pid)) == ["ith-indexer", "ith-scp"]
+        kids = sorted(_comm(c) for c in _children(proxy.pid))
+        assert kids == ["ith-indexer", "ith-scp", "ith-zygote"]
         assert _listeners(proxy.dicom_port) == {proxy.pid, worker}
         # 16 associations at once: the kernel spreads them over both sockets
         ae = AE(ae_title="SPREAD")
@@ -126,13 +128,10 @@ def test_a_move_reaches_every_worker_and_a_killed_worker_comes_back(tmp_path: Pa
         wait_until(lambda: proxy.health()[0] == 503, 10, "health reports the dead worker")
         assert tools.echoscu(new, aec="EDGE7").returncode == 0
 
-        def back() -> int | None:
-            kids = [c for c in _children(proxy.pid) if c != worker]
-            again = [
-                c
-                for c in kids
-                if b"ith_proxy.scp_worker" in Path(f"/proc/{c}/cmdline").read_bytes()
-            ]
+        (zygote,) = [c for c in _children(proxy.pid) if _comm(c) == "ith-zygote"]
+
+        def back() -> int | None:  # forked by the zygote
+            again = [c for c in _children(zygote) if _comm(c) == "ith-scp"]
             return again[0] if again and proxy.health()[0] == 200 else None
 
         second = wait_until(back, 30, "the worker restarted")
@@ -143,10 +142,10 @@ def test_a_move_reaches_every_worker_and_a_killed_worker_comes_back(tmp_path: Pa
         assert "SCP worker 1 exited (code -9); restarting" in log
         wait_until(
             lambda: (
-                f"SCP worker 1 (pid {second}) started (exec)"
+                f"SCP worker 1 (pid {second}) started (zygote)"
                 in (proxy.spool / "logs" / "main.log").read_text()
             ),
             30,
-            "the exec'd worker's log line",
+            "the restarted worker's log line",
         )
         assert proxy.stop() == 0

@@ -85,7 +85,7 @@ class ChildProcess:
         log_sock: socket.socket,
         entry: Entry,
         module: str,
-        close_in_child: Sequence[object] = (),
+        close_in_child: Sequence[socket.socket | int] = (),
         pass_fds: Sequence[int] = (),
         args: Sequence[int] = (),
         spawner: Spawner | None = None,
@@ -127,7 +127,7 @@ class ChildProcess:
         read_end: int,
         write_end: int,
         log_sock: socket.socket,
-        close: Sequence[object],
+        close: Sequence[socket.socket | int],
         entry: Entry,
         extra: Sequence[int],
     ) -> ChildProcess:
@@ -139,7 +139,7 @@ class ChildProcess:
             try:
                 os.close(write_end)
                 for item in close:
-                    os.close(item.detach() if isinstance(item, socket.socket) else int(item))  # type: ignore[call-overload]
+                    os.close(item.detach() if isinstance(item, socket.socket) else item)
                 code = entry(read_end, log_sock.detach(), "fork", *extra)
             except SystemExit as exc:
                 code = exc.code if isinstance(exc.code, int) else 1

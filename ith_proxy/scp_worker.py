@@ -17,6 +17,7 @@ import os
 import socket
 import sys
 import threading
+from typing import cast
 
 from ith_proxy import logs
 from ith_proxy.children import prepare_child, read_config, watch_lifeline
@@ -67,7 +68,7 @@ def _serve(cfg: Config, lifeline: int, how: str, stats: WorkerStats, slot: int) 
             slot,
             base_instances + instances,
             base_bytes + size,
-            int(status["associations"]),  # type: ignore[call-overload]
+            cast(int, status["associations"]),
             control.listening(),
         )
 

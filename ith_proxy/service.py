@@ -155,7 +155,7 @@ class Service:
         )
         self._indexer_started = time.monotonic()
 
-    def _children_fds(self) -> tuple[object, ...]:
+    def _children_fds(self) -> tuple[socket.socket | int, ...]:
         """What a forked child must not keep: the log socket's reading end,
         the spool lock, the other children's lifelines."""
         assert self._log_socks is not None

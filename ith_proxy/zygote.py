@@ -44,7 +44,10 @@ class Zygote:
 
     @classmethod
     def start(
-        cls, entries: Mapping[str, Entry], log_sock: socket.socket, close_in_child: Sequence[object]
+        cls,
+        entries: Mapping[str, Entry],
+        log_sock: socket.socket,
+        close_in_child: Sequence[socket.socket | int],
     ) -> Zygote:
         """Fork it (this process must have no other thread).  ``entries``:
         the child kinds it may start; ``close_in_child``: as for a child."""
@@ -58,8 +61,7 @@ class Zygote:
             try:
                 os.close(ours.detach())
                 for item in close_in_child:
-                    fd = item.detach() if isinstance(item, socket.socket) else item
-                    os.close(fd)  # type: ignore[arg-type]
+                    os.close(item.detach() if isinstance(item, socket.socket) else item)
                 prepare_child(COMM)
                 code = _serve(theirs, entries, log_sock.fileno())
             finally:

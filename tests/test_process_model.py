@@ -113,9 +113,10 @@ def test_a_killed_indexer_comes_back_forked_by_the_zygote_and_still_logs(tmp_pat
         # killed again: the service gets its exit code from the zygote
         os.kill(second, signal.SIGKILL)
         third = wait_until(lambda: _restarted(proxy, zygote, second), 30, "restarted again")
+        assert isinstance(third, int)
         assert _log(proxy).count("indexer process exited (code -9); restarting") == 2
         assert proxy.stop() == 0
-    assert _gone(second) and _gone(int(third)) and _gone(zygote)  # type: ignore[call-overload]
+    assert _gone(second) and _gone(third) and _gone(zygote)
 
 
 def test_without_the_zygote_a_restarted_indexer_is_exec_d(tmp_path) -> None:
@@ -145,8 +146,9 @@ def test_the_children_exit_when_the_service_is_killed(tmp_path) -> None:
         restarted = wait_until(
             lambda: _restarted(proxy, kids[ZYGOTE_COMM], kids[INDEXER_COMM]), 30, "restarted"
         )
+        assert isinstance(restarted, int)
         os.kill(proxy.pid, signal.SIGKILL)  # the service only, not its group
-        for pid in (kids[ZYGOTE_COMM], int(restarted)):  # type: ignore[call-overload]
+        for pid in (kids[ZYGOTE_COMM], restarted):
             wait_until(lambda pid=pid: _gone(pid), 30, "the orphans to exit")
     finally:
         proxy.kill9()

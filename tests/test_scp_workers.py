@@ -13,7 +13,6 @@ import threading
 from pathlib import Path
 
 from pynetdicom import AE
-from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 import dicomgen
 import tokens
@@ -72,7 +71,7 @@ def test_two_processes_share_the_port_and_all_instances_are_counted(tmp_path: Pa
         assert _listeners(proxy.dicom_port) == {proxy.pid, worker}
         # 16 associations at once: the kernel spreads them over both sockets
         ae = AE(ae_title="SPREAD")
-        ae.add_requested_context(Verification)
+        ae.add_requested_context("1.2.840.10008.1.1")  # Verification
         assocs = [
             ae.associate("127.0.0.1", proxy.dicom_port, ae_title="DICOMRCV") for _ in range(16)
         ]

@@ -4,8 +4,8 @@ Starts the proxy (``python -m ith_proxy.cli run`` on embedded defaults, its
 spool and keys in a temp dir) and a fresh Orthanc (``ingest.start_orthanc``),
 waits until each is ready and then ``--settle`` seconds more, and sums the
 PSS (proportional set size, from ``/proc/PID/smaps_rollup``) of each one's
-process tree: for the proxy, the service process, the indexer process and
-multiprocessing's resource tracker. Medians of ``--runs``. See bench/README.md.
+process tree: for the proxy, the service process, the zygote and the indexer.
+Medians of ``--runs``. See bench/README.md.
 """
 
 from __future__ import annotations

@@ -37,6 +37,7 @@ class ScpConfig:
     transfer_syntaxes: tuple[str, ...]
     auto_start: bool
     max_instance_mb: int = 4096  # larger instances abort the association
+    workers: int = 1  # SCP processes on the port (SO_REUSEPORT when > 1; issue 11 prototype)
 
 
 @dataclass(frozen=True)

@@ -81,6 +81,8 @@ class ServiceControl:
         self._fingerprint: tuple | None = None
         self._problems: list[str] = []
         self.held = False  # stopped on purpose: auto_start off, no settings written yet
+        # the other SCP processes ([scp] workers > 1): (instances, bytes, associations)
+        self.others: Callable[[], tuple[int, int, int]] = lambda: (0, 0, 0)
         # an echo holds an API thread up to the [scu] timeouts: at most this many at once
         self._echoes = threading.BoundedSemaphore(MAX_ECHOES)
 
@@ -238,6 +240,9 @@ class ServiceControl:
             if scp is not None:
                 associations += scp.active_associations()
         instances, size = self.counters.snapshot()
+        more_instances, more_size, more_associations = self.others()
+        instances, size = instances + more_instances, size + more_size
+        associations += more_associations
         return {
             "state": "running" if running else "stopped",
             "held": self.held,

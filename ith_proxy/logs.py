@@ -26,9 +26,11 @@ the same formatter; a failing handler prints nothing
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import logging.handlers
 import re
+import socket
 import sys
 import threading
 import traceback
@@ -42,6 +44,8 @@ OWN = "ith_proxy"
 REDACTED = "<redacted>"
 PREFIX = "[third-party message, values redacted] "
 _TAG = "_ith_proxy_handler"  # marks handlers set up here (replaced on a second setup)
+MAX_MESSAGE = 1 << 17  # one record from a worker process, at most (JSON bytes)
+MAX_TEXT = 1 << 14  # a worker's message text beyond this is cut
 
 # quoted text (also an unclosed quote up to the end of the line)
 _QUOTED = re.compile(r"""'[^'\n]*(?:'|$)|"[^"\n]*(?:"|$)""", re.MULTILINE)
@@ -79,7 +83,7 @@ def _own(name: str) -> bool:
 class RedactFilter(logging.Filter):
     """On a handler: rewrite every record not from ith_proxy's own loggers
     (in place, once; ``args`` are dropped so nothing unredacted is pickled
-    onto the indexer's log queue)."""
+    onto the indexer's log socket)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if _own(record.name) or getattr(record, "ith_redacted", False):
@@ -221,25 +225,87 @@ def setup(log_dir: Path, cfg: LogConfig, console: bool = True) -> None:
     _common()
 
 
-class _Dispatch(logging.Handler):
-    """Hand a record from a worker process to the logger of the same name here."""
+class Listener:
+    """In the service: a thread that writes the records worker processes
+    send over the log socket (one SOCK_SEQPACKET message each)."""
 
-    def emit(self, record: logging.LogRecord) -> None:
-        logging.getLogger(record.name).handle(record)
+    def __init__(self, sock: socket.socket, wake: socket.socket | None = None) -> None:
+        self._sock = sock
+        self._wake = wake  # the sending end: an empty message after every record stops us
+        self._thread = threading.Thread(target=self._run, name="log-listener", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            try:
+                data = self._sock.recv(MAX_MESSAGE)
+            except OSError:
+                return
+            if not data:  # stop(): the empty message, or the socket shut down
+                return
+            try:
+                fields = json.loads(data)
+            except ValueError:
+                continue
+            if isinstance(fields, dict):
+                record = logging.makeLogRecord(fields)
+                logging.getLogger(record.name).handle(record)
+
+    def stop(self) -> None:
+        """Write every record sent so far, then end the thread."""
+        try:
+            if self._wake is not None:
+                self._wake.send(b"")
+                self._thread.join(timeout=5)
+        except OSError:
+            pass
+        if self._thread.is_alive():
+            try:
+                self._sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            self._thread.join(timeout=5)
 
 
-def listen(queue) -> logging.handlers.QueueListener:
-    """In the service: write records that worker processes put on ``queue``."""
-    listener = logging.handlers.QueueListener(queue, _Dispatch())
-    listener.start()
-    return listener
+def listen(sock: socket.socket, wake: socket.socket | None = None) -> Listener:
+    """In the service: write records that worker processes send on ``sock``
+    (``wake``: the pair's sending end, for a stop after the last record)."""
+    return Listener(sock, wake)
 
 
-def setup_worker(queue, cfg: LogConfig) -> None:
+class _SocketHandler(logging.handlers.QueueHandler):
+    """In a worker process: each record, formatted (``prepare``), as one JSON
+    message on the log socket (no pickle: the service builds only a record)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        super().__init__(None)  # type: ignore[arg-type]  # no queue: enqueue sends
+        self._sock = sock
+
+    def enqueue(self, record: logging.LogRecord) -> None:
+        if len(record.msg) > MAX_TEXT:
+            record.msg = record.message = record.msg[:MAX_TEXT] + " [truncated]"
+        self._sock.send(json.dumps(record.__dict__, default=str).encode())
+
+
+def _detach_all() -> None:
+    """Remove (and close) every handler set up here, on every logger: a
+    forked worker inherits the service's file handlers and must not write."""
+    loggers = [logging.getLogger()] + [
+        lg for lg in logging.Logger.manager.loggerDict.values() if isinstance(lg, logging.Logger)
+    ]
+    for logger in loggers:
+        for h in list(logger.handlers):
+            if getattr(h, _TAG, False):
+                logger.removeHandler(h)
+                h.close()
+
+
+def setup_worker(sock: socket.socket, cfg: LogConfig) -> None:
     """In a worker process: send every record to the service's files via
-    ``queue``, redacted and formatted (tracebacks without messages) here,
-    before it is pickled."""
-    out = _handler(logging.handlers.QueueHandler(queue), logging.NOTSET, "%(message)s")
+    ``sock``, redacted and formatted (tracebacks without messages) here,
+    before it is sent."""
+    _detach_all()
+    out = _handler(_SocketHandler(sock), logging.NOTSET, "%(message)s")
     _attach(OWN, getattr(logging, cfg.level), False, out)
     _attach("", logging.WARNING, True, out)
     _common()

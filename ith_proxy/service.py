@@ -5,24 +5,33 @@ through spool folders and catalog rows.  The SCP, scheduler, forwarder and API r
 threads here; the indexer runs in a child process of its own, because
 parsing and rewriting files is CPU work that would otherwise compete with
 the SCP for the GIL (measured: ingest ~45% slower with both in one process).
-The child's log records come back over a queue, so only this process writes
-the log files.  The child exits by itself if this process dies.
+The process tree is this process, that child and a zygote, nothing else
+(no multiprocessing, so no resource-tracker process).  The zygote and the
+first indexer are forked in ``start`` before this process starts any
+thread, so they share the imported modules' pages copy-on-write; a
+restarted indexer is forked by the single-threaded zygote (``zygote``;
+forking this process once it has threads would copy the locks they hold),
+or is a fresh, lean interpreter if the zygote is gone (``children``).  The
+child's log records come back over a socket, so
+only this process writes the log files; it stops at end of file on its
+lifeline pipe, so it exits by itself when this process dies.  With
+``[scp] workers`` > 1 (a prototype) SCP worker processes (``scp_worker``)
+are forked the same way and share the DICOM port with this one.
 """
 
 from __future__ import annotations
 
 import logging
-import logging.handlers
-import multiprocessing
-import multiprocessing.process
 import os
-import resource
 import signal
+import socket
 import threading
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-from ith_proxy import logs
+from ith_proxy import indexer_child, logs, scp_worker
+from ith_proxy.children import ChildProcess
 from ith_proxy.cli.common import audit_log
 from ith_proxy.config import Config
 from ith_proxy.control import ServiceControl
@@ -30,7 +39,7 @@ from ith_proxy.dicom import scp_stream
 from ith_proxy.dicom.libsetup import configure_libraries
 from ith_proxy.dicom.scp import Counters, StorageSCP
 from ith_proxy.health import Liveness, problems
-from ith_proxy.link.client import Link
+from ith_proxy.scp_stats import WorkerStats
 from ith_proxy.store.catalog import Catalog
 from ith_proxy.store.nodes import load_config_nodes
 from ith_proxy.store.spool import Spool
@@ -46,8 +55,11 @@ from ith_proxy.vault.records import Vault
 from ith_proxy.web.app import NO_JWT_KEY, ApiServer, make_app
 from ith_proxy.web.auth import AuthConfigError, Verifier
 from ith_proxy.workers.forwarder import Forwarder
-from ith_proxy.workers.indexer import Indexer
 from ith_proxy.workers.scheduler import Scheduler
+from ith_proxy.zygote import Zygote
+
+if TYPE_CHECKING:  # imported when ITH_URL is set: offline, no websocket-client (~0.7 MiB)
+    from ith_proxy.link.client import Link
 
 log = logging.getLogger("ith_proxy.service")
 
@@ -68,8 +80,14 @@ class Service:
         self.link_status = "offline"
         self.link: Link | None = None  # set when ITH_URL is set
         self._lock_fd: int | None = None
-        self.indexer: multiprocessing.process.BaseProcess | None = None
-        self._log_listener: logging.handlers.QueueListener | None = None
+        self.indexer: ChildProcess | None = None
+        self._log_listener: logs.Listener | None = None
+        self._log_socks: tuple[socket.socket, socket.socket] | None = None  # (read, send)
+        # [scp] workers > 1: SCP processes 1..N-1 (this process is 0) and their reports
+        self.scp_workers: dict[int, ChildProcess] = {}
+        self._scp_stats: WorkerStats | None = None
+        self._scp_started: dict[int, float] = {}
+        self._zygote: Zygote | None = None  # forks the children started later (restarts)
 
     # --- start-up ---
 
@@ -123,26 +141,77 @@ class Service:
         thread.start()
 
     def _start_indexer(self) -> None:
-        indexer = self._mp.Process(
-            target=indexer_main,
-            name="ith-proxy-indexer",
-            args=(self.cfg, self._mp_stop, self._log_queue, os.getpid()),
-            daemon=True,
+        """Forked while this process has no thread yet (at start-up), exec'd
+        later (a restart): see ``indexer_child``."""
+        assert self._log_socks is not None
+        self.indexer = ChildProcess.start(
+            self.cfg,
+            self._log_socks[1],
+            indexer_child.child_main,
+            indexer_child.MODULE,
+            close_in_child=self._children_fds(),
+            spawner=self._live_zygote(),
+            kind="indexer",
         )
-        indexer.start()
-        self.indexer = indexer
         self._indexer_started = time.monotonic()
+
+    def _children_fds(self) -> tuple[socket.socket | int, ...]:
+        """What a forked child must not keep: the log socket's reading end,
+        the spool lock, the other children's lifelines."""
+        assert self._log_socks is not None
+        lock = () if self._lock_fd is None else (self._lock_fd,)
+        kids = [self.indexer, *self.scp_workers.values()]
+        lifelines = tuple(k.lifeline for k in kids if k is not None and k.lifeline is not None)
+        zygote = () if self._zygote is None else (self._zygote.sock,)
+        return (self._log_socks[0], *lock, *lifelines, *zygote)
+
+    def _live_zygote(self) -> Zygote | None:
+        if self._zygote is not None and not self._zygote.alive():
+            log.warning("the zygote process has exited; children are exec'd from now on")
+            self._zygote = None
+        return self._zygote
+
+    def _start_scp_worker(self, slot: int) -> None:
+        assert self._log_socks is not None and self._scp_stats is not None
+        self.scp_workers[slot] = ChildProcess.start(
+            self.cfg,
+            self._log_socks[1],
+            scp_worker.child_main,
+            scp_worker.MODULE,
+            close_in_child=self._children_fds(),
+            pass_fds=(self._scp_stats.fd,),
+            args=(slot,),
+            spawner=self._live_zygote(),
+            kind="scp",
+        )
+        self._scp_started[slot] = time.monotonic()
 
     def _supervise(self) -> None:
         """Restart the indexer process, or a worker thread, that died (the
         indexer with a short back-off; a thread's loop catches every error of
         a pass, so only a failure to start, such as an unopenable catalog,
         ends one)."""
-        if self.indexer is not None and not self.indexer.is_alive() and not self._mp_stop.is_set():
-            if time.monotonic() - self._indexer_started < 5:
-                return
-            log.error("indexer process exited (code %s); restarting", self.indexer.exitcode)
+        self._live_zygote()  # reaps it (and says so) if it died
+        indexer = self.indexer
+        if (
+            indexer is not None
+            and not indexer.is_alive()
+            and not self.stop_event.is_set()
+            and time.monotonic() - self._indexer_started >= 5
+        ):
+            log.error("indexer process exited (code %s); restarting", indexer.exitcode)
+            indexer.forget()
             self._start_indexer()
+        for slot, worker in list(self.scp_workers.items()):
+            if worker.is_alive() or self.stop_event.is_set():
+                continue
+            if time.monotonic() - self._scp_started[slot] < 5:
+                continue
+            log.error("SCP worker %d exited (code %s); restarting", slot, worker.exitcode)
+            worker.forget()
+            assert self._scp_stats is not None
+            self._scp_stats.forget_associations(slot)
+            self._start_scp_worker(slot)
         for name, target in self._restartable():
             thread = self.threads.get(name)
             if thread is not None and not thread.is_alive() and not self.stop_event.is_set():
@@ -167,6 +236,8 @@ class Service:
         the link thread keeps the WebSocket and retries the fetch."""
         if self.cfg.link.offline:
             return
+        from ith_proxy.link.client import Link
+
         self.link = Link(
             self.cfg, self.spool.catalog_file, health=self.health, set_status=self._set_link_status
         )
@@ -209,11 +280,19 @@ class Service:
             raise StartupError(str(exc)) from None
         self.prepare()
         configure_libraries()  # library globals, before any DICOM is handled
-        self._mp = multiprocessing.get_context("spawn")
-        self._mp_stop = self._mp.Event()
-        self._log_queue = self._mp.Queue()
-        self._log_listener = logs.listen(self._log_queue)
+        # the indexer first: forked before this process starts any thread
+        self._log_socks = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self._zygote = Zygote.start(  # first: it must hold no child's lifeline
+            {"indexer": indexer_child.child_main, "scp": scp_worker.child_main},
+            self._log_socks[1],
+            close_in_child=self._children_fds(),
+        )
         self._start_indexer()
+        if self.cfg.scp.workers > 1:  # forked too, before any thread
+            self._scp_stats = WorkerStats()
+            for slot in range(1, self.cfg.scp.workers):
+                self._start_scp_worker(slot)
+        self._log_listener = logs.listen(*self._log_socks)
         self._worker("scheduler", self._run_scheduler_thread)
         self._worker("forwarder", self._run_forwarder_thread)
         self._start_link()
@@ -228,6 +307,10 @@ class Service:
         self.control = ServiceControl(
             self.cfg, self.spool.catalog_file, make_scp, lambda: self.link_status
         )
+        stats = self._scp_stats
+        if stats is not None:  # the metrics and status count every SCP process
+            workers = range(1, self.cfg.scp.workers)
+            self.control.others = lambda: stats.totals(workers)
         try:  # the SCP starts on the persisted runtime settings (or is held)
             self.control.start()
         except OSError as exc:
@@ -271,7 +354,9 @@ class Service:
             self.cfg,
             self.spool,
             Liveness(  # a listener held on purpose (auto_start off) is no problem
-                dicom=control is not None and control.listening(),
+                dicom=control is not None
+                and control.listening()
+                and all(w.is_alive() for w in self.scp_workers.values()),
                 indexer=self.indexer is not None and self.indexer.is_alive(),
                 scheduler=scheduler is not None and scheduler.is_alive(),
                 forwarder=forwarder is not None and forwarder.is_alive(),
@@ -286,16 +371,21 @@ class Service:
         if self.control:
             self.control.stop()
         self.stop_event.set()
+        for worker in self.scp_workers.values():  # SCPs first: nothing arrives once it stops
+            worker.stop(timeout=30)
         if self.indexer is not None:
-            self._mp_stop.set()
-            self.indexer.join(timeout=30)
-            if self.indexer.is_alive():
-                self.indexer.kill()
+            self.indexer.stop(timeout=30)
+        if self._zygote is not None:
+            self._zygote.stop()
+            self._zygote = None
         for t in self.threads.values():
             t.join(timeout=30)
         if self._log_listener is not None:
             self._log_listener.stop()
             self._log_listener = None
+        for sock in self._log_socks or ():
+            sock.close()
+        self._log_socks = None
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
@@ -313,52 +403,3 @@ class Service:
                     self.control.poll()
         finally:
             self.stop()
-
-
-def limit_memory(limit_mb: int) -> None:
-    """Cap this process's data segment ([indexer] memory_limit_mb; 0: no cap).
-
-    RLIMIT_DATA (heap, anonymous mmaps, thread stacks), not RLIMIT_AS: the
-    address space also counts the 64 MB malloc arenas each thread reserves
-    and every mapped library, which are not memory in use.  A parse that
-    runs away then raises MemoryError for that one file (quarantined as
-    ``failed``) instead of waking the OOM killer.
-    """
-    if limit_mb <= 0:
-        return
-    _, hard = resource.getrlimit(resource.RLIMIT_DATA)
-    limit = limit_mb * 1024 * 1024
-    if hard != resource.RLIM_INFINITY:
-        limit = min(limit, hard)
-    resource.setrlimit(resource.RLIMIT_DATA, (limit, hard))
-
-
-def indexer_process(cfg: Config, stop, log_queue, parent_pid: int) -> None:
-    """Entry point of the indexer's child process."""
-    limit_memory(cfg.indexer.memory_limit_mb)
-    logs.setup_worker(log_queue, cfg.log)
-    configure_libraries()
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when we stop
-
-    def orphan_watch() -> None:
-        while not stop.wait(1.0):
-            if os.getppid() != parent_pid:
-                stop.set()
-
-    threading.Thread(target=orphan_watch, name="orphan-watch", daemon=True).start()
-    spool = Spool(cfg.spool.dir)
-    catalog = Catalog(spool.catalog_file)
-    vault = Vault(spool.vault_file, cfg.vault.key_file)
-    try:
-        secret = load_site_secret(cfg.vault.secret_file)
-        Indexer(cfg, spool, catalog, vault, secret).run(stop)
-    finally:
-        vault.close()
-        catalog.close()
-
-
-def indexer_main(*args) -> None:
-    """The indexer process's target: ``indexer_process``, with an exception
-    that ends it logged by type and place (multiprocessing would print its
-    message to stderr) and exit code 1."""
-    logs.uncaught_logged(indexer_process)(*args)

@@ -37,6 +37,37 @@ ALLOWED_ROOMS: dict[str, set[str] | None] = {
     # the spool and the catalog; worker liveness is passed in by the service
     "health": {"config", "store.spool", "store.catalog"},
     "service": None,  # wires everything
+    # child processes: forked at start-up or exec'd later, the lifeline (stdlib + config)
+    "children": {"config"},
+    # the zygote: forked at start-up, single-threaded, forks the children started later
+    "zygote": {"children"},
+    # what each SCP worker process reports to the service: a shared page (stdlib only)
+    "scp_stats": set(),
+    # an SCP worker process ([scp] workers > 1): its own ServiceControl on the shared port
+    "scp_worker": {
+        "children",
+        "config",
+        "control",
+        "logs",
+        "dicom.libsetup",
+        "dicom.scp",
+        "scp_stats",
+        "store.spool",
+        "vault.keys",
+        "vault.stream",
+    },
+    # the indexer's child process: its entry point (forked or exec'd through children)
+    "indexer_child": {
+        "children",
+        "config",
+        "logs",
+        "dicom.libsetup",
+        "store.catalog",
+        "store.spool",
+        "vault.keyfiles",
+        "vault.records",
+        "workers.indexer",
+    },
     # the service's controls: the SCP under the runtime settings, its counters, C-ECHO of a node
     "control": {
         "config",

@@ -83,7 +83,7 @@ def _read_split_in_child(path: Path) -> dict:
 def _indexer_pid(proxy: tools.ProxyProcess) -> int:
     for task in Path(f"/proc/{proxy.pid}/task").iterdir():
         for child in (task / "children").read_text().split():
-            if b"spawn_main" in Path(f"/proc/{child}/cmdline").read_bytes():
+            if Path(f"/proc/{child}/comm").read_text().strip() == "ith-indexer":
                 return int(child)
     raise AssertionError("no indexer process")
 

@@ -132,7 +132,7 @@ def test_a_message_cached_by_another_formatter_is_not_reused() -> None:
 
 
 # --------------------------------------------------------------------------
-# the process-wide set-up: files, console, warnings, hooks, the worker queue
+# the process-wide set-up: files, console, warnings, hooks, the worker socket
 # --------------------------------------------------------------------------
 
 
@@ -193,15 +193,15 @@ def test_service_logging_redacts_every_path_to_a_file_or_stderr(tmp_path: Path) 
     assert "still here" in main
 
 
-def test_worker_records_are_redacted_and_formatted_before_the_queue(tmp_path: Path) -> None:
+def test_worker_records_are_redacted_and_formatted_before_the_socket(tmp_path: Path) -> None:
     res = tools.run_python(
         f"""
-        import logging, pickle, queue, threading, warnings
+        import json, logging, socket, threading, warnings
         from ith_proxy import logs
         from ith_proxy.config import LogConfig
         PHI = {PHI!r}
-        q = queue.Queue()
-        logs.setup_worker(q, LogConfig("INFO", 1 << 20, 2))
+        read, send = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        logs.setup_worker(send, LogConfig("INFO", 1 << 20, 2))
         logging.getLogger("pynetdicom").warning("value '%s' 1.2.840.01.5.4246", PHI)
         logging.getLogger("watchdog").warning("watching " + PHI)
         warnings.warn("warn " + PHI)
@@ -220,11 +220,15 @@ def test_worker_records_are_redacted_and_formatted_before_the_queue(tmp_path: Pa
         except SystemExit as e:
             code = e.code
         blobs = []
-        while not q.empty():
-            blobs.append(pickle.dumps(q.get()))
+        read.setblocking(False)
+        while True:
+            try:
+                blobs.append(read.recv(logs.MAX_MESSAGE))
+            except BlockingIOError:
+                break
         print(code, len(blobs), any(PHI.encode() in b or b"4246" in b for b in blobs))
         for b in blobs:
-            r = pickle.loads(b)
+            r = logging.makeLogRecord(json.loads(b))
             print(repr((r.name, r.levelname, r.args, r.getMessage())))
         """,
         tmp_path,
@@ -242,6 +246,47 @@ def test_worker_records_are_redacted_and_formatted_before_the_queue(tmp_path: Pa
     assert "uncaught ZeroDivisionError in thread commit" in records
     assert "entry ended on uncaught RuntimeError" in records
     assert "'py.warnings', 'WARNING'" in records and "'watchdog', 'WARNING'" in records
+
+
+def test_a_forked_worker_writes_no_file_and_the_service_writes_its_records(tmp_path: Path) -> None:
+    """A worker forked after ``logs.setup`` drops every inherited file handler
+    (on ith_proxy.dicom, pynetdicom, waitress too): its records reach the
+    files only through the service's listener."""
+    res = tools.run_python(
+        """
+        import logging, os, socket
+        from pathlib import Path
+        from ith_proxy import logs
+        from ith_proxy.config import LogConfig
+        cfg = LogConfig("INFO", 1 << 20, 2)
+        logs.setup(Path("logs"), cfg, console=False)
+        read, send = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        pid = os.fork()
+        if pid == 0:
+            logs.setup_worker(send, cfg)
+            every = [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]
+            files = [h for lg in every for h in getattr(lg, "handlers", [])
+                     if isinstance(h, logging.FileHandler)]
+            logging.getLogger("ith_proxy.dicom.files").warning("from the worker %d", len(files))
+            os._exit(0)
+        os.waitpid(pid, 0)
+        listener = logs.listen(read)
+        logging.getLogger("ith_proxy").info("from the service")
+        import time
+        deadline = time.monotonic() + 30
+        while "from the worker" not in Path("logs/dicom.log").read_text():
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        listener.stop()
+        print("done")
+        """,
+        tmp_path,
+    )
+    assert res.returncode == 0, res.stderr
+    logs_dir = tmp_path / "logs"
+    for name in ("dicom.log", "main.log", "error.log"):  # each exactly once: no direct write
+        assert (logs_dir / name).read_text().count("from the worker 0") == 1, name
+    assert "from the service" in (logs_dir / "main.log").read_text()
 
 
 def test_a_failing_api_route_writes_its_exception_type_not_its_message(tmp_path: Path) -> None:

@@ -81,6 +81,14 @@ class Server(ThreadedAssociationServer):
     # set by the SCP: serves each C-GET/C-MOVE request (dicom/qr_retrieve.py)
     retrieve: Callable[[get_stream.Channel], None] | None = None
 
+    # several SCP processes on one port ([scp] workers > 1): set by the SCP
+    reuse_port = False
+
+    def server_bind(self) -> None:
+        if self.reuse_port and self.socket is not None:  # pynetdicom ignores allow_reuse_port
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
+
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
         client, address = super().get_request()
         client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

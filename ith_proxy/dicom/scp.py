@@ -170,6 +170,7 @@ class StorageSCP:
             {
                 "request_queue_size": max(self.cfg.scp.max_associations * 2, 64),
                 "artim_timeout": self.cfg.scp.artim_timeout,
+                "reuse_port": self.cfg.scp.workers > 1,
                 "store_opener": staticmethod(self._store_opener),
                 "retrieve": staticmethod(qr_retrieve.serve(self.cfg, self.spool)),
             },

@@ -1,0 +1,154 @@
+"""The proxy's process tree (issue 11): the service, its indexer child and
+the zygote, nothing else (no multiprocessing resource tracker); the first
+indexer is forked by the service, a restarted one by the zygote (exec'd if
+the zygote is gone); the indexer's records reach the service's log files; it
+alone has the memory ceiling; it and the zygote exit when the service dies."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import dicomgen
+import tools
+from helpers import wait_indexed, wait_until
+
+INDEXER_COMM = "ith-indexer"
+ZYGOTE_COMM = "ith-zygote"
+
+
+def _children(pid: int) -> list[int]:
+    out: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        out += [int(c) for c in (task / "children").read_text().split()]
+    return out
+
+
+def _comm(pid: int) -> str:
+    return Path(f"/proc/{pid}/comm").read_text().strip()
+
+
+def _cmdline(pid: int) -> list[bytes]:
+    return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+
+
+def _data_limit(pid: int) -> str:
+    for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
+        if line.startswith("Max data size"):
+            return line.split()[3]
+    raise AssertionError("no data limit line")
+
+
+def _gone(pid: int) -> bool:
+    """Exited: no such process, or a zombie nobody reaped (no init in a container)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return True
+    return stat.rsplit(")", 1)[1].split()[0] == "Z"
+
+
+def _log(proxy: tools.ProxyProcess) -> str:
+    return (proxy.spool / "logs" / "main.log").read_text()
+
+
+def _kids(pid: int) -> dict[str, int]:
+    """The children by name (one of each)."""
+    kids = _children(pid)
+    named = {_comm(k): k for k in kids}
+    assert len(named) == len(kids), [_cmdline(k) for k in kids]
+    return named
+
+
+def test_the_tree_is_the_service_its_indexer_and_the_zygote(tmp_path) -> None:
+    series = dicomgen.make_small_series(tmp_path / "in", 2)
+    with tools.ProxyProcess(tmp_path / "p") as proxy:
+        assert proxy.pid is not None
+        kids = _kids(proxy.pid)
+        assert sorted(kids) == [INDEXER_COMM, ZYGOTE_COMM]  # no resource tracker
+        indexer, zygote = kids[INDEXER_COMM], kids[ZYGOTE_COMM]
+        for pid in (indexer, zygote):
+            assert _cmdline(pid) == _cmdline(proxy.pid)  # forked, not a new interpreter
+            assert _children(pid) == []
+        # its own records reach the service's files (it writes none itself)
+        wait_until(lambda: f"indexer process {indexer} started (fork)" in _log(proxy), 30, "log")
+        assert tools.storescu(proxy.dicom_port, series.files).returncode == 0
+        wait_indexed(proxy.spool, 2)
+        # the ceiling is the indexer's only
+        assert _data_limit(indexer) == str(1024 << 20)
+        assert _data_limit(proxy.pid) == "unlimited"
+        assert _data_limit(zygote) == "unlimited"
+        assert proxy.stop() == 0  # SIGTERM: a clean stop, the children with it
+    assert _gone(indexer) and _gone(zygote)
+    text = _log(proxy)  # its last record too: the listener writes all before it stops
+    assert f"indexer process {indexer} stopped" in text
+    assert text.index(f"indexer process {indexer} stopped") < text.index(
+        "INFO ith_proxy.service [MainThread] stopped"
+    )
+
+
+def _restarted(proxy: tools.ProxyProcess, parent: int, dead: int) -> int | None:
+    kids = [k for k in _children(parent) if k != dead and _comm(k) == INDEXER_COMM]
+    return kids[0] if len(kids) == 1 and proxy.health()[0] == 200 else None
+
+
+def test_a_killed_indexer_comes_back_forked_by_the_zygote_and_still_logs(tmp_path) -> None:
+    series = dicomgen.make_small_series(tmp_path / "in", 3)
+    with tools.ProxyProcess(tmp_path / "p") as proxy:
+        assert proxy.pid is not None
+        kids = _kids(proxy.pid)
+        first, zygote = kids[INDEXER_COMM], kids[ZYGOTE_COMM]
+        os.kill(first, signal.SIGKILL)
+        wait_until(lambda: proxy.health()[0] == 503, 10, "health reports the dead indexer")
+        assert tools.storescu(proxy.dicom_port, series.files).returncode == 0  # still acked
+        second = wait_until(lambda: _restarted(proxy, zygote, first), 30, "indexer restarted")
+        assert isinstance(second, int)
+        assert _children(zygote) == [second]
+        assert _cmdline(second) == _cmdline(proxy.pid)  # forked: no new interpreter
+        wait_indexed(proxy.spool, 3)
+        wait_until(lambda: f"indexer process {second} started (zygote)" in _log(proxy), 30, "log")
+        assert "indexer process exited (code -9); restarting" in _log(proxy)
+        assert _data_limit(second) == str(1024 << 20)
+        # killed again: the service gets its exit code from the zygote
+        os.kill(second, signal.SIGKILL)
+        third = wait_until(lambda: _restarted(proxy, zygote, second), 30, "restarted again")
+        assert isinstance(third, int)
+        assert _log(proxy).count("indexer process exited (code -9); restarting") == 2
+        assert proxy.stop() == 0
+    assert _gone(second) and _gone(third) and _gone(zygote)
+
+
+def test_without_the_zygote_a_restarted_indexer_is_exec_d(tmp_path) -> None:
+    with tools.ProxyProcess(tmp_path / "p") as proxy:
+        assert proxy.pid is not None
+        kids = _kids(proxy.pid)
+        first, zygote = kids[INDEXER_COMM], kids[ZYGOTE_COMM]
+        os.kill(zygote, signal.SIGKILL)
+        wait_until(lambda: "the zygote process has exited" in _log(proxy), 10, "the warning")
+        assert proxy.health()[0] == 200  # nothing is missing until a child dies
+        os.kill(first, signal.SIGKILL)
+        second = wait_until(lambda: _restarted(proxy, proxy.pid, first), 60, "indexer restarted")
+        assert isinstance(second, int)
+        assert b"ith_proxy.indexer_child" in _cmdline(second)  # a fresh, lean interpreter
+        wait_until(lambda: f"indexer process {second} started (exec)" in _log(proxy), 30, "log")
+        assert proxy.stop() == 0
+    assert _gone(second)
+
+
+def test_the_children_exit_when_the_service_is_killed(tmp_path) -> None:
+    proxy = tools.ProxyProcess(tmp_path / "p")
+    try:
+        proxy.start()
+        assert proxy.pid is not None
+        kids = _kids(proxy.pid)
+        os.kill(kids[INDEXER_COMM], signal.SIGKILL)  # a zygote's child too
+        restarted = wait_until(
+            lambda: _restarted(proxy, kids[ZYGOTE_COMM], kids[INDEXER_COMM]), 30, "restarted"
+        )
+        assert isinstance(restarted, int)
+        os.kill(proxy.pid, signal.SIGKILL)  # the service only, not its group
+        for pid in (kids[ZYGOTE_COMM], restarted):
+            wait_until(lambda pid=pid: _gone(pid), 30, "the orphans to exit")
+    finally:
+        proxy.kill9()

@@ -1,0 +1,150 @@
+"""[scp] workers > 1 (issue 11 prototype): several processes listen on the
+DICOM port with SO_REUSEPORT; associations land on all of them; every
+instance is indexed; the metrics count all of them; a move of the SCP
+through the API reaches every worker; a killed worker comes back (forked by
+the zygote)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import threading
+from pathlib import Path
+
+from pynetdicom import AE
+
+import dicomgen
+import tokens
+import tools
+from helpers import wait_indexed, wait_until
+
+TOKEN = tokens.mint()
+INI = "[scp]\nworkers = 2\n"
+
+
+def _children(pid: int) -> list[int]:
+    out: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        out += [int(c) for c in (task / "children").read_text().split()]
+    return out
+
+
+def _comm(pid: int) -> str:
+    return Path(f"/proc/{pid}/comm").read_text().strip()
+
+
+def _gone(pid: int) -> bool:
+    """Exited: no such process, or a zombie nobody reaped (no init in a container)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return True
+    return stat.rsplit(")", 1)[1].split()[0] == "Z"
+
+
+def _pids(ss_args: list[str]) -> set[int]:
+    out = subprocess.run(
+        [tools.require_tool("ss"), "-Htnp", *ss_args], capture_output=True, text=True, check=True
+    ).stdout
+    return {int(part.split(",")[0]) for part in out.split("pid=")[1:]}
+
+
+def _listeners(port: int) -> set[int]:
+    return _pids(["-l", f"sport = :{port}"])
+
+
+def _worker(proxy: tools.ProxyProcess) -> int:
+    assert proxy.pid is not None
+    found = [c for c in _children(proxy.pid) if _comm(c) == "ith-scp"]
+    assert len(found) == 1, found
+    return found[0]
+
+
+def test_two_processes_share_the_port_and_all_instances_are_counted(tmp_path: Path) -> None:
+    series = dicomgen.make_small_series(tmp_path / "in", 12)
+    with tools.ProxyProcess(tmp_path / "p", env=tokens.ENV, config_text=INI) as proxy:
+        assert proxy.pid is not None
+        worker = _worker(proxy)
+        kids = sorted(_comm(c) for c in _children(proxy.pid))
+        assert kids == ["ith-indexer", "ith-scp", "ith-zygote"]
+        assert _listeners(proxy.dicom_port) == {proxy.pid, worker}
+        # 16 associations at once: the kernel spreads them over both sockets
+        ae = AE(ae_title="SPREAD")
+        ae.add_requested_context("1.2.840.10008.1.1")  # Verification
+        assocs = [
+            ae.associate("127.0.0.1", proxy.dicom_port, ae_title="DICOMRCV") for _ in range(16)
+        ]
+        try:
+            assert all(a.is_established for a in assocs)
+            served = _pids(["state", "established", f"sport = :{proxy.dicom_port}"])
+            assert served == {proxy.pid, worker}
+        finally:
+            for a in assocs:
+                a.release()
+        # instances sent over four associations at once all arrive, and are counted
+        results: list[int] = []
+        parts = [series.files[i::4] for i in range(4)]
+        threads = [
+            threading.Thread(
+                target=lambda files=files: results.append(
+                    tools.storescu(proxy.dicom_port, files).returncode
+                )
+            )
+            for files in parts
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert results == [0, 0, 0, 0]
+        wait_indexed(proxy.spool, 12)
+
+        def counted() -> bool:
+            status, body = proxy.api("GET", "/api/config/", token=TOKEN)
+            return status == 200 and body["scp"]["instances_received"] == 12
+
+        wait_until(counted, 10, "both processes' instances in the status")
+        assert proxy.health()[0] == 200
+        assert proxy.stop() == 0
+    assert _gone(worker)
+
+
+def test_a_move_reaches_every_worker_and_a_killed_worker_comes_back(tmp_path: Path) -> None:
+    with tools.ProxyProcess(tmp_path / "p", env=tokens.ENV, config_text=INI) as proxy:
+        assert proxy.pid is not None
+        worker = _worker(proxy)
+        new = tools.free_port()
+        status, body = proxy.api(
+            "PUT", "/api/config/", {"ae_title": "EDGE7", "dicom_port": new}, token=TOKEN
+        )
+        assert status == 200, body
+        wait_until(lambda: _listeners(new) == {proxy.pid, worker}, 10, "both on the new port")
+        wait_until(lambda: not _listeners(proxy.dicom_port), 10, "the old port closed")
+        assert tools.echoscu(new, aec="EDGE7").returncode == 0
+        # kill -9 the worker: health says so, the port still answers, it comes back
+        os.kill(worker, signal.SIGKILL)
+        wait_until(lambda: proxy.health()[0] == 503, 10, "health reports the dead worker")
+        assert tools.echoscu(new, aec="EDGE7").returncode == 0
+
+        (zygote,) = [c for c in _children(proxy.pid) if _comm(c) == "ith-zygote"]
+
+        def back() -> int | None:  # forked by the zygote
+            again = [c for c in _children(zygote) if _comm(c) == "ith-scp"]
+            return again[0] if again and proxy.health()[0] == 200 else None
+
+        second = wait_until(back, 30, "the worker restarted")
+        assert isinstance(second, int)
+        # the restarted worker applied the moved settings too
+        wait_until(lambda: _listeners(new) == {proxy.pid, second}, 30, "both on the new port")
+        log = (proxy.spool / "logs" / "main.log").read_text()
+        assert "SCP worker 1 exited (code -9); restarting" in log
+        wait_until(
+            lambda: (
+                f"SCP worker 1 (pid {second}) started (zygote)"
+                in (proxy.spool / "logs" / "main.log").read_text()
+            ),
+            30,
+            "the restarted worker's log line",
+        )
+        assert proxy.stop() == 0

@@ -129,14 +129,29 @@ def run_python(
     )
 
 
+def _port_share() -> tuple[int, int]:
+    """(this pytest-xdist worker's index, number of workers); (0, 1) without xdist."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")  # "gw0", "gw1", ...
+    count = os.environ.get("PYTEST_XDIST_WORKER_COUNT", "")
+    if worker.startswith("gw") and worker[2:].isdigit() and count.isdigit() and int(count) > 1:
+        return int(worker[2:]), int(count)
+    return 0, 1
+
+
 def free_port() -> int:
     """A currently free TCP port on 127.0.0.1, not handed out before by this
-    process (so two calls in a row never return the same port)."""
-    for _ in range(100):
+    process (so two calls in a row never return the same port).
+
+    Under pytest-xdist each worker takes only its own share of the ports
+    (``(port >> 1) % workers == index``; the kernel hands out odd ports for
+    bind(0)), so two workers never hand out the same port between the probe
+    and the real bind."""
+    index, workers = _port_share()
+    for _ in range(100 * workers):
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
             s.bind(("127.0.0.1", 0))
             port: int = s.getsockname()[1]
-        if port not in _handed_out_ports:
+        if (port >> 1) % workers == index and port not in _handed_out_ports:
             _handed_out_ports.add(port)
             return port
     raise RuntimeError("could not find a free port")

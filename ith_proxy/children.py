@@ -37,7 +37,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import NoReturn, Protocol
 
 from ith_proxy.config import Config
 
@@ -135,18 +135,14 @@ class ChildProcess:
         gc.freeze()  # the collector never writes to the objects both processes share
         pid = os.fork()
         if pid == 0:  # the child: never returns into the service's code
-            code = 1
-            try:
+
+            def run() -> int:
                 os.close(write_end)
                 for item in close:
                     os.close(item.detach() if isinstance(item, socket.socket) else item)
-                code = entry(read_end, log_sock.detach(), "fork", *extra)
-            except SystemExit as exc:
-                code = exc.code if isinstance(exc.code, int) else 1
-            except BaseException:
-                code = 1
-            finally:
-                os._exit(code)
+                return entry(read_end, log_sock.detach(), "fork", *extra)
+
+            exit_with(run)
         return cls(pid, write_end, "fork")
 
     @classmethod
@@ -278,3 +274,17 @@ def prepare_child(comm: str) -> None:
         Path("/proc/self/comm").write_text(comm)
     except OSError:
         pass
+
+
+def exit_with(run: Callable[[], int]) -> NoReturn:
+    """A forked child's body: run it and end the process with its exit code
+    (an exception is 1), never returning into the forking process's stack."""
+    code = 1
+    try:
+        code = run()
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    except BaseException:
+        code = 1
+    finally:
+        os._exit(code)

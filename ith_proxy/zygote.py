@@ -26,7 +26,7 @@ import threading
 import time
 from collections.abc import Mapping, Sequence
 
-from ith_proxy.children import Entry, prepare_child
+from ith_proxy.children import Entry, exit_with, prepare_child
 
 COMM = "ith-zygote"
 _MAX_FDS = 8
@@ -174,15 +174,11 @@ def _fork_child(
     pid = os.fork()
     if pid:
         return pid
-    code = 1
-    try:
+
+    def run() -> int:
         os.close(sock.detach())
         for pidfd in kids:
             os.close(pidfd)
-        code = entry(fds[0], log_fd, "zygote", *fds[1:], *args)
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    except BaseException:
-        code = 1
-    finally:
-        os._exit(code)
+        return entry(fds[0], log_fd, "zygote", *fds[1:], *args)
+
+    exit_with(run)

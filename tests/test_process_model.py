@@ -11,22 +11,12 @@ import signal
 from pathlib import Path
 
 import dicomgen
+import procfs
 import tools
 from helpers import wait_indexed, wait_until
 
 INDEXER_COMM = "ith-indexer"
 ZYGOTE_COMM = "ith-zygote"
-
-
-def _children(pid: int) -> list[int]:
-    out: list[int] = []
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        out += [int(c) for c in (task / "children").read_text().split()]
-    return out
-
-
-def _comm(pid: int) -> str:
-    return Path(f"/proc/{pid}/comm").read_text().strip()
 
 
 def _cmdline(pid: int) -> list[bytes]:
@@ -40,23 +30,14 @@ def _data_limit(pid: int) -> str:
     raise AssertionError("no data limit line")
 
 
-def _gone(pid: int) -> bool:
-    """Exited: no such process, or a zombie nobody reaped (no init in a container)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return True
-    return stat.rsplit(")", 1)[1].split()[0] == "Z"
-
-
 def _log(proxy: tools.ProxyProcess) -> str:
     return (proxy.spool / "logs" / "main.log").read_text()
 
 
 def _kids(pid: int) -> dict[str, int]:
     """The children by name (one of each)."""
-    kids = _children(pid)
-    named = {_comm(k): k for k in kids}
+    kids = procfs.children(pid)
+    named = {procfs.comm(k): k for k in kids}
     assert len(named) == len(kids), [_cmdline(k) for k in kids]
     return named
 
@@ -70,7 +51,7 @@ def test_the_tree_is_the_service_its_indexer_and_the_zygote(tmp_path) -> None:
         indexer, zygote = kids[INDEXER_COMM], kids[ZYGOTE_COMM]
         for pid in (indexer, zygote):
             assert _cmdline(pid) == _cmdline(proxy.pid)  # forked, not a new interpreter
-            assert _children(pid) == []
+            assert procfs.children(pid) == []
         # its own records reach the service's files (it writes none itself)
         wait_until(lambda: f"indexer process {indexer} started (fork)" in _log(proxy), 30, "log")
         assert tools.storescu(proxy.dicom_port, series.files).returncode == 0
@@ -80,7 +61,7 @@ def test_the_tree_is_the_service_its_indexer_and_the_zygote(tmp_path) -> None:
         assert _data_limit(proxy.pid) == "unlimited"
         assert _data_limit(zygote) == "unlimited"
         assert proxy.stop() == 0  # SIGTERM: a clean stop, the children with it
-    assert _gone(indexer) and _gone(zygote)
+    assert procfs.gone(indexer) and procfs.gone(zygote)
     text = _log(proxy)  # its last record too: the listener writes all before it stops
     assert f"indexer process {indexer} stopped" in text
     assert text.index(f"indexer process {indexer} stopped") < text.index(
@@ -89,7 +70,7 @@ def test_the_tree_is_the_service_its_indexer_and_the_zygote(tmp_path) -> None:
 
 
 def _restarted(proxy: tools.ProxyProcess, parent: int, dead: int) -> int | None:
-    kids = [k for k in _children(parent) if k != dead and _comm(k) == INDEXER_COMM]
+    kids = [k for k in procfs.children(parent) if k != dead and procfs.comm(k) == INDEXER_COMM]
     return kids[0] if len(kids) == 1 and proxy.health()[0] == 200 else None
 
 
@@ -104,7 +85,7 @@ def test_a_killed_indexer_comes_back_forked_by_the_zygote_and_still_logs(tmp_pat
         assert tools.storescu(proxy.dicom_port, series.files).returncode == 0  # still acked
         second = wait_until(lambda: _restarted(proxy, zygote, first), 30, "indexer restarted")
         assert isinstance(second, int)
-        assert _children(zygote) == [second]
+        assert procfs.children(zygote) == [second]
         assert _cmdline(second) == _cmdline(proxy.pid)  # forked: no new interpreter
         wait_indexed(proxy.spool, 3)
         wait_until(lambda: f"indexer process {second} started (zygote)" in _log(proxy), 30, "log")
@@ -116,7 +97,7 @@ def test_a_killed_indexer_comes_back_forked_by_the_zygote_and_still_logs(tmp_pat
         assert isinstance(third, int)
         assert _log(proxy).count("indexer process exited (code -9); restarting") == 2
         assert proxy.stop() == 0
-    assert _gone(second) and _gone(third) and _gone(zygote)
+    assert procfs.gone(second) and procfs.gone(third) and procfs.gone(zygote)
 
 
 def test_without_the_zygote_a_restarted_indexer_is_exec_d(tmp_path) -> None:
@@ -133,7 +114,7 @@ def test_without_the_zygote_a_restarted_indexer_is_exec_d(tmp_path) -> None:
         assert b"ith_proxy.indexer_child" in _cmdline(second)  # a fresh, lean interpreter
         wait_until(lambda: f"indexer process {second} started (exec)" in _log(proxy), 30, "log")
         assert proxy.stop() == 0
-    assert _gone(second)
+    assert procfs.gone(second)
 
 
 def test_the_children_exit_when_the_service_is_killed(tmp_path) -> None:
@@ -149,6 +130,6 @@ def test_the_children_exit_when_the_service_is_killed(tmp_path) -> None:
         assert isinstance(restarted, int)
         os.kill(proxy.pid, signal.SIGKILL)  # the service only, not its group
         for pid in (kids[ZYGOTE_COMM], restarted):
-            wait_until(lambda pid=pid: _gone(pid), 30, "the orphans to exit")
+            wait_until(lambda pid=pid: procfs.gone(pid), 30, "the orphans to exit")
     finally:
         proxy.kill9()

@@ -15,32 +15,13 @@ from pathlib import Path
 from pynetdicom import AE
 
 import dicomgen
+import procfs
 import tokens
 import tools
 from helpers import wait_indexed, wait_until
 
 TOKEN = tokens.mint()
 INI = "[scp]\nworkers = 2\n"
-
-
-def _children(pid: int) -> list[int]:
-    out: list[int] = []
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        out += [int(c) for c in (task / "children").read_text().split()]
-    return out
-
-
-def _comm(pid: int) -> str:
-    return Path(f"/proc/{pid}/comm").read_text().strip()
-
-
-def _gone(pid: int) -> bool:
-    """Exited: no such process, or a zombie nobody reaped (no init in a container)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return True
-    return stat.rsplit(")", 1)[1].split()[0] == "Z"
 
 
 def _pids(ss_args: list[str]) -> set[int]:
@@ -56,7 +37,7 @@ def _listeners(port: int) -> set[int]:
 
 def _worker(proxy: tools.ProxyProcess) -> int:
     assert proxy.pid is not None
-    found = [c for c in _children(proxy.pid) if _comm(c) == "ith-scp"]
+    found = [c for c in procfs.children(proxy.pid) if procfs.comm(c) == "ith-scp"]
     assert len(found) == 1, found
     return found[0]
 
@@ -66,7 +47,7 @@ def test_two_processes_share_the_port_and_all_instances_are_counted(tmp_path: Pa
     with tools.ProxyProcess(tmp_path / "p", env=tokens.ENV, config_text=INI) as proxy:
         assert proxy.pid is not None
         worker = _worker(proxy)
-        kids = sorted(_comm(c) for c in _children(proxy.pid))
+        kids = sorted(procfs.comm(c) for c in procfs.children(proxy.pid))
         assert kids == ["ith-indexer", "ith-scp", "ith-zygote"]
         assert _listeners(proxy.dicom_port) == {proxy.pid, worker}
         # 16 associations at once: the kernel spreads them over both sockets
@@ -107,7 +88,7 @@ def test_two_processes_share_the_port_and_all_instances_are_counted(tmp_path: Pa
         wait_until(counted, 10, "both processes' instances in the status")
         assert proxy.health()[0] == 200
         assert proxy.stop() == 0
-    assert _gone(worker)
+    assert procfs.gone(worker)
 
 
 def test_a_move_reaches_every_worker_and_a_killed_worker_comes_back(tmp_path: Path) -> None:
@@ -127,10 +108,10 @@ def test_a_move_reaches_every_worker_and_a_killed_worker_comes_back(tmp_path: Pa
         wait_until(lambda: proxy.health()[0] == 503, 10, "health reports the dead worker")
         assert tools.echoscu(new, aec="EDGE7").returncode == 0
 
-        (zygote,) = [c for c in _children(proxy.pid) if _comm(c) == "ith-zygote"]
+        (zygote,) = [c for c in procfs.children(proxy.pid) if procfs.comm(c) == "ith-zygote"]
 
         def back() -> int | None:  # forked by the zygote
-            again = [c for c in _children(zygote) if _comm(c) == "ith-scp"]
+            again = [c for c in procfs.children(zygote) if procfs.comm(c) == "ith-scp"]
             return again[0] if again and proxy.health()[0] == 200 else None
 
         second = wait_until(back, 30, "the worker restarted")

@@ -249,7 +249,9 @@ def micro() -> dict[str, float]:
             pdu.encode()
 
     def rsp_hand() -> None:
-        find_wire._p_data_tf([(1, b"\x03" + store_wire._plain(rsp))])  # type: ignore[operator]
+        plain = store_wire._plain(rsp)
+        assert plain is not None  # a plain response: what the SCP packs
+        find_wire._p_data_tf([(1, b"\x03" + plain)])
 
     rq = C_STORE()
     rq.MessageID, rq.AffectedSOPClassUID, rq.AffectedSOPInstanceUID = 7, cls, sop
@@ -265,7 +267,9 @@ def micro() -> dict[str, float]:
         m.message_to_primitive()
 
     def rq_hand() -> None:
-        store_wire.store_primitive(store_wire.parse_store_rq(raw), 1)  # type: ignore[arg-type]
+        request = store_wire.parse_store_rq(raw)
+        assert request is not None  # a plain C-STORE-RQ: what the SCP reads by hand
+        store_wire.store_primitive(request, 1)
 
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = cls, sop

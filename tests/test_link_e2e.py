@@ -120,7 +120,10 @@ def test_config_at_start_and_fallback_when_the_backend_is_down(tmp_path: Path) -
 
 
 def test_a_burst_of_50_studies_across_a_backend_crash(tmp_path: Path) -> None:
-    sim = BackendSim(ack_interval=0.3).start()
+    # The backend stores nothing before its crash (no acks): however fast the
+    # proxy sends and however late this test looks, the crash loses acks and
+    # the events wait in the linkbox until the backend is back.
+    sim = BackendSim(auto_ack=False).start()
     proxy = proxy_for(tmp_path / "proxy", sim)
     try:
         proxy.start()
@@ -137,6 +140,7 @@ def test_a_burst_of_50_studies_across_a_backend_crash(tmp_path: Path) -> None:
             60,
             "events waiting in the linkbox",
         )
+        sim.auto_ack = True
         sim.start()
 
         def arrived(kind: str) -> set[str]:

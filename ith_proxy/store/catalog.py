@@ -20,6 +20,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from operator import attrgetter
 from pathlib import Path
+from types import MappingProxyType
 
 import apsw
 
@@ -58,6 +59,13 @@ _INSTANCE = attrgetter(
     *("sop_uid", "series_uid", "study_uid", "sop_class_uid", "transfer_syntax", "size"),
     *("vault_offset", "received_at"),
 )
+_NONE: Mapping[str, str] = MappingProxyType({})
+_BLANKS = ("",) * 8  # a default per column (map stops at the shorter)
+
+
+def _main(r: InstanceRow, level: str, cols: tuple[str, ...]) -> tuple[str, ...]:
+    """A level's Q/R main columns of a row, "" where absent."""
+    return tuple(map(r.main.get(level, _NONE).get, cols, _BLANKS))
 
 
 def _best_practice(conn: apsw.Connection) -> None:
@@ -148,20 +156,20 @@ class Catalog:
             events: list[tuple[str, float, str]] = []
             touched: dict[str, list] = {}  # study -> [latest received_at, rows]
             new = 0
-            for r in rows:
-                pm, sm, se, im = (
-                    [r.main.get(level, {}).get(k, "") for k in cols] for level, cols in _LEVELS
-                )
+            for r in rows:  # a level's main columns only for the row that inserts it
                 if r.patient_id not in patients:
+                    pm = _main(r, "patient", PATIENT_MAIN)
                     patients[r.patient_id] = (r.patient_id, r.patient_name, r.received_at, *pm)
                 state = states.get(r.study_uid)
                 if state is None:
+                    sm = _main(r, "study", STUDY_MAIN)
                     studies.append((r.study_uid, r.patient_id, r.received_at, r.received_at, *sm))
                     events.append((r.study_uid, r.received_at, "first-received"))
                     states[r.study_uid] = "receiving"
                 if r.series_uid not in series:
+                    se = _main(r, "series", SERIES_MAIN)
                     series[r.series_uid] = (r.series_uid, r.study_uid, r.modality, *se)
-                instances.append((*_INSTANCE(r), *im))
+                instances.append((*_INSTANCE(r), *_main(r, "instance", INSTANCE_MAIN)))
                 if r.sop_uid not in seen:
                     seen[r.sop_uid] = 1
                     new += 1

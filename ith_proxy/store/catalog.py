@@ -147,7 +147,7 @@ class Catalog:
         c = self.conn
         with c:
             states = self._known("studies", "study_uid", "state", {r.study_uid for r in rows})
-            seen = self._known("instances", "sop_uid", "1", {r.sop_uid for r in rows})
+            seen = self._known("instances", "sop_uid", "'1'", {r.sop_uid for r in rows})
             patients: dict[str, tuple] = {}
             studies: list[tuple] = []
             series: dict[str, tuple] = {}
@@ -171,7 +171,7 @@ class Catalog:
                     series[r.series_uid] = (r.series_uid, r.study_uid, r.modality, *se)
                 instances.append((*_INSTANCE(r), *_main(r, "instance", INSTANCE_MAIN)))
                 if r.sop_uid not in seen:
-                    seen[r.sop_uid] = 1
+                    seen[r.sop_uid] = "1"
                     new += 1
                     if state not in (None, "receiving"):
                         reopened.append((r.study_uid,))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import apsw
 import pytest
 
 from ith_proxy.store.catalog import _LEVELS, Catalog, InstanceRow
@@ -215,3 +216,29 @@ def test_generator_input_and_batch_sizes(tmp_path: Path, batch: int) -> None:
     assert [_rowwise(old, c) for c in chunks] == [new.record_instances(iter(c)) for c in chunks]
     assert _dump(new) == _dump(old)
     assert new.counts()["instances"] == 100
+
+
+def test_a_commit_by_another_connection_mid_batch_is_waited_for(tmp_path: Path) -> None:
+    """The batch's first statement is a write, as row by row: it holds the
+    write lock before the lookups, so another connection's commit cannot slip
+    in between and turn the batch's first write into an unretried BusyError
+    (a stale WAL snapshot) -- the indexer saw it next to the scheduler."""
+    cat, other = Catalog(tmp_path / "c.sqlite3"), Catalog(tmp_path / "c.sqlite3")
+    cat.record_instances([_row(1, 1, 0, 1.0)])
+    other.conn.setbusytimeout(0)
+    other_wrote = []
+
+    def meanwhile(cursor, sql: str, bindings) -> bool:
+        if sql.startswith("SELECT sop_uid"):  # the second lookup: a snapshot is open
+            try:
+                other.summary_written("1.2.1", 7)  # the main process's writes
+                other_wrote.append(True)
+            except apsw.BusyError:
+                other_wrote.append(False)  # it waits for us (its busy handler)
+        return True
+
+    cat.conn.exec_trace = meanwhile
+    assert cat.record_instances([_row(1, 1, 1, 2.0), _row(2, 1, 1, 3.0)]) == 2
+    cat.conn.exec_trace = None
+    assert other_wrote == [False]
+    assert cat.counts()["instances"] == 3

@@ -146,9 +146,23 @@ class Catalog:
             return 0
         c = self.conn
         with c:
+            # a write first, as the statements row by row did: it takes the write
+            # lock (waiting in the busy handler); a read first would start a WAL
+            # snapshot that fails with BusyError, unretried, if another connection
+            # commits before this one's first write
+            patients: dict[str, tuple] = {}
+            for r in rows:
+                if r.patient_id not in patients:
+                    pm = _main(r, "patient", PATIENT_MAIN)
+                    patients[r.patient_id] = (r.patient_id, r.patient_name, r.received_at, *pm)
+            c.executemany(
+                "INSERT INTO patients(pseudo_id, pseudo_name, created_at, name_folded,"
+                " birth_date, sex) VALUES (?1,?2,?3,upper(?2),?4,?5)"
+                " ON CONFLICT(pseudo_id) DO NOTHING",
+                patients.values(),
+            )
             states = self._known("studies", "study_uid", "state", {r.study_uid for r in rows})
             seen = self._known("instances", "sop_uid", "'1'", {r.sop_uid for r in rows})
-            patients: dict[str, tuple] = {}
             studies: list[tuple] = []
             series: dict[str, tuple] = {}
             instances: list[tuple] = []
@@ -157,9 +171,6 @@ class Catalog:
             touched: dict[str, list] = {}  # study -> [latest received_at, rows]
             new = 0
             for r in rows:  # a level's main columns only for the row that inserts it
-                if r.patient_id not in patients:
-                    pm = _main(r, "patient", PATIENT_MAIN)
-                    patients[r.patient_id] = (r.patient_id, r.patient_name, r.received_at, *pm)
                 state = states.get(r.study_uid)
                 if state is None:
                     sm = _main(r, "study", STUDY_MAIN)
@@ -180,12 +191,6 @@ class Catalog:
                 last = touched.setdefault(r.study_uid, [r.received_at, 0])
                 last[0] = max(last[0], r.received_at)
                 last[1] += 1
-            c.executemany(
-                "INSERT INTO patients(pseudo_id, pseudo_name, created_at, name_folded,"
-                " birth_date, sex) VALUES (?1,?2,?3,upper(?2),?4,?5)"
-                " ON CONFLICT(pseudo_id) DO NOTHING",
-                patients.values(),
-            )
             c.executemany(
                 "INSERT INTO studies(study_uid, patient_id, first_received, last_received,"
                 " study_date, study_time, accession, study_id, description, referring)"

@@ -15,9 +15,12 @@ Only anonymized values are stored here.  The filesystem is the truth:
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from operator import attrgetter
 from pathlib import Path
+from types import MappingProxyType
 
 import apsw
 
@@ -49,6 +52,20 @@ class InstanceRow:
     received_at: float
     # Q/R main attributes: {"patient"|"study"|"series"|"instance": {column: value}}
     main: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
+
+
+# InstanceRow -> the instances table's leading columns, in record_instances' order
+_INSTANCE = attrgetter(
+    *("sop_uid", "series_uid", "study_uid", "sop_class_uid", "transfer_syntax", "size"),
+    *("vault_offset", "received_at"),
+)
+_NONE: Mapping[str, str] = MappingProxyType({})
+_BLANKS = ("",) * 8  # a default per column (map stops at the shorter)
+
+
+def _main(r: InstanceRow, level: str, cols: tuple[str, ...]) -> tuple[str, ...]:
+    """A level's Q/R main columns of a row, "" where absent."""
+    return tuple(map(r.main.get(level, _NONE).get, cols, _BLANKS))
 
 
 def _best_practice(conn: apsw.Connection) -> None:
@@ -117,77 +134,110 @@ class Catalog:
 
         A new instance in a study that is no longer receiving reopens it.
         A re-sent instance only refreshes the study's quiet timer.
+
+        The batch is planned here and written table by table (one
+        ``executemany`` each; a patient or series once, at its first row):
+        the same rows, rowids, events (in row order) and study versions (+1
+        per row) as running the statements row by row, with one lookup of the
+        batch's studies and one of its instances instead of two per row.
         """
-        new = 0
-        with self.conn:
+        rows = list(rows)
+        if not rows:
+            return 0
+        c = self.conn
+        with c:
+            # a write first, as the statements row by row did: it takes the write
+            # lock (waiting in the busy handler); a read first would start a WAL
+            # snapshot that fails with BusyError, unretried, if another connection
+            # commits before this one's first write
+            patients: dict[str, tuple] = {}
             for r in rows:
-                c = self.conn
-                pm, sm, se, im = (
-                    [r.main.get(level, {}).get(k, "") for k in cols] for level, cols in _LEVELS
-                )
-                c.execute(
-                    "INSERT INTO patients(pseudo_id, pseudo_name, created_at, name_folded,"
-                    " birth_date, sex) VALUES (?,?,?,upper(?),?,?)"
-                    " ON CONFLICT(pseudo_id) DO NOTHING",
-                    (r.patient_id, r.patient_name, r.received_at, r.patient_name, *pm),
-                )
-                state = c.execute(
-                    "SELECT state FROM studies WHERE study_uid = ?", (r.study_uid,)
-                ).get
+                if r.patient_id not in patients:
+                    pm = _main(r, "patient", PATIENT_MAIN)
+                    patients[r.patient_id] = (r.patient_id, r.patient_name, r.received_at, *pm)
+            c.executemany(
+                "INSERT INTO patients(pseudo_id, pseudo_name, created_at, name_folded,"
+                " birth_date, sex) VALUES (?1,?2,?3,upper(?2),?4,?5)"
+                " ON CONFLICT(pseudo_id) DO NOTHING",
+                patients.values(),
+            )
+            states = self._known("studies", "study_uid", "state", {r.study_uid for r in rows})
+            seen = self._known("instances", "sop_uid", "'1'", {r.sop_uid for r in rows})
+            studies: list[tuple] = []
+            series: dict[str, tuple] = {}
+            instances: list[tuple] = []
+            reopened: list[tuple[str]] = []
+            events: list[tuple[str, float, str]] = []
+            touched: dict[str, list] = {}  # study -> [latest received_at, rows]
+            new = 0
+            for r in rows:  # a level's main columns only for the row that inserts it
+                state = states.get(r.study_uid)
                 if state is None:
-                    c.execute(
-                        "INSERT INTO studies(study_uid, patient_id, first_received, last_received,"
-                        " study_date, study_time, accession, study_id, description, referring)"
-                        " VALUES (?,?,?,?,?,?,?,?,?,?)",
-                        (r.study_uid, r.patient_id, r.received_at, r.received_at, *sm),
-                    )
-                    self._event(r.study_uid, r.received_at, "first-received")
-                c.execute(
-                    "INSERT INTO series(series_uid, study_uid, modality, series_number,"
-                    " description, body_part, series_date, series_time) VALUES (?,?,?,?,?,?,?,?)"
-                    " ON CONFLICT(series_uid) DO NOTHING",
-                    (r.series_uid, r.study_uid, r.modality, *se),
-                )
-                existed = (
-                    c.execute("SELECT 1 FROM instances WHERE sop_uid = ?", (r.sop_uid,)).get
-                    is not None
-                )
-                c.execute(
-                    "INSERT INTO instances(sop_uid, series_uid, study_uid, sop_class_uid,"
-                    " transfer_syntax, size, vault_offset, received_at, instance_number,"
-                    " number_of_frames) VALUES (?,?,?,?,?,?,?,?,?,?)"
-                    " ON CONFLICT(sop_uid) DO UPDATE SET size = excluded.size,"
-                    " transfer_syntax = excluded.transfer_syntax,"
-                    " vault_offset = COALESCE(excluded.vault_offset, vault_offset),"
-                    " instance_number = excluded.instance_number,"
-                    " number_of_frames = excluded.number_of_frames",
-                    (
-                        r.sop_uid,
-                        r.series_uid,
-                        r.study_uid,
-                        r.sop_class_uid,
-                        r.transfer_syntax,
-                        r.size,
-                        r.vault_offset,
-                        r.received_at,
-                        *im,
-                    ),
-                )
-                if not existed:
+                    sm = _main(r, "study", STUDY_MAIN)
+                    studies.append((r.study_uid, r.patient_id, r.received_at, r.received_at, *sm))
+                    events.append((r.study_uid, r.received_at, "first-received"))
+                    states[r.study_uid] = "receiving"
+                if r.series_uid not in series:
+                    se = _main(r, "series", SERIES_MAIN)
+                    series[r.series_uid] = (r.series_uid, r.study_uid, r.modality, *se)
+                instances.append((*_INSTANCE(r), *_main(r, "instance", INSTANCE_MAIN)))
+                if r.sop_uid not in seen:
+                    seen[r.sop_uid] = "1"
                     new += 1
-                if state not in (None, "receiving") and not existed:
-                    c.execute(
-                        "UPDATE studies SET state = 'receiving', completed_at = NULL,"
-                        " reopened = reopened + 1 WHERE study_uid = ?",
-                        (r.study_uid,),
-                    )
-                    self._event(r.study_uid, r.received_at, "reopened")
-                c.execute(
-                    "UPDATE studies SET last_received = max(last_received, ?),"
-                    " version = version + 1 WHERE study_uid = ?",
-                    (r.received_at, r.study_uid),
-                )
+                    if state not in (None, "receiving"):
+                        reopened.append((r.study_uid,))
+                        events.append((r.study_uid, r.received_at, "reopened"))
+                        states[r.study_uid] = "receiving"
+                last = touched.setdefault(r.study_uid, [r.received_at, 0])
+                last[0] = max(last[0], r.received_at)
+                last[1] += 1
+            c.executemany(
+                "INSERT INTO studies(study_uid, patient_id, first_received, last_received,"
+                " study_date, study_time, accession, study_id, description, referring)"
+                " VALUES (?,?,?,?,?,?,?,?,?,?)",
+                studies,
+            )
+            c.executemany(
+                "INSERT INTO series(series_uid, study_uid, modality, series_number,"
+                " description, body_part, series_date, series_time) VALUES (?,?,?,?,?,?,?,?)"
+                " ON CONFLICT(series_uid) DO NOTHING",
+                series.values(),
+            )
+            c.executemany(
+                "INSERT INTO instances(sop_uid, series_uid, study_uid, sop_class_uid,"
+                " transfer_syntax, size, vault_offset, received_at, instance_number,"
+                " number_of_frames) VALUES (?,?,?,?,?,?,?,?,?,?)"
+                " ON CONFLICT(sop_uid) DO UPDATE SET size = excluded.size,"
+                " transfer_syntax = excluded.transfer_syntax,"
+                " vault_offset = COALESCE(excluded.vault_offset, vault_offset),"
+                " instance_number = excluded.instance_number,"
+                " number_of_frames = excluded.number_of_frames",
+                instances,
+            )
+            c.executemany(
+                "UPDATE studies SET state = 'receiving', completed_at = NULL,"
+                " reopened = reopened + 1 WHERE study_uid = ?",
+                reopened,
+            )
+            c.executemany("INSERT INTO study_events(study_uid, ts, event) VALUES (?,?,?)", events)
+            c.executemany(
+                "UPDATE studies SET last_received = max(last_received, ?),"
+                " version = version + ? WHERE study_uid = ?",
+                ((latest, count, study) for study, (latest, count) in touched.items()),
+            )
         return new
+
+    def _known(self, table: str, key: str, column: str, keys: set[str]) -> dict[str, str]:
+        """{key: column} of the rows of ``table`` whose ``key`` is in ``keys``
+        (one key: a plain lookup, cheaper than a json_each)."""
+        select = f"SELECT {key}, {column} FROM {table} WHERE {key}"
+        if len(keys) == 1:
+            return dict(self.conn.execute(f"{select} = ?", (next(iter(keys)),)))
+        return dict(
+            self.conn.execute(
+                f"{select} IN (SELECT value FROM json_each(?))", (json.dumps(sorted(keys)),)
+            )
+        )
 
     def _event(self, study_uid: str, ts: float, event: str) -> None:
         self.conn.execute(

@@ -32,6 +32,7 @@ IMPLICIT = "1.2.840.10008.1.2"
 BULK = 10000  # more answers than the socket buffers hold
 STUDY, SERIES = "1.2.826.0.1.3680043.10.9998.1", "1.2.826.0.1.3680043.10.9998.2"
 MAX_PDU = 16384
+RCVBUF = 32768  # bytes; the kernel doubles it
 
 
 @pytest.fixture(scope="module")
@@ -133,7 +134,13 @@ class Wire:
 
 
 def _open(proxy: ProxyProcess) -> tuple[socket.socket, Wire]:
-    sock = socket.create_connection(("127.0.0.1", proxy.dicom_port), timeout=60)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    # a small receive window: the proxy's writes fill the buffers and wait for
+    # this peer long before the BULK answers are all out, however fast it
+    # answers, so the cancel and the abort always land in the middle
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RCVBUF)
+    sock.settimeout(60)
+    sock.connect(("127.0.0.1", proxy.dicom_port))
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     sock.sendall(_associate_rq())
     wire = Wire()

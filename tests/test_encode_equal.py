@@ -17,6 +17,7 @@ import struct
 from pathlib import Path
 from typing import cast
 
+import pydicom
 import pytest
 from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -175,3 +176,34 @@ def test_decoded_and_foreign_elements_go_through_pydicom() -> None:
     ds[0x00081030] = RawDataElement(Tag(0x00081030), "LO", 4, b"DESC", 0, False, True)
     for implicit, little in ((True, True), (False, True), (False, False)):
         assert dicomfile._encode_dataset(ds, implicit, little) == _reference(ds, implicit, little)
+
+
+def test_the_meta_rebuild_skips_only_what_it_would_keep(corpus: list[Path], tmp_path: Path) -> None:
+    """deid.meta.rebuild leaves an undecoded element alone when it holds our value
+    byte for byte; records and output bytes are those of a decoded meta."""
+    from ith_proxy.config import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION
+    from ith_proxy.deid import meta as deid_meta
+
+    ours = tmp_path / "ours.dcm"
+    ds = pydicom.dcmread(corpus[0])
+    ds.file_meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID
+    ds.file_meta.ImplementationVersionName = IMPLEMENTATION_VERSION
+    ds.file_meta.SourceApplicationEntityTitle = "MODALITY"
+    ds.save_as(ours)
+    odd = tmp_path / "odd-version.dcm"
+    ds.file_meta.FileMetaInformationVersion = b"\x00\x02"
+    ds.file_meta.ImplementationVersionName = IMPLEMENTATION_VERSION + " "  # padded oddly
+    ds.save_as(odd)
+    skipped = 0
+    for path in [ours, odd, *corpus[:6]]:
+        raw, decoded = dicomfile.read_split(path), dicomfile.read_split(path)
+        list(decoded.header.file_meta.values())  # every element decoded
+        skipped += sum(type(e) is RawDataElement for e in raw.header.file_meta._dict.values())
+        sop = "2.25.1234"
+        got = [(p, e.value) for p, e in deid_meta.rebuild(raw.header.file_meta, sop)]
+        want = [(p, e.value) for p, e in deid_meta.rebuild(decoded.header.file_meta, sop)]
+        assert got == want, path.name
+        assert file_meta.encode(raw.header.file_meta) == file_meta.encode(
+            decoded.header.file_meta
+        ), path.name
+    assert skipped  # the raw path was taken

@@ -256,8 +256,9 @@ def _encode_dataset(ds: Dataset, implicit: bool, little: bool) -> bytes:
     which is several times cheaper than pydicom's per-element writer and
     keeps retained values byte-identical.  Decoded elements (changed values,
     sequences) and raw ones pydicom would still read (a deferred value) go
-    through pydicom.  The elements are taken from the dataset's own dict, in
-    tag order: ``get_item`` per tag cost as much as the framing (issue 11).
+    through pydicom.  The elements are taken from the dataset's own dict in
+    tag order, sorted as ints: ``get_item`` per tag and BaseTag comparisons
+    cost more than the framing (issue 11).
     """
     order = "<" if little else ">"
     short, long_ = struct.Struct(order + "HH2sH").pack, struct.Struct(order + "HH2s2xL").pack
@@ -266,7 +267,9 @@ def _encode_dataset(ds: Dataset, implicit: bool, little: bool) -> bytes:
     parts: list[bytes] = []
     fp: DicomFileLike | None = None
     buf = io.BytesIO()
-    for tag, elem in sorted(ds._dict.items()):
+    elements = ds._dict
+    for tag in sorted(elements, key=int):  # BaseTag's own __lt__ is Python code
+        elem = elements[tag]
         if not tag & 0xFFFF or tag >> 16 in (0x0000, 0x0002):  # int ops: no property calls
             continue  # command and file meta groups are no dataset content; group lengths
         if (

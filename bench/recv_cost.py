@@ -67,15 +67,17 @@ def children(pid: int) -> list[int]:
 
 
 def indexer_pid(main: int) -> int:
-    """The child whose command line runs the indexer (not the resource tracker)."""
+    """The indexer child: named ``ith-indexer`` (forked, not the zygote) or
+    running ``ith_proxy.indexer_child`` (exec'd)."""
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         for pid in children(main):
             try:
+                comm = Path(f"/proc/{pid}/comm").read_text().strip()
                 cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
             except FileNotFoundError:
                 continue
-            if b"resource_tracker" not in cmd:
+            if comm == "ith-indexer" or b"indexer_child" in cmd:
                 return pid
         time.sleep(0.1)
     raise ingest.BenchError("no indexer process found")

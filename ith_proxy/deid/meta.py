@@ -12,7 +12,7 @@ writes these tags and no others, whatever the dataset's meta holds.
 
 from __future__ import annotations
 
-from pydicom.dataelem import DataElement
+from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import FileMetaDataset
 from pydicom.tag import BaseTag
 
@@ -24,6 +24,28 @@ _OURS = (
     (BaseTag(0x00020012), "UI", IMPLEMENTATION_CLASS_UID),
     (BaseTag(0x00020013), "SH", IMPLEMENTATION_VERSION),
 )
+
+
+def _encoded(vr: str, value: str | bytes) -> bytes:
+    """``value`` as an Explicit VR LE meta group holds it, padded to even."""
+    if isinstance(value, bytes):
+        return value
+    data = value.encode("ascii")
+    return data + (b"\x00" if vr == "UI" else b" ") if len(data) % 2 else data
+
+
+def _same_raw(old: DataElement | RawDataElement | None, vr: str, value: str | bytes) -> bool:
+    """An undecoded element holding exactly ``value`` as we would write it (the
+    SCP wrote the version and our implementation class and version so): no
+    change, so no need to decode it to compare (issue 11).  Anything else is
+    compared decoded, as before."""
+    return (
+        type(old) is RawDataElement
+        and vr == old.VR
+        and not old.is_implicit_VR
+        and old.is_little_endian
+        and old.value == _encoded(vr, value)
+    )
 
 
 def _path(elem: DataElement) -> str:
@@ -40,6 +62,8 @@ def rebuild(meta: FileMetaDataset, sop_uid: str) -> list[tuple[str, DataElement]
             gone.append((_path(meta[tag]), meta[tag]))
         del meta[tag]
     for tag, vr, value in (*_OURS, (BaseTag(0x00020003), "UI", sop_uid)):
+        if _same_raw(meta.get_item(tag, keep_deferred=True), vr, value):
+            continue  # as the SCP wrote it, byte for byte: nothing to change
         old = meta.get(tag)
         if old is not None and old.value == value:
             continue  # as the SCP wrote it: nothing to change

@@ -22,10 +22,10 @@ import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, cast
+from typing import Any, BinaryIO
 
 from pydicom.datadict import tag_for_keyword
-from pydicom.dataelem import DataElement, RawDataElement
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
 from pydicom.filebase import DicomFileLike
 from pydicom.filereader import read_dataset
@@ -255,40 +255,49 @@ def _encode_dataset(ds: Dataset, implicit: bool, little: bool) -> bytes:
     holding their original bytes: they are framed with struct and appended,
     which is several times cheaper than pydicom's per-element writer and
     keeps retained values byte-identical.  Decoded elements (changed values,
-    sequences) go through pydicom.
+    sequences) and raw ones pydicom would still read (a deferred value) go
+    through pydicom.  The elements are taken from the dataset's own dict in
+    tag order, sorted as ints: ``get_item`` per tag and BaseTag comparisons
+    cost more than the framing (issue 11).
     """
     order = "<" if little else ">"
-    short, long_ = struct.Struct(order + "HH2sH"), struct.Struct(order + "HH2s2xL")
-    implicit_head = struct.Struct(order + "HHL")
+    short, long_ = struct.Struct(order + "HH2sH").pack, struct.Struct(order + "HH2s2xL").pack
+    implicit_head = struct.Struct(order + "HHL").pack
     encodings = ds.get("SpecificCharacterSet", "iso8859")
+    parts: list[bytes] = []
+    fp: DicomFileLike | None = None
     buf = io.BytesIO()
-    fp = DicomFileLike(buf)
-    fp.is_little_endian, fp.is_implicit_VR = little, implicit
-    for tag in sorted(ds.keys()):
+    elements = ds._dict
+    for tag in sorted(elements, key=int):  # BaseTag's own __lt__ is Python code
+        elem = elements[tag]
         if not tag & 0xFFFF or tag >> 16 in (0x0000, 0x0002):  # int ops: no property calls
             continue  # command and file meta groups are no dataset content; group lengths
-        # get_item gives the raw element while it is undecoded (its overload says
-        # DataElement only)
-        elem = cast("DataElement | RawDataElement", ds.get_item(tag))
         if (
-            isinstance(elem, RawDataElement)
+            type(elem) is RawDataElement
             and elem.value is not None
             and elem.length != 0xFFFFFFFF
             and elem.is_implicit_VR == implicit
             and elem.is_little_endian == little
         ):
             value, vr = elem.value, elem.VR
+            group, element = tag >> 16, tag & 0xFFFF
             if implicit:
-                fp.write(implicit_head.pack(tag.group, tag.element, len(value)) + value)
+                parts += (implicit_head(group, element, len(value)), value)
                 continue
             if vr in _LONG_VR_NAMES:
-                fp.write(long_.pack(tag.group, tag.element, vr.encode(), len(value)) + value)
+                parts += (long_(group, element, vr.encode(), len(value)), value)
                 continue
             if vr and len(value) <= 0xFFFF:
-                fp.write(short.pack(tag.group, tag.element, vr.encode(), len(value)) + value)
+                parts += (short(group, element, vr.encode(), len(value)), value)
                 continue
+        if fp is None:
+            fp = DicomFileLike(buf)
+            fp.is_little_endian, fp.is_implicit_VR = little, implicit
         write_data_element(fp, ds[tag], encodings)
-    return buf.getvalue()
+        parts.append(buf.getvalue())
+        buf.seek(0)
+        buf.truncate()
+    return b"".join(parts)
 
 
 def write_joined(out: BinaryIO, split: SplitFile, src: BinaryIO | None = None) -> None:

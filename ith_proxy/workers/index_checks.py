@@ -64,9 +64,10 @@ def check(split: dicomfile.SplitFile) -> None:
         if not valid_uid(stored_uid(ds, kw)):
             raise Inconsistent(f"missing or invalid {kw}")
     meta = ds.file_meta
-    if str(meta.get("MediaStorageSOPInstanceUID", ds.SOPInstanceUID)) != str(ds.SOPInstanceUID):
+    sop, sop_class = str(ds.SOPInstanceUID), str(ds.SOPClassUID)  # each looked up once
+    if str(meta.get("MediaStorageSOPInstanceUID", sop)) != sop:
         raise Inconsistent("file meta SOP Instance UID does not match the dataset")
-    if str(meta.get("MediaStorageSOPClassUID", ds.SOPClassUID)) != str(ds.SOPClassUID):
+    if str(meta.get("MediaStorageSOPClassUID", sop_class)) != sop_class:
         raise Inconsistent("file meta SOP Class UID does not match the dataset")
     if split.pixel_start >= split.size and "PixelData" not in ds:
         raise Inconsistent("no pixel data")

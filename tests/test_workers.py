@@ -161,3 +161,33 @@ def test_auto_start_off_runs_without_the_dicom_listener(tmp_path: Path) -> None:
         series = dicomgen.make_ct_series(tmp_path / "in", 1, rows=32, cols=32)
         _drop(Spool(proxy.spool), series.files, time.time())  # the indexer still works
         wait_indexed(proxy.spool, 1)
+
+
+def test_a_batch_file_that_cannot_be_written_leaves_the_files_claimable(
+    rooms, tmp_path: Path, monkeypatch
+) -> None:
+    """A full disk when the indexer writes its in-flight batch file (ENOSPC):
+    that pass fails, nothing of the batch file is left, and the next pass takes
+    the same files (they stayed "in flight" for ever, never indexed until a
+    restart: found by test_full_disk once the indexer ran during the burst)."""
+    import errno
+
+    from ith_proxy import fsio
+    from ith_proxy.store import attempts
+
+    _cfg, spool, catalog, indexer = rooms
+    series = dicomgen.make_ct_series(tmp_path / "in", 2, rows=32, cols=32)
+    _drop(spool, series.files, time.time())
+    real = fsio.writev_all
+
+    def full(fd: int, chunks: list) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(attempts, "writev_all", full)
+    with pytest.raises(OSError):
+        indexer.run_once()
+    assert not [p for p in (spool.root / "attempts").iterdir() if p.name.startswith(".inflight-")]
+    monkeypatch.setattr(attempts, "writev_all", real)  # the admin freed space
+    assert indexer.run_once() == 2
+    assert catalog.counts()["instances"] == 2
+    assert not list(spool.incoming.iterdir())

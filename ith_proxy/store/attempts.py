@@ -15,7 +15,7 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-from ith_proxy.fsio import read_nofollow, unique_name
+from ith_proxy.fsio import read_nofollow, unique_name, writev_all
 
 FILE_MODE = 0o600
 DIR_MODE = 0o700
@@ -30,7 +30,12 @@ class AttemptsFolder:
         path = os.path.join(self.root, "attempts", ".inflight-" + unique_name())
         os.makedirs(os.path.dirname(path), mode=DIR_MODE, exist_ok=True)
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, FILE_MODE)
-        os.write(fd, b"00000000\n" + "".join(n + "\n" for n in names).encode())
+        try:
+            writev_all(fd, [b"00000000\n" + "".join(n + "\n" for n in names).encode()])
+        except BaseException:  # e.g. ENOSPC: no fd leaked, no partial batch file left
+            os.close(fd)
+            Path(path).unlink(missing_ok=True)
+            raise
         return path, fd
 
     @staticmethod

@@ -119,7 +119,12 @@ class Indexer:
             if not names:
                 return names, prev, None
             self._inflight.update(names)
-        return names, prev, self.spool.begin_batch(names)
+        try:
+            return names, prev, self.spool.begin_batch(names)
+        except BaseException:  # e.g. ENOSPC: the files stay claimable by the next pass
+            with self._lock:
+                self._inflight.difference_update(names)
+            raise
 
     def _recover(self) -> None:
         """Charge the files a dead indexer was in: the one in hand when it

@@ -1,5 +1,6 @@
 """assoc_wake: pynetdicom's reactor sleeps return early when there is work for
-that thread, never last longer than asked, and leave no descriptor behind.
+that thread, never last longer than asked (but an idle reactor pass, which
+waits IDLE_WAIT when work can wake it), and leave no descriptor behind.
 Real pynetdicom Association objects on a real socket pair; then the proxy
 process itself under many short associations."""
 
@@ -97,6 +98,21 @@ def test_with_nothing_to_do_a_sleep_lasts_as_asked(wired) -> None:
         assert time.monotonic() - t0 >= 0.19
 
 
+def test_an_idle_reactor_pass_waits_longer_unless_woken(wired) -> None:
+    """3.0.4's reactor pass (0.001 s) waits IDLE_WAIT when work wakes the thread:
+    fewer idle wake-ups per association; any other sleep lasts as asked."""
+    assoc, peer = wired
+    for wait in (assoc._ith_wait, assoc.dul._ith_wait):
+        t0 = time.monotonic()
+        wait(assoc_wake.REACTOR_PASS)
+        assert time.monotonic() - t0 >= assoc_wake.IDLE_WAIT * 0.9
+    assert assoc_wake.IDLE_WAIT < 0.1  # timers and kill flags are still seen promptly
+    assoc.dul.socket.socket = None  # closed: nothing would wake the DUL, the pass is as asked
+    t0 = time.monotonic()
+    assoc.dul._ith_wait(assoc_wake.REACTOR_PASS)
+    assert time.monotonic() - t0 < assoc_wake.IDLE_WAIT * 0.9
+
+
 def test_threads_not_wired_get_the_real_sleep() -> None:
     assoc_wake.install()
     t0 = time.monotonic()
@@ -148,6 +164,7 @@ def test_the_pynetdicom_internals_it_relies_on_are_still_there() -> None:
     assert "time.sleep(0.001)" in inspect.getsource(Association._run_reactor)
     assert "self.dimse.get_msg(block=False)" in inspect.getsource(Association._run_reactor)
     assert "time.sleep(self._run_loop_delay)" in inspect.getsource(DULServiceProvider.run_reactor)
+    assert "self._run_loop_delay = 0.001" in inspect.getsource(DULServiceProvider.__init__)
     assert "self.msg_queue.put(" in inspect.getsource(DIMSEServiceProvider.receive_primitive)
     assert "self.to_provider_queue.put(" in inspect.getsource(DULServiceProvider.send_pdu)
     fsm = inspect.getsource(pynetdicom.fsm)

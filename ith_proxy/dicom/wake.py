@@ -22,9 +22,15 @@ The fix keeps pynetdicom's loops and their timing and only makes their sleeps
 - a DUL thread wakes when its socket turns readable, or when the association
   queues a primitive to send (an eventfd).
 
-A sleep never lasts longer than pynetdicom asked for, and an early return only
-makes a polling loop check its state again, so no timer or shutdown path
-changes. Threads that were not set up here (any association not made by
+An early return only makes a polling loop check its state again.  A sleep
+lasts no longer than pynetdicom asked for, except the reactors' idle pass
+(``REACTOR_PASS``, 1 ms): a thread that work wakes waits up to ``IDLE_WAIT``
+(50 ms) there instead, so an open association no longer costs two thread
+wake-ups per millisecond (~0.1-0.2 ms of SCP CPU per small instance,
+docs/performance.md "Issue 11: the SCP's receive path").  What is checked
+between passes without a wake-up (the ARTIM and idle timers, ``_kill``) is
+seen up to 50 ms later; a DUL without a socket (closed: nothing would wake
+it, ``stop_dul`` waits for it) waits as asked. Threads that were not set up here (any association not made by
 ``wake_on_work``) get the real ``time.sleep``.
 
 This reaches into pynetdicom's internals (its queues, its DUL's ``run`` and
@@ -49,6 +55,8 @@ import pynetdicom.association
 import pynetdicom.dul
 
 WRITTEN_FOR = "3.0.4"  # the pynetdicom whose internals this module patches
+REACTOR_PASS = 0.001  # 3.0.4's reactor sleep per idle pass (both loops; nothing else asks for it)
+IDLE_WAIT = 0.05  # what an idle pass waits instead, when work can wake it (below)
 _WAIT_ATTR = "_ith_wait"
 _FALLBACK_LOGGED = threading.Event()
 _FALLBACK_LOCK = threading.Lock()
@@ -148,7 +156,7 @@ def wake_on_work(assoc: Any) -> None:
     work = threading.Event()
 
     def assoc_wait(seconds: float) -> None:
-        work.wait(seconds)
+        work.wait(IDLE_WAIT if seconds == REACTOR_PASS else seconds)
         work.clear()
 
     assoc.dimse.msg_queue = _WakeQueue(work.set)
@@ -173,6 +181,8 @@ def wake_on_work(assoc: Any) -> None:
             watched = fd
         if sock is not None and getattr(sock, "pending", lambda: 0)():
             return  # TLS: decrypted bytes already buffered, poll would not see them
+        if fd >= 0 and seconds == REACTOR_PASS:
+            seconds = IDLE_WAIT  # the socket or the doorbell wakes it (no socket: as asked)
         try:
             events = poller.poll(seconds * 1000)
         except OSError:

@@ -90,6 +90,18 @@ def test_association_wakes_on_a_message_or_acse_primitive(wired, queue_name) -> 
     assert q.get_nowait() == (1, "msg")
 
 
+def test_a_reactor_pause_wakes_the_association_thread(wired) -> None:
+    """send_*/release clear the checkpoint from another thread and then poll
+    _is_paused: the idle pass must end then, not after IDLE_WAIT."""
+    assoc, _ = wired
+    checkpoint = assoc._reactor_checkpoint
+    assert checkpoint.is_set()  # as pynetdicom made it
+    assert _timed_wait(assoc._ith_wait, checkpoint.clear) < LONG / 2
+    assert not checkpoint.is_set()
+    checkpoint.set()
+    assert checkpoint.wait(0)
+
+
 def test_with_nothing_to_do_a_sleep_lasts_as_asked(wired) -> None:
     assoc, _ = wired
     for wait in (assoc._ith_wait, assoc.dul._ith_wait):

@@ -25,9 +25,10 @@ The fix keeps pynetdicom's loops and their timing and only makes their sleeps
 An early return only makes a polling loop check its state again.  A sleep
 lasts no longer than pynetdicom asked for, except the reactors' idle pass
 (``REACTOR_PASS``, 1 ms): a thread that work wakes waits up to ``IDLE_WAIT``
-(50 ms) there instead, so an open association no longer costs two thread
-wake-ups per millisecond (~0.1-0.2 ms of SCP CPU per small instance,
-docs/performance.md "Issue 11: the SCP's receive path").  What is checked
+(50 ms) there instead (a pause of the association's reactor, asked for by
+pynetdicom's ``send_*`` or ``release`` from another thread, wakes it too),
+so an open association no longer costs two thread wake-ups per millisecond
+(docs/performance.md "Issue 11: the SCP's receive path").  What is checked
 between passes without a wake-up (the ARTIM and idle timers, ``_kill``) is
 seen up to 50 ms later; a DUL without a socket (closed: nothing would wake
 it, ``stop_dul`` waits for it) waits as asked. Threads that were not set up here (any association not made by
@@ -147,6 +148,23 @@ class _Doorbell:
                 self.fd = -1
 
 
+class _Checkpoint(threading.Event):
+    """The association's ``_reactor_checkpoint``: ``clear()`` (a pause asked for
+    by ``send_*``/``release`` from another thread, which then polls
+    ``_is_paused``) also wakes the reactor, so that its idle pass ends now and
+    it reaches the checkpoint, as within 1 ms before."""
+
+    def __init__(self, wake: Callable[[], None], is_set: bool) -> None:
+        super().__init__()
+        self._wake = wake
+        if is_set:
+            super().set()
+
+    def clear(self) -> None:
+        super().clear()
+        self._wake()
+
+
 def wake_on_work(assoc: Any) -> None:
     """Wire one not-yet-started association (and its DUL) for wake-ups; a
     no-op on a pynetdicom version this was not written for."""
@@ -160,6 +178,7 @@ def wake_on_work(assoc: Any) -> None:
         work.clear()
 
     assoc.dimse.msg_queue = _WakeQueue(work.set)
+    assoc._reactor_checkpoint = _Checkpoint(work.set, assoc._reactor_checkpoint.is_set())
     assoc.dul.to_user_queue = _WakeQueue(work.set)
     setattr(assoc, _WAIT_ATTR, assoc_wait)
 

@@ -113,7 +113,7 @@ def test_with_nothing_to_do_a_sleep_lasts_as_asked(wired) -> None:
 def test_an_idle_reactor_pass_waits_longer_unless_woken(wired) -> None:
     """3.0.4's reactor pass (0.001 s) waits IDLE_WAIT when work wakes the thread:
     fewer idle wake-ups per association; any other sleep lasts as asked."""
-    assoc, peer = wired
+    assoc, _ = wired
     for wait in (assoc._ith_wait, assoc.dul._ith_wait):
         t0 = time.monotonic()
         wait(assoc_wake.REACTOR_PASS)

@@ -31,8 +31,8 @@ so an open association no longer costs two thread wake-ups per millisecond
 (docs/performance.md "Issue 11: the SCP's receive path").  What is checked
 between passes without a wake-up (the ARTIM and idle timers, ``_kill``) is
 seen up to 50 ms later; a DUL without a socket (closed: nothing would wake
-it, ``stop_dul`` waits for it) waits as asked. Threads that were not set up here (any association not made by
-``wake_on_work``) get the real ``time.sleep``.
+it, ``stop_dul`` waits for it) waits as asked.  Threads that were not set up
+here (any association not made by ``wake_on_work``) get the real ``time.sleep``.
 
 This reaches into pynetdicom's internals (its queues, its DUL's ``run`` and
 socket), so it is only done on the version it was written for,

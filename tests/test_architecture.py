@@ -121,7 +121,7 @@ ALLOWED_ROOMS: dict[str, set[str] | None] = {
     "dicom.libsetup": set(),  # library settings, applied by explicit call only
     "dicom.scp_stream": {"config", "dicom.store_wire"},  # replaces pynetdicom's data set assembly
     # the one replacement of pynetdicom's C-STORE-RSP sending (command set packed by hand)
-    "dicom.store_wire": {"dicom.find_wire"},
+    "dicom.store_wire": {"dicom.find_wire", "dicom.scu_wire"},
     "dicom.ae": {"config", "dicom.get_stream", "dicom.scp_stream", "dicom.wake"},
     # the SCP gets a stream-encryptor factory from the service; it imports no vault room
     "dicom.scp": {
@@ -162,7 +162,7 @@ ALLOWED_ROOMS: dict[str, set[str] | None] = {
         "dicom.qr_match",
     },
     # the one replacement of pynetdicom's C-FIND-RSP sending; identifiers packed by hand
-    "dicom.find_wire": {"dicom.get_stream"},
+    "dicom.find_wire": {"dicom.get_stream", "dicom.scu_wire"},
     # a C-FIND identifier as a pure-data query spec (PS3.4 C.2.2.2, C.4.1)
     "dicom.qr_match": {"store.qr_catalog"},
     # a DICOM status -> delivered / transient / permanent, for the SCU and STOW-RS (stdlib)

@@ -120,7 +120,7 @@ def _reassemble(pdvs: list[tuple[int, bytes]], kind: int) -> bytes:
 
 @pytest.mark.parametrize("limit", [40, 100, 16384])
 def test_fragments_reassemble_to_the_same_bytes(limit: int) -> None:
-    command = find_wire._command(STUDY_ROOT, 5)
+    command = find_wire.pending_command(STUDY_ROOT, 5)
     identifier = bytes(range(256)) * 3
     pdvs = find_wire._pdvs(7, command, identifier, limit)
     if pdvs is None:
@@ -151,4 +151,4 @@ def test_the_command_set_is_what_pynetdicom_encodes() -> None:
     msg.primitive_to_message(primitive)
     command_pdu = next(iter(msg.encode_msg(1, 16384)))  # then the identifier's PDU
     stock = list(command_pdu.presentation_data_value_list)
-    assert stock[0][1] == b"\x03" + find_wire._command(STUDY_ROOT, 513)
+    assert stock[0][1] == b"\x03" + find_wire.pending_command(STUDY_ROOT, 513)

@@ -37,7 +37,7 @@ from pynetdicom.dimse_messages import C_FIND_RSP
 from pynetdicom.dimse_primitives import C_FIND
 from pynetdicom.pdu_primitives import P_DATA
 
-from ith_proxy.dicom import get_stream
+from ith_proxy.dicom import get_stream, scu_wire
 
 PENDING = 0xFF00
 PENDING_WARNING = 0xFF01
@@ -82,7 +82,9 @@ def one_pdu_answers(assoc: Any) -> None:
         pdvs = None
         identifier = _plain_identifier(primitive)
         if not final and identifier is not None and not assoc.get_handlers(evt.EVT_DIMSE_SENT):
-            command = _command(primitive.AffectedSOPClassUID, primitive.MessageIDBeingRespondedTo)
+            command = pending_command(
+                primitive.AffectedSOPClassUID, primitive.MessageIDBeingRespondedTo
+            )
             pdvs = _pdvs(context_id, command, identifier, limit)
         if pdvs is None:  # pynetdicom's encoding (finals; or an EVT_DIMSE_SENT handler)
             msg = C_FIND_RSP()
@@ -113,12 +115,12 @@ def fast(assoc: Any, transfer_syntax: str) -> bool:
     )
 
 
-def send_pending(assoc: Any, context_id: int, request: Any, identifier: bytes) -> None:
-    """One pending (0xFF00) C-FIND-RSP to ``request`` with these identifier
-    bytes: one P-DATA-TF when it fits the peer's maximum PDU, fragments
-    otherwise; held and written with the next ~16 KB."""
+def send_pending(assoc: Any, context_id: int, command: bytes, identifier: bytes) -> None:
+    """One pending (0xFF00) C-FIND-RSP (``command``: ``pending_command`` of
+    the request) with these identifier bytes: one P-DATA-TF when it fits the
+    peer's maximum PDU, fragments otherwise; held and written with the next
+    ~16 KB."""
     limit = assoc.dimse.maximum_pdu_size
-    command = _command(request.AffectedSOPClassUID, request.MessageID)
     pdvs = _pdvs(context_id, command, identifier, limit)
     if pdvs is None:  # a peer's maximum too small for whole fragments: one PDV per PDU
         pdvs = _fragments(context_id, 0x01, command, limit) + _fragments(
@@ -169,24 +171,17 @@ def _plain_identifier(primitive: Any) -> bytes | None:
     return primitive.Identifier.getvalue()
 
 
-def _command_element(element: int, value: bytes) -> bytes:
-    return struct.pack("<HHL", 0x0000, element, len(value)) + value
-
-
-def _command(sop_class: Any, message_id: int) -> bytes:
+def pending_command(sop_class: Any, message_id: int) -> bytes:
     """A pending C-FIND-RSP's command set with an identifier (Implicit VR LE,
-    as pynetdicom's C_FIND_RSP encodes it: PS3.7 9.3.2.2)."""
-    uid = str(sop_class).encode()
-    body = b"".join(
-        (
-            _command_element(0x0002, uid + b"\0" * (len(uid) % 2)),  # Affected SOP Class UID
-            _command_element(0x0100, struct.pack("<H", 0x8020)),  # Command Field: C-FIND-RSP
-            _command_element(0x0120, struct.pack("<H", message_id)),  # Being Responded To
-            _command_element(0x0800, struct.pack("<H", 0x0001)),  # Data Set Type: present
-            _command_element(0x0900, struct.pack("<H", PENDING)),  # Status
-        )
+    as pynetdicom's C_FIND_RSP encodes it: PS3.7 9.3.2.2): the same for
+    every answer to one request."""
+    return scu_wire.command_set(
+        (0x0002, scu_wire.ui(sop_class)),  # Affected SOP Class UID
+        (0x0100, struct.pack("<H", 0x8020)),  # Command Field: C-FIND-RSP
+        (0x0120, struct.pack("<H", message_id)),  # Message ID Being Responded To
+        (0x0800, struct.pack("<H", 0x0001)),  # Command Data Set Type: present
+        (0x0900, struct.pack("<H", PENDING)),  # Status
     )
-    return _command_element(0x0000, struct.pack("<L", len(body))) + body
 
 
 def _pdvs(context_id: int, command: bytes, identifier: bytes, limit: int):

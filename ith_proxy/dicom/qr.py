@@ -103,6 +103,8 @@ def _answers(event: Any, cfg: Config, spool: Spool, query: qr_match.Query, calli
     context = event.context
     fast = _encodable(query) and find_wire.fast(assoc, str(context.transfer_syntax))
     explicit = str(context.transfer_syntax) == find_wire.EXPLICIT_LE
+    request = event.request
+    command = find_wire.pending_command(request.AffectedSOPClassUID, request.MessageID)
     try:
         catalog = Catalog(spool.catalog_file, readonly=True)
         for row in qr_catalog.rows(catalog, query.spec):
@@ -121,7 +123,7 @@ def _answers(event: Any, cfg: Config, spool: Spool, query: qr_match.Query, calli
                 outcome = "association ended"
                 return
             else:
-                find_wire.send_pending(assoc, context.context_id, event.request, encoded)
+                find_wire.send_pending(assoc, context.context_id, command, encoded)
             sent += 1
     except Exception as exc:
         outcome = f"failed ({type(exc).__name__})"

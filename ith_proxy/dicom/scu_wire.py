@@ -117,29 +117,32 @@ def read_meta(fh: BinaryIO) -> FileMeta:
     )
 
 
-def _element(tag: int, value: bytes) -> bytes:
-    return struct.pack("<HHL", 0x0000, tag, len(value)) + value
+def command_set(*elements: tuple[int, bytes]) -> bytes:
+    """A command set (group 0000, Implicit VR Little Endian, PS3.7 6.3): the
+    (element, value) pairs, given in tag order, after their group length.
+    The C-STORE-RQ here, the C-STORE-RSP (store_wire) and the pending
+    C-FIND-RSP (find_wire) are all packed by it."""
+    body = b"".join(struct.pack("<HHL", 0x0000, el, len(value)) + value for el, value in elements)
+    return struct.pack("<HHLL", 0x0000, 0x0000, 4, len(body)) + body
 
 
-def _ui(uid: str) -> bytes:
-    raw = uid.encode("ascii")
+def ui(uid: str) -> bytes:
+    """A UID value, padded to even length with NUL."""
+    raw = str(uid).encode("ascii")
     return raw + b"\x00" if len(raw) % 2 else raw
 
 
 def store_command(msg_id: int, sop_class: str, sop_instance: str, priority: int = 0) -> bytes:
     """The C-STORE-RQ command set, Implicit VR Little Endian (PS3.7 9.3.1.1):
     a data set follows; priority 0 is MEDIUM, as DCMTK's storescu sends."""
-    body = b"".join(
-        (
-            _element(0x0002, _ui(sop_class)),  # Affected SOP Class UID
-            _element(0x0100, struct.pack("<H", 0x0001)),  # Command Field: C-STORE-RQ
-            _element(0x0110, struct.pack("<H", msg_id)),  # Message ID
-            _element(0x0700, struct.pack("<H", priority)),  # Priority
-            _element(0x0800, struct.pack("<H", 0x0001)),  # Command Data Set Type: present
-            _element(0x1000, _ui(sop_instance)),  # Affected SOP Instance UID
-        )
+    return command_set(
+        (0x0002, ui(sop_class)),  # Affected SOP Class UID
+        (0x0100, struct.pack("<H", 0x0001)),  # Command Field: C-STORE-RQ
+        (0x0110, struct.pack("<H", msg_id)),  # Message ID
+        (0x0700, struct.pack("<H", priority)),  # Priority
+        (0x0800, struct.pack("<H", 0x0001)),  # Command Data Set Type: present
+        (0x1000, ui(sop_instance)),  # Affected SOP Instance UID
     )
-    return _element(0x0000, struct.pack("<L", len(body))) + body
 
 
 def parse_store_response(pdv: bytes) -> tuple[int, int] | None:

@@ -48,7 +48,7 @@ from pynetdicom import evt
 from pynetdicom.dimse_messages import C_STORE_RQ
 from pynetdicom.dimse_primitives import C_STORE
 
-from ith_proxy.dicom import find_wire
+from ith_proxy.dicom import find_wire, scu_wire
 
 WRITTEN_FOR = "3.0.4"
 _INSTALLED = "_ith_store_wire"  # on the association's DIMSE provider
@@ -144,29 +144,17 @@ def store_primitive(request: StoreRequest, context_id: int) -> C_STORE:
     return primitive
 
 
-def _element(element: int, value: bytes) -> bytes:
-    return struct.pack("<HHL", 0x0000, element, len(value)) + value
-
-
-def _uid(value: Any) -> bytes:
-    raw = str(value).encode("ascii")
-    return raw + b"\0" if len(raw) % 2 else raw
-
-
 def command_set(sop_class: Any, message_id: int, status: int, sop_instance: Any) -> bytes:
     """A C-STORE-RSP command set without a data set, Implicit VR Little
     Endian, its elements in tag order, as pynetdicom's C_STORE_RSP encodes it."""
-    body = b"".join(
-        (
-            _element(0x0002, _uid(sop_class)),  # Affected SOP Class UID
-            _element(0x0100, struct.pack("<H", _C_STORE_RSP)),  # Command Field
-            _element(0x0120, struct.pack("<H", message_id)),  # Message ID Being Responded To
-            _element(0x0800, struct.pack("<H", _NO_DATA_SET)),  # Command Data Set Type
-            _element(0x0900, struct.pack("<H", status)),  # Status
-            _element(0x1000, _uid(sop_instance)),  # Affected SOP Instance UID
-        )
+    return scu_wire.command_set(
+        (0x0002, scu_wire.ui(sop_class)),  # Affected SOP Class UID
+        (0x0100, struct.pack("<H", _C_STORE_RSP)),  # Command Field
+        (0x0120, struct.pack("<H", message_id)),  # Message ID Being Responded To
+        (0x0800, struct.pack("<H", _NO_DATA_SET)),  # Command Data Set Type
+        (0x0900, struct.pack("<H", status)),  # Status
+        (0x1000, scu_wire.ui(sop_instance)),  # Affected SOP Instance UID
     )
-    return _element(0x0000, struct.pack("<L", len(body))) + body
 
 
 def _plain(primitive: Any) -> bytes | None:

@@ -270,12 +270,8 @@ def test_v1_damage_truncation_and_reordering_are_detected(tmp_path: Path) -> Non
 
 def test_scp_writes_only_encrypted_bytes(tmp_path: Path) -> None:
     series = dicomgen.make_ct_series(tmp_path / "in", 3, rows=700, cols=800)  # > 1 chunk each
-    env = {
-        "DICOM_STORAGE_DIR": str(tmp_path / "spool"),
-        "DICOM_PORT": str(tools.free_port()),
-        "DICOM_BIND_ADDRESS": "127.0.0.1",
-        "VAULT_KEY_FILE": str(tmp_path / "secrets" / "vault.key"),
-    }
+    # Rooms sets the spool and the vault key under tmp_path; the SCP's address:
+    env = {"DICOM_PORT": str(tools.free_port()), "DICOM_BIND_ADDRESS": "127.0.0.1"}
     rooms = Rooms(tmp_path, "[spool]\nencrypt_incoming = true\n", env)
     try:
         keyring = rooms.vault.keyring

@@ -95,12 +95,8 @@ def test_a_real_scp_reads_and_answers_by_hand(tmp_path: Path, monkeypatch) -> No
         return by_hand(request, context_id)
 
     monkeypatch.setattr(store_wire, "store_primitive", counted)
-    env = {
-        "DICOM_STORAGE_DIR": str(tmp_path / "spool"),
-        "DICOM_PORT": str(tools.free_port()),
-        "DICOM_BIND_ADDRESS": "127.0.0.1",
-        "VAULT_KEY_FILE": str(tmp_path / "secrets" / "vault.key"),
-    }
+    # Rooms sets the spool and the vault key under tmp_path; the SCP's address:
+    env = {"DICOM_PORT": str(tools.free_port()), "DICOM_BIND_ADDRESS": "127.0.0.1"}
     rooms = Rooms(tmp_path, "[spool]\nencrypt_incoming = false\n", env)
     answers: list = []
     packed: list[bool] = []

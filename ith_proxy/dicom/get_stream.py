@@ -201,17 +201,18 @@ class Channel:
         return status
 
 
-WRITE_LOCK = "_ith_write_lock"  # on the association: the lock below (qr.py writes under it)
+WRITE_LOCK = "_ith_write_lock"  # on the association: the lock below (find_wire writes under it)
 ENDED = "_ith_writes_ended"  # on its socket: an A-RELEASE or A-ABORT PDU went out
 _ENDING_PDUS = (0x05, 0x06, 0x07)  # A-RELEASE-RQ, A-RELEASE-RP, A-ABORT
 
 
 def _lock_writes(assoc: Any) -> threading.Lock:
     """One lock for every write on this association's socket: the DUL
-    thread's (``AssociationSocket.send``) and ours (``Channel._write``,
-    qr.py's C-FIND answers).  Once the DUL has written an A-RELEASE or
-    A-ABORT PDU the socket is marked ``ENDED`` under the same lock, so a
-    writer that checks it never puts a P-DATA-TF after it."""
+    thread's (``AssociationSocket.send``) and ours (``Channel._write``; the
+    C-FIND and C-STORE answers, through ``find_wire._write_direct``).  Once
+    the DUL has written an A-RELEASE or A-ABORT PDU the socket is marked
+    ``ENDED`` under the same lock, so a writer that checks it never puts a
+    P-DATA-TF after it."""
     lock = threading.Lock()
     sock = assoc.dul.socket
     stock_send = sock.send

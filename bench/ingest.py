@@ -11,6 +11,15 @@ under 10 and 50 associations, ``--sustained S`` the backlog of a long stream,
 Stdlib + pydicom (+ py-spy for --profile).  The receivers live in peers.py,
 the data sets in dataset.py; their names are re-exported here for the other
 benches (``import ingest``).
+
+Nothing is deleted between throughput runs: every run's files stay until the
+bench ends.  On ext4 without a journal (this machine kind's disk) a new inode
+is not taken from those freed in the last 60-300 s (``recently_deleted`` in
+``find_inode_bit``), so every file created after a mass delete scans past
+them: deleting a run's thousands of files made the next runs' creates, the
+receivers' own, several times dearer (docs/performance.md, "The bench's own
+deletions").  Before each run the page cache is written back (``os.sync``),
+outside the timing, so no run pays for an earlier one's writes.
 """
 
 from __future__ import annotations
@@ -175,6 +184,7 @@ def throughput(root: Path, rows: list[Row], args, sizes: dict[str, tuple[int, in
             for peer, fn in runners[k:] + runners[:k]:
                 work = root / f"{tag}-{peer}"
                 work.mkdir()
+                os.sync()  # the earlier runs' dirty pages are not written back during this one
                 for fig, val in fn(work, shares, count, args.warm).items():
                     results[row].setdefault(fig, []).append(val)
                     if not fig.endswith("cpu"):
@@ -183,8 +193,7 @@ def throughput(root: Path, rows: list[Row], args, sizes: dict[str, tuple[int, in
                             f"{fmt_rate(val, count, nbytes)}  ({load()})",
                             flush=True,
                         )
-                if not args.keep:
-                    shutil.rmtree(work, ignore_errors=True)
+                # the work dirs stay until the bench ends (see the module doc)
     return results
 
 

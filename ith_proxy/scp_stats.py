@@ -8,7 +8,18 @@ worker.  A worker is the only writer of its slot; the service only reads
 Slot fields: instances and bytes received (totals since the service
 started: a restarted worker goes on from what its slot holds), associations
 open now, listening (1/0), and a heartbeat (``time.monotonic()`` of the
-worker's last report; the clock is system-wide on Linux).
+worker's last report; the clock is system-wide on Linux).  Those are written
+once a second by the worker's report.
+
+One more field, ``open``, is written at once by the process's association
+threads (``OpenCount``): the connections that process is serving right now.
+It is how ``[scp] max_associations`` holds for the whole proxy: the service
+is slot 0 and has one too, and every process's AE admits an association only
+while its own ones plus the other slots' ``open`` stay within the limit
+(``dicom/ae.ListeningAE``).  A connection counts from the moment its thread
+starts, before its A-ASSOCIATE-RQ is negotiated, so two processes that accept
+at the same instant both see each other: at the boundary both may refuse,
+never both admit.
 """
 
 from __future__ import annotations
@@ -16,11 +27,15 @@ from __future__ import annotations
 import mmap
 import os
 import struct
+import threading
 import time
 
 SLOTS = 16  # [scp] workers is at most 16
 _SLOT = struct.Struct("<QQQQd")  # instances, bytes, associations, listening, heartbeat
 _STRIDE = 64
+_OPEN = struct.Struct("<Q")
+_OPEN_AT = _SLOT.size  # the ``open`` field, after the report's
+SILENT_AFTER = 5.0  # seconds without a report: the worker is reported in health
 
 
 class WorkerStats:
@@ -49,11 +64,41 @@ class WorkerStats:
         )
 
     def forget_associations(self, slot: int) -> None:
-        """After a worker died: its associations died with it."""
-        instances, size, _, _, beat = self.read(slot)
-        _SLOT.pack_into(self._map, slot * _STRIDE, instances, size, 0, 0, beat)
+        """After a worker died: its associations died with it.  The heartbeat
+        is set to now: the restarted worker has its first second to report."""
+        instances, size, _, _, _ = self.read(slot)
+        _SLOT.pack_into(self._map, slot * _STRIDE, instances, size, 0, 0, time.monotonic())
+        _OPEN.pack_into(self._map, slot * _STRIDE + _OPEN_AT, 0)
+
+    def opened(self, slot: int) -> int:
+        return _OPEN.unpack_from(self._map, slot * _STRIDE + _OPEN_AT)[0]
+
+    def silent(self, slots: range, now: float | None = None) -> list[tuple[int, float]]:
+        """(slot, seconds) of every worker whose last report is older than SILENT_AFTER."""
+        now = time.monotonic() if now is None else now
+        ages = [(s, now - self.read(s)[4]) for s in slots]
+        return [(s, age) for s, age in ages if age > SILENT_AFTER]
 
     def totals(self, slots: range) -> tuple[int, int, int]:
         """(instances, bytes, associations) summed over ``slots``."""
         rows = [self.read(s) for s in slots]
         return sum(r[0] for r in rows), sum(r[1] for r in rows), sum(r[2] for r in rows)
+
+
+class OpenCount:
+    """One process's open connections, in its slot's ``open`` field (its
+    only writer), and the sum of the other processes' (``others``)."""
+
+    def __init__(self, stats: WorkerStats, slot: int, slots: int) -> None:
+        self._stats, self._slot = stats, slot
+        self._others = [s for s in range(slots) if s != slot]
+        self._lock = threading.Lock()
+        self._count = 0
+
+    def add(self, delta: int) -> None:
+        with self._lock:
+            self._count = max(0, self._count + delta)
+            _OPEN.pack_into(self._stats._map, self._slot * _STRIDE + _OPEN_AT, self._count)
+
+    def others(self) -> int:
+        return sum(self._stats.opened(s) for s in self._others)

@@ -25,7 +25,7 @@ from ith_proxy.config import Config
 from ith_proxy.control import ServiceControl
 from ith_proxy.dicom.libsetup import configure_libraries
 from ith_proxy.dicom.scp import Counters, StorageSCP
-from ith_proxy.scp_stats import WorkerStats
+from ith_proxy.scp_stats import OpenCount, WorkerStats
 from ith_proxy.store.spool import Spool
 from ith_proxy.vault import stream as vault_stream
 from ith_proxy.vault.keys import Keyring
@@ -53,8 +53,10 @@ def _serve(cfg: Config, lifeline: int, how: str, stats: WorkerStats, slot: int) 
     if cfg.spool.encrypt_incoming:
         encryptor = vault_stream.encryptor(Keyring.load(cfg.vault.key_file))
 
+    opened = OpenCount(stats, slot, cfg.scp.workers)  # max_associations: every process
+
     def make_scp(c: Config, counters: Counters) -> StorageSCP:
-        return StorageSCP(c, spool, encryptor, counters)
+        return StorageSCP(c, spool, encryptor, counters, opened)
 
     base_instances, base_bytes = stats.read(slot)[:2]  # a restart goes on from these
     control = ServiceControl(cfg, spool.catalog_file, make_scp, lambda: "n/a")

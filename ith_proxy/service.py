@@ -39,7 +39,7 @@ from ith_proxy.dicom import scp_stream
 from ith_proxy.dicom.libsetup import configure_libraries
 from ith_proxy.dicom.scp import Counters, StorageSCP
 from ith_proxy.health import Liveness, problems
-from ith_proxy.scp_stats import WorkerStats
+from ith_proxy.scp_stats import OpenCount, WorkerStats
 from ith_proxy.store.catalog import Catalog
 from ith_proxy.store.nodes import load_config_nodes
 from ith_proxy.store.spool import Spool
@@ -173,6 +173,7 @@ class Service:
 
     def _start_scp_worker(self, slot: int) -> None:
         assert self._log_socks is not None and self._scp_stats is not None
+        self._scp_stats.forget_associations(slot)  # a restart: they died with the old one
         self.scp_workers[slot] = ChildProcess.start(
             self.cfg,
             self._log_socks[1],
@@ -209,8 +210,6 @@ class Service:
                 continue
             log.error("SCP worker %d exited (code %s); restarting", slot, worker.exitcode)
             worker.forget()
-            assert self._scp_stats is not None
-            self._scp_stats.forget_associations(slot)
             self._start_scp_worker(slot)
         for name, target in self._restartable():
             thread = self.threads.get(name)
@@ -301,13 +300,15 @@ class Service:
             encryptor = vault_stream.encryptor(Keyring.load(self.cfg.vault.key_file))
             log.info("received instances are encrypted under the vault key in incoming/")
 
+        stats = self._scp_stats  # [scp] workers > 1: max_associations counts every process
+        opened = OpenCount(stats, 0, self.cfg.scp.workers) if stats is not None else None
+
         def make_scp(cfg: Config, counters: Counters) -> StorageSCP:
-            return StorageSCP(cfg, self.spool, encryptor, counters)
+            return StorageSCP(cfg, self.spool, encryptor, counters, opened)
 
         self.control = ServiceControl(
             self.cfg, self.spool.catalog_file, make_scp, lambda: self.link_status
         )
-        stats = self._scp_stats
         if stats is not None:  # the metrics and status count every SCP process
             workers = range(1, self.cfg.scp.workers)
             self.control.others = lambda: stats.totals(workers)
@@ -362,7 +363,19 @@ class Service:
                 forwarder=forwarder is not None and forwarder.is_alive(),
             ),
         )
-        return found + (control.problems() if control is not None else [])
+        return found + self._silent_workers() + (control.problems() if control is not None else [])
+
+    def _silent_workers(self) -> list[str]:
+        """A worker that is alive but has stopped reporting (hung): its share
+        of the associations may be stuck."""
+        stats = self._scp_stats
+        if stats is None:
+            return []
+        return [
+            f"SCP worker {slot} has not reported for {age:.0f} s"
+            for slot, age in stats.silent(range(1, self.cfg.scp.workers))
+            if slot in self.scp_workers and self.scp_workers[slot].is_alive()
+        ]
 
     def stop(self) -> None:
         log.info("shutting down")

@@ -6,6 +6,7 @@ the zygote)."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -128,4 +129,63 @@ def test_a_move_reaches_every_worker_and_a_killed_worker_comes_back(tmp_path: Pa
             30,
             "the restarted worker's log line",
         )
+        assert proxy.stop() == 0
+
+
+def _verification_ae() -> AE:
+    ae = AE(ae_title="LIMIT")
+    ae.add_requested_context("1.2.840.10008.1.1")  # Verification
+    return ae
+
+
+def test_max_associations_holds_for_every_worker_together(tmp_path: Path) -> None:
+    ini = "[scp]\nworkers = 2\nmax_associations = 6\n"
+    with tools.ProxyProcess(tmp_path / "p", env=tokens.ENV, config_text=ini) as proxy:
+        assert proxy.pid is not None
+        worker = _worker(proxy)
+        port = proxy.dicom_port
+        ae = _verification_ae()
+        # six at once, spread over both processes (each holds fewer than six: a limit
+        # counted per process alone would admit a seventh)
+        for _ in range(5):
+            held = [ae.associate("127.0.0.1", port, ae_title="DICOMRCV") for _ in range(6)]
+            assert all(a.is_established for a in held)
+            if _pids(["state", "established", f"sport = :{port}"]) == {proxy.pid, worker}:
+                break
+            for a in held:
+                a.release()
+        else:
+            raise AssertionError("the kernel never spread six associations over both processes")
+        try:
+            extra = ae.associate("127.0.0.1", port, ae_title="DICOMRCV")
+            assert extra.is_rejected  # A-ASSOCIATE-RJ: local limit exceeded
+            assert proxy.health()[0] == 200  # the limit reached is no fault
+            held.pop().release()
+
+            def admitted() -> bool:
+                again = ae.associate("127.0.0.1", port, ae_title="DICOMRCV")
+                if again.is_established:
+                    held.append(again)
+                return again.is_established
+
+            wait_until(admitted, 10, "a slot freed by a release")
+        finally:
+            for a in held:
+                a.release()
+        assert tools.echoscu(port).returncode == 0
+        assert proxy.stop() == 0
+
+
+def test_a_worker_that_stops_reporting_is_in_health(tmp_path: Path) -> None:
+    with tools.ProxyProcess(tmp_path / "p", env=tokens.ENV, config_text=INI) as proxy:
+        worker = _worker(proxy)
+        assert proxy.health()[0] == 200
+        os.kill(worker, signal.SIGSTOP)  # alive, but hung: no report
+        try:
+            wait_until(lambda: proxy.health()[0] == 503, 15, "health reports the silent worker")
+            assert "SCP worker 1 has not reported for" in json.dumps(proxy.health()[1])
+        finally:
+            os.kill(worker, signal.SIGCONT)
+        wait_until(lambda: proxy.health()[0] == 200, 15, "health back once it reports again")
+        assert _worker(proxy) == worker  # the same process: it was never restarted
         assert proxy.stop() == 0

@@ -13,6 +13,11 @@ its reactor on work (``wake.py``).  Socket fixes, in ``Server``:
   probes never hold an association slot;
 - the association's reactor threads wake on work instead of polling every
   1 ms (``wake.py``).
+
+With ``[scp] workers`` > 1, ``max_associations`` holds for all the SCP
+processes together: each counts its connections in a shared page
+(``OpenCount``, kept by ``scp_stats``) and ``ListeningAE`` admits an association only
+while its own plus the others' stay within the limit.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import select
 import socket
 import socketserver
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 from pynetdicom import AE
 from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
@@ -58,6 +63,33 @@ QR_FIND_CLASSES = ("1.2.840.10008.5.1.4.1.2.1.1", "1.2.840.10008.5.1.4.1.2.2.1")
 DEFAULT_TRANSFER_SYNTAXES = ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1")
 
 
+class OpenCount(Protocol):
+    """A process's open connections where the other SCP processes see them
+    (``scp_stats.OpenCount``, given by whoever starts the SCP)."""
+
+    def add(self, delta: int) -> None: ...
+
+    def others(self) -> int: ...
+
+
+class ListeningAE(AE):
+    """pynetdicom's AE, whose association limit leaves room for the
+    associations the other SCP processes hold (``others_open``; none with
+    one process).  pynetdicom refuses an association (A-ASSOCIATE-RJ,
+    transient, local limit exceeded) when this process's acceptors, the new
+    one included, are more than ``maximum_associations``."""
+
+    others_open: Callable[[], int] = staticmethod(lambda: 0)
+
+    @property
+    def maximum_associations(self) -> int:
+        return max(0, self._maximum_associations - self.others_open())
+
+    @maximum_associations.setter
+    def maximum_associations(self, value: int) -> None:
+        self._maximum_associations = max(1, value)  # as pynetdicom's setter ([scp] checks 1..1000)
+
+
 class AssociationHandler(RequestHandler):
     server: Server  # only ever made by a Server, which carries the store_opener
 
@@ -69,7 +101,24 @@ class AssociationHandler(RequestHandler):
         retrieve = getattr(self.server, "retrieve", None)
         if retrieve is not None:  # C-GET/C-MOVE: stored bytes as they are (get_stream.py)
             get_stream.install(assoc, retrieve)
+        if self.server.open_count is not None:
+            _counted(assoc, self.server.open_count)
         return assoc
+
+
+def _counted(assoc: Any, count: OpenCount) -> None:
+    """The association's thread counts in ``count`` from its start (before
+    the A-ASSOCIATE-RQ is negotiated) to its end."""
+    run = assoc.run
+
+    def counted_run() -> None:
+        count.add(1)
+        try:
+            run()
+        finally:
+            count.add(-1)
+
+    assoc.run = counted_run
 
 
 class Server(ThreadedAssociationServer):
@@ -83,6 +132,7 @@ class Server(ThreadedAssociationServer):
 
     # several SCP processes on one port ([scp] workers > 1): set by the SCP
     reuse_port = False
+    open_count: OpenCount | None = None  # this process's connections, in the shared page
 
     def server_bind(self) -> None:
         if self.reuse_port and self.socket is not None:  # pynetdicom ignores allow_reuse_port
@@ -116,9 +166,9 @@ class Server(ThreadedAssociationServer):
         super().process_request_thread(request, client_address)
 
 
-def build_ae(cfg: Config) -> AE:
+def build_ae(cfg: Config) -> ListeningAE:
     scp = cfg.scp
-    ae = AE(ae_title=scp.ae_title)
+    ae = ListeningAE(ae_title=scp.ae_title)
     ae.implementation_class_uid = IMPLEMENTATION_CLASS_UID
     ae.implementation_version_name = IMPLEMENTATION_VERSION
     # Explicit VR LE first: of the syntaxes a requester proposes in one context

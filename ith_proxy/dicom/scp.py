@@ -30,7 +30,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from ith_proxy.config import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION, Config
 from ith_proxy.dicom import get_stream, qr, qr_retrieve, scp_stream
-from ith_proxy.dicom.ae import AssociationHandler, Server, build_ae
+from ith_proxy.dicom.ae import AssociationHandler, OpenCount, Server, build_ae
 from ith_proxy.store.spool import Spool
 
 log = logging.getLogger("ith_proxy.dicom")
@@ -144,6 +144,7 @@ class StorageSCP:
         spool: Spool,
         encryptor: scp_stream.WriterFactory | None = None,
         counters: Counters | None = None,
+        open_count: OpenCount | None = None,
     ) -> None:
         scp_stream.check_library()  # raises LibraryMismatch on another pynetdicom
         get_stream.check_library()
@@ -152,6 +153,9 @@ class StorageSCP:
         self.encryptor = encryptor
         self.counters = counters or Counters()
         self.ae = build_ae(cfg)
+        self.open_count = open_count  # [scp] workers > 1: the limit is for every process
+        if open_count is not None:
+            self.ae.others_open = open_count.others
         self.server: ThreadedAssociationServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -171,6 +175,7 @@ class StorageSCP:
                 "request_queue_size": max(self.cfg.scp.max_associations * 2, 64),
                 "artim_timeout": self.cfg.scp.artim_timeout,
                 "reuse_port": self.cfg.scp.workers > 1,
+                "open_count": self.open_count,
                 "store_opener": staticmethod(self._store_opener),
                 "retrieve": staticmethod(qr_retrieve.serve(self.cfg, self.spool)),
             },

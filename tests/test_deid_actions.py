@@ -14,6 +14,7 @@ from __future__ import annotations
 import io
 
 import pytest
+from pydicom.charset import decode_bytes, python_encoding
 from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.filebase import DicomFileLike
@@ -24,7 +25,7 @@ from pydicom.tag import BaseTag
 from ith_proxy.deid.actions import KEEP, REMOVE, Context, replacement
 from ith_proxy.deid.engine import Deidentifier, DeidResult
 from ith_proxy.deid.pseudo import remap_uid
-from ith_proxy.deid.raw import TEXT_VRS, encode_raw
+from ith_proxy.deid.raw import TEXT_VRS, encode_raw, read_text
 
 SECRET = b"0123456789abcdef0123456789abcdef-actions"
 DAYS = -400
@@ -280,3 +281,19 @@ def test_cleaning_without_modified_dates_empties_dates_and_times() -> None:
 def test_an_unknown_action_is_an_error() -> None:
     with pytest.raises(ValueError, match="unknown"):
         replacement("Q", "LO", "InstitutionName", "GENERAL", CTX)
+
+
+@pytest.mark.parametrize("term", sorted(python_encoding))
+def test_ascii_text_reads_the_same_in_every_character_set(term: str) -> None:
+    """``read_text`` reads plain ASCII (no escape) without looking up the
+    character sets; pydicom's full decoding gives the same text in each."""
+    value = bytes(range(0x20, 0x7F)) + b" "  # every printable byte, \\ = ^ included
+    for charsets in ([term], ["", term]):
+        ds = Dataset()
+        ds.SpecificCharacterSet = charsets if len(charsets) > 1 else charsets[0]
+        tag = BaseTag(0x00100010)  # PatientName, PN
+        ds[tag] = RawDataElement(tag, "PN", len(value), value, 0, False, True)
+        read = read_text(ds, tag)
+        assert read is not None
+        full = decode_bytes(value, ds._character_set, {0x5C, 0x3D, 0x5E}).rstrip(" \x00")
+        assert read[2] == full == value.decode("ascii").rstrip(" ")

@@ -70,10 +70,15 @@ def read_text(ds: Dataset, tag: BaseTag) -> tuple[RawDataElement, str, str] | No
     vr = vr_of(raw, tag)
     if vr not in TEXT_VRS:
         return None
-    if vr in _CHARSET_VRS:
-        text = decode_bytes(raw.value, ds._character_set, _DELIMITERS)
+    value = raw.value
+    if vr in _CHARSET_VRS and not (value.isascii() and b"\x1b" not in value):
+        # not plain ASCII: the data set's character sets decide (pydicom looks
+        # them up on each call).  Plain ASCII without an escape reads the same
+        # in every character set DICOM defines (their Python codecs all map
+        # 0x00-0x7F to ASCII) and skips that lookup: most text is ASCII.
+        text = decode_bytes(value, ds._character_set, _DELIMITERS)
     else:
-        text = raw.value.decode("ascii", "replace")
+        text = value.decode("ascii", "replace")
     return raw, vr, text.rstrip(" \x00")
 
 

@@ -187,9 +187,12 @@ ALLOWED_ROOMS: dict[str, set[str] | None] = {
         "dicom.files",
         "dicom.codestream",
         "workers.index_checks",
+        "workers.index_watch",
     },
     # what the indexer refuses and how: checks, quarantine reasons, quarantine (not a worker)
     "workers.index_checks": {"deid", "dicom.files", "vault.stream"},
+    # the indexer's wake-up on incoming/: watchdog's inotify reader, parked while it works
+    "workers.index_watch": set(),
     "workers.scheduler": {
         "config",
         "store.spool",
@@ -339,7 +342,7 @@ THIRD_PARTY: dict[str, set[str]] = {
     "jwt": {"web"},
     "waitress": {"web"},
     "websocket": {"link"},
-    "watchdog": {"workers.indexer"},
+    "watchdog": {"workers.index_watch"},
 }
 
 

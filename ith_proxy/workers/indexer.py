@@ -38,9 +38,6 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from watchdog import events as wd
-from watchdog.observers import Observer
-
 from ith_proxy.config import Config
 from ith_proxy.deid import Deidentifier
 from ith_proxy.deid.risk import phi_risk
@@ -53,6 +50,7 @@ from ith_proxy.vault.records import Vault, VaultRecordError
 from ith_proxy.vault.stream import EncryptedFileError
 from ith_proxy.workers import index_checks as checks
 from ith_proxy.workers.index_checks import Inconsistent, PhiRisk
+from ith_proxy.workers.index_watch import Doorbell
 
 log = logging.getLogger("ith_proxy.indexer")
 
@@ -84,6 +82,7 @@ class Indexer:
         # (ThreadingViolationError, which failed whole batches and duplicated
         # their vault records on the retry).
         self._db_lock = threading.Lock()
+        self._bell: Doorbell | None = None  # while run() runs
 
     # --- one pass ---
 
@@ -318,17 +317,13 @@ class Indexer:
                 log.error("%s; not reused", exc)
         return self.vault.put(record)
 
-    # --- the thread loop: watchdog is a hint, the periodic rescan is the truth ---
+    # --- the thread loop: the doorbell is a hint, the periodic rescan is the truth ---
 
     def run(self, stop: threading.Event) -> None:
         """Pipelined loop: batch N+1 is processed while batch N is synced and committed
         in a second thread (the sync is I/O wait, ~30% of the per-instance time)."""
-        observer = Observer()
-        observer.schedule(  # only arrivals: not our own reads and deletions (4 events a file)
-            _Wake(self.wake), str(self.spool.incoming), recursive=False, event_filter=_ARRIVALS
-        )
-        observer.daemon = True
-        observer.start()
+        bell = self._bell = Doorbell(str(self.spool.incoming), self.wake)  # index_watch.py
+        bell.start()
         pending: Future | None = None
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="indexer-commit") as pool:
             try:
@@ -355,10 +350,13 @@ class Indexer:
                 if pending is not None:
                     pending.result()
             finally:
-                observer.stop()
+                bell.stop()
+                self._bell = None
 
     def _idle(self, stop: threading.Event) -> None:
-        """Sleep until watchdog wakes us, the rescan interval passes, or stop."""
+        """Sleep until the doorbell wakes us, the rescan interval passes, or stop."""
+        if self._bell is not None:
+            self._bell.listen()
         deadline = time.monotonic() + self.cfg.indexer.rescan_interval
         while not stop.is_set():
             remaining = deadline - time.monotonic()
@@ -387,16 +385,3 @@ class _Batch:
     @property
     def solo(self) -> bool:  # a suspect: committed before anything else is processed
         return bool(self.prev)
-
-
-# the inotify mask asks the kernel for these only (watchdog 7: get_event_mask_from_filter)
-_ARRIVALS = [wd.FileCreatedEvent, wd.FileMovedEvent, wd.FileClosedEvent]
-
-
-class _Wake(wd.FileSystemEventHandler):
-    def __init__(self, event: threading.Event) -> None:
-        self.event = event
-
-    def on_any_event(self, event: wd.FileSystemEvent) -> None:
-        if event.event_type in ("created", "moved", "closed"):
-            self.event.set()

@@ -1,7 +1,8 @@
 """A/B of proxy source trees: the same ingest, runs alternating, medians.
 
-Sends the small data set of ``bench/ingest.py`` (1000 x 64x64 CT, DCMTK
-storescu, ``--parallel N`` associations) to the proxy started from each
+Sends a data set of ``bench/ingest.py`` (``--set small``, the default: 1000
+x 64x64 CT; ``--set large``: 200 x 512x512) with DCMTK storescu over
+``--parallel N`` associations to the proxy started from each
 tree in turn (``PYTHONPATH=TREE``, this Python), the order reversed from
 run to run, and prints for each tree: the ack and end-to-end rates, the CPU
 of the proxy's processes per instance (user and system), and how long the
@@ -88,6 +89,7 @@ def run_tree(tree: Path, work: Path, shares: list[Path], n: int, ini: str) -> di
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("trees", nargs="+", type=Path, help="source trees (each holds ith_proxy/)")
+    ap.add_argument("--set", choices=["small", "large"], default="small", help="data set")
     ap.add_argument("--parallel", type=int, default=1, help="storescu associations at once")
     ap.add_argument("--runs", type=int, default=3, help="runs per tree (median reported)")
     ap.add_argument("--ini", default="", help="INI text for every proxy ('\\n' for newlines)")
@@ -110,7 +112,7 @@ def main() -> int:
     root = Path(tempfile.mkdtemp(prefix="ith-bench-ab-"))
     results: dict[str, list[dict[str, float]]] = {t.name: [] for t in trees}
     try:
-        count, px, _ = dataset.DATASETS["small"]
+        count, px, _ = dataset.DATASETS[args.set]
         dataset.make_dataset(root / "data", count, px)
         shares = [root / "data"]
         if args.parallel > 1:
@@ -133,7 +135,7 @@ def main() -> int:
     finally:
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)
-    print(f"\nMEDIANS ({args.runs} runs, {args.parallel} association(s), {count} instances)")
+    print(f"\nMEDIANS ({args.runs} runs, {args.parallel} association(s), {count} {args.set})")
     keys = list(next(iter(results.values()))[0])
     print(f"{'tree':>16s}  " + "  ".join(f"{k:>14s}" for k in keys))
     for name, figs in results.items():

@@ -122,7 +122,8 @@ ALLOWED_ROOMS: dict[str, set[str] | None] = {
     "dicom.scp_stream": {"config", "dicom.store_wire"},  # replaces pynetdicom's data set assembly
     # the one replacement of pynetdicom's C-STORE-RSP sending (command set packed by hand)
     "dicom.store_wire": {"dicom.find_wire", "dicom.scu_wire"},
-    "dicom.ae": {"config", "dicom.get_stream", "dicom.scp_stream", "dicom.wake"},
+    "dicom.ae": {"config", "dicom.get_stream", "dicom.pdu_read", "dicom.scp_stream", "dicom.wake"},
+    "dicom.pdu_read": set(),  # P-DATA-TF PDUs read by hand on the DUL thread
     # the SCP gets a stream-encryptor factory from the service; it imports no vault room
     "dicom.scp": {
         "config",

@@ -33,7 +33,7 @@ from pynetdicom import AE
 from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
 from ith_proxy.config import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION, Config
-from ith_proxy.dicom import get_stream, scp_stream
+from ith_proxy.dicom import get_stream, pdu_read, scp_stream
 from ith_proxy.dicom.wake import wake_on_work
 
 log = logging.getLogger("ith_proxy.dicom")
@@ -97,6 +97,8 @@ class AssociationHandler(RequestHandler):
         assoc = super()._create_association()
         # data sets stream to spool/tmp/ instead of a BytesIO (scp_stream.py)
         scp_stream.install(assoc, self.server.store_opener(assoc), self.ae.maximum_pdu_size)
+        # P-DATA-TF PDUs read by hand, as DT-2 would hand them on (pdu_read.py)
+        pdu_read.install(assoc, self.ae.maximum_pdu_size, scp_stream.MAX_OTHER_PDU)
         wake_on_work(assoc)  # event-driven instead of 1 ms polling (wake.py)
         retrieve = getattr(self.server, "retrieve", None)
         if retrieve is not None:  # C-GET/C-MOVE: stored bytes as they are (get_stream.py)

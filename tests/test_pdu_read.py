@@ -1,0 +1,180 @@
+"""P-DATA-TF PDUs read by hand on the DUL thread (dicom/pdu_read.py, issue 11).
+
+The PDVs of a P-DATA-TF are split as PS3.8 9.3.5.1 frames them, the same
+items as pynetdicom's decoder gives; a malformed item aborts the
+association, as pynetdicom's decoder does; a real SCP takes every
+P-DATA-TF of a data transfer through the hand-made path, several PDVs in one
+PDU included, and stores byte-exact instances."""
+
+from __future__ import annotations
+
+import socket
+import struct
+from io import BytesIO
+from pathlib import Path
+
+import pytest
+from pydicom import dcmread
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_dataset
+from pynetdicom import AE
+from pynetdicom.dimse_messages import C_STORE_RQ
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.pdu import P_DATA_TF
+
+import dicomgen
+import tools
+from ith_proxy.dicom import pdu_read
+from ith_proxy.dicom.scp import StorageSCP
+from worker_rooms import Rooms
+
+CT = "1.2.840.10008.5.1.4.1.1.2"
+EXPLICIT = "1.2.840.10008.1.2.1"
+
+
+def _pdv(context: int, control: int, data: bytes) -> bytes:
+    return struct.pack(">LBB", len(data) + 2, context, control) + data
+
+
+def _stock_items(body: bytes) -> list[tuple[int, bytes]]:
+    pdu = P_DATA_TF()
+    pdu.decode(struct.pack(">BBL", 4, 0, len(body)) + body)
+    return pdu.to_primitive().presentation_data_value_list
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"",
+        _pdv(1, 3, b"\x08\x00" * 10),
+        _pdv(1, 1, b"a" * 7) + _pdv(3, 2, b"") + _pdv(255, 0, b"b" * 16000),
+    ],
+)
+def test_the_items_are_pynetdicoms(body: bytes) -> None:
+    mine = pdu_read.split_pdvs(memoryview(body))
+    assert mine is not None
+    assert [(c, bytes(v)) for c, v in mine] == [(c, bytes(v)) for c, v in _stock_items(body)]
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        struct.pack(">LB", 0, 1),  # no context ID
+        struct.pack(">LB", 1, 1),  # no message control header
+        _pdv(1, 3, b"abcd")[:-1],  # shorter than its length
+        _pdv(1, 3, b"abcd") + b"\x00\x00\x00",  # a cut item header after it
+        b"\x00",
+    ],
+)
+def test_a_malformed_item_is_refused(body: bytes) -> None:
+    assert pdu_read.split_pdvs(memoryview(body)) is None
+
+
+def _associate_rq() -> bytes:
+    def item(kind: int, data: bytes) -> bytes:
+        return struct.pack(">BBH", kind, 0, len(data)) + data
+
+    context = bytes([1, 0, 0, 0]) + item(0x30, CT.encode()) + item(0x40, EXPLICIT.encode())
+    user = item(0x51, struct.pack(">I", 16384)) + item(0x52, b"1.2.826.0.1.3680043.10.9997")
+    body = (
+        struct.pack(">HH", 1, 0)
+        + b"DICOMRCV".ljust(16)
+        + b"RAWPEER".ljust(16)
+        + bytes(32)
+        + item(0x10, b"1.2.840.10008.3.1.1.1")
+        + item(0x20, context)
+        + item(0x50, user)
+    )
+    return struct.pack(">BBL", 0x01, 0, len(body)) + body
+
+
+def _read_pdu(sock: socket.socket) -> tuple[int, bytes]:
+    head = b""
+    while len(head) < 6:
+        chunk = sock.recv(6 - len(head))
+        if not chunk:
+            return 0, b""  # closed
+        head += chunk
+    kind, _, length = struct.unpack(">BBL", head)
+    body = b""
+    while len(body) < length:
+        chunk = sock.recv(length - len(body))
+        assert chunk, "closed mid-PDU"
+        body += chunk
+    return kind, body
+
+
+@pytest.fixture
+def scp(tmp_path: Path, monkeypatch):
+    """An SCP in this process; ``split`` counts the PDUs read by hand."""
+    split: list[int] = []
+    stock = pdu_read.split_pdvs
+
+    def counted(body):
+        split.append(len(body))
+        return stock(body)
+
+    monkeypatch.setattr(pdu_read, "split_pdvs", counted)
+    env = {"DICOM_PORT": str(tools.free_port()), "DICOM_BIND_ADDRESS": "127.0.0.1"}
+    rooms = Rooms(tmp_path, "[spool]\nencrypt_incoming = false\n", env)
+    server = StorageSCP(rooms.cfg, rooms.spool)
+    server.start()
+    try:
+        yield rooms, split
+    finally:
+        server.stop()
+        rooms.close()
+
+
+def test_a_real_scp_reads_every_data_pdu_by_hand(tmp_path: Path, scp) -> None:
+    rooms, split = scp
+    series = dicomgen.make_small_series(tmp_path / "in", 3)
+    ae = AE(ae_title="TESTSCU")
+    ae.add_requested_context(CT, EXPLICIT)
+    assoc = ae.associate("127.0.0.1", rooms.cfg.scp.port, ae_title=rooms.cfg.scp.ae_title)
+    assert assoc.is_established
+    try:
+        for path in series.files:
+            assert assoc.send_c_store(dcmread(path)).Status == 0x0000
+    finally:
+        assoc.release()
+    assert len(rooms.spool.incoming_names()) == 3
+    # every P-DATA-TF went the hand-made way: per instance its command's and its data set's
+    assert len(split) == 3 * 2
+
+
+def test_command_and_data_set_in_one_pdu_and_a_malformed_pdv(tmp_path: Path, scp) -> None:
+    rooms, split = scp
+    series = dicomgen.make_small_series(tmp_path / "in", 1)
+    ds = dcmread(series.files[0])
+    primitive = C_STORE()
+    primitive.MessageID, primitive.AffectedSOPClassUID = 5, CT
+    primitive.AffectedSOPInstanceUID, primitive.Priority = ds.SOPInstanceUID, 2
+
+    buf = DicomBytesIO()
+    buf.is_little_endian, buf.is_implicit_VR = True, False
+    write_dataset(buf, ds)
+    primitive.DataSet = BytesIO(buf.getvalue())
+    msg = C_STORE_RQ()
+    msg.primitive_to_message(primitive)
+    pdvs = b"".join(
+        p.presentation_data_value_items[0].encode()
+        for p in (P_DATA_TF(x) for x in msg.encode_msg(1, 1024))
+    )
+    assert len(pdvs) < 16000  # one PDU of several PDVs: the command's, then the data set's
+    with socket.create_connection(("127.0.0.1", rooms.cfg.scp.port), timeout=30) as sock:
+        sock.sendall(_associate_rq())
+        assert _read_pdu(sock)[0] == 0x02  # A-ASSOCIATE-AC
+        sock.sendall(struct.pack(">BBL", 4, 0, len(pdvs)) + pdvs)
+        kind, body = _read_pdu(sock)
+        assert kind == 0x04  # the C-STORE-RSP
+        assert struct.pack("<HHLH", 0x0000, 0x0900, 2, 0x0000) in body  # Status: Success
+        # then a PDV that has no message control header: A-ABORT, connection closed
+        sock.sendall(struct.pack(">BBL", 4, 0, 5) + struct.pack(">LB", 1, 1))
+        assert _read_pdu(sock)[0] == 0x07
+        assert _read_pdu(sock)[0] == 0  # closed
+    assert len(split) == 2
+    (name,) = rooms.spool.incoming_names()
+    stored = rooms.spool.incoming_path(name).read_bytes()
+    assert stored.endswith(buf.getvalue())  # the data set byte for byte, after our meta
+    assert not list(rooms.spool.tmp.iterdir())

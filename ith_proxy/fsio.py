@@ -144,6 +144,20 @@ def load_syncfs() -> Callable[[int], int] | None:
         return None
 
 
+SYNC_FILE_RANGE_WRITE = 2  # <linux/fs.h>: start writeback of dirty pages, do not wait
+
+
+def load_sync_file_range() -> Callable[[int, int, int, int], int] | None:
+    """libc's sync_file_range (Linux), or None.  Only a hint to start writing:
+    durability still comes from fsync."""
+    try:
+        func = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    func.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    return func
+
+
 def unique_name() -> str:
     """Opaque, unique and roughly time-ordered; never parsed."""
     return f"{time.time_ns()}.{os.getpid()}.{os.urandom(6).hex()}"

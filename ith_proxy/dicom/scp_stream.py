@@ -63,6 +63,7 @@ log = logging.getLogger("ith_proxy.dicom")
 WRITTEN_FOR = "3.0.4"
 OUT_OF_RESOURCES = 0xA700
 CANNOT_UNDERSTAND = 0xC000
+WRITEBACK = 256 << 10  # Spool.write_tmp(kick=True) this often
 BIG_ENDIAN = "1.2.840.10008.1.2.2"
 FLUSH = 1 << 20  # plaintext bytes held before a writev
 MAX_COMMAND_SET = 64 << 10  # a command set is a few hundred bytes
@@ -143,6 +144,7 @@ class Incoming:
         self._big_endian = big_endian
         self._max_bytes, self._min_free_mb = max_bytes, min_free_mb
         self._first = b""  # the data set's first bytes, until the group is known
+        self._kick_at = WRITEBACK
         self._fd, self._path = -1, ""
         self._writer: Writer | None = (encryptor or _Buffered)(self._out)
         self.owner: Receiver | None = None  # the receiver that has it, until taken
@@ -158,7 +160,9 @@ class Incoming:
             self._fd, self._path = self.spool.open_tmp()
         elif self._min_free_mb and self.spool.free_mb() < self._min_free_mb:
             raise OSError(28, "free disk below [spool] min_free_mb")
-        self.spool.write_tmp(self._fd, parts)
+        kick = self.size >= self._kick_at  # start the writeback every WRITEBACK bytes
+        self._kick_at += WRITEBACK if kick else 0
+        self.spool.write_tmp(self._fd, parts, kick)
 
     def _refuse(self, status: int, why: str) -> None:
         if not self.status:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import struct
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -155,3 +156,25 @@ def bulk_rows(
         )
         for n in range(count)
     ]
+
+
+def associate_rq(
+    abstract: str, transfer: str, calling: bytes, max_pdu: int = 16384, called: bytes = b"DICOMRCV"
+) -> bytes:
+    """An A-ASSOCIATE-RQ PDU with one presentation context (ID 1), for raw-socket peers."""
+
+    def item(kind: int, data: bytes) -> bytes:
+        return struct.pack(">BBH", kind, 0, len(data)) + data
+
+    context = bytes([1, 0, 0, 0]) + item(0x30, abstract.encode()) + item(0x40, transfer.encode())
+    user = item(0x51, struct.pack(">I", max_pdu)) + item(0x52, b"1.2.826.0.1.3680043.10.9998")
+    body = (
+        struct.pack(">HH", 1, 0)
+        + called.ljust(16)
+        + calling.ljust(16)
+        + bytes(32)
+        + item(0x10, b"1.2.840.10008.3.1.1.1")
+        + item(0x20, context)
+        + item(0x50, user)
+    )
+    return struct.pack(">BBL", 0x01, 0, len(body)) + body

@@ -24,6 +24,7 @@ from pynetdicom.pdu import P_DATA_TF
 
 import dicomgen
 import tools
+from helpers import associate_rq
 from ith_proxy.dicom import pdu_read
 from ith_proxy.dicom.scp import StorageSCP
 from worker_rooms import Rooms
@@ -68,24 +69,6 @@ def test_the_items_are_pynetdicoms(body: bytes) -> None:
 )
 def test_a_malformed_item_is_refused(body: bytes) -> None:
     assert pdu_read.split_pdvs(memoryview(body)) is None
-
-
-def _associate_rq() -> bytes:
-    def item(kind: int, data: bytes) -> bytes:
-        return struct.pack(">BBH", kind, 0, len(data)) + data
-
-    context = bytes([1, 0, 0, 0]) + item(0x30, CT.encode()) + item(0x40, EXPLICIT.encode())
-    user = item(0x51, struct.pack(">I", 16384)) + item(0x52, b"1.2.826.0.1.3680043.10.9997")
-    body = (
-        struct.pack(">HH", 1, 0)
-        + b"DICOMRCV".ljust(16)
-        + b"RAWPEER".ljust(16)
-        + bytes(32)
-        + item(0x10, b"1.2.840.10008.3.1.1.1")
-        + item(0x20, context)
-        + item(0x50, user)
-    )
-    return struct.pack(">BBL", 0x01, 0, len(body)) + body
 
 
 def _read_pdu(sock: socket.socket) -> tuple[int, bytes]:
@@ -163,7 +146,7 @@ def test_command_and_data_set_in_one_pdu_and_a_malformed_pdv(tmp_path: Path, scp
     )
     assert len(pdvs) < 16000  # one PDU of several PDVs: the command's, then the data set's
     with socket.create_connection(("127.0.0.1", rooms.cfg.scp.port), timeout=30) as sock:
-        sock.sendall(_associate_rq())
+        sock.sendall(associate_rq(CT, EXPLICIT, b"RAWPEER"))
         assert _read_pdu(sock)[0] == 0x02  # A-ASSOCIATE-AC
         sock.sendall(struct.pack(">BBL", 4, 0, len(pdvs)) + pdvs)
         kind, body = _read_pdu(sock)

@@ -24,7 +24,7 @@ from pynetdicom.dsutils import decode, encode
 from pynetdicom.pdu import P_DATA_TF
 
 from ith_proxy.store.catalog import Catalog
-from tests.helpers import bulk_rows
+from tests.helpers import associate_rq, bulk_rows
 from tests.tools import ProxyProcess
 
 STUDY_ROOT = "1.2.840.10008.5.1.4.1.2.2.1"
@@ -45,27 +45,6 @@ def proxy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProxyProcess]:
         finally:
             cat.close()
         yield proxy
-
-
-def _item(kind: int, body: bytes) -> bytes:
-    return struct.pack(">BBH", kind, 0, len(body)) + body
-
-
-def _associate_rq() -> bytes:
-    context = (
-        bytes([1, 0, 0, 0]) + _item(0x30, STUDY_ROOT.encode()) + _item(0x40, IMPLICIT.encode())
-    )
-    user = _item(0x51, struct.pack(">I", MAX_PDU)) + _item(0x52, b"1.2.826.0.1.3680043.10.9998")
-    body = (
-        struct.pack(">HH", 1, 0)
-        + b"DICOMRCV".ljust(16)
-        + b"QRTEST".ljust(16)
-        + bytes(32)
-        + _item(0x10, b"1.2.840.10008.3.1.1.1")
-        + _item(0x20, context)
-        + _item(0x50, user)
-    )
-    return struct.pack(">BBI", 0x01, 0, len(body)) + body
 
 
 def _find_rq() -> bytes:
@@ -142,7 +121,7 @@ def _open(proxy: ProxyProcess) -> tuple[socket.socket, Wire]:
     sock.settimeout(60)
     sock.connect(("127.0.0.1", proxy.dicom_port))
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    sock.sendall(_associate_rq())
+    sock.sendall(associate_rq(STUDY_ROOT, IMPLICIT, b"QRTEST", MAX_PDU))
     wire = Wire()
     assert wire.read_pdu(sock) == 0x02  # A-ASSOCIATE-AC
     wire.kinds.clear()

@@ -96,9 +96,9 @@ class AssociationHandler(RequestHandler):
     def _create_association(self) -> Any:
         assoc = super()._create_association()
         # data sets stream to spool/tmp/ instead of a BytesIO (scp_stream.py)
-        scp_stream.install(assoc, self.server.store_opener(assoc), self.ae.maximum_pdu_size)
-        # P-DATA-TF PDUs read by hand, as DT-2 would hand them on (pdu_read.py)
-        pdu_read.install(assoc, self.ae.maximum_pdu_size, scp_stream.MAX_OTHER_PDU)
+        scp_stream.install(assoc, self.server.store_opener(assoc))
+        # PDUs read (and their length bounded) by hand; P-DATA-TF handed on as DT-2 does
+        pdu_read.install(assoc, self.ae.maximum_pdu_size)
         wake_on_work(assoc)  # event-driven instead of 1 ms polling (wake.py)
         retrieve = getattr(self.server, "retrieve", None)
         if retrieve is not None:  # C-GET/C-MOVE: stored bytes as they are (get_stream.py)

@@ -1,4 +1,4 @@
-"""P-DATA-TF PDUs read by hand on the DUL thread (pynetdicom 3.0.4 only).
+"""PDUs read by hand on the DUL thread: length bounded, P-DATA-TF split (pynetdicom 3.0.4 only).
 
 Stock 3.0.4 reads every PDU in ``DULServiceProvider._read_pdu_data``: the
 body in 4 KiB ``recv`` calls, each appended to a growing bytearray, then
@@ -9,17 +9,23 @@ turns the PDU into a ``P_DATA`` primitive and hands it to
 ``dimse.receive_primitive``, on the same thread.  A 200-slice CT at the
 default maximum PDU of 16 KiB is 6,400 such PDUs.
 
-``install(assoc, max_pdu, max_other)`` replaces ``_read_pdu_data`` for one
-acceptor association.  A P-DATA-TF that arrives in Sta6 (data transfer:
-DT-2's only state, which it leaves as it is) is read into one buffer with
+``install(assoc, max_pdu)`` replaces ``_read_pdu_data`` for one acceptor
+association: every PDU it gets is read here.  Stock pynetdicom reads a whole
+PDU into memory before decoding it, trusting the 4-byte length the peer
+sends; here a PDU longer than the maximum PDU length we announced
+(``max_pdu``, for P-DATA) or than ``MAX_OTHER_PDU`` (association
+negotiation) closes the connection before its body is read.
+
+A P-DATA-TF that arrives in Sta6 (data transfer: DT-2's only state, which
+it leaves as it is) is read into one buffer with
 ``recv_into``, split into its PDVs as memoryviews (PS3.8 9.3.5.1), and
 given to ``dimse.receive_primitive`` at once: the call DT-2 makes.  A
 fresh buffer per PDU, so a writer may keep views of earlier fragments.
 Every other PDU, and every PDU of an association with an ``EVT_DATA_RECV``
 or ``EVT_PDU_RECV`` handler (it wants pynetdicom's objects), goes through
 stock's own steps, the header being already read.  Errors map as stock's
-do: a connection that fails or ends mid-PDU, or a PDU longer than we allow
-(``scp_stream._bound_pdu_reads``), is Evt17; an unknown PDU type or a
+do: a connection that fails or ends mid-PDU, or a PDU longer than we allow,
+is Evt17 (as a dropped connection); an unknown PDU type or a
 malformed PDV item is Evt19, and the association is aborted.
 """
 
@@ -37,6 +43,7 @@ _HEAD = struct.Struct(">BBL")
 _ITEM = struct.Struct(">LB")  # PDV item: length, presentation context ID
 _P_DATA_TF = 0x04
 _KNOWN = frozenset(range(0x01, 0x08))
+MAX_OTHER_PDU = 1 << 20  # A-ASSOCIATE-RQ & co (many contexts may pass 16 KiB)
 
 
 class PData:
@@ -76,10 +83,11 @@ def _recv_exact(sock: Any, n: int) -> bytearray | None:
     return buf
 
 
-def install(assoc: Any, max_pdu: int, max_other: int) -> None:
-    """Read this association's P-DATA-TF PDUs by hand (see the module)."""
+def install(assoc: Any, max_pdu: int) -> None:
+    """Read this association's PDUs by hand (see the module); ``max_pdu`` is
+    the maximum PDU length we announced (0: unlimited, as configured)."""
     dul = assoc.dul
-    limit = max(max_pdu, max_other) if max_pdu else 0
+    limit = max(max_pdu, MAX_OTHER_PDU) if max_pdu else 0
 
     def read_pdu_data() -> None:
         raw = dul.socket.socket

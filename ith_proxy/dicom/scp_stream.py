@@ -35,9 +35,8 @@ promotes it to ``incoming/`` (fsync, rename, fsync dir) before answering
 0x0000, or discards it.  Whatever an association leaves behind (aborted
 mid-instance, connection dropped, message never handled) is removed when its
 thread ends.  Non-C-STORE messages keep the stock ``BytesIO``, capped at
-``MAX_OTHER_DATASET`` (this AE serves none with a data set), and a PDU
-longer than the maximum PDU length we announced closes the connection
-before pynetdicom reads it into memory (``_bound_pdu_reads``).
+``MAX_OTHER_DATASET`` (this AE serves none with a data set).  PDUs are
+read, and their length bounded, by ``pdu_read``.
 """
 
 from __future__ import annotations
@@ -68,7 +67,6 @@ BIG_ENDIAN = "1.2.840.10008.1.2.2"
 FLUSH = 1 << 20  # plaintext bytes held before a writev
 MAX_COMMAND_SET = 64 << 10  # a command set is a few hundred bytes
 MAX_OTHER_DATASET = 1 << 20  # data sets of non-C-STORE messages, kept in memory
-MAX_OTHER_PDU = 1 << 20  # A-ASSOCIATE-RQ & co (many contexts may pass 16 KiB)
 MAX_PENDING = 8  # received C-STOREs not yet handled (a peer waits for 1)
 _ATTR = "_ith_incoming"
 
@@ -363,33 +361,11 @@ class Receiver:
             log.info("removed %d unfinished instance(s) of an ended association", len(left))
 
 
-def _bound_pdu_reads(assoc: Any, max_pdu: int) -> None:
-    """pynetdicom reads a whole PDU into memory before decoding it, trusting the
-    4-byte length the peer sends: a PDU longer than our maximum PDU length
-    (P-DATA) or than MAX_OTHER_PDU (association negotiation) closes the
-    connection instead (read error: Evt17, as a dropped connection)."""
-    if not max_pdu:  # [scp] max_pdu_size = 0: unlimited, as configured
-        return
-    sock = assoc.dul.socket
-    stock_recv = sock.recv
-    limit = max(max_pdu, MAX_OTHER_PDU)
-
-    def recv(nr_bytes: int) -> bytearray:
-        if nr_bytes > limit:
-            log.error("connection closed: PDU longer than the maximum PDU length")
-            raise OSError("PDU longer than the maximum PDU length")
-        return stock_recv(nr_bytes)
-
-    sock.recv = recv
-
-
-def install(assoc: Any, open_store: Callable[[Any, str], Incoming], max_pdu: int) -> None:
+def install(assoc: Any, open_store: Callable[[Any, str], Incoming]) -> None:
     """Wire one not-yet-started acceptor association for streamed data sets.
 
     ``open_store(command_set, transfer_syntax)`` makes the ``Incoming`` for
-    a C-STORE-RQ whose command set is complete (on the DUL thread); ``max_pdu``
-    is the maximum PDU length we announced (0: unlimited)."""
-    _bound_pdu_reads(assoc, max_pdu)
+    a C-STORE-RQ whose command set is complete (on the DUL thread)."""
     store_wire.install(assoc)  # C-STORE-RSP packed by hand (store_wire.py)
     receiver = Receiver(assoc, open_store)
     assoc.dimse.receive_primitive = receiver.receive_primitive

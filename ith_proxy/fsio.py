@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import functools
 import os
 import secrets
 import stat
@@ -136,12 +137,20 @@ class DirSync:
                 self._synced = max(self._synced, covered)  # not reached when it failed
 
 
-def load_syncfs() -> Callable[[int], int] | None:
+@functools.cache
+def _libc_function(name: str, *argtypes: type) -> Callable[..., int] | None:
+    """libc's ``name`` (looked up once per process), or None where it has none."""
     try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        return libc.syncfs
+        func = getattr(ctypes.CDLL(None, use_errno=True), name)
     except (OSError, AttributeError):
         return None
+    if argtypes:
+        func.argtypes = list(argtypes)
+    return func
+
+
+def load_syncfs() -> Callable[[int], int] | None:
+    return _libc_function("syncfs")
 
 
 SYNC_FILE_RANGE_WRITE = 2  # <linux/fs.h>: start writeback of dirty pages, do not wait
@@ -150,12 +159,9 @@ SYNC_FILE_RANGE_WRITE = 2  # <linux/fs.h>: start writeback of dirty pages, do no
 def load_sync_file_range() -> Callable[[int, int, int, int], int] | None:
     """libc's sync_file_range (Linux), or None.  Only a hint to start writing:
     durability still comes from fsync."""
-    try:
-        func = ctypes.CDLL(None, use_errno=True).sync_file_range
-    except (OSError, AttributeError):
-        return None
-    func.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-    return func
+    return _libc_function(
+        "sync_file_range", ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint
+    )
 
 
 def unique_name() -> str:

@@ -35,7 +35,7 @@ import re
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import BinaryIO, Literal, TypeAlias
+from typing import BinaryIO, TypeAlias
 
 from ith_proxy.fsio import (
     SYNC_FILE_RANGE_WRITE,
@@ -80,9 +80,7 @@ class Spool(QuarantineFolder, AttemptsFolder):
         self._tmp_s = str(self.tmp)
         self._incoming_s = str(self.incoming)
         self._incoming_sync = DirSync(self._incoming_s)  # group commit (fsio.DirSync)
-        # libc syncfs, looked up on first use (None: unavailable)
-        self._syncfs: Callable[[int], int] | Literal[False] | None = False
-        self._sync_file_range = load_sync_file_range()
+        self._sync_file_range = load_sync_file_range()  # looked up once per process
 
     # --- set-up and housekeeping ---
 
@@ -128,9 +126,7 @@ class Spool(QuarantineFolder, AttemptsFolder):
         The indexer writes a batch of files without per-file fsyncs and then
         calls this once, before it commits the catalog and deletes raw files.
         """
-        if self._syncfs is False:
-            self._syncfs = load_syncfs()  # once; ctypes lookup, not per batch
-        syncfs = self._syncfs
+        syncfs = load_syncfs()  # looked up once per process
         fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
         try:
             if syncfs is None or syncfs(fd) != 0:

@@ -68,10 +68,13 @@ class WorkerStats:
         is set to now: the restarted worker has its first second to report."""
         instances, size, _, _, _ = self.read(slot)
         _SLOT.pack_into(self._map, slot * _STRIDE, instances, size, 0, 0, time.monotonic())
-        _OPEN.pack_into(self._map, slot * _STRIDE + _OPEN_AT, 0)
+        self.set_opened(slot, 0)
 
     def opened(self, slot: int) -> int:
         return _OPEN.unpack_from(self._map, slot * _STRIDE + _OPEN_AT)[0]
+
+    def set_opened(self, slot: int, count: int) -> None:
+        _OPEN.pack_into(self._map, slot * _STRIDE + _OPEN_AT, count)
 
     def silent(self, slots: range, now: float | None = None) -> list[tuple[int, float]]:
         """(slot, seconds) of every worker whose last report is older than SILENT_AFTER."""
@@ -98,7 +101,7 @@ class OpenCount:
     def add(self, delta: int) -> None:
         with self._lock:
             self._count = max(0, self._count + delta)
-            _OPEN.pack_into(self._stats._map, self._slot * _STRIDE + _OPEN_AT, self._count)
+            self._stats.set_opened(self._slot, self._count)
 
     def others(self) -> int:
         return sum(self._stats.opened(s) for s in self._others)

@@ -132,8 +132,8 @@ class AccessLog:
     def write(self, environ: dict[str, Any], status: int, started: float) -> None:
         claims = environ.get(CLAIMS)
         fields = [
-            str(environ.get("REQUEST_METHOD", "?")),
-            str(environ.get("PATH_INFO", "")),
+            str(environ.get("REQUEST_METHOD") or "-"),
+            str(environ.get("PATH_INFO") or "-"),
             status,
             (time.monotonic() - started) * 1000,
             claims.sub if claims is not None else "-",

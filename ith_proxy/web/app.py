@@ -185,8 +185,9 @@ def _channel(limiter: RefusalLimiter) -> type[HTTPChannel]:
             self.set_close_on_finish()
             self.content_length = len(body)
             self.write(body)
-            path = str(getattr(request, "path", "") or "")
-            method = str(getattr(request, "command", "") or "?")
+            # a request line waitress could not parse has neither: "-" keeps the fields
+            path = str(getattr(request, "path", "") or "-")
+            method = str(getattr(request, "command", "") or "-")
             refused(limiter, [method, path, err.code, 0.0, "-", "-"], "refused by waitress")
 
     class JsonChannel(HTTPChannel):

@@ -11,11 +11,18 @@ serial run (:func:`pytest_collection_modifyitems`).
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
 
+import ith_proxy
 from worker_rooms import Rooms
+
+# ith_proxy keeps requests out of its own processes; the test tools use it here
+for _name in ith_proxy.NEVER_IMPORTED:
+    if _name in sys.modules and sys.modules[_name] is None:
+        del sys.modules[_name]
 
 _SHARED_SCOPES = ("class", "module", "package")  # session ones are per worker anyway
 

@@ -42,6 +42,21 @@ def _kids(pid: int) -> dict[str, int]:
     return named
 
 
+def _optional_libraries(pid: int) -> list[str]:
+    """Mappings of packages the proxy must never import (``ith_proxy.NEVER_IMPORTED``
+    and what they pull in): charset_normalizer's compiled module stands for requests."""
+    maps = Path(f"/proc/{pid}/maps").read_text().splitlines()
+    return sorted({line.split()[-1] for line in maps if "/charset_normalizer/" in line})
+
+
+def _requests_installed() -> None:
+    """The check above means something only where requests could be imported."""
+    import charset_normalizer.md  # compiled; requests imports it
+    import requests  # noqa: F401
+
+    assert charset_normalizer.md.__file__.endswith(".so")
+
+
 def test_the_tree_is_the_service_its_indexer_and_the_zygote(tmp_path) -> None:
     series = dicomgen.make_small_series(tmp_path / "in", 2)
     with tools.ProxyProcess(tmp_path / "p") as proxy:
@@ -58,6 +73,10 @@ def test_the_tree_is_the_service_its_indexer_and_the_zygote(tmp_path) -> None:
         wait_indexed(proxy.spool, 2)
         # the ceiling is the indexer's only
         assert _data_limit(indexer) == str(1024 << 20)
+        # pydicom would import requests from this virtualenv (the test tools need it)
+        _requests_installed()
+        for pid in (proxy.pid, indexer, zygote):
+            assert _optional_libraries(pid) == [], procfs.comm(pid)
         assert _data_limit(proxy.pid) == "unlimited"
         assert _data_limit(zygote) == "unlimited"
         assert proxy.stop() == 0  # SIGTERM: a clean stop, the children with it
@@ -113,6 +132,8 @@ def test_without_the_zygote_a_restarted_indexer_is_exec_d(tmp_path) -> None:
         assert isinstance(second, int)
         assert b"ith_proxy.indexer_child" in _cmdline(second)  # a fresh, lean interpreter
         wait_until(lambda: f"indexer process {second} started (exec)" in _log(proxy), 30, "log")
+        _requests_installed()
+        assert _optional_libraries(second) == []  # keep_lean before the module's imports
         assert proxy.stop() == 0
     assert procfs.gone(second)
 

@@ -21,4 +21,4 @@ NEVER_IMPORTED = ("requests",)
 for _name in NEVER_IMPORTED:
     # None in sys.modules: ``import requests`` raises ImportError, as if it were
     # not installed (pydicom catches it); a process that already has it keeps it
-    sys.modules.setdefault(_name, None)  # type: ignore[arg-type]
+    sys.modules.setdefault(_name, None)  # type: ignore[arg-type]  # None: "not importable"

@@ -52,7 +52,7 @@ def _optional_libraries(pid: int) -> list[str]:
 def _requests_installed() -> None:
     """The check above means something only where requests could be imported."""
     import charset_normalizer.md  # compiled; requests imports it
-    import requests  # noqa: F401
+    import requests  # noqa: F401  (imported only to show it can be)
 
     assert charset_normalizer.md.__file__.endswith(".so")
 

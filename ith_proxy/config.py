@@ -73,6 +73,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("scp", "auto_start", "true", v.boolean, "DICOM_AUTO_START"),
     Setting("scp", "max_instance_mb", "4096", v.integer(1, 1 << 22)),
     Setting("scp", "workers", "1", v.integer(1, 16)),
+    Setting("scp", "in_flow_backlog", "256", v.integer(0, 1_000_000)),
+    Setting("scp", "in_flow_delay", "1", v.seconds_or_zero(10)),
     Setting("spool", "dir", "./spool", v.text, "DICOM_STORAGE_DIR"),
     Setting("spool", "min_free_mb", "512", v.integer(0, 10**9)),
     Setting("spool", "tmp_max_age", "3600", v.seconds),

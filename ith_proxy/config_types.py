@@ -38,6 +38,8 @@ class ScpConfig:
     auto_start: bool
     max_instance_mb: int = 4096  # larger instances abort the association
     workers: int = 1  # SCP processes on the port (SO_REUSEPORT when > 1; issue 11 prototype)
+    in_flow_backlog: int = 256  # files in incoming/ over which answers are paced (0 = never)
+    in_flow_delay: float = 1.0  # seconds an answer is paced at most (0 = never)
 
 
 @dataclass(frozen=True)

@@ -51,6 +51,18 @@ def seconds(raw: str) -> float:
     return value
 
 
+def seconds_or_zero(most: float) -> Callable[[str], float]:
+    """A number of seconds from 0 (meaning "never") to ``most``."""
+
+    def parse(raw: str) -> float:
+        value = _number(raw)
+        if not 0 <= value <= most:
+            raise ValueError(f"{raw.strip()} must be between 0 and {most:g} seconds")
+        return value
+
+    return parse
+
+
 def hours_or_zero(raw: str) -> float:
     """A number of hours, 0 allowed (meaning "never"), at most about 100 years."""
     value = _number(raw)

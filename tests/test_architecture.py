@@ -124,12 +124,14 @@ ALLOWED_ROOMS: dict[str, set[str] | None] = {
     "dicom.store_wire": {"dicom.find_wire", "dicom.scu_wire"},
     "dicom.ae": {"config", "dicom.get_stream", "dicom.pdu_read", "dicom.scp_stream", "dicom.wake"},
     "dicom.pdu_read": set(),  # P-DATA-TF PDUs read by hand on the DUL thread
+    "dicom.inflow": set(),  # C-STORE answers paced while the indexer drains a backlog
     # the SCP gets a stream-encryptor factory from the service; it imports no vault room
     "dicom.scp": {
         "config",
         "store.spool",
         "dicom.ae",
         "dicom.get_stream",
+        "dicom.inflow",
         "dicom.qr",
         "dicom.qr_retrieve",
         "dicom.scp_stream",

@@ -31,6 +31,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 from ith_proxy.config import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION, Config
 from ith_proxy.dicom import get_stream, qr, qr_retrieve, scp_stream
 from ith_proxy.dicom.ae import AssociationHandler, OpenCount, Server, build_ae
+from ith_proxy.dicom.inflow import InFlow
 from ith_proxy.store.spool import Spool
 
 log = logging.getLogger("ith_proxy.dicom")
@@ -99,10 +100,13 @@ class Counters:
             return self._instances, self._bytes
 
 
-def handle_store(event: evt.Event, counters: Counters | None = None) -> int:
+def handle_store(
+    event: evt.Event, counters: Counters | None = None, inflow: InFlow | None = None
+) -> int:
     """Make the streamed data set durable in incoming/, then acknowledge
     (or answer the failure found while it was received).  Only a success
-    is counted, just before it is answered."""
+    is counted, and paced while the indexer drains a backlog (``inflow.py``),
+    just before it is answered."""
     incoming = scp_stream.take(event.request)
     if incoming is None:  # not received through scp_stream: never acknowledged
         log.error("C-STORE failed: the data set was not streamed to the spool")
@@ -115,6 +119,8 @@ def handle_store(event: evt.Event, counters: Counters | None = None) -> int:
         return CANNOT_UNDERSTAND
     if status == 0 and counters is not None:
         counters.add(incoming.size)
+    if status == 0 and inflow is not None:
+        inflow.wait()
     return status
 
 
@@ -152,6 +158,7 @@ class StorageSCP:
         self.spool = spool
         self.encryptor = encryptor
         self.counters = counters or Counters()
+        self.inflow = InFlow(spool.incoming_count, cfg.scp.in_flow_backlog, cfg.scp.in_flow_delay)
         self.ae = build_ae(cfg)
         self.open_count = open_count  # [scp] workers > 1: the limit is for every process
         if open_count is not None:
@@ -162,7 +169,7 @@ class StorageSCP:
     def start(self) -> None:
         handlers: list[EventHandlerType] = [
             (evt.EVT_C_ECHO, handle_echo),
-            (evt.EVT_C_STORE, handle_store, [self.counters]),
+            (evt.EVT_C_STORE, handle_store, [self.counters, self.inflow]),
             (evt.EVT_C_FIND, qr.handle_find, [self.cfg, self.spool]),  # Q/R (dicom/qr.py)
             (evt.EVT_ACCEPTED, _log_assoc, ["accepted"]),
             (evt.EVT_REJECTED, _log_assoc, ["rejected"]),

@@ -265,6 +265,11 @@ class Spool(QuarantineFolder, AttemptsFolder):
     def incoming_names(self) -> list[str]:
         return sorted(e.name for e in os.scandir(self.incoming) if is_regular_entry(e))
 
+    def incoming_count(self) -> int:
+        """How many entries incoming/ holds (no stat: the SCP's in-flow gate)."""
+        with os.scandir(self.incoming) as it:
+            return sum(1 for _ in it)
+
     def oldest_incoming(self) -> tuple[int, float | None]:
         """(how many files wait in incoming/, the oldest one's mtime)."""
         count, oldest = 0, None

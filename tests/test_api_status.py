@@ -18,6 +18,8 @@ import tools
 from api_read_site import ApiSite
 from helpers import wait_until
 from ith_proxy import __version__
+from ith_proxy.store.browse import site_counts
+from ith_proxy.store.catalog import Catalog
 from ith_proxy.store.outbox import Outbox
 from outbox_site import Site
 
@@ -152,3 +154,30 @@ def test_the_scp_and_link_state_of_a_running_proxy(tmp_path: Path) -> None:
     assert body["scp"]["state"] == "running"
     assert (body["scp"]["ae_title"], body["scp"]["port"]) == ("DICOMRCV", proxy.dicom_port)
     assert body["link"] == {"state": "offline", "mode": "offline"}
+
+
+def test_the_counts_are_one_snapshot(site: ApiSite, tmp_path: Path) -> None:
+    """A forward that fails while the counts are read shows in all of them or
+    in none: never a dead letter beside study counts read before it."""
+    forwarding = Site(site.rooms, tmp_path, destinations=("PACS",))
+    study = forwarding.complete(2)
+    entry = forwarding.entry(study, "PACS")
+    reader = Catalog(site.rooms.spool.catalog_file)
+    read_counts = reader.counts
+
+    def counts_then_a_failure() -> dict:  # the forwarder commits right after this read
+        counts = read_counts()
+        Outbox(site.rooms.catalog).fail(entry.id, entry.updated_at + 1, "association rejected")
+        return counts
+
+    reader.counts = counts_then_a_failure  # type: ignore[method-assign]  # the race, on cue
+    try:
+        torn = site_counts(reader)
+        del reader.counts  # the class's again
+        after = site_counts(reader)
+    finally:
+        reader.close()
+    for counts, failed in ((torn, 0), (after, 1)):
+        assert counts["studies_by_state"]["failed"] == failed
+        assert counts["outbox"]["failed"] == failed
+        assert len(counts["failed_forwards"]) == failed

@@ -165,22 +165,24 @@ class Browse:
 def site_counts(catalog: Catalog, dead_letters: int = DEAD_LETTER_SHOWN) -> dict:
     """The catalog's counts, the outbox by state and the dead letter (the
     failed destinations, the most recent first): ``status`` in the CLI and
-    the API."""
+    the API.  One snapshot: a forward that fails between two of the reads
+    must not show as a dead letter beside counts that predate it."""
     outbox = Outbox(catalog)
-    return {
-        **catalog.counts(),
-        "outbox": outbox.counts(),
-        "failed_forwards": [
-            {
-                "study_instance_uid": e.study_uid,
-                "node": e.node,
-                "attempts": e.attempts,
-                "last_error": e.last_error,
-                "failed_at": iso(e.updated_at),
-            }
-            for e in outbox.failed(dead_letters)
-        ],
-    }
+    with catalog.snapshot():
+        return {
+            **catalog.counts(),
+            "outbox": outbox.counts(),
+            "failed_forwards": [
+                {
+                    "study_instance_uid": e.study_uid,
+                    "node": e.node,
+                    "attempts": e.attempts,
+                    "last_error": e.last_error,
+                    "failed_at": iso(e.updated_at),
+                }
+                for e in outbox.failed(dead_letters)
+            ],
+        }
 
 
 def incoming_backlog(spool: Spool, now: float | None = None) -> tuple[int, float]:

@@ -16,7 +16,8 @@ Only anonymized values are stored here.  The filesystem is the truth:
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from operator import attrgetter
 from pathlib import Path
@@ -95,6 +96,13 @@ class Catalog:
 
     def close(self) -> None:
         self.conn.close()
+
+    @contextmanager
+    def snapshot(self) -> Iterator[None]:
+        """Reads inside see one state of the catalog: a transaction keeps
+        the WAL snapshot of its first read until it ends, whatever commits."""
+        with self.conn:
+            yield
 
     def migrate(self) -> None:
         with self.conn:

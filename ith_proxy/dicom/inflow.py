@@ -47,19 +47,10 @@ NOTICE_EVERY = 60.0  # seconds between two log lines about pacing
 class InFlow:
     """``wait()`` after a durable C-STORE, before its success is answered."""
 
-    def __init__(
-        self,
-        count: Callable[[], int],
-        backlog: int,
-        max_delay: float,
-        clock: Callable[[], float] = time.monotonic,
-        sleep: Callable[[float], None] = time.sleep,
-    ) -> None:
-        self._count_files = count
+    def __init__(self, count: Callable[[], int], backlog: int, max_delay: float) -> None:
+        self._count_files = count  # files in incoming/ (Spool.incoming_count)
         self.backlog = backlog
         self.max_delay = max_delay
-        self._clock = clock
-        self._sleep = sleep
         self._lock = threading.Lock()
         self._count = 0
         self._counted_at = float("-inf")
@@ -91,13 +82,13 @@ class InFlow:
         ``max_delay``; the seconds paused."""
         if not self.enabled:
             return 0.0
-        start = now = self._clock()
+        start = now = time.monotonic()
         while True:
             count, draining = self._sample(now)
             if count <= self.backlog or not draining or now - start >= self.max_delay:
                 break
-            self._sleep(STEP)
-            now = self._clock()
+            time.sleep(STEP)
+            now = time.monotonic()
         waited = now - start
         if waited > 0:
             self._paced(count, waited, now)

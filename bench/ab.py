@@ -33,17 +33,6 @@ import peers
 from peers import BenchError, find_tool, stop
 
 
-def _cpu(pid: int) -> tuple[float, float]:
-    """(user, system) seconds of one live process, else zeros."""
-    tick = os.sysconf("SC_CLK_TCK")
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            fields = fh.read().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0, 0.0
-    return int(fields[11]) / tick, int(fields[12]) / tick
-
-
 def _indexer_wait(pids: list[int]) -> float:
     """Seconds the indexer's live threads have waited on the run queue."""
     total = 0
@@ -68,11 +57,11 @@ def run_tree(tree: Path, work: Path, shares: list[Path], n: int, ini: str) -> di
     proc = peers.start_proxy(work, env, api_port, [sys.executable, "-m", "ith_proxy.cli", "run"])
     try:
         pids = peers.tree_pids(proc.pid)
-        cpu0, wait0 = [_cpu(p) for p in pids], _indexer_wait(pids)
+        cpu0, wait0 = [peers.cpu_times(p) for p in pids], _indexer_wait(pids)
         t0 = time.perf_counter()
         ack = peers.send_parallel(peers.PROXY_AET, dicom_port, shares)
         e2e = peers.wait_indexed(work / "spool", n, t0)
-        cpu1, wait1 = [_cpu(p) for p in pids], _indexer_wait(pids)
+        cpu1, wait1 = [peers.cpu_times(p) for p in pids], _indexer_wait(pids)
     finally:
         stop(proc)
     user = sum(b[0] - a[0] for a, b in zip(cpu0, cpu1, strict=True))

@@ -292,14 +292,17 @@ def tree_pids(pid: int) -> list[int]:
     return out
 
 
+def cpu_times(pid: int) -> tuple[float, float]:
+    """(utime, stime) of all the threads of ``pid`` in seconds; zeros once it is gone."""
+    tick = os.sysconf("SC_CLK_TCK")
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            fields = fh.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0, 0.0
+    return int(fields[11]) / tick, int(fields[12]) / tick  # utime, stime (fields 14, 15)
+
+
 def cpu_seconds(pids: list[int]) -> float:
     """utime + stime (all threads) of the live ``pids``, in seconds."""
-    tick, total = os.sysconf("SC_CLK_TCK"), 0
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/stat") as fh:
-                fields = fh.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15)
-    return total / tick
+    return sum(sum(cpu_times(pid)) for pid in pids)

@@ -51,24 +51,24 @@ def seconds(raw: str) -> float:
     return value
 
 
-def seconds_or_zero(most: float) -> Callable[[str], float]:
-    """A number of seconds from 0 (meaning "never") to ``most``."""
+def _zero_to(most: float, unit: str) -> Callable[[str], float]:
+    """A number of ``unit`` from 0 (meaning "never") to ``most``."""
 
     def parse(raw: str) -> float:
         value = _number(raw)
         if not 0 <= value <= most:
-            raise ValueError(f"{raw.strip()} must be between 0 and {most:g} seconds")
+            raise ValueError(f"{raw.strip()} must be between 0 and {most:g} {unit}")
         return value
 
     return parse
 
 
-def hours_or_zero(raw: str) -> float:
-    """A number of hours, 0 allowed (meaning "never"), at most about 100 years."""
-    value = _number(raw)
-    if not 0 <= value <= 876000:
-        raise ValueError(f"{raw.strip()} must be between 0 and 876000 hours")
-    return value
+def seconds_or_zero(most: float) -> Callable[[str], float]:
+    return _zero_to(most, "seconds")
+
+
+# A number of hours, 0 allowed (meaning "never"), at most about 100 years.
+hours_or_zero = _zero_to(876000, "hours")
 
 
 _TRUE = {"1", "true", "yes", "on"}

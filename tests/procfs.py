@@ -10,7 +10,10 @@ def children(pid: int) -> list[int]:
     """The direct children of ``pid`` (every thread's children file)."""
     out: list[int] = []
     for task in Path(f"/proc/{pid}/task").iterdir():
-        out += [int(c) for c in (task / "children").read_text().split()]
+        try:
+            out += [int(c) for c in (task / "children").read_text().split()]
+        except FileNotFoundError:
+            continue  # a thread that ended since the listing
     return out
 
 

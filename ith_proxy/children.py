@@ -207,12 +207,15 @@ class ChildProcess:
             self._exitcode = self._spawner.exit_of(self.pid)
         return self._exitcode
 
-    def stop(self, timeout: float) -> None:
-        """Close the lifeline (the child finishes its batch and exits), wait
-        up to ``timeout`` seconds, then SIGKILL."""
+    def let_go(self) -> None:
+        """Close the lifeline: the child finishes its batch and exits."""
         if self._lifeline is not None:
             os.close(self._lifeline)
             self._lifeline = None
+
+    def stop(self, timeout: float) -> None:
+        """``let_go``, wait up to ``timeout`` seconds, then SIGKILL."""
+        self.let_go()
         deadline = time.monotonic() + timeout
         while self.is_alive() and time.monotonic() < deadline:
             time.sleep(0.05)

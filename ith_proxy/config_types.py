@@ -58,6 +58,7 @@ class IndexerConfig:
     stuck_after: float
     max_attempts: int = 3
     memory_limit_mb: int = 1024  # 0: no limit
+    processes: int = 2  # indexer processes; 2..N help only under a backlog (store/buckets.py)
 
 
 @dataclass(frozen=True)

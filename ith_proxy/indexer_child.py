@@ -48,33 +48,45 @@ def limit_memory(limit_mb: int) -> None:
     resource.setrlimit(resource.RLIMIT_DATA, (limit, hard))
 
 
-def child_main(lifeline: int, log_fd: int, how: str) -> int:
-    """The indexer process: its configuration from ``lifeline``, then index
-    until end of file on it.  Returns the exit code."""
-    prepare_child(COMM)
+def comm(slot: int) -> str:
+    """The /proc/PID/comm of indexer ``slot``: ith-indexer, ith-indexer1, ..."""
+    return COMM + (str(slot) if slot else "")
+
+
+def title(slot: int) -> str:
+    """How the logs name indexer ``slot``."""
+    return "indexer process" + (f" {slot}" if slot else "")
+
+
+def child_main(lifeline: int, log_fd: int, how: str, slot: int = 0) -> int:
+    """Indexer process ``slot`` (``[indexer] processes``): its configuration
+    from ``lifeline``, then index until end of file on it.  Returns the exit
+    code."""
+    prepare_child(comm(slot))
     cfg = read_config(lifeline)
     limit_memory(cfg.indexer.memory_limit_mb)
     logs.setup_worker(socket.socket(fileno=log_fd), cfg.log)
-    logs.uncaught_logged(_index)(cfg, lifeline, how)
+    logs.uncaught_logged(_index)(cfg, lifeline, how, slot)
     return 0
 
 
-def _index(cfg: Config, lifeline: int, how: str) -> None:
+def _index(cfg: Config, lifeline: int, how: str, slot: int) -> None:
     configure_libraries()
     stop = threading.Event()
     watch_lifeline(lifeline, stop)
+    how += f", indexer {slot}" if slot else ""
     log.info("indexer process %d started (%s)", os.getpid(), how)
     spool = Spool(cfg.spool.dir)
     catalog = Catalog(spool.catalog_file)
     vault = Vault(spool.vault_file, cfg.vault.key_file)
     try:
         secret = load_site_secret(cfg.vault.secret_file)
-        Indexer(cfg, spool, catalog, vault, secret).run(stop)
+        Indexer(cfg, spool, catalog, vault, secret, slot).run(stop)
     finally:
         vault.close()
         catalog.close()
     log.info("indexer process %d stopped", os.getpid())
 
 
-if __name__ == "__main__":  # the exec'd child: python -m ith_proxy.indexer_child LIFELINE LOGFD
-    sys.exit(child_main(int(sys.argv[1]), int(sys.argv[2]), "exec"))
+if __name__ == "__main__":  # exec'd: python -m ith_proxy.indexer_child LIFELINE LOGFD [SLOT]
+    sys.exit(child_main(int(sys.argv[1]), int(sys.argv[2]), "exec", *map(int, sys.argv[3:4])))

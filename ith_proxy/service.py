@@ -80,13 +80,13 @@ class Service:
         self.link_status = "offline"
         self.link: Link | None = None  # set when ITH_URL is set
         self._lock_fd: int | None = None
-        self.indexer: ChildProcess | None = None
+        self.indexers: dict[int, ChildProcess] = {}  # [indexer] processes, by slot
         self._log_listener: logs.Listener | None = None
         self._log_socks: tuple[socket.socket, socket.socket] | None = None  # (read, send)
         # [scp] workers > 1: SCP processes 1..N-1 (this process is 0) and their reports
         self.scp_workers: dict[int, ChildProcess] = {}
         self._scp_stats: WorkerStats | None = None
-        self._scp_started: dict[int, float] = {}
+        self._started: dict[tuple[str, int], float] = {}  # (kind, slot): when (re)started
         self._zygote: Zygote | None = None  # forks the children started later (restarts)
 
     # --- start-up ---
@@ -140,28 +140,29 @@ class Service:
         self.threads[name] = thread
         thread.start()
 
-    def _start_indexer(self) -> None:
-        """Forked while this process has no thread yet (at start-up), exec'd
-        later (a restart): see ``indexer_child``."""
+    def _start_indexer(self, slot: int) -> None:
+        """Forked while this process has no thread yet (at start-up), by the
+        zygote or exec'd later (a restart): see ``indexer_child``."""
         assert self._log_socks is not None
-        self.indexer = ChildProcess.start(
+        self.indexers[slot] = ChildProcess.start(
             self.cfg,
             self._log_socks[1],
             indexer_child.child_main,
             indexer_child.MODULE,
             close_in_child=self._children_fds(),
+            args=(slot,),
             spawner=self._live_zygote(),
             kind="indexer",
         )
-        self._indexer_started = time.monotonic()
+        self._started["indexer", slot] = time.monotonic()
 
     def _children_fds(self) -> tuple[socket.socket | int, ...]:
         """What a forked child must not keep: the log socket's reading end,
         the spool lock, the other children's lifelines."""
         assert self._log_socks is not None
         lock = () if self._lock_fd is None else (self._lock_fd,)
-        kids = [self.indexer, *self.scp_workers.values()]
-        lifelines = tuple(k.lifeline for k in kids if k is not None and k.lifeline is not None)
+        kids = [*self.indexers.values(), *self.scp_workers.values()]
+        lifelines = tuple(k.lifeline for k in kids if k.lifeline is not None)
         zygote = () if self._zygote is None else (self._zygote.sock,)
         return (self._log_socks[0], *lock, *lifelines, *zygote)
 
@@ -185,32 +186,27 @@ class Service:
             spawner=self._live_zygote(),
             kind="scp",
         )
-        self._scp_started[slot] = time.monotonic()
+        self._started["scp", slot] = time.monotonic()
 
     def _supervise(self) -> None:
-        """Restart the indexer process, or a worker thread, that died (the
-        indexer with a short back-off; a thread's loop catches every error of
-        a pass, so only a failure to start, such as an unopenable catalog,
-        ends one)."""
+        """Restart a child process (an indexer, an SCP worker), or a worker
+        thread, that died (a child with a short back-off; a thread's loop
+        catches every error of a pass, so only a failure to start, such as
+        an unopenable catalog, ends one)."""
         self._live_zygote()  # reaps it (and says so) if it died
-        indexer = self.indexer
-        if (
-            indexer is not None
-            and not indexer.is_alive()
-            and not self.stop_event.is_set()
-            and time.monotonic() - self._indexer_started >= 5
+        for kind, kids, start in (
+            ("indexer", self.indexers, self._start_indexer),
+            ("scp", self.scp_workers, self._start_scp_worker),
         ):
-            log.error("indexer process exited (code %s); restarting", indexer.exitcode)
-            indexer.forget()
-            self._start_indexer()
-        for slot, worker in list(self.scp_workers.items()):
-            if worker.is_alive() or self.stop_event.is_set():
-                continue
-            if time.monotonic() - self._scp_started[slot] < 5:
-                continue
-            log.error("SCP worker %d exited (code %s); restarting", slot, worker.exitcode)
-            worker.forget()
-            self._start_scp_worker(slot)
+            for slot, kid in list(kids.items()):
+                if kid.is_alive() or self.stop_event.is_set():
+                    continue
+                if time.monotonic() - self._started[kind, slot] < 5:
+                    continue
+                name = f"SCP worker {slot}" if kind == "scp" else indexer_child.title(slot)
+                log.error("%s exited (code %s); restarting", name, kid.exitcode)
+                kid.forget()
+                start(slot)
         for name, target in self._restartable():
             thread = self.threads.get(name)
             if thread is not None and not thread.is_alive() and not self.stop_event.is_set():
@@ -286,7 +282,8 @@ class Service:
             self._log_socks[1],
             close_in_child=self._children_fds(),
         )
-        self._start_indexer()
+        for slot in range(self.cfg.indexer.processes):
+            self._start_indexer(slot)
         if self.cfg.scp.workers > 1:  # forked too, before any thread
             self._scp_stats = WorkerStats()
             for slot in range(1, self.cfg.scp.workers):
@@ -358,7 +355,7 @@ class Service:
                 dicom=control is not None
                 and control.listening()
                 and all(w.is_alive() for w in self.scp_workers.values()),
-                indexer=self.indexer is not None and self.indexer.is_alive(),
+                indexer=bool(self.indexers) and all(i.is_alive() for i in self.indexers.values()),
                 scheduler=scheduler is not None and scheduler.is_alive(),
                 forwarder=forwarder is not None and forwarder.is_alive(),
             ),
@@ -386,8 +383,10 @@ class Service:
         self.stop_event.set()
         for worker in self.scp_workers.values():  # SCPs first: nothing arrives once it stops
             worker.stop(timeout=30)
-        if self.indexer is not None:
-            self.indexer.stop(timeout=30)
+        for indexer in self.indexers.values():  # all at once, then each in turn
+            indexer.let_go()
+        for indexer in self.indexers.values():
+            indexer.stop(timeout=30)
         if self._zygote is not None:
             self._zygote.stop()
             self._zygote = None

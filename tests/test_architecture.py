@@ -80,9 +80,10 @@ ALLOWED_ROOMS: dict[str, set[str] | None] = {
     "cli": None,  # thin, may call any room
     # store/: the spool folders, the catalog (all SQL), the audit log
     "store": set(),
-    "store.spool": {"config", "fsio", "store.attempts", "store.quarantine"},
+    "store.spool": {"config", "fsio", "store.attempts", "store.buckets", "store.quarantine"},
     "store.quarantine": {"fsio"},  # the quarantine folder's part of the spool
     "store.attempts": {"fsio"},  # the indexer's in-progress markers' part of the spool
+    "store.buckets": set(),  # how several indexers share incoming/ (stdlib)
     "store.catalog": {"config", "store.schema"},
     # the catalog's user_version migration steps and the Q/R columns per level (no imports)
     "store.schema": set(),
@@ -190,8 +191,11 @@ ALLOWED_ROOMS: dict[str, set[str] | None] = {
         "dicom.files",
         "dicom.codestream",
         "workers.index_checks",
+        "workers.index_claim",
         "workers.index_watch",
     },
+    # which files an indexer takes next: batches, suspects, buckets
+    "workers.index_claim": {"config", "store.buckets", "store.spool"},
     # what the indexer refuses and how: checks, quarantine reasons, quarantine (not a worker)
     "workers.index_checks": {"deid", "dicom.files", "vault.stream"},
     # the indexer's wake-up on incoming/: watchdog's inotify reader, parked while it works

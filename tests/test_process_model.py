@@ -1,6 +1,6 @@
-"""The proxy's process tree (issue 11): the service, its indexer child and
-the zygote, nothing else (no multiprocessing resource tracker); the first
-indexer is forked by the service, a restarted one by the zygote (exec'd if
+"""The proxy's process tree (issue 11): the service, its two indexer
+children and the zygote, nothing else (no multiprocessing resource
+tracker); the first indexers are forked by the service, a restarted one by the zygote (exec'd if
 the zygote is gone); the indexer's records reach the service's log files; it
 alone has the memory ceiling; it and the zygote exit when the service dies."""
 
@@ -16,6 +16,7 @@ import tools
 from helpers import wait_indexed, wait_until
 
 INDEXER_COMM = "ith-indexer"
+HELPER_COMM = "ith-indexer1"  # [indexer] processes = 2 (the default)
 ZYGOTE_COMM = "ith-zygote"
 
 
@@ -62,25 +63,28 @@ def test_the_tree_is_the_service_its_indexer_and_the_zygote(tmp_path) -> None:
     with tools.ProxyProcess(tmp_path / "p") as proxy:
         assert proxy.pid is not None
         kids = _kids(proxy.pid)
-        assert sorted(kids) == [INDEXER_COMM, ZYGOTE_COMM]  # no resource tracker
-        indexer, zygote = kids[INDEXER_COMM], kids[ZYGOTE_COMM]
-        for pid in (indexer, zygote):
+        assert sorted(kids) == [INDEXER_COMM, HELPER_COMM, ZYGOTE_COMM]  # no resource tracker
+        indexer, helper, zygote = kids[INDEXER_COMM], kids[HELPER_COMM], kids[ZYGOTE_COMM]
+        for pid in (indexer, helper, zygote):
             assert _cmdline(pid) == _cmdline(proxy.pid)  # forked, not a new interpreter
             assert procfs.children(pid) == []
-        # its own records reach the service's files (it writes none itself)
+        # their own records reach the service's files (they write none themselves)
         wait_until(lambda: f"indexer process {indexer} started (fork)" in _log(proxy), 30, "log")
+        wait_until(
+            lambda: f"indexer process {helper} started (fork, indexer 1)" in _log(proxy), 30, "log"
+        )
         assert tools.storescu(proxy.dicom_port, series.files).returncode == 0
         wait_indexed(proxy.spool, 2)
-        # the ceiling is the indexer's only
-        assert _data_limit(indexer) == str(1024 << 20)
+        # the ceiling is the indexers' only
+        assert _data_limit(indexer) == _data_limit(helper) == str(1024 << 20)
         # pydicom would import requests from this virtualenv (the test tools need it)
         _requests_installed()
-        for pid in (proxy.pid, indexer, zygote):
+        for pid in (proxy.pid, indexer, helper, zygote):
             assert _optional_libraries(pid) == [], procfs.comm(pid)
         assert _data_limit(proxy.pid) == "unlimited"
         assert _data_limit(zygote) == "unlimited"
         assert proxy.stop() == 0  # SIGTERM: a clean stop, the children with it
-    assert procfs.gone(indexer) and procfs.gone(zygote)
+    assert procfs.gone(indexer) and procfs.gone(helper) and procfs.gone(zygote)
     text = _log(proxy)  # its last record too: the listener writes all before it stops
     assert f"indexer process {indexer} stopped" in text
     assert text.index(f"indexer process {indexer} stopped") < text.index(

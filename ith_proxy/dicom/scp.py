@@ -211,9 +211,10 @@ class StorageSCP:
 
         def open_store(command_set: Any, transfer_syntax: str) -> scp_stream.Incoming:
             try:
+                sop_uid = str(command_set.AffectedSOPInstanceUID)
                 head = file_header(
                     str(command_set.AffectedSOPClassUID),
-                    str(command_set.AffectedSOPInstanceUID),
+                    sop_uid,
                     transfer_syntax,
                     assoc.requestor.ae_title,
                 )
@@ -228,6 +229,7 @@ class StorageSCP:
                 transfer_syntax == scp_stream.BIG_ENDIAN,
                 max_bytes,
                 min_free_mb,
+                sop_uid,
             )
 
         return open_store

@@ -135,8 +135,10 @@ class Incoming:
         big_endian: bool,
         max_bytes: int,
         min_free_mb: int,
+        sop_uid: str = "",
     ) -> None:
         self.spool = spool
+        self._sop_uid = sop_uid  # names its bucket in incoming/ (store/buckets.py)
         self.size = 0
         self.status = 0
         self._big_endian = big_endian
@@ -204,7 +206,7 @@ class Incoming:
         try:
             self._writer.close()
             fd, path, self._fd, self._path = self._fd, self._path, -1, ""
-            return 0, self.spool.promote_incoming(fd, path)
+            return 0, self.spool.promote_incoming(fd, path, self._sop_uid)
         except OSError as exc:
             self._refuse(OUT_OF_RESOURCES, f"I/O error ({exc.strerror or type(exc).__name__})")
             return self.status, None

@@ -2,20 +2,25 @@
 (docs/architecture.md, "Poison pills").
 
 ``attempts/.inflight-<unique>``: a batch's names after a 9-byte header, the
-index of the file in hand (``len(names)``: committing), removed when the
-batch ends; ``attempts/<name>``: how often the indexer died with
-``incoming/<name>`` in flight.  No fsync: the page cache survives a killed
-indexer; a power cut resets them.  This is part of the spool room: ``Spool``
-inherits it (as it inherits ``QuarantineFolder``).
+index of the file in hand (``len(names)``: committing), locked by its
+indexer while it lives and removed when the batch ends; ``attempts/<name>``:
+how often an indexer died with ``incoming/<name>`` in flight.  No fsync: the
+page cache survives a killed indexer; a power cut resets them.  This is
+part of the spool room: ``Spool`` inherits it (as it inherits
+``QuarantineFolder``).
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 from ith_proxy.fsio import read_nofollow, unique_name, writev_all
+
+_BATCH = ".inflight-"
 
 FILE_MODE = 0o600
 DIR_MODE = 0o700
@@ -27,14 +32,21 @@ class AttemptsFolder:
     root: Path
 
     def begin_batch(self, names: list[str]) -> tuple[str, int]:
-        path = os.path.join(self.root, "attempts", ".inflight-" + unique_name())
-        os.makedirs(os.path.dirname(path), mode=DIR_MODE, exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, FILE_MODE)
+        """The batch file of ``names``, locked (``flock``) by this indexer
+        until ``end_batch``: another indexer's ``dead_batches`` skips it.  It
+        is written as ``.new-`` and renamed, so it is never seen unlocked."""
+        folder = os.path.join(self.root, "attempts")
+        unique = unique_name()
+        new, path = os.path.join(folder, ".new-" + unique), os.path.join(folder, _BATCH + unique)
+        os.makedirs(folder, mode=DIR_MODE, exist_ok=True)
+        fd = os.open(new, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, FILE_MODE)
         try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
             writev_all(fd, [b"00000000\n" + "".join(n + "\n" for n in names).encode()])
+            os.rename(new, path)
         except BaseException:  # e.g. ENOSPC: no fd leaked, no partial batch file left
             os.close(fd)
-            Path(path).unlink(missing_ok=True)
+            Path(new).unlink(missing_ok=True)
             raise
         return path, fd
 
@@ -44,17 +56,44 @@ class AttemptsFolder:
 
     @staticmethod
     def end_batch(batch: tuple[str, int]) -> None:
-        os.close(batch[1])
         Path(batch[0]).unlink(missing_ok=True)
+        os.close(batch[1])  # after the unlink: a dead batch is never one that ended
 
     def dead_batches(self) -> Iterator[tuple[int, list[str]]]:
         """(index, names) of each batch file left by a dead indexer, removed
-        once read; only before this indexer begins batches."""
-        for entry in sorted(self.attempt_names(".inflight-")):
+        once read.  A batch file whose ``flock`` is held is a live indexer's
+        (``[indexer] processes`` > 1) and is left alone."""
+        try:
+            entries = sorted(n for n in os.listdir(self.root / "attempts") if n[:1] == ".")
+        except FileNotFoundError:
+            return
+        for entry in entries:
+            if not entry.startswith((_BATCH, ".new-")):
+                continue
             path = self.root / "attempts" / entry
-            lines = read_nofollow(path).decode(errors="replace").split("\n")
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+            except FileNotFoundError:  # its batch just ended
+                continue
+            except OSError:  # a link planted in attempts/: never followed, removed
+                path.unlink(missing_ok=True)
+                continue
+            try:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    continue  # a live indexer's batch
+                if not _same_file(path, fd):  # another indexer read it first
+                    continue
+                if not entry.startswith(_BATCH):  # its indexer died before the rename
+                    if time.time() - os.fstat(fd).st_mtime > 60:  # (or is about to lock it)
+                        path.unlink(missing_ok=True)
+                    continue
+                path.unlink(missing_ok=True)
+                lines = os.pread(fd, os.fstat(fd).st_size, 0).decode(errors="replace").split("\n")
+            finally:
+                os.close(fd)
             yield (int(lines[0]) if lines[0].isdigit() else 0), [n for n in lines[1:] if n]
-            path.unlink()
 
     def attempt_names(self, prefix: str = "") -> set[str]:
         """Names with an attempt count (or batch files, with their prefix)."""
@@ -86,3 +125,10 @@ class AttemptsFolder:
             os.write(fd, b"%d\n" % count)
         finally:
             os.close(fd)
+
+
+def _same_file(path: Path, fd: int) -> bool:
+    try:
+        return os.stat(path, follow_symlinks=False).st_ino == os.fstat(fd).st_ino
+    except FileNotFoundError:
+        return False

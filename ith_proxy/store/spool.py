@@ -11,7 +11,8 @@ the target directory is fsynced.  Nothing is ever rewritten in place.
     studies/<S>/<Se>/<I>.dcm  de-identified instances
     studies/<S>/study.json    non-PHI summary (atomic rewrite)
     quarantine/<reason>/      input that could not be processed + <name>.json
-    attempts/                 the indexer's in-progress markers (attempts per file)
+    attempts/                 the indexers' in-progress markers (attempts per file)
+                              and bucket locks
     logs/                     rotated logs and audit.log
 
 What is inside a raw input file (plaintext, or encrypted by ``vault.stream``)
@@ -23,7 +24,8 @@ quarantine/ is skipped, never read), and ``symlinks()`` lets the service refuse
 to start when the spool's folders, logs, vault or catalog are links.
 
 The quarantine folder's part of the spool is ``store/quarantine.py``, the
-indexer's in-progress markers (attempts/) ``store/attempts.py``.
+indexers' in-progress markers (attempts/) ``store/attempts.py``, the
+buckets that share incoming/ among indexers ``store/buckets.py``.
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ from ith_proxy.fsio import (
     unique_name,
     writev_all,
 )
+from ith_proxy.store import buckets
 from ith_proxy.store.attempts import AttemptsFolder
 from ith_proxy.store.quarantine import QuarantineFolder
 
@@ -234,12 +237,12 @@ class Spool(QuarantineFolder, AttemptsFolder):
         if kick and self._sync_file_range is not None:
             self._sync_file_range(fd, 0, 0, SYNC_FILE_RANGE_WRITE)  # a hint: errors ignored
 
-    def promote_incoming(self, fd: int, tmp_path: str) -> str:
+    def promote_incoming(self, fd: int, tmp_path: str, sop_uid: str = "") -> str:
         """fsync and close a file from ``open_tmp``, rename it into incoming/,
         fsync incoming/ (shared with the other associations' renames waiting
-        for it: ``fsio.DirSync``); return its opaque name.  On failure it is
-        removed."""
-        name = unique_name()
+        for it: ``fsio.DirSync``); return its opaque name, which ends with the
+        bucket of ``sop_uid`` (``buckets.py``).  On failure it is removed."""
+        name = unique_name() + buckets.tag(sop_uid)
         try:
             try:
                 os.fsync(fd)

@@ -31,6 +31,7 @@ line is as long as the old one and every offset stays valid.
 from __future__ import annotations
 
 import binascii
+import fcntl
 import json
 import os
 import struct
@@ -259,11 +260,9 @@ class Vault:
 
     def _open_append(self) -> int:
         if self._fd is None:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o600)
-            size = os.fstat(fd).st_size
-            if size and os.pread(fd, 1, size - 1) != b"\n":
-                os.write(fd, b"\n")  # seal a torn record from a crash
-            self._fd = fd
+            self._fd = os.open(
+                self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o600
+            )
         return self._fd
 
     def put(self, record: dict) -> int:
@@ -271,17 +270,28 @@ class Vault:
 
         The record is JSON plus ``bytes``/``bytearray`` values, which are stored
         raw (v2); a large one is sealed and written piece by
-        piece, so memory never holds an encoded copy of it."""
+        piece, so memory never holds an encoded copy of it.
+
+        Several processes may append (``[indexer] processes``): the file's
+        ``flock`` is held from reading its length (the record's offset, which
+        its seal authenticates) to the end of the write, and a tail torn by a
+        writer that died mid-record is sealed with a newline first."""
         parts = frame(record)
         with self._lock:
             fd = self._open_append()
-            offset = os.fstat(fd).st_size
-            try:  # one write if small, else one per ~1 MiB piece; all or nothing
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                offset = os.fstat(fd).st_size
+                if offset and os.pread(fd, 1, offset - 1) != b"\n":
+                    os.write(fd, b"\n")  # seal a torn record from a crash
+                    offset += 1
+                # one write if small, else one per ~1 MiB piece; all or nothing
                 append_whole(fd, seal(parts, self.keyring, offset), offset)
             except BaseException:
-                os.close(fd)  # a reopen seals whatever tail is left with a newline
+                os.close(fd)  # drops the flock
                 self._fd = None
                 raise
+            fcntl.flock(fd, fcntl.LOCK_UN)
         return offset
 
     def sync(self) -> None:

@@ -19,7 +19,9 @@ I/O error leaves the file where it is for the next pass.
 Poison pills: a file gets at most ``[indexer] max_attempts`` attempts
 across indexer crashes, counted from in-progress markers (``Spool.begin_batch``,
 ``set_attempts``); the file a dead indexer was in is retried alone, taking
-turns with normal batches (docs/architecture.md, "Poison pills").
+turns with normal batches (docs/architecture.md, "Poison pills").  Which
+files a pass takes, and how ``[indexer] processes`` indexers share the
+backlog, is ``index_claim.py``.
 
 A raw file may be plaintext or encrypted (``[spool] encrypt_incoming``); it
 is told by its first line, so both kinds are handled whatever the setting.
@@ -50,16 +52,25 @@ from ith_proxy.vault.records import Vault, VaultRecordError
 from ith_proxy.vault.stream import EncryptedFileError
 from ith_proxy.workers import index_checks as checks
 from ith_proxy.workers.index_checks import Inconsistent, PhiRisk
+from ith_proxy.workers.index_claim import Claims
 from ith_proxy.workers.index_watch import Doorbell
 
 log = logging.getLogger("ith_proxy.indexer")
+POLL_BUSY = 0.05  # s between looks while files wait that this indexer may not take yet
 
 
 class Indexer:
     def __init__(
-        self, cfg: Config, spool: Spool, catalog: Catalog, vault: Vault, secret: bytes
+        self,
+        cfg: Config,
+        spool: Spool,
+        catalog: Catalog,
+        vault: Vault,
+        secret: bytes,
+        slot: int = 0,
     ) -> None:
         self.cfg = cfg
+        self.claims = Claims(cfg, spool, slot)  # which files it takes next (index_claim.py)
         self.spool = spool
         self.catalog = catalog
         self.vault = vault
@@ -68,10 +79,7 @@ class Indexer:
         self.wake = threading.Event()
         self.processed = 0
         self.quarantined = 0
-        self._inflight: set[str] = set()  # names in a batch not yet committed
         self._pending: dict[str, tuple[str, str]] = {}  # sop -> (study, series), uncommitted
-        self._solo_turn = False  # after a restart a normal batch first: ingest goes on
-        self._recovered = False
         self._lock = threading.Lock()
         # Test-only failpoint (tests/test_poison_pills.py): the indexer process
         # kills itself (SIGKILL) on a dataset whose ImageComments contain this
@@ -94,62 +102,16 @@ class Indexer:
         self._commit(batch)
         return batch.handled
 
-    def _claim(self) -> tuple[list[str], dict[str, int], tuple | None]:
-        """The next batch, oldest first: (names, suspects' attempts, batch file).
-
-        A suspect (a file the indexer died on) goes alone, taking turns
-        with normal batches, so the culprit alone gathers attempts."""
-        with self._lock:
-            if not self._recovered:
-                self._recover()
-            waiting = [n for n in self.spool.incoming_names() if n not in self._inflight]
-            marked = self.spool.attempt_names()
-            names, prev = waiting[: self.cfg.indexer.batch_size], {}
-            if marked:
-                present = set(waiting) | self._inflight
-                for stale in marked - present:
-                    self.spool.set_attempts(stale, 0)
-                suspects = [n for n in waiting if n in marked]
-                normal = [n for n in waiting if n not in marked]
-                names = normal[: self.cfg.indexer.batch_size]
-                if suspects and (self._solo_turn or not normal):
-                    names, prev = suspects[:1], {suspects[0]: self.spool.attempts(suspects[0])}
-                self._solo_turn = not prev
-            if not names:
-                return names, prev, None
-            self._inflight.update(names)
-        try:
-            return names, prev, self.spool.begin_batch(names)
-        except BaseException:  # e.g. ENOSPC: the files stay claimable by the next pass
-            with self._lock:
-                self._inflight.difference_update(names)
-            raise
-
-    def _recover(self) -> None:
-        """Charge the files a dead indexer was in: the one in hand when it
-        died, or every one of a batch that was committing."""
-        for index, names in self.spool.dead_batches():
-            for name in names[index : index + 1] if index < len(names) else names:
-                if self.spool.incoming_path(name).exists():
-                    self.spool.set_attempts(name, self.spool.attempts(name) + 1)
-                    log.error(
-                        "incoming file %s was in flight when the indexer stopped; "
-                        "it is retried alone",
-                        name,
-                    )
-        self._recovered = True
-
     def _process_batch(self, claimed: tuple | None = None) -> _Batch | None:
         """Stage 1: parse, de-identify, write outputs and vault records (not yet durable)."""
-        names, prev, marker = claimed if claimed is not None else self._claim()
+        names, prev, marker = claimed if claimed is not None else self.claims.claim()
         if not names:
             return None
         try:
             return self._process_names(names, prev, marker)
         except BaseException:
             self.spool.end_batch(marker)
-            with self._lock:
-                self._inflight.difference_update(names)
+            self.claims.end(names)
             raise
 
     def _process_names(self, names: list[str], prev: dict[str, int], marker) -> _Batch:
@@ -212,9 +174,9 @@ class Indexer:
             if batch.marker is not None:
                 self.spool.end_batch(batch.marker)
             with self._lock:
-                self._inflight.difference_update(batch.names)
                 for row in batch.rows:
                     self._pending.pop(row.sop_uid, None)
+            self.claims.end(batch.names)  # its buckets too, once the catalog has the rows
 
     def _quarantine(self, name: str, reason: str, why: str, attempts: int = 0) -> int:
         moved = checks.quarantine(self.spool, self.vault.keyring, name, reason, why, attempts)
@@ -329,7 +291,7 @@ class Indexer:
             try:
                 while not stop.is_set():
                     try:
-                        claimed = self._claim()
+                        claimed = self.claims.claim()
                         if claimed[1] and pending is not None:  # a suspect runs alone
                             _finish(pending)
                             pending = None
@@ -352,12 +314,16 @@ class Indexer:
             finally:
                 bell.stop()
                 self._bell = None
+                self.claims.close()
 
     def _idle(self, stop: threading.Event) -> None:
-        """Sleep until the doorbell wakes us, the rescan interval passes, or stop."""
+        """Sleep until the doorbell wakes us, the rescan interval passes, or
+        stop; only POLL_BUSY while files wait that this indexer did not take
+        (another holds their bucket, or a helper waits for a backlog)."""
         if self._bell is not None:
             self._bell.listen()
-        deadline = time.monotonic() + self.cfg.indexer.rescan_interval
+        wait = POLL_BUSY if self.claims.poll else self.cfg.indexer.rescan_interval
+        deadline = time.monotonic() + wait
         while not stop.is_set():
             remaining = deadline - time.monotonic()
             if remaining <= 0 or self.wake.wait(min(0.5, remaining)):

@@ -38,7 +38,7 @@ def _indexer_wait(pids: list[int]) -> float:
     total = 0
     for pid in pids:
         try:
-            if Path(f"/proc/{pid}/comm").read_text().strip() != "ith-indexer":
+            if not Path(f"/proc/{pid}/comm").read_text().startswith("ith-indexer"):
                 continue
             for tid in os.listdir(f"/proc/{pid}/task"):
                 total += int(Path(f"/proc/{pid}/task/{tid}/schedstat").read_text().split()[1])

@@ -232,23 +232,16 @@ class Profile:
                 if mask:
                     self.patterns.append((mask, value, rule))
         self.retain_private = "retain_safe_private" in options
-        # The first byte of the group of each pattern ((50xx,xxxx), (60xx,3000)
-        # ...) when every pattern fixes it: a tag outside them needs no test.
-        fixed = all(mask >> 24 == 0xFF for mask, _, _ in self.patterns)
-        self._pattern_tops = frozenset(v >> 24 for _, v, _ in self.patterns) if fixed else None
         # pydicom's keyword of each row's tag, looked up once (it may differ
         # from the table's: the engine names paths and levels by pydicom's)
         self._keywords = {tag: keyword_for_tag(tag) for tag in self.rules}
 
-    def rule(self, tag: BaseTag | int) -> Rule | None:
-        number = int(tag)  # a plain int: BaseTag.__eq__ is Python code
-        rule = self.rules.get(number)
+    def rule(self, tag: BaseTag) -> Rule | None:
+        rule = self.rules.get(int(tag))
         if rule is not None:
             return rule
-        if self._pattern_tops is not None and number >> 24 not in self._pattern_tops:
-            return None
         for mask, value, pattern_rule in self.patterns:
-            if number & mask == value:
+            if int(tag) & mask == value:
                 return pattern_rule
         return None
 

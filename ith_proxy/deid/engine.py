@@ -13,9 +13,10 @@ is decided in one place, ``actions.replacement``, for both paths.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import cast
 
-from pydicom.datadict import dictionary_VR, keyword_for_tag
-from pydicom.dataelem import DataElement
+from pydicom.datadict import dictionary_VR
+from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
@@ -28,7 +29,7 @@ from ith_proxy.deid.dates import shift_days
 from ith_proxy.deid.private import SafePrivate
 from ith_proxy.deid.profile import METHOD_CODES, Profile, level_of
 from ith_proxy.deid.pseudo import patient_key, patient_pseudonym, remap_uid
-from ith_proxy.deid.raw import encode_raw, read_text, replace_text
+from ith_proxy.deid.raw import encode_raw, read_text, replace_text, text_of
 from ith_proxy.deid.text import identifier_fragments
 
 
@@ -104,6 +105,40 @@ def _text(ds: Dataset, tag: int) -> str:
         return found[2]
     elem = ds.get(tag)
     return "" if elem is None or elem.value is None else str(elem.value)
+
+
+def _item(ds: Dataset, tag: BaseTag) -> DataElement | RawDataElement:
+    """``ds.get_item(tag)`` for a key of its dict, without the ``Tag()``
+    conversion (issue 11); a deferred value is read as ``get_item`` reads it."""
+    elem = ds._dict[tag]
+    if isinstance(elem, RawDataElement) and elem.value is None:
+        return ds.get_item(tag)
+    return elem
+
+
+def _delete(ds: Dataset, tag: BaseTag) -> None:
+    """``del ds[tag]``: for a standard tag outside the pixel group, all it does."""
+    if tag >> 16 & 1 or tag >> 16 == 0x7FE0:
+        del ds[tag]  # pydicom resets its private blocks or pixel array
+    else:
+        del ds._dict[tag]
+
+
+class _Charset:
+    """A data set's character sets, looked up when first needed and kept for
+    its walk (pydicom recomputes them from the data set on each call; the walk
+    never changes (0008,0005) nor the encoding an item inherits)."""
+
+    __slots__ = ("ds", "value")
+
+    def __init__(self, ds: Dataset) -> None:
+        self.ds = ds
+        self.value: str | list[str] | None = None
+
+    def __call__(self) -> str | list[str]:
+        if self.value is None:
+            self.value = self.ds._character_set
+        return self.value
 
 
 def _empty(elem: DataElement) -> bool:
@@ -207,21 +242,26 @@ class Deidentifier:
     def _walk(self, ds: Dataset, prefix: str, state: _Pass, top: bool) -> None:
         kept_blocks: set[tuple[int, int]] = set()
         creators: list[BaseTag] = []
-        for tag in list(ds.keys()):
-            group = tag >> 16  # int arithmetic: BaseTag.group is a Python property
+        charset = _Charset(ds)
+        rule_of = self.profile.rule
+        # int arithmetic on the dict's keys: BaseTag's group, element and
+        # is_private are Python properties, and get_item converts with Tag()
+        for tag in list(ds._dict):
+            group = tag >> 16
             if group == 0x0000 or group == 0x0002:  # command, file meta: no dataset content
                 self._remove(ds, tag, prefix, state, top)
                 continue
-            if not tag & 0xFFFF:
-                del ds[tag]  # group lengths would be stale after any change
+            element = tag & 0xFFFF
+            if not element:
+                _delete(ds, tag)  # group lengths would be stale after any change
                 continue
-            if tag.is_private:
-                if 0x0010 <= tag.element <= 0x00FF:
+            if group & 1:  # private
+                if 0x0010 <= element <= 0x00FF:
                     creators.append(tag)
                     continue
                 listed = self.private.safe_vr(ds, tag) if self.private is not None else None
                 if listed is not None and self._keep_private(ds, tag, listed, prefix, state, top):
-                    kept_blocks.add((tag.group, tag.element >> 8))
+                    kept_blocks.add((group, element >> 8))
                     continue
                 if listed is None and un.needs_settling(ds.get_item(tag), tag):
                     un.settle(ds, tag)  # a sequence is recorded value by value
@@ -230,9 +270,9 @@ class Deidentifier:
             if group & 0xFF00 in (0x5000, 0x6000):  # curves and overlays
                 self._remove(ds, tag, prefix, state, top)
                 continue
-            rule = self.profile.rule(tag)
+            rule = rule_of(tag)
             action = rule.action if rule is not None else "K"
-            raw = ds.get_item(tag)
+            raw = _item(ds, tag)
             vr = raw.VR if raw.VR is not None else un.dictionary_vr(tag)
             if vr is None or vr == "UN":  # untyped: only these leave the fast path
                 kind = un.settle(ds, tag)
@@ -246,11 +286,11 @@ class Deidentifier:
             if action == "K" or (action in ("C", "U") and sequence):
                 if sequence:
                     elem = ds[tag]
-                    name = elem.keyword or f"({tag.group:04X},{tag.element:04X})"
+                    name = elem.keyword or f"({group:04X},{element:04X})"
                     for i, item in enumerate(elem.value):
                         self._walk(item, f"{prefix}{name}[{i}].", state, top=False)
                 continue
-            self._act(ds, tag, action, prefix, state, top)
+            self._act(ds, tag, action, prefix, state, top, charset)
         for tag in creators:  # private creators only for blocks that stay
             if (tag.group, tag.element) not in kept_blocks:
                 self._remove(ds, tag, prefix, state, top)
@@ -288,22 +328,33 @@ class Deidentifier:
         original: object = None,
     ) -> None:
         elem = ds[tag]
-        path = prefix + (elem.keyword or f"({tag.group:04X},{tag.element:04X})")
+        keyword = elem.keyword
+        path = prefix + (keyword or f"({tag >> 16:04X},{tag & 0xFFFF:04X})")
         self._record(
             state.result,
-            level_of(elem.keyword) if top else "instance",
+            level_of(keyword) if top else "instance",
             path,
             _original(elem) if original is None else original,
         )
-        del ds[tag]
+        _delete(ds, tag)
 
     def _act(
-        self, ds: Dataset, tag: BaseTag, action: str, prefix: str, state: _Pass, top: bool
+        self,
+        ds: Dataset,
+        tag: BaseTag,
+        action: str,
+        prefix: str,
+        state: _Pass,
+        top: bool,
+        charset: _Charset | None = None,
     ) -> None:
         """Apply ``action`` to one element: raw if it is undecoded text (but for
         cleaning, whose text may need the character set), else decoded.  What
-        the value becomes is ``actions.replacement``'s on both paths."""
-        if action != "C" and self._act_raw(ds, tag, action, prefix, state, top):
+        the value becomes is ``actions.replacement``'s on both paths.
+        ``charset``: the walk's lookup of this data set's character sets."""
+        if action != "C" and self._act_raw(
+            ds, tag, action, prefix, state, top, charset or _Charset(ds)
+        ):
             return
         elem = ds[tag]
         original = _original(elem)
@@ -321,29 +372,37 @@ class Deidentifier:
             )
 
     def _act_raw(
-        self, ds: Dataset, tag: BaseTag, action: str, prefix: str, state: _Pass, top: bool
+        self,
+        ds: Dataset,
+        tag: BaseTag,
+        action: str,
+        prefix: str,
+        state: _Pass,
+        top: bool,
+        charset: _Charset,
     ) -> bool:
         """The fast path for undecoded text elements; False if it does not apply."""
-        found = read_text(ds, tag)
+        raw = ds._dict.get(tag)  # a deferred value is not raw text: the general path reads it
+        found = text_of(raw, tag, charset)
         if found is None:
             return False
-        raw, vr, text = found
-        keyword = keyword_for_tag(tag)
+        vr, text = found
+        keyword = self.profile.keyword(tag)
         new = replacement(action, vr, keyword, text, state.ctx)
         if new is KEEP:
             return True
-        path = prefix + (keyword or f"({tag.group:04X},{tag.element:04X})")
+        path = prefix + (keyword or f"({tag >> 16:04X},{tag & 0xFFFF:04X})")
         level = level_of(keyword) if top else "instance"
         if new is REMOVE:
             self._record(state.result, level, path, text)
-            del ds[tag]
+            _delete(ds, tag)
             return True
         value = "" if new is None else new
         if not isinstance(value, str) or not value.isascii():
             return False  # not ASCII text (never so today): the general path encodes it
         if value != text:
             self._record(state.result, level, path, text)
-            replace_text(ds, raw, vr, value)
+            replace_text(ds, cast("RawDataElement", raw), vr, value)
         return True
 
     def _mark(self, ds: Dataset) -> None:

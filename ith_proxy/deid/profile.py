@@ -26,6 +26,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from pydicom.datadict import keyword_for_tag
 from pydicom.tag import BaseTag
 
 from ith_proxy.config import DEID_OPTIONS
@@ -231,6 +232,9 @@ class Profile:
                 if mask:
                     self.patterns.append((mask, value, rule))
         self.retain_private = "retain_safe_private" in options
+        # pydicom's keyword of each row's tag, looked up once (it may differ
+        # from the table's: the engine names paths and levels by pydicom's)
+        self._keywords = {tag: keyword_for_tag(tag) for tag in self.rules}
 
     def rule(self, tag: BaseTag) -> Rule | None:
         rule = self.rules.get(int(tag))
@@ -240,6 +244,12 @@ class Profile:
             if int(tag) & mask == value:
                 return pattern_rule
         return None
+
+    def keyword(self, tag: BaseTag | int) -> str:
+        """``pydicom.datadict.keyword_for_tag(tag)``, from a table built once for
+        the tags the table lists."""
+        keyword = self._keywords.get(int(tag))
+        return keyword if keyword is not None else keyword_for_tag(tag)
 
 
 def _pattern(text: str) -> tuple[int, int]:

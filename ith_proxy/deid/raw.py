@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import struct
+from collections.abc import Callable
 from typing import cast
 
 from pydicom.charset import decode_bytes
@@ -53,7 +54,7 @@ _DELIMITERS = {0x5C, 0x3D, 0x5E}  # backslash, '=', '^' reset the character set
 _LONG = frozenset({"OB", "OW", "OF", "OD", "OL", "OV", "SQ", "UC", "UN", "UR", "UT", "SV", "UV"})
 
 
-def vr_of(raw: RawDataElement, tag: BaseTag) -> str | None:
+def vr_of(raw: RawDataElement, tag: int) -> str | None:
     if raw.VR is not None:
         return raw.VR
     try:
@@ -62,9 +63,12 @@ def vr_of(raw: RawDataElement, tag: BaseTag) -> str | None:
         return None
 
 
-def read_text(ds: Dataset, tag: BaseTag) -> tuple[RawDataElement, str, str] | None:
-    """(raw element, VR, text) for an undecoded text element, else None."""
-    raw = cast("DataElement | RawDataElement | None", ds.get_item(tag))
+def text_of(
+    raw: DataElement | RawDataElement | None, tag: int, charset: Callable[[], str | list[str]]
+) -> tuple[str, str] | None:
+    """(VR, text) for an undecoded text element as its data set's dict holds it,
+    else None.  ``charset()`` gives the data set's character sets: asked only
+    for text that is not plain ASCII (pydicom recomputes them on each call)."""
     if not isinstance(raw, RawDataElement) or raw.value is None or raw.length == 0xFFFFFFFF:
         return None
     vr = vr_of(raw, tag)
@@ -72,14 +76,23 @@ def read_text(ds: Dataset, tag: BaseTag) -> tuple[RawDataElement, str, str] | No
         return None
     value = raw.value
     if vr in _CHARSET_VRS and not (value.isascii() and b"\x1b" not in value):
-        # not plain ASCII: the data set's character sets decide (pydicom looks
-        # them up on each call).  Plain ASCII without an escape reads the same
-        # in every character set DICOM defines (their Python codecs all map
-        # 0x00-0x7F to ASCII) and skips that lookup: most text is ASCII.
-        text = decode_bytes(value, ds._character_set, _DELIMITERS)
+        # not plain ASCII: the data set's character sets decide.  Plain ASCII
+        # without an escape reads the same in every character set DICOM
+        # defines (their Python codecs all map 0x00-0x7F to ASCII) and skips
+        # that lookup: most text is ASCII.
+        text = decode_bytes(value, charset(), _DELIMITERS)
     else:
         text = value.decode("ascii", "replace")
-    return raw, vr, text.rstrip(" \x00")
+    return vr, text.rstrip(" \x00")
+
+
+def read_text(ds: Dataset, tag: BaseTag) -> tuple[RawDataElement, str, str] | None:
+    """(raw element, VR, text) for an undecoded text element, else None."""
+    raw = cast("DataElement | RawDataElement | None", ds.get_item(tag))
+    found = text_of(raw, tag, lambda: ds._character_set)
+    if found is None:
+        return None
+    return cast("RawDataElement", raw), found[0], found[1]
 
 
 def stored_uid(ds: Dataset, keyword: str) -> str:
@@ -100,9 +113,12 @@ def replace_text(ds: Dataset, raw: RawDataElement, vr: str, text: str) -> None:
     data = text.encode("ascii")
     if len(data) % 2:
         data += b"\x00" if vr == "UI" else b" "
-    ds[raw.tag] = RawDataElement(
-        raw.tag, raw.VR, len(data), data, 0, raw.is_implicit_VR, raw.is_little_endian
-    )
+    tag = raw.tag
+    new = RawDataElement(tag, raw.VR, len(data), data, 0, raw.is_implicit_VR, raw.is_little_endian)
+    if tag >> 16 & 1 or tag >> 16 == 0x7FE0:
+        ds[tag] = new  # pydicom decodes a private element here, and resets pixels
+    else:
+        ds._dict[tag] = new  # all __setitem__ does for this one, less its checks (issue 11)
 
 
 def _writer(implicit: bool, little: bool) -> tuple[DicomFileLike, io.BytesIO]:

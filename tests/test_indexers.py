@@ -61,6 +61,18 @@ def test_an_incoming_name_carries_the_bucket_of_its_sop_uid(tmp_path) -> None:
     assert buckets.bucket("x-1f", 2) == 0x1F % 2
 
 
+def test_the_helpers_take_their_bucket_only_under_a_backlog() -> None:
+    wanted = buckets.wanted
+    # one association: the first indexer keeps up and takes everything
+    assert wanted(0, {0, 1}, 128, 64) == {0, 1} and wanted(1, {0, 1}, 128, 64) == set()
+    # more than two batches wait: each takes its own bucket
+    assert wanted(0, {0, 1}, 129, 64) == {0} and wanted(1, {0, 1}, 129, 64) == {1}
+    assert wanted(2, {0, 1}, 500, 64) == set()  # nothing in bucket 2
+    # bucket 0 is empty: the first indexer takes the rest (a helper died, or is slow)
+    assert wanted(0, {1}, 500, 64) == {1}
+    assert wanted(0, set(), 0, 64) == set()
+
+
 def test_a_bucket_lock_is_counted_and_dies_with_its_process(tmp_path) -> None:
     first, second = BucketLocks(tmp_path), BucketLocks(tmp_path)
     try:

@@ -302,6 +302,15 @@ def test_handmade_datasets_read_as_pydicom_reads_them(enc: str) -> None:
     assert {"meta in the dataset", "command in the dataset", "cut pixels"} <= errors, taken
 
 
+def test_a_huge_value_is_left_to_pydicom() -> None:
+    """Past the first read, a value over BIG_VALUE is not joined to the buffer."""
+    e = lambda tag, vr, value: _el(tag, vr, value, "evr")  # noqa: E731  (short)
+    start = e(0x00080060, b"CS", b"OT") + e(0x00091010, b"LO", b"CREATOR X ")
+    for n, how in ((fastread.BIG_VALUE + 2, "fallback"), (fastread.READ_SIZE, "fast")):
+        data = _file(ExplicitVRLittleEndian, start + e(0x00091011, b"OB", bytes(n)))
+        assert _compare(data) == how
+
+
 def test_an_encrypted_source_reads_as_pydicom_reads_it(corpus: list[Path], tmp_path: Path) -> None:
     keyring = Keyring([Keyring.generate_key()])
     for i, data in enumerate([corpus[0].read_bytes(), _handmade("evr")["long header"]]):

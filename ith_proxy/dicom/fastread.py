@@ -17,7 +17,8 @@ caller then takes pydicom's path from the start: an element with an
 unknown VR (pydicom's implicit-VR switch, or its 2-byte-length guess), the
 first element of an implicit VR dataset that looks explicit, an undefined
 length other than an explicit VR SQ, a value or header cut by the end of
-the file, bytes left that are not a whole element header, item tags or
+the file, a value over 16 MiB (BIG_VALUE) not in the first read, bytes
+left that are not a whole element header, item tags or
 groups below 0004 at the top level (pydicom stops there, or the caller
 refuses), and a meta group holding other groups.  Errors are always left
 to pydicom's path, so their classes and messages are its.
@@ -45,6 +46,9 @@ _UNDEFINED = 0xFFFFFFFF
 _CHARSET = 0x00080005
 FIRST_DATASET_GROUP = 0x0004  # as files.FIRST_DATASET_GROUP (0000-0003: refused there)
 READ_SIZE = 1 << 15  # the header of most instances, with the start of its pixels
+# A longer value before the pixels is left to pydicom, which reads it once
+# (here the buffer would be joined with it: twice the memory for a moment)
+BIG_VALUE = 1 << 24
 # The elements are built as tuple.__new__(RawDataElement, (...9 fields)): only
 # while its fields and defaults are those of pydicom 3.0
 _FIELDS = "tag VR length value value_tell is_implicit_VR is_little_endian is_raw is_buffered"
@@ -157,8 +161,8 @@ def _parse(
             continue
         end = value_tell + length
         if end > limit:
-            if end > size:
-                raise _Unhandled  # pydicom keeps a cut value (or fails): its path
+            if end > size or length > BIG_VALUE:
+                raise _Unhandled  # a cut value (pydicom keeps it, or fails); a huge one
             buf, base = _more(fh, buf, base, pos, end)
             limit = base + len(buf)
         value = buf[value_tell - base : end - base] if length else _empty(vr)

@@ -115,7 +115,9 @@ ALLOWED_ROOMS: dict[str, set[str] | None] = {
     "deid": {"config", "deid"},
     # dicom/: every pynetdicom import; the files we read and write
     "dicom": set(),
-    "dicom.files": {"config", "fsio", "dicom.file_meta", "dicom.scu_wire"},
+    "dicom.files": {"config", "fsio", "dicom.fastread", "dicom.file_meta", "dicom.scu_wire"},
+    # the header's raw elements as pydicom's read_dataset gives them, parsed with struct
+    "dicom.fastread": set(),
     "dicom.file_meta": set(),  # an output's file meta group, packed by hand (pydicom otherwise)
     "dicom.codestream": set(),  # marker segments of JPEG / JPEG 2000 (stdlib only)
     "dicom.wake": set(),  # reactor wake-ups, for every room that makes associations

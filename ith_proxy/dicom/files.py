@@ -33,7 +33,7 @@ from pydicom.filewriter import write_data_element
 from pydicom.multival import MultiValue
 from pydicom.uid import UID
 
-from ith_proxy.dicom import file_meta
+from ith_proxy.dicom import fastread, file_meta
 from ith_proxy.dicom.scu_wire import WireError, meta_group
 from ith_proxy.fsio import open_read
 
@@ -114,7 +114,7 @@ _PIXEL_TAGS = frozenset((0x7FE00008, 0x7FE00009, 0x7FE00010))
 # Groups 0000 (command), 0002 (file meta) and the illegal 0001/0003 never
 # belong in a dataset; 0004 (directory records) may: Table E.1-1 lists
 # (0004,1511) Referenced SOP Instance UID in File.
-FIRST_DATASET_GROUP = 0x0004
+FIRST_DATASET_GROUP = fastread.FIRST_DATASET_GROUP
 
 
 def _at_pixels(tag, vr, length) -> bool:
@@ -136,33 +136,34 @@ def _read_meta(fh: BinaryIO) -> tuple[bytes, FileMetaDataset]:
 
     Whatever follows the group is the dataset, even if it starts with more
     group-0002 elements (those are refused by the caller, never merged in).
+    The group is parsed by ``fastread`` when it can, else by pydicom.
     """
     try:
         head, raw = meta_group(fh)
     except WireError as exc:
         raise DicomFileError(f"unreadable DICOM: {exc}") from None
+    fast = fastread.meta_elements(raw)
+    meta = FileMetaDataset(_pydicom_meta_elements(raw) if fast is None else fast)
+    if "TransferSyntaxUID" not in meta:
+        raise DicomFileError("no file meta / transfer syntax")
+    return head[:128], meta
+
+
+def _pydicom_meta_elements(raw: bytes) -> Dataset:
     try:
         elems = read_dataset(io.BytesIO(raw), False, True)
     except Exception as exc:
         raise DicomFileError(f"unreadable file meta: {type(exc).__name__}") from None
     if any(tag >> 16 != 2 for tag in elems._dict):
         raise DicomFileError("file meta holds elements outside group 0002")
-    meta = FileMetaDataset(elems)
-    if "TransferSyntaxUID" not in meta:
-        raise DicomFileError("no file meta / transfer syntax")
-    return head[:128], meta
+    return elems
 
 
-def _read_split(fh: BinaryIO, path: Path | None) -> SplitFile:
-    """Our file meta up to its group length, then the dataset decoded with the
-    meta's (the negotiated) transfer syntax.  File meta or command elements
-    inside the dataset are an error (unparseable), not dropped: the meta is
-    never taken from the dataset, and such input is hostile or broken."""
-    size = fh.seek(0, 2)
-    fh.seek(0)
-    preamble, meta = _read_meta(fh)
-    ts = meta.TransferSyntaxUID
-    implicit, little = _encoding(ts)
+def _pydicom_header(
+    fh: BinaryIO, preamble: bytes, meta: FileMetaDataset, implicit: bool, little: bool
+) -> FileDataset:
+    """The dataset from fh's position up to the pixel data, read by pydicom
+    (what ``fastread`` does not handle)."""
     body = fh.tell()
     first = fh.read(2)
     fh.seek(body)
@@ -179,7 +180,30 @@ def _read_split(fh: BinaryIO, path: Path | None) -> SplitFile:
     # read_dataset gave the dataset this encoding (its _read_implicit/_read_little)
     header = FileDataset(fh, dataset, preamble, meta, implicit, little)
     header.set_original_encoding(implicit, little, dataset._character_set)
-    start = fh.tell()
+    return header
+
+
+def _read_split(fh: BinaryIO, path: Path | None) -> SplitFile:
+    """Our file meta up to its group length, then the dataset decoded with the
+    meta's (the negotiated) transfer syntax.  File meta or command elements
+    inside the dataset are an error (unparseable), not dropped: the meta is
+    never taken from the dataset, and such input is hostile or broken."""
+    size = fh.seek(0, 2)
+    fh.seek(0)
+    preamble, meta = _read_meta(fh)
+    ts = meta.TransferSyntaxUID
+    implicit, little = _encoding(ts)
+    body = fh.tell()
+    fast = fastread.dataset_elements(fh, body, size, implicit, little)
+    if fast is None:
+        fh.seek(body)
+        header = _pydicom_header(fh, preamble, meta, implicit, little)
+        start = fh.tell()
+    else:
+        elements, start = fast
+        fh.seek(start)  # where pydicom's read leaves it
+        header = FileDataset(fh, elements, preamble, meta, implicit, little)
+        header.set_original_encoding(implicit, little, header._character_set)
     if start >= size:
         return SplitFile(path, header, size, size, None, size)
     end = _element_end(fh, start, implicit, little)

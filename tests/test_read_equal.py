@@ -345,3 +345,15 @@ def test_the_comparison_sees_a_wrong_field() -> None:
     other.header._dict[tag] = other.header._dict[tag]._replace(value_tell=1)
     with pytest.raises(AssertionError, match="value_tell"):
         _same(other, split, "split", set())
+
+
+def test_a_transfer_syntax_of_several_values_is_unreadable(corpus: list[Path]) -> None:
+    """A backslash in the meta's Transfer Syntax UID made it a list, and the
+    reader raised AttributeError (the indexer's "failed") on both paths."""
+    data = corpus[0].read_bytes()
+    meta_end = 132 + 12 + int.from_bytes(data[140:144], "little")
+    ts = dicomfile.read_split(io.BytesIO(data)).transfer_syntax.encode()
+    at = data.index(ts, 132, meta_end)
+    damaged = data[:at] + ts.replace(b".", b"\\", 1) + data[at + len(ts) :]
+    with pytest.raises(dicomfile.DicomFileError, match="transfer syntax is not one UID"):
+        dicomfile.read_split(io.BytesIO(damaged))

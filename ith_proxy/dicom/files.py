@@ -124,6 +124,8 @@ def _at_pixels(tag, vr, length) -> bool:
 def _encoding(ts: UID) -> tuple[bool, bool]:
     """(implicit VR, little endian) of the dataset, from the meta's transfer
     syntax only; deflate is refused here, before any byte of the body is read."""
+    if not isinstance(ts, str):  # e.g. several values (a backslash): no transfer syntax
+        raise DicomFileError("unreadable file meta: the transfer syntax is not one UID")
     if str(ts) in DEFLATED:
         raise DicomFileError("deflated transfer syntax is not supported")
     if ts.is_transfer_syntax:

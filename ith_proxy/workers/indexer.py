@@ -320,9 +320,9 @@ class Indexer:
         """Sleep until the doorbell wakes us, the rescan interval passes, or
         stop; only POLL_BUSY while files wait that this indexer did not take
         (another holds their bucket, or a helper waits for a backlog)."""
-        if self._bell is not None:
-            self._bell.listen()
         wait = POLL_BUSY if self.claims.poll else self.cfg.indexer.rescan_interval
+        if self._bell is not None and not self.claims.poll:  # each arrival would wake it
+            self._bell.listen()
         deadline = time.monotonic() + wait
         while not stop.is_set():
             remaining = deadline - time.monotonic()

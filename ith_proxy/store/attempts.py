@@ -56,20 +56,16 @@ class AttemptsFolder:
 
     @staticmethod
     def end_batch(batch: tuple[str, int]) -> None:
-        Path(batch[0]).unlink(missing_ok=True)
-        os.close(batch[1])  # after the unlink: a dead batch is never one that ended
+        try:
+            Path(batch[0]).unlink(missing_ok=True)
+        finally:
+            os.close(batch[1])  # after the unlink: a dead batch is never one that ended
 
     def dead_batches(self) -> Iterator[tuple[int, list[str]]]:
         """(index, names) of each batch file left by a dead indexer, removed
         once read.  A batch file whose ``flock`` is held is a live indexer's
         (``[indexer] processes`` > 1) and is left alone."""
-        try:
-            entries = sorted(n for n in os.listdir(self.root / "attempts") if n[:1] == ".")
-        except FileNotFoundError:
-            return
-        for entry in entries:
-            if not entry.startswith((_BATCH, ".new-")):
-                continue
+        for entry in sorted(n for n in self._entries() if n.startswith((_BATCH, ".new-"))):
             path = self.root / "attempts" / entry
             try:
                 fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
@@ -95,13 +91,15 @@ class AttemptsFolder:
                 os.close(fd)
             yield (int(lines[0]) if lines[0].isdigit() else 0), [n for n in lines[1:] if n]
 
-    def attempt_names(self, prefix: str = "") -> set[str]:
-        """Names with an attempt count (or batch files, with their prefix)."""
+    def attempt_names(self) -> set[str]:
+        """Names with an attempt count."""
+        return {n for n in self._entries() if n[:1] != "."}
+
+    def _entries(self) -> list[str]:
         try:
-            names = os.listdir(self.root / "attempts")
+            return os.listdir(self.root / "attempts")
         except FileNotFoundError:
-            return set()
-        return {n for n in names if n.startswith(prefix) and (prefix or n[0] != ".")}
+            return []
 
     def attempts(self, name: str) -> int:
         try:

@@ -45,9 +45,9 @@ class Claims:
         """The next batch, oldest first: (names, suspects' attempts, batch file)."""
         size = self.cfg.indexer.batch_size
         if self.slot:  # a helper: a count first, no listing, while there is no backlog
-            waiting = self.spool.incoming_count()
-            if waiting <= 2 * size:
-                self.poll = waiting > 0
+            count = self.spool.incoming_count()
+            if count <= 2 * size:
+                self.poll = count > 0
                 return [], {}, None
         with self._lock:
             self._recover()

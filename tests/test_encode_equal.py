@@ -25,15 +25,9 @@ from pydicom.filebase import DicomFileLike
 from pydicom.filewriter import write_data_element
 from pydicom.sequence import Sequence
 from pydicom.tag import Tag
-from pydicom.uid import (
-    ExplicitVRBigEndian,
-    ExplicitVRLittleEndian,
-    ImplicitVRLittleEndian,
-    RLELossless,
-)
+from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-import canary
-import dicomgen
+import corpus as corpus_files
 from ith_proxy.deid.engine import Deidentifier
 from ith_proxy.dicom import file_meta
 from ith_proxy.dicom import files as dicomfile
@@ -114,16 +108,7 @@ def _odd(path: Path, ts: str, implicit: bool, little: bool) -> Path:
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     root = tmp_path_factory.mktemp("corpus")
-    files: list[Path] = []
-    for i, ts in enumerate(
-        (ExplicitVRLittleEndian, ImplicitVRLittleEndian, ExplicitVRBigEndian, RLELossless)
-    ):
-        for modality in ("CT", "MR", "PT"):
-            s = dicomgen.make_series(
-                root / f"{modality}{i}", 2, modality=modality, rows=16, cols=16, transfer_syntax=ts
-            )
-            files += [Path(p) for p in s.files]
-    files += [i.path for i in canary.build_canary(root / "canary", rows=16, cols=16).instances]
+    files = corpus_files.encodings_and_canary(root)
     for name, ts, implicit, little in (
         ("ivr", ImplicitVRLittleEndian, True, True),
         ("evr", ExplicitVRLittleEndian, False, True),

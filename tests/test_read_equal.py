@@ -29,15 +29,9 @@ from typing import Any, BinaryIO
 import pytest
 from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.filereader import read_dataset
-from pydicom.uid import (
-    ExplicitVRBigEndian,
-    ExplicitVRLittleEndian,
-    ImplicitVRLittleEndian,
-    RLELossless,
-)
+from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-import canary
-import dicomgen
+import corpus as corpus_files
 from ith_proxy.dicom import fastread, scp
 from ith_proxy.dicom import files as dicomfile
 from ith_proxy.dicom.libsetup import configure_libraries
@@ -265,16 +259,7 @@ def _handmade(enc: str) -> dict[str, bytes]:
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     root = tmp_path_factory.mktemp("corpus")
-    files: list[Path] = []
-    for i, ts in enumerate(
-        (ExplicitVRLittleEndian, ImplicitVRLittleEndian, ExplicitVRBigEndian, RLELossless)
-    ):
-        for modality in ("CT", "MR", "PT"):
-            s = dicomgen.make_series(
-                root / f"{modality}{i}", 2, modality=modality, rows=16, cols=16, transfer_syntax=ts
-            )
-            files += [Path(p) for p in s.files]
-    files += [i.path for i in canary.build_canary(root / "canary", rows=16, cols=16).instances]
+    files = corpus_files.encodings_and_canary(root)
     for path in files[:: len(files) // 6]:  # as the SCP writes them: its meta, the dataset
         raw = path.read_bytes()
         ts = dicomfile.read_split(path).transfer_syntax

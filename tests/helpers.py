@@ -178,3 +178,13 @@ def associate_rq(
         + item(0x50, user)
     )
     return struct.pack(">BBL", 0x01, 0, len(body)) + body
+
+
+def same_sop_other_study(src: Path, out: Path) -> bytes:
+    """``src`` with its SOP Instance UID kept and a new study and series (a
+    reused UID), written to ``out``; its bytes."""
+    ds = pydicom.dcmread(src)
+    ds.StudyInstanceUID = pydicom.uid.generate_uid()
+    ds.SeriesInstanceUID = pydicom.uid.generate_uid()
+    ds.save_as(out)
+    return out.read_bytes()

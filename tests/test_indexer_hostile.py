@@ -13,12 +13,18 @@ import sys
 import zlib
 from pathlib import Path
 
-import pydicom
 import pytest
 
 import dicomgen
 import tools
-from helpers import catalog_counts, stored_files, vault_records, wait_indexed, wait_until
+from helpers import (
+    catalog_counts,
+    same_sop_other_study,
+    stored_files,
+    vault_records,
+    wait_indexed,
+    wait_until,
+)
 from ith_proxy.dicom import files as dicomfile
 from ith_proxy.dicom import scp
 from ith_proxy.workers.reindex import reindex
@@ -214,14 +220,6 @@ def test_memory_limit_zero_means_no_ceiling(tmp_path) -> None:
 # --- a SOP Instance UID reused in another study ---
 
 
-def _same_sop_other_study(src: Path, out: Path) -> bytes:
-    ds = pydicom.dcmread(src)
-    ds.StudyInstanceUID = pydicom.uid.generate_uid()
-    ds.SeriesInstanceUID = pydicom.uid.generate_uid()
-    ds.save_as(out)
-    return out.read_bytes()
-
-
 def test_reused_sop_uid_in_another_study_is_quarantined(rooms, tmp_path) -> None:
     series = dicomgen.make_small_series(tmp_path / "in", 2)
     rooms.drop("1-a", series.files[0].read_bytes())
@@ -234,9 +232,9 @@ def test_reused_sop_uid_in_another_study_is_quarantined(rooms, tmp_path) -> None
     # the same instance again (idempotent), and its UID reused in another study,
     # both in one batch and in a later one
     rooms.drop("3-resend", series.files[0].read_bytes())
-    rooms.drop("4-reuse", _same_sop_other_study(series.files[0], tmp_path / "x.dcm"))
+    rooms.drop("4-reuse", same_sop_other_study(series.files[0], tmp_path / "x.dcm"))
     assert rooms.indexer.run_once() == 2
-    rooms.drop("5-reuse", _same_sop_other_study(series.files[1], tmp_path / "y.dcm"))
+    rooms.drop("5-reuse", same_sop_other_study(series.files[1], tmp_path / "y.dcm"))
     assert rooms.indexer.run_once() == 1
     q = rooms.spool.quarantine_dir / "inconsistent"
     assert sorted(p.name for p in q.iterdir()) == [

@@ -14,13 +14,12 @@ import threading
 import zlib
 from pathlib import Path
 
-import pydicom
 import pytest
 
 import dicomgen
 import procfs
 import tools
-from helpers import catalog_counts, wait_indexed, wait_until
+from helpers import catalog_counts, same_sop_other_study, wait_indexed, wait_until
 from ith_proxy.store import buckets
 from ith_proxy.store.buckets import BucketLocks
 from ith_proxy.store.catalog import Catalog
@@ -193,14 +192,6 @@ def test_a_tail_torn_by_a_dead_writer_is_sealed_by_another(tmp_path) -> None:
 # --- two indexers share a backlog ---
 
 
-def _other_study(src: Path, out: Path) -> bytes:
-    ds = pydicom.dcmread(src)
-    ds.StudyInstanceUID = pydicom.uid.generate_uid()
-    ds.SeriesInstanceUID = pydicom.uid.generate_uid()
-    ds.save_as(out)
-    return out.read_bytes()
-
-
 def test_two_indexers_share_a_backlog_and_a_reused_sop_uid_is_still_refused(tmp_path) -> None:
     rooms = Rooms(tmp_path / "site", "[indexer]\nbatch_size = 4\nprocesses = 2\n")
     series = dicomgen.make_small_series(tmp_path / "in", 60)
@@ -211,7 +202,7 @@ def test_two_indexers_share_a_backlog_and_a_reused_sop_uid_is_still_refused(tmp_
         sop = series.sop_uids[i]
         rooms.drop(f"{1000 + i}-again{buckets.tag(sop)}", series.files[i].read_bytes())
         name = f"{2000 + i}-reused{buckets.tag(sop)}"
-        rooms.drop(name, _other_study(series.files[i], tmp_path / f"{i}.dcm"))
+        rooms.drop(name, same_sop_other_study(series.files[i], tmp_path / f"{i}.dcm"))
         reused.append(name)
     assert {buckets.bucket(n, 2) for n in reused} == {0, 1}
     helper = Indexer(

@@ -2,9 +2,10 @@
 
 Starts the proxy as ``bench/ingest.py`` does, sends N small instances over
 one DCMTK storescu association, and reads utime+stime from /proc/<pid>/stat
-of the main process (the SCP threads) and of the indexer process before and
-after: the main process's figure is taken when storescu returns (every
-instance acknowledged), the indexer's when the catalog holds all N.  The "net" figures subtract
+of the main process (the SCP threads) and of the indexer process (one:
+``[indexer] processes = 1``) before and after: the main process's figure
+is taken when storescu returns (every instance acknowledged), the
+indexer's when the catalog holds all N.  The "net" figures subtract
 what each process burns idle (measured for 5 s before sending, once it
 has settled) over the
 same time, so that a slower run on a loaded machine is not charged its
@@ -105,7 +106,10 @@ def top_frames(collapsed: Path, n: int = 25, inclusive: bool = False) -> list[tu
 def one_run(data: Path, n: int, profile: Path | None) -> dict[str, float]:
     work = Path(tempfile.mkdtemp(prefix="ith-recv-cost-"))
     spool, dicom_port, api_port = work / "spool", ingest.free_port(), ingest.free_port()
-    proc = ingest.start_proxy(work, ingest.proxy_env(work, dicom_port, api_port), api_port)
+    env = ingest.proxy_env(work, dicom_port, api_port)
+    (work / "one-indexer.ini").write_text("[indexer]\nprocesses = 1\n")  # all the indexing
+    env["ITH_PROXY_CONFIG"] = str(work / "one-indexer.ini")
+    proc = ingest.start_proxy(work, env, api_port)
     spies: list[subprocess.Popen] = []
     try:
         idx = indexer_pid(proc.pid)

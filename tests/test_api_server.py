@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import http.client
 import logging
 import re
+import threading
 
 import pytest
 from waitress.server import create_server
@@ -41,3 +43,47 @@ def test_start_logs_the_address(tmp_path, caplog: pytest.LogCaptureFixture) -> N
         ]
     finally:
         server.stop()
+
+
+def test_stop_lets_the_request_in_hand_finish_before_the_trigger_closes(tmp_path) -> None:
+    """A request still being served when the server stops is finished (or
+    cancelled) before stop() returns: no handler thread outlives it to write
+    into a descriptor number that another file has taken since."""
+    import bottle
+
+    app = bottle.Bottle()
+    entered, release = threading.Event(), threading.Event()
+
+    @app.get("/slow")
+    def slow() -> dict:
+        entered.set()
+        release.wait(10)
+        return {"done": True}
+
+    server = ApiServer(ApiConfig("127.0.0.1", 0, "", "", "", ""), app)
+    server.start()
+    host, port = listening(server.server).rsplit(":", 1)
+    answers: list[int] = []
+
+    def ask() -> None:
+        conn = http.client.HTTPConnection(host, int(port), timeout=20)
+        try:
+            conn.request("GET", "/slow")
+            answers.append(conn.getresponse().status)
+        except OSError:
+            answers.append(0)
+        finally:
+            conn.close()
+
+    client = threading.Thread(target=ask)
+    client.start()
+    try:
+        assert entered.wait(10)
+        threading.Timer(0.3, release.set).start()
+        server.stop()
+        assert release.is_set()  # stop() waited for the handler
+        assert server.server.task_dispatcher.threads == set()
+    finally:
+        release.set()
+        client.join(20)
+    assert answers and answers[0] in (200, 0)

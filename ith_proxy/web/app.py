@@ -238,4 +238,12 @@ class ApiServer:
         return self._thread.is_alive()
 
     def stop(self) -> None:
+        """Let the handler threads finish the request in hand and exit (up to
+        5 s, waitress's ``shutdown``), then close the sockets and the trigger.
+        A one-socket waitress server's ``close`` alone leaves its handler
+        threads running: one that finished a request later wrote its wake-up
+        byte to the closed trigger's descriptor number, by then another
+        file's (in the test process, a subprocess's exec-error pipe: the
+        test then waited for ever on a proxy that had started fine)."""
+        self.server.task_dispatcher.shutdown()
         self.server.close()

@@ -29,7 +29,7 @@ from ith_proxy.deid.dates import shift_days
 from ith_proxy.deid.private import SafePrivate
 from ith_proxy.deid.profile import METHOD_CODES, Profile, level_of
 from ith_proxy.deid.pseudo import patient_key, patient_pseudonym, remap_uid
-from ith_proxy.deid.raw import encode_raw, read_text, replace_text, text_of
+from ith_proxy.deid.raw import encode_raw, plain_in_dict, read_text, replace_text, text_of
 from ith_proxy.deid.text import identifier_fragments
 
 
@@ -118,10 +118,10 @@ def _item(ds: Dataset, tag: BaseTag) -> DataElement | RawDataElement:
 
 def _delete(ds: Dataset, tag: BaseTag) -> None:
     """``del ds[tag]``: for a standard tag outside the pixel group, all it does."""
-    if tag >> 16 & 1 or tag >> 16 == 0x7FE0:
-        del ds[tag]  # pydicom resets its private blocks or pixel array
-    else:
+    if plain_in_dict(tag):
         del ds._dict[tag]
+    else:
+        del ds[tag]
 
 
 class _Charset:

@@ -108,6 +108,14 @@ def stored_uid(ds: Dataset, keyword: str) -> str:
     return str(raw.value)
 
 
+def plain_in_dict(tag: int) -> bool:
+    """Whether setting or deleting ``tag`` in a Dataset is only a change of its
+    dict (issue 11: the walk then skips pydicom's checks).  Not for a private
+    tag (pydicom decodes it and keeps its private blocks) nor the pixel group
+    (pydicom resets its pixel array)."""
+    return not (tag >> 16 & 1 or tag >> 16 == 0x7FE0)
+
+
 def replace_text(ds: Dataset, raw: RawDataElement, vr: str, text: str) -> None:
     """Put an ASCII value in place of ``raw``, padded the DICOM way."""
     data = text.encode("ascii")
@@ -115,10 +123,10 @@ def replace_text(ds: Dataset, raw: RawDataElement, vr: str, text: str) -> None:
         data += b"\x00" if vr == "UI" else b" "
     tag = raw.tag
     new = RawDataElement(tag, raw.VR, len(data), data, 0, raw.is_implicit_VR, raw.is_little_endian)
-    if tag >> 16 & 1 or tag >> 16 == 0x7FE0:
-        ds[tag] = new  # pydicom decodes a private element here, and resets pixels
+    if plain_in_dict(tag):
+        ds._dict[tag] = new  # all __setitem__ does for this one, less its checks
     else:
-        ds._dict[tag] = new  # all __setitem__ does for this one, less its checks (issue 11)
+        ds[tag] = new
 
 
 def _writer(implicit: bool, little: bool) -> tuple[DicomFileLike, io.BytesIO]:

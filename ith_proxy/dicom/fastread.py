@@ -41,7 +41,7 @@ from pydicom.values import convert_string
 # Every 2-byte VR pydicom knows, as the str it yields (vr.decode(default_encoding))
 _VRS = {vr: vr.decode(default_encoding) for vr in ENCODED_VR if len(vr) == 2}
 _VRS_32 = frozenset(vr for vr, name in _VRS.items() if name in EXPLICIT_VR_LENGTH_32)
-_PIXEL_TAGS = frozenset((0x7FE00008, 0x7FE00009, 0x7FE00010))
+PIXEL_TAGS = frozenset((0x7FE00008, 0x7FE00009, 0x7FE00010))  # also files.py's
 _UNDEFINED = 0xFFFFFFFF
 _CHARSET = 0x00080005
 FIRST_DATASET_GROUP = 0x0004  # as files.FIRST_DATASET_GROUP (0000-0003: refused there)
@@ -145,7 +145,7 @@ def _parse(
             if meta:
                 if group != 0x0002:
                     raise _Unhandled  # refused by the caller's pydicom path
-            elif tag in _PIXEL_TAGS:
+            elif tag in PIXEL_TAGS:
                 return elements, pos
             elif group < FIRST_DATASET_GROUP or group == 0xFFFE:
                 raise _Unhandled  # refused by the caller, or where pydicom stops

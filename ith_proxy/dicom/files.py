@@ -110,7 +110,7 @@ def read_split(source: Path | str | BinaryIO, path: Path | None = None) -> Split
     return _read_split(source, path)
 
 
-_PIXEL_TAGS = frozenset((0x7FE00008, 0x7FE00009, 0x7FE00010))
+_PIXEL_TAGS = fastread.PIXEL_TAGS
 # Groups 0000 (command), 0002 (file meta) and the illegal 0001/0003 never
 # belong in a dataset; 0004 (directory records) may: Table E.1-1 lists
 # (0004,1511) Referenced SOP Instance UID in File.

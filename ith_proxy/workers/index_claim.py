@@ -52,9 +52,9 @@ class Claims:
         with self._lock:
             self._recover()
             listed = self.spool.incoming_names()
-            waiting = [n for n in listed if n not in self._inflight]
-            held = self._take_buckets(len(listed), waiting)
-            waiting = [n for n in waiting if bucket(n, self._processes) in held]
+            of = {n: bucket(n, self._processes) for n in listed if n not in self._inflight}
+            held = self._take_buckets(len(listed), set(of.values()))
+            waiting = [n for n in of if of[n] in held]
             marked = self.spool.attempt_names()
             names, prev = waiting[:size], {}
             if marked:
@@ -67,7 +67,7 @@ class Claims:
                 if suspects and (self._solo_turn or not normal):
                     names, prev = suspects[:1], {suspects[0]: self.spool.attempts(suspects[0])}
                 self._solo_turn = not prev
-            for k in held - {bucket(n, self._processes) for n in names}:
+            for k in held - {of[n] for n in names}:
                 self._buckets.release(k)
             if not names:
                 return names, prev, None
@@ -89,10 +89,10 @@ class Claims:
     def close(self) -> None:
         self._buckets.close()
 
-    def _take_buckets(self, listed: int, waiting: list[str]) -> set[int]:
-        """The buckets this claim takes files from, held (``buckets.wanted``).
-        ``self.poll``: files wait that it did not take."""
-        present = {bucket(n, self._processes) for n in waiting}
+    def _take_buckets(self, listed: int, present: set[int]) -> set[int]:
+        """Of the buckets of the files waiting, those this claim takes files
+        from, held (``buckets.wanted``).  ``self.poll``: files wait that it
+        did not take."""
         wanted = buckets.wanted(self.slot, present, listed, self.cfg.indexer.batch_size)
         if self.slot and wanted and time.monotonic() - self._told > 60:
             self._told = time.monotonic()

@@ -10,6 +10,10 @@ indexer's threads waited for a CPU (run-queue time, from
 ``/proc/PID/task/TID/schedstat``).  Nothing is deleted until the end and the
 page cache is written back before each run (see ``ingest.py``).
 
+A tree that holds an ``ab.ini`` runs with it after ``--ini`` (so two
+worktrees of one commit compare settings: ``printf '[scp]\\nworkers = 2\\n' >
+/tmp/w2/ab.ini``).
+
 It is how a change is measured against what it changes: the issue 11
 figures against Orthanc are ``ingest.py``'s.  Usage::
 
@@ -51,7 +55,9 @@ def run_tree(tree: Path, work: Path, shares: list[Path], n: int, ini: str) -> di
     dicom_port, api_port = peers.free_port(), peers.free_port()
     env = peers.proxy_env(work, dicom_port, api_port)
     env["PYTHONPATH"] = str(tree)
-    if ini:
+    if (tree / "ab.ini").is_file():  # this tree's own settings, after --ini's
+        ini += "\n" + (tree / "ab.ini").read_text()
+    if ini.strip():
         (work / "ab.ini").write_text(ini)
         env["ITH_PROXY_CONFIG"] = str(work / "ab.ini")
     proc = peers.start_proxy(work, env, api_port, [sys.executable, "-m", "ith_proxy.cli", "run"])

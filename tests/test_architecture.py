@@ -122,7 +122,9 @@ ALLOWED_ROOMS: dict[str, set[str] | None] = {
     "dicom.codestream": set(),  # marker segments of JPEG / JPEG 2000 (stdlib only)
     "dicom.wake": set(),  # reactor wake-ups, for every room that makes associations
     "dicom.libsetup": set(),  # library settings, applied by explicit call only
-    "dicom.scp_stream": {"config", "dicom.store_wire"},  # replaces pynetdicom's data set assembly
+    # replaces pynetdicom's data set assembly
+    "dicom.scp_stream": {"config", "dicom.store_inline", "dicom.store_wire"},
+    "dicom.store_inline": {"dicom.find_wire", "dicom.store_wire"},  # a plain C-STORE, DUL thread
     # the one replacement of pynetdicom's C-STORE-RSP sending (command set packed by hand)
     "dicom.store_wire": {"dicom.find_wire", "dicom.scu_wire"},
     "dicom.ae": {"config", "dicom.get_stream", "dicom.pdu_read", "dicom.scp_stream", "dicom.wake"},

@@ -88,13 +88,15 @@ def test_a_response_with_more_in_it_is_left_to_pynetdicom() -> None:
 def test_a_real_scp_reads_and_answers_by_hand(tmp_path: Path, monkeypatch) -> None:
     series = dicomgen.make_small_series(tmp_path / "in", 3)
     read_by_hand: list[str] = []
-    by_hand = store_wire.store_primitive
+    by_hand = store_wire.read_request
 
-    def counted(request, context_id):
-        read_by_hand.append(request.AffectedSOPInstanceUID)
-        return by_hand(request, context_id)
+    def counted(assoc, msg):
+        request = by_hand(assoc, msg)
+        if request is not None:
+            read_by_hand.append(request.AffectedSOPInstanceUID)
+        return request
 
-    monkeypatch.setattr(store_wire, "store_primitive", counted)
+    monkeypatch.setattr(store_wire, "read_request", counted)
     # Rooms sets the spool and the vault key under tmp_path; the SCP's address:
     env = {"DICOM_PORT": str(tools.free_port()), "DICOM_BIND_ADDRESS": "127.0.0.1"}
     rooms = Rooms(tmp_path, "[spool]\nencrypt_incoming = false\n", env)

@@ -96,7 +96,8 @@ class AssociationHandler(RequestHandler):
     def _create_association(self) -> Any:
         assoc = super()._create_association()
         # data sets stream to spool/tmp/ instead of a BytesIO (scp_stream.py)
-        scp_stream.install(assoc, self.server.store_opener(assoc))
+        # and a plain C-STORE is served on the DUL thread (store_inline.py)
+        scp_stream.install(assoc, self.server.store_opener(assoc), self.server.store)
         # PDUs read (and their length bounded) by hand; P-DATA-TF handed on as DT-2 does
         pdu_read.install(assoc, self.ae.maximum_pdu_size)
         wake_on_work(assoc)  # event-driven instead of 1 ms polling (wake.py)
@@ -129,6 +130,8 @@ class Server(ThreadedAssociationServer):
     # set by the SCP (dicom/scp.py) on its subclass: per association, the maker
     # of each C-STORE's Incoming
     store_opener: Callable[[Any], Callable[[Any, str], scp_stream.Incoming]]
+    # set by the SCP: its work for one streamed instance (scp.store_status)
+    store: Callable[[Any], int] | None = None
     # set by the SCP: serves each C-GET/C-MOVE request (dicom/qr_retrieve.py)
     retrieve: Callable[[get_stream.Channel], None] | None = None
 

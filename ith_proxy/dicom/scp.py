@@ -18,6 +18,7 @@ The AE, its contexts and the socket fixes over stock pynetdicom are
 
 from __future__ import annotations
 
+import functools
 import logging
 import struct
 import threading
@@ -103,14 +104,22 @@ class Counters:
 def handle_store(
     event: evt.Event, counters: Counters | None = None, inflow: InFlow | None = None
 ) -> int:
-    """Make the streamed data set durable in incoming/, then acknowledge
-    (or answer the failure found while it was received).  Only a success
-    is counted, and paced while the indexer drains a backlog (``inflow.py``),
-    just before it is answered."""
+    """The bound EVT_C_STORE handler, for the requests pynetdicom serves (a
+    plain C-STORE is served by ``store_inline`` with ``store_status``)."""
     incoming = scp_stream.take(event.request)
     if incoming is None:  # not received through scp_stream: never acknowledged
         log.error("C-STORE failed: the data set was not streamed to the spool")
         return CANNOT_UNDERSTAND
+    return store_status(incoming, counters, inflow)
+
+
+def store_status(
+    incoming: scp_stream.Incoming, counters: Counters | None = None, inflow: InFlow | None = None
+) -> int:
+    """Make the streamed data set durable in incoming/, then acknowledge
+    (or answer the failure found while it was received).  Only a success
+    is counted, and paced while the indexer drains a backlog (``inflow.py``),
+    just before it is answered."""
     try:
         status = incoming.finish()[0]
     except Exception as exc:  # never a traceback on the wire
@@ -184,6 +193,9 @@ class StorageSCP:
                 "reuse_port": self.cfg.scp.workers > 1,
                 "open_count": self.open_count,
                 "store_opener": staticmethod(self._store_opener),
+                "store": staticmethod(
+                    functools.partial(store_status, counters=self.counters, inflow=self.inflow)
+                ),
                 "retrieve": staticmethod(qr_retrieve.serve(self.cfg, self.spool)),
             },
         )

@@ -55,7 +55,7 @@ from pynetdicom.dimse_primitives import C_CANCEL, N_EVENT_REPORT
 from pynetdicom.dsutils import decode
 from pynetdicom.utils import make_target
 
-from ith_proxy.dicom import store_wire
+from ith_proxy.dicom import store_inline, store_wire
 
 log = logging.getLogger("ith_proxy.dicom")
 
@@ -228,9 +228,15 @@ def take(request: Any) -> Incoming | None:
 class Receiver:
     """Stands in for ``DIMSEServiceProvider.receive_primitive`` (3.0.4) on one association."""
 
-    def __init__(self, assoc: Any, open_store: Callable[[Any, str], Incoming]) -> None:
+    def __init__(
+        self,
+        assoc: Any,
+        open_store: Callable[[Any, str], Incoming],
+        store: store_inline.Store | None = None,
+    ) -> None:
         self._assoc, self._dimse = assoc, assoc.dimse
         self._open_store = open_store
+        self._store = store  # serves a plain C-STORE on this thread (store_inline.py)
         self._lock = threading.Lock()
         self._current: Incoming | None = None  # being received
         self._pending: set[Incoming] = set()  # received, not yet taken by the handler
@@ -310,25 +316,39 @@ class Receiver:
         msg = dimse.message
         evt.trigger(self._assoc, evt.EVT_DIMSE_RECV, {"message": msg})
         context_id = msg.context_id
-        with self._lock:
-            incoming, self._current = self._current, None
-            if incoming is not None:
-                if self._done:  # the association ended meanwhile
-                    incoming.discard()
-                    return
-                self._pending.add(incoming)
-                if len(self._pending) > MAX_PENDING:  # requests piled up unanswered
-                    self._abort("too many C-STORE requests waiting for an answer")
-                    return
-        try:
-            request, self._request = self._request, None
+        request, self._request = self._request, None
+        try:  # the primitive's setters are pynetdicom's checks of the values: made in either way
             if request is not None:
                 d_primitive = store_wire.store_primitive(request, context_id)
             else:
                 d_primitive = msg.message_to_primitive()
         except Exception as exc:
             log.error("received an invalid DIMSE message (%s)", type(exc).__name__)
+            with self._lock:
+                incoming, self._current = self._current, None
+            if incoming is not None:
+                incoming.discard()
             dimse.dul.event_queue.put("Evt19")
+            return
+        inline = (
+            request is not None
+            and self._store is not None
+            and store_inline.servable(self._assoc, request, context_id)
+        )
+        with self._lock:
+            incoming, self._current = self._current, None
+            if incoming is not None:
+                if self._done:  # the association ended meanwhile
+                    incoming.discard()
+                    return
+                if not inline:  # the association thread's handler takes it
+                    self._pending.add(incoming)
+                if len(self._pending) > MAX_PENDING:  # requests piled up unanswered
+                    self._abort("too many C-STORE requests waiting for an answer")
+                    return
+        if inline and incoming is not None and self._store is not None and request is not None:
+            store_inline.serve(self._assoc, request, context_id, incoming, self._store)
+            self._reset(msg)
             return
         if incoming is not None:
             setattr(d_primitive, _ATTR, incoming)
@@ -340,11 +360,14 @@ class Receiver:
             ).start()
         else:
             dimse.msg_queue.put((context_id, d_primitive))
+        self._reset(msg)
+
+    def _reset(self, msg: Any) -> None:
         msg.encoded_command_set = BytesIO()
         msg.data_set = BytesIO()
         msg._data_set_file = None
         msg._data_set_path = None
-        dimse.message = None
+        self._dimse.message = None
 
     def claim(self, incoming: Incoming) -> None:
         with self._lock:
@@ -363,13 +386,18 @@ class Receiver:
             log.info("removed %d unfinished instance(s) of an ended association", len(left))
 
 
-def install(assoc: Any, open_store: Callable[[Any, str], Incoming]) -> None:
+def install(
+    assoc: Any, open_store: Callable[[Any, str], Incoming], store: store_inline.Store | None = None
+) -> None:
     """Wire one not-yet-started acceptor association for streamed data sets.
 
     ``open_store(command_set, transfer_syntax)`` makes the ``Incoming`` for
-    a C-STORE-RQ whose command set is complete (on the DUL thread)."""
+    a C-STORE-RQ whose command set is complete (on the DUL thread).
+    ``store(incoming)``, when given, is the SCP's work for one instance
+    (its status): a plain C-STORE is then served on the DUL thread
+    (``store_inline.py``) instead of the association thread's handler."""
     store_wire.install(assoc)  # C-STORE-RSP packed by hand (store_wire.py)
-    receiver = Receiver(assoc, open_store)
+    receiver = Receiver(assoc, open_store, store)
     assoc.dimse.receive_primitive = receiver.receive_primitive
     stock_run = assoc.run
 

@@ -144,6 +144,17 @@ def store_primitive(request: StoreRequest, context_id: int) -> C_STORE:
     return primitive
 
 
+def response_primitive(request: StoreRequest, status: int) -> C_STORE:
+    """The C-STORE response primitive ``StorageServiceClass.SCP`` makes for
+    this request and status."""
+    primitive = C_STORE()
+    primitive.MessageID = primitive.MessageIDBeingRespondedTo = request.fields[0x0110]
+    primitive.AffectedSOPInstanceUID = request.AffectedSOPInstanceUID
+    primitive.AffectedSOPClassUID = request.AffectedSOPClassUID
+    primitive.Status = status
+    return primitive
+
+
 def command_set(sop_class: Any, message_id: int, status: int, sop_instance: Any) -> bytes:
     """A C-STORE-RSP command set without a data set, Implicit VR Little
     Endian, its elements in tag order, as pynetdicom's C_STORE_RSP encodes it."""

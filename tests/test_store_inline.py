@@ -8,6 +8,8 @@
 - an exception in the SCP's work answers 0xC000 without a traceback on the
   wire or in the log, removes the partial file, and the next instance of the
   same association is stored;
+- a peer whose maximum PDU is too small for the packed answer gets
+  pynetdicom's fragmented one, still from the DUL thread;
 - a request that is not plain (a SOP class pynetdicom serves with no storage
   service here) goes the stock way: `servable` says no.
 """
@@ -20,7 +22,7 @@ from pathlib import Path
 
 import pytest
 from pydicom import dcmread
-from pynetdicom import AE
+from pynetdicom import AE, evt
 from pynetdicom.dul import DULServiceProvider
 
 import dicomgen
@@ -139,3 +141,53 @@ def test_only_a_storage_sop_class_is_servable() -> None:
     assert not store_inline.servable(assoc, no_priority, 1)  # stock ignores it: so do we
     assoc._sent_release = True
     assert not store_inline.servable(assoc, request, 1)
+
+
+def test_a_peer_with_a_tiny_maximum_pdu_gets_its_answer_the_stock_way(
+    rooms: Rooms, tmp_path: Path, monkeypatch
+) -> None:
+    """The packed answer (about 130 bytes) does not fit the peer's 64-byte
+    PDUs: the inline path hands pynetdicom the response primitive, which
+    fragments it; still served on the DUL thread."""
+    calls = _recording(monkeypatch)
+    sent: list[int] = []
+    stock = store_wire.response_primitive
+
+    def primitive(request, status):
+        sent.append(status)
+        return stock(request, status)
+
+    monkeypatch.setattr(store_wire, "response_primitive", primitive)
+    series = dicomgen.make_small_series(tmp_path / "in", 2)
+    server = StorageSCP(rooms.cfg, rooms.spool)
+    server.start()
+    try:
+        ae = AE(ae_title="TESTSCU")
+        ae.add_requested_context(CT, "1.2.840.10008.1.2.1")
+        answers: list = []
+
+        def on_recv(event) -> None:  # the SCU side: every decoded answer
+            cs = event.message.command_set
+            answers.append((cs.MessageIDBeingRespondedTo, cs.Status, cs.AffectedSOPInstanceUID))
+
+        assoc = ae.associate(
+            "127.0.0.1",
+            rooms.cfg.scp.port,
+            ae_title=rooms.cfg.scp.ae_title,
+            max_pdu=64,
+            evt_handlers=[(evt.EVT_DIMSE_RECV, on_recv)],
+        )
+        assert assoc.is_established
+        try:
+            for msg_id, f in zip((11, 12), series.files, strict=True):
+                assert assoc.send_c_store(dcmread(f), msg_id=msg_id).Status == 0
+        finally:
+            assoc.release()
+    finally:
+        server.stop()
+    assert answers == [
+        (msg_id, 0, str(dcmread(f).SOPInstanceUID))
+        for msg_id, f in zip((11, 12), series.files, strict=True)
+    ]
+    assert sent == [0, 0] and calls == [("dul", False)] * 2
+    assert len(rooms.spool.incoming_names()) == 2

@@ -63,15 +63,16 @@ def run_tree(tree: Path, work: Path, shares: list[Path], n: int, ini: str) -> di
     proc = peers.start_proxy(work, env, api_port, [sys.executable, "-m", "ith_proxy.cli", "run"])
     try:
         pids = peers.tree_pids(proc.pid)
-        cpu0, wait0 = [peers.cpu_times(p) for p in pids], _indexer_wait(pids)
+        cpu0, wait0 = {p: peers.cpu_times(p) for p in pids}, _indexer_wait(pids)
         t0 = time.perf_counter()
         ack = peers.send_parallel(peers.PROXY_AET, dicom_port, shares)
         e2e = peers.wait_indexed(work / "spool", n, t0)
-        cpu1, wait1 = [peers.cpu_times(p) for p in pids], _indexer_wait(pids)
+        pids = peers.tree_pids(proc.pid)  # a helper indexer started by the backlog, too
+        cpu1, wait1 = {p: peers.cpu_times(p) for p in pids}, _indexer_wait(pids)
     finally:
         stop(proc)
-    user = sum(b[0] - a[0] for a, b in zip(cpu0, cpu1, strict=True))
-    system = sum(b[1] - a[1] for a, b in zip(cpu0, cpu1, strict=True))
+    user = sum(b[0] - cpu0.get(p, (0.0, 0.0))[0] for p, b in cpu1.items())
+    system = sum(b[1] - cpu0.get(p, (0.0, 0.0))[1] for p, b in cpu1.items())
     return {
         "ack inst/s": n / ack,
         "e2e inst/s": n / e2e,

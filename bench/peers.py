@@ -293,14 +293,17 @@ def tree_pids(pid: int) -> list[int]:
 
 
 def cpu_times(pid: int) -> tuple[float, float]:
-    """(utime, stime) of all the threads of ``pid`` in seconds; zeros once it is gone."""
+    """(user, system) seconds of all the threads of ``pid`` and of its reaped
+    children (cutime, cstime: a helper indexer that exited is in its zygote's);
+    zeros once it is gone."""
     tick = os.sysconf("SC_CLK_TCK")
     try:
         with open(f"/proc/{pid}/stat") as fh:
             fields = fh.read().rsplit(")", 1)[1].split()
     except OSError:
         return 0.0, 0.0
-    return int(fields[11]) / tick, int(fields[12]) / tick  # utime, stime (fields 14, 15)
+    user, system, c_user, c_system = (int(f) for f in fields[11:15])  # stat fields 14-17
+    return (user + c_user) / tick, (system + c_system) / tick
 
 
 def cpu_seconds(pids: list[int]) -> float:

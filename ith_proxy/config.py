@@ -86,6 +86,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("indexer", "max_attempts", "3", v.integer(2, 100)),
     Setting("indexer", "memory_limit_mb", "1024", v.integer(0, 10**7)),
     Setting("indexer", "processes", "2", v.integer(1, 8)),
+    Setting("indexer", "helper_idle", "30", v.seconds),
     Setting("scheduler", "study_timeout", "60", v.seconds, "DICOM_STUDY_TIMEOUT"),
     Setting("scheduler", "interval", "1", v.seconds),
     Setting("deid", "anonymize", "true", v.boolean, "DICOM_ANONYMIZE_PATIENTS"),

@@ -59,6 +59,7 @@ class IndexerConfig:
     max_attempts: int = 3
     memory_limit_mb: int = 1024  # 0: no limit
     processes: int = 2  # indexer processes; 2..N help only under a backlog (store/buckets.py)
+    helper_idle: float = 30.0  # seconds a helper runs on without a backlog, then exits
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,9 @@ thread, so they share the imported modules' pages copy-on-write; a
 restarted indexer is forked by the single-threaded zygote (``zygote``;
 forking this process once it has threads would copy the locks they hold),
 or is a fresh, lean interpreter if the zygote is gone (``children``).  The
+helper indexers (``[indexer] processes`` > 1) are forked by the zygote too,
+when ``incoming/`` holds a backlog, and exit after ``[indexer]
+helper_idle`` seconds without one.  The
 child's log records come back over a socket, so
 only this process writes the log files; it stops at end of file on its
 lifeline pipe, so it exits by itself when this process dies.  With
@@ -62,6 +65,8 @@ if TYPE_CHECKING:  # imported when ITH_URL is set: offline, no websocket-client 
     from ith_proxy.link.client import Link
 
 log = logging.getLogger("ith_proxy.service")
+
+WAKE_INTERVAL = 0.25  # seconds between two looks for a backlog the helper indexers take
 
 
 class StartupError(RuntimeError):
@@ -201,6 +206,10 @@ class Service:
             for slot, kid in list(kids.items()):
                 if kid.is_alive() or self.stop_event.is_set():
                     continue
+                if kind == "indexer" and slot and kid.exitcode == 0:  # a helper with no work
+                    kid.forget()
+                    del kids[slot]  # started again by _wake_helpers
+                    continue
                 if time.monotonic() - self._started[kind, slot] < 5:
                     continue
                 name = f"SCP worker {slot}" if kind == "scp" else indexer_child.title(slot)
@@ -212,6 +221,22 @@ class Service:
             if thread is not None and not thread.is_alive() and not self.stop_event.is_set():
                 log.error("%s thread ended; restarting it", name)
                 self._worker(name, target)
+
+    def _wake_helpers(self) -> None:
+        """Start the helper indexers that are not running when incoming/
+        holds a backlog (``Spool.has_backlog``); each exits again after
+        ``[indexer] helper_idle`` seconds without one (docs/architecture.md,
+        "Several indexers").  At idle they cost no memory."""
+        idle = [s for s in range(1, self.cfg.indexer.processes) if s not in self.indexers]
+        if not idle or self.stop_event.is_set():
+            return
+        try:
+            if not self.spool.has_backlog(self.cfg.indexer.batch_size):
+                return
+        except OSError:  # incoming/ unreadable: the indexer's own pass says why
+            return
+        for slot in idle:
+            self._start_indexer(slot)
 
     def _restartable(self) -> tuple[tuple[str, Callable[[], None]], ...]:
         link = (("link", self._run_link_thread),) if self.link is not None else ()
@@ -282,8 +307,7 @@ class Service:
             self._log_socks[1],
             close_in_child=self._children_fds(),
         )
-        for slot in range(self.cfg.indexer.processes):
-            self._start_indexer(slot)
+        self._start_indexer(0)  # the helpers (slots 1..N-1) start on a backlog: _wake_helpers
         if self.cfg.scp.workers > 1:  # forked too, before any thread
             self._scp_stats = WorkerStats()
             for slot in range(1, self.cfg.scp.workers):
@@ -355,7 +379,11 @@ class Service:
                 dicom=control is not None
                 and control.listening()
                 and all(w.is_alive() for w in self.scp_workers.values()),
-                indexer=bool(self.indexers) and all(i.is_alive() for i in self.indexers.values()),
+                indexer=0 in self.indexers
+                and all(  # a helper that ended for want of work is no problem
+                    kid.is_alive() or (slot and kid.exitcode == 0)
+                    for slot, kid in self.indexers.items()
+                ),
                 scheduler=scheduler is not None and scheduler.is_alive(),
                 forwarder=forwarder is not None and forwarder.is_alive(),
             ),
@@ -409,8 +437,13 @@ class Service:
             signal.signal(sig, lambda *_: done.set())
         self.start()
         try:
-            while not done.wait(1.0):
-                self._supervise()
+            tick = 0
+            while not done.wait(WAKE_INTERVAL):
+                self._wake_helpers()
+                tick += 1
+                if tick % round(1 / WAKE_INTERVAL):
+                    continue
+                self._supervise()  # every second
                 if self.control is not None:  # runtime settings the link wrote
                     self.control.poll()
         finally:

@@ -269,7 +269,7 @@ def test_a_killed_helper_loses_nothing_and_comes_back(tmp_path) -> None:
     ) as proxy:
         assert proxy.pid is not None
         kids = {procfs.comm(k): k for k in procfs.children(proxy.pid)}
-        first, helper = kids["ith-indexer"], kids["ith-indexer1"]
+        first, zygote = kids["ith-indexer"], kids["ith-zygote"]
         os.kill(first, signal.SIGSTOP)  # the backlog grows: the helper must help alone
         try:
             results: list[subprocess.CompletedProcess] = []
@@ -283,6 +283,8 @@ def test_a_killed_helper_loses_nothing_and_comes_back(tmp_path) -> None:
                 sender.start()
             log = proxy.spool / "logs" / "main.log"
             wait_until(lambda: "indexer 1 helps" in log.read_text(), 60, "the helper helping")
+            (helper,) = procfs.children(zygote)  # started by the backlog, forked by the zygote
+            assert procfs.comm(helper) == "ith-indexer1"
             os.kill(helper, signal.SIGKILL)  # most likely in the middle of a batch
             for sender in senders:
                 sender.join(120)

@@ -63,33 +63,72 @@ def test_the_tree_is_the_service_its_indexer_and_the_zygote(tmp_path) -> None:
     with tools.ProxyProcess(tmp_path / "p") as proxy:
         assert proxy.pid is not None
         kids = _kids(proxy.pid)
-        assert sorted(kids) == [INDEXER_COMM, HELPER_COMM, ZYGOTE_COMM]  # no resource tracker
-        indexer, helper, zygote = kids[INDEXER_COMM], kids[HELPER_COMM], kids[ZYGOTE_COMM]
-        for pid in (indexer, helper, zygote):
+        # no resource tracker; no helper indexer without a backlog ([indexer] processes = 2)
+        assert sorted(kids) == [INDEXER_COMM, ZYGOTE_COMM]
+        indexer, zygote = kids[INDEXER_COMM], kids[ZYGOTE_COMM]
+        for pid in (indexer, zygote):
             assert _cmdline(pid) == _cmdline(proxy.pid)  # forked, not a new interpreter
             assert procfs.children(pid) == []
         # their own records reach the service's files (they write none themselves)
         wait_until(lambda: f"indexer process {indexer} started (fork)" in _log(proxy), 30, "log")
-        wait_until(
-            lambda: f"indexer process {helper} started (fork, indexer 1)" in _log(proxy), 30, "log"
-        )
         assert tools.storescu(proxy.dicom_port, series.files).returncode == 0
         wait_indexed(proxy.spool, 2)
+        assert procfs.children(zygote) == []  # two files are no backlog
         # the ceiling is the indexers' only
-        assert _data_limit(indexer) == _data_limit(helper) == str(1024 << 20)
+        assert _data_limit(indexer) == str(1024 << 20)
         # pydicom would import requests from this virtualenv (the test tools need it)
         _requests_installed()
-        for pid in (proxy.pid, indexer, helper, zygote):
+        for pid in (proxy.pid, indexer, zygote):
             assert _optional_libraries(pid) == [], procfs.comm(pid)
         assert _data_limit(proxy.pid) == "unlimited"
         assert _data_limit(zygote) == "unlimited"
         assert proxy.stop() == 0  # SIGTERM: a clean stop, the children with it
-    assert procfs.gone(indexer) and procfs.gone(helper) and procfs.gone(zygote)
+    assert procfs.gone(indexer) and procfs.gone(zygote)
     text = _log(proxy)  # its last record too: the listener writes all before it stops
     assert f"indexer process {indexer} stopped" in text
     assert text.index(f"indexer process {indexer} stopped") < text.index(
         "INFO ith_proxy.service [MainThread] stopped"
     )
+
+
+def _helper(zygote: int) -> int | None:
+    kids = procfs.children(zygote)
+    return kids[0] if len(kids) == 1 and procfs.comm(kids[0]) == HELPER_COMM else None
+
+
+def test_a_helper_indexer_runs_only_while_a_backlog_lasts(tmp_path) -> None:
+    """[indexer] processes = 2: the helper is forked by the zygote when
+    incoming/ holds more than two batches, and exits by itself (code 0, no
+    restart, health stays green) helper_idle seconds after the backlog."""
+    series = dicomgen.make_small_series(tmp_path / "in", 16)
+    ini = "[indexer]\nbatch_size = 2\nhelper_idle = 2\n"
+    with tools.ProxyProcess(tmp_path / "p", config_text=ini) as proxy:
+        assert proxy.pid is not None
+        kids = _kids(proxy.pid)
+        first, zygote = kids[INDEXER_COMM], kids[ZYGOTE_COMM]
+        os.kill(first, signal.SIGSTOP)  # the backlog builds
+        try:
+            assert tools.storescu(proxy.dicom_port, series.files).returncode == 0
+            helper = wait_until(lambda: _helper(zygote), 10, "a helper forked by the zygote")
+            assert isinstance(helper, int)
+            assert _cmdline(helper) == _cmdline(proxy.pid)  # forked: no new interpreter
+            assert _data_limit(helper) == str(1024 << 20)
+            assert _optional_libraries(helper) == []
+            # 16 files: one of bucket 1 at least (a miss is 2**-16), which it takes
+            wait_until(lambda: "indexer 1 helps" in _log(proxy), 30, "the helper helping")
+        finally:
+            os.kill(first, signal.SIGCONT)
+        wait_indexed(proxy.spool, 16)
+        wait_until(lambda: procfs.gone(helper), 30, "the helper exits")
+        text = _log(proxy)
+        assert f"indexer process {helper} started (zygote, indexer 1)" in text
+        assert "indexer 1 stops: no backlog for" in text
+        assert f"indexer process {helper} stopped" in text
+        assert "exited (code" not in text  # not a death: nothing restarted it
+        assert proxy.health()[0] == 200
+        assert procfs.children(zygote) == []
+        assert proxy.stop() == 0
+    assert not any((proxy.spool / "quarantine").rglob("*"))
 
 
 def _restarted(proxy: tools.ProxyProcess, parent: int, dead: int) -> int | None:

@@ -49,7 +49,7 @@ def test_two_processes_share_the_port_and_all_instances_are_counted(tmp_path: Pa
         assert proxy.pid is not None
         worker = _worker(proxy)
         kids = sorted(procfs.comm(c) for c in procfs.children(proxy.pid))
-        assert kids == ["ith-indexer", "ith-indexer1", "ith-scp", "ith-zygote"]
+        assert kids == ["ith-indexer", "ith-scp", "ith-zygote"]  # the helper: on a backlog
         # the worker listens once it has started, maybe after the service is ready
         wait_until(lambda: _listeners(proxy.dicom_port) == {proxy.pid, worker}, 30, "both listen")
         # 16 associations at once: the kernel spreads them over both sockets

@@ -42,6 +42,13 @@ def bucket(name: str, buckets: int) -> int:
     return int(name[-2:], 16) % buckets
 
 
+def backlog(count: int, batch_size: int) -> bool:
+    """Whether ``count`` files in incoming/ are a backlog: more than two
+    batches.  The helper indexers (slots 1..N-1) are started, and take their
+    buckets, only then."""
+    return count > 2 * batch_size
+
+
 def wanted(slot: int, present: set[int], listed: int, batch_size: int) -> set[int]:
     """Which of the ``present`` buckets indexer ``slot`` takes files from.
 
@@ -50,7 +57,7 @@ def wanted(slot: int, present: set[int], listed: int, batch_size: int) -> set[in
     (``listed`` files) and bucket 0 has files; indexer k takes bucket k only
     then.  Below that one indexer keeps up (one association), and a second
     one would only add ``syncfs`` calls to the SCP's fsync path."""
-    over = listed > 2 * batch_size
+    over = backlog(listed, batch_size)
     if slot:
         return {slot} & present if over else set()
     return {0} if over and 0 in present else set(present)

@@ -35,6 +35,7 @@ class Claims:
         self._inflight: set[str] = set()  # names in a batch not yet committed
         self._solo_turn = False  # after a restart a normal batch first: ingest goes on
         self._told = 0.0  # when a helper last logged that it helps
+        self.backlog_at = time.monotonic()  # a helper: when it last saw a backlog
         self._lock = threading.Lock()
 
     @property
@@ -46,9 +47,10 @@ class Claims:
         size = self.cfg.indexer.batch_size
         if self.slot:  # a helper: a count first, no listing, while there is no backlog
             count = self.spool.incoming_count()
-            if count <= 2 * size:
+            if not buckets.backlog(count, size):
                 self.poll = count > 0
                 return [], {}, None
+            self.backlog_at = time.monotonic()
         with self._lock:
             self._recover()
             listed = self.spool.incoming_names()

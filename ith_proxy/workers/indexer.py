@@ -307,6 +307,8 @@ class Indexer:
                         _finish(pool.submit(self._commit, batch))
                     elif batch is not None:
                         pending = pool.submit(self._commit, batch)
+                    elif self._done_helping():
+                        break
                     else:
                         self._idle(stop)
                 if pending is not None:
@@ -315,6 +317,17 @@ class Indexer:
                 bell.stop()
                 self._bell = None
                 self.claims.close()
+
+    def _done_helping(self) -> bool:
+        """A helper (slot 1..N-1) that has seen no backlog for ``[indexer]
+        helper_idle`` seconds ends its loop, and so its process: the service
+        starts it again when a backlog comes back."""
+        claims = self.claims
+        idle = time.monotonic() - claims.backlog_at
+        if not claims.slot or idle < self.cfg.indexer.helper_idle:
+            return False
+        log.info("indexer %d stops: no backlog for %.0f s", claims.slot, idle)
+        return True
 
     def _idle(self, stop: threading.Event) -> None:
         """Sleep until the doorbell wakes us, the rescan interval passes, or

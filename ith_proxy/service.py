@@ -66,7 +66,7 @@ if TYPE_CHECKING:  # imported when ITH_URL is set: offline, no websocket-client 
 
 log = logging.getLogger("ith_proxy.service")
 
-WAKE_INTERVAL = 0.25  # seconds between two looks for a backlog the helper indexers take
+WAKE_INTERVAL = 0.1  # seconds between two looks for a backlog the helper indexers take
 
 
 class StartupError(RuntimeError):
@@ -223,15 +223,17 @@ class Service:
                 self._worker(name, target)
 
     def _wake_helpers(self) -> None:
-        """Start the helper indexers that are not running when incoming/
-        holds a backlog (``Spool.has_backlog``); each exits again after
-        ``[indexer] helper_idle`` seconds without one (docs/architecture.md,
-        "Several indexers").  At idle they cost no memory."""
+        """Start the helper indexers that are not running once incoming/
+        holds more than one batch: one batch before they may take their
+        share (``buckets.backlog``, two), so they are ready when it builds.
+        Each exits again after ``[indexer] helper_idle`` seconds without a
+        backlog (docs/architecture.md, "Several indexers").  At idle they
+        cost no memory."""
         idle = [s for s in range(1, self.cfg.indexer.processes) if s not in self.indexers]
         if not idle or self.stop_event.is_set():
             return
         try:
-            if not self.spool.has_backlog(self.cfg.indexer.batch_size):
+            if self.spool.incoming_count() <= self.cfg.indexer.batch_size:
                 return
         except OSError:  # incoming/ unreadable: the indexer's own pass says why
             return

@@ -98,7 +98,7 @@ def _helper(zygote: int) -> int | None:
 
 def test_a_helper_indexer_runs_only_while_a_backlog_lasts(tmp_path) -> None:
     """[indexer] processes = 2: the helper is forked by the zygote when
-    incoming/ holds more than two batches, and exits by itself (code 0, no
+    incoming/ holds more than one batch, and exits by itself (code 0, no
     restart, health stays green) helper_idle seconds after the backlog."""
     series = dicomgen.make_small_series(tmp_path / "in", 16)
     ini = "[indexer]\nbatch_size = 2\nhelper_idle = 2\n"

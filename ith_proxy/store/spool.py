@@ -273,10 +273,6 @@ class Spool(QuarantineFolder, AttemptsFolder):
         with os.scandir(self.incoming) as it:
             return sum(1 for _ in it)
 
-    def has_backlog(self, batch_size: int) -> bool:
-        """Whether incoming/ holds a backlog for the helper indexers (``buckets.backlog``)."""
-        return buckets.backlog(self.incoming_count(), batch_size)
-
     def oldest_incoming(self) -> tuple[int, float | None]:
         """(how many files wait in incoming/, the oldest one's mtime)."""
         count, oldest = 0, None

@@ -32,7 +32,9 @@ to an ``Incoming``:
 
 The handler takes the ``Incoming`` from the request (``take``) and either
 promotes it to ``incoming/`` (fsync, rename, fsync dir) before answering
-0x0000, or discards it.  Whatever an association leaves behind (aborted
+0x0000, or discards it.  A plain C-STORE (``store_wire`` read its command
+set) skips the hand-off: ``install``'s ``store`` does the handler's work on
+this DUL thread (``store_inline.py``).  Whatever an association leaves behind (aborted
 mid-instance, connection dropped, message never handled) is removed when its
 thread ends.  Non-C-STORE messages keep the stock ``BytesIO``, capped at
 ``MAX_OTHER_DATASET`` (this AE serves none with a data set).  PDUs are

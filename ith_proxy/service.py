@@ -69,6 +69,12 @@ log = logging.getLogger("ith_proxy.service")
 WAKE_INTERVAL = 0.1  # seconds between two looks for a backlog the helper indexers take
 
 
+def _helper_done(slot: int, kid: ChildProcess) -> bool:
+    """A helper indexer (slot 1..N-1) that ended for want of a backlog (exit
+    code 0): no death, no health problem; started again by the next backlog."""
+    return slot > 0 and not kid.is_alive() and kid.exitcode == 0
+
+
 class StartupError(RuntimeError):
     """The service cannot start; the message is one line for the operator."""
 
@@ -206,7 +212,7 @@ class Service:
             for slot, kid in list(kids.items()):
                 if kid.is_alive() or self.stop_event.is_set():
                     continue
-                if kind == "indexer" and slot and kid.exitcode == 0:  # a helper with no work
+                if kind == "indexer" and _helper_done(slot, kid):
                     kid.forget()
                     del kids[slot]  # started again by _wake_helpers
                     continue
@@ -382,9 +388,8 @@ class Service:
                 and control.listening()
                 and all(w.is_alive() for w in self.scp_workers.values()),
                 indexer=0 in self.indexers
-                and all(  # a helper that ended for want of work is no problem
-                    kid.is_alive() or (slot and kid.exitcode == 0)
-                    for slot, kid in self.indexers.items()
+                and all(
+                    kid.is_alive() or _helper_done(slot, kid) for slot, kid in self.indexers.items()
                 ),
                 scheduler=scheduler is not None and scheduler.is_alive(),
                 forwarder=forwarder is not None and forwarder.is_alive(),

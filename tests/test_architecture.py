@@ -124,7 +124,7 @@ ALLOWED_ROOMS: dict[str, set[str] | None] = {
     "dicom.libsetup": set(),  # library settings, applied by explicit call only
     # replaces pynetdicom's data set assembly
     "dicom.scp_stream": {"config", "dicom.store_inline", "dicom.store_wire"},
-    "dicom.store_inline": {"dicom.find_wire", "dicom.store_wire"},  # a plain C-STORE, DUL thread
+    "dicom.store_inline": {"dicom.store_wire"},  # a plain C-STORE served on the DUL thread
     # the one replacement of pynetdicom's C-STORE-RSP sending (command set packed by hand)
     "dicom.store_wire": {"dicom.find_wire", "dicom.scu_wire"},
     "dicom.ae": {"config", "dicom.get_stream", "dicom.pdu_read", "dicom.scp_stream", "dicom.wake"},

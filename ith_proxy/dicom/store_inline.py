@@ -16,7 +16,7 @@ association as before): the request checks ``_serve_request`` makes
 (association not releasing, the context accepted, a storage SOP class,
 every request field there), then the SCP's ``store`` (``scp.store_status``: durable in
 ``incoming/``, counted, paced), then the response packed by ``store_wire``
-and written under the socket's write lock (``find_wire._send``), after the
+and written under the socket's write lock (``store_wire.send_packed``), after the
 instance is durable as before.  Anything else (a watched ``EVT_DIMSE_SENT``,
 a response larger than the peer's maximum PDU, a SOP class that is not a
 storage one) goes the stock way, so pynetdicom's own answers and logs stay
@@ -39,7 +39,7 @@ from pynetdicom import _config, evt
 from pynetdicom.service_class import StorageServiceClass
 from pynetdicom.sop_class import uid_to_service_class
 
-from ith_proxy.dicom import find_wire, store_wire
+from ith_proxy.dicom import store_wire
 
 log = logging.getLogger("ith_proxy.dicom")
 
@@ -87,9 +87,5 @@ def serve(
     command = store_wire.command_set(
         request.AffectedSOPClassUID, request.fields[0x0110], status, request.AffectedSOPInstanceUID
     )
-    limit = assoc.dimse.maximum_pdu_size
-    if limit and len(command) + 6 > limit:  # a peer's PDU too small for it: stock splits it
-        primitive = store_wire.response_primitive(request, status)
-        assoc.dimse.send_msg(primitive, context_id)
-    else:
-        find_wire._send(assoc, [(context_id, b"\x03" + command)], True, limit)
+    if not store_wire.send_packed(assoc, context_id, command):  # a peer's PDU too small for it
+        assoc.dimse.send_msg(store_wire.response_primitive(request, status), context_id)

@@ -184,6 +184,17 @@ def _plain(primitive: Any) -> bytes | None:
         return None
 
 
+def send_packed(assoc: Any, context_id: int, command: bytes) -> bool:
+    """Send a packed C-STORE-RSP command set as one P-DATA-TF PDU under the
+    socket's write lock; False (nothing sent) when it must go pynetdicom's
+    way: larger than the peer's maximum PDU, or ``EVT_DIMSE_SENT`` watched."""
+    limit = assoc.dimse.maximum_pdu_size
+    if (limit and len(command) + 6 > limit) or assoc.get_handlers(evt.EVT_DIMSE_SENT):
+        return False
+    find_wire._send(assoc, [(context_id, b"\x03" + command)], True, limit)
+    return True
+
+
 def install(assoc: Any) -> None:
     """REPLACES PYNETDICOM'S C-STORE-RSP SENDING on one association (3.0.4
     only; idempotent)."""
@@ -194,15 +205,8 @@ def install(assoc: Any) -> None:
 
     def send_msg(primitive: Any, context_id: int) -> None:
         command = _plain(primitive)
-        limit = dimse.maximum_pdu_size
-        if (
-            command is None
-            or (limit and len(command) + 6 > limit)
-            or assoc.get_handlers(evt.EVT_DIMSE_SENT)
-        ):
+        if command is None or not send_packed(assoc, context_id, command):
             stock(primitive, context_id)
-            return
-        find_wire._send(assoc, [(context_id, b"\x03" + command)], True, limit)
 
     dimse.send_msg = send_msg
     setattr(dimse, _INSTALLED, True)

@@ -44,8 +44,8 @@ def bucket(name: str, buckets: int) -> int:
 
 def backlog(count: int, batch_size: int) -> bool:
     """Whether ``count`` files in incoming/ are a backlog: more than two
-    batches.  The helper indexers (slots 1..N-1) are started, and take their
-    buckets, only then."""
+    batches.  The helper indexers (slots 1..N-1) take their buckets only then
+    (the service starts them one batch earlier, so they are ready)."""
     return count > 2 * batch_size
 
 

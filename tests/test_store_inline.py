@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 from pydicom import dcmread
-from pynetdicom import AE, evt
+from pynetdicom import evt
 from pynetdicom.dul import DULServiceProvider
 
 import dicomgen
@@ -92,16 +92,10 @@ def test_a_refusal_and_a_failing_store_answer_c000_and_the_association_goes_on(
     caplog.set_level(logging.INFO)
     statuses = []
     try:
-        ae = AE(ae_title="TESTSCU")
-        ae.add_requested_context(CT, "1.2.840.10008.1.2.1")
-        assoc = ae.associate("127.0.0.1", rooms.cfg.scp.port, ae_title=rooms.cfg.scp.ae_title)
-        assert assoc.is_established
-        try:
+        with rooms.scu() as assoc:
             datasets = [dcmread(f) for f in series.files]
             for ds in [datasets[0], bad, *datasets[1:]]:
                 statuses.append(assoc.send_c_store(ds).Status)
-        finally:
-            assoc.release()
     finally:
         server.stop()
     # the first raised in the SCP's work, the refused one ran it with its status
@@ -162,27 +156,15 @@ def test_a_peer_with_a_tiny_maximum_pdu_gets_its_answer_the_stock_way(
     server = StorageSCP(rooms.cfg, rooms.spool)
     server.start()
     try:
-        ae = AE(ae_title="TESTSCU")
-        ae.add_requested_context(CT, "1.2.840.10008.1.2.1")
         answers: list = []
 
         def on_recv(event) -> None:  # the SCU side: every decoded answer
             cs = event.message.command_set
             answers.append((cs.MessageIDBeingRespondedTo, cs.Status, cs.AffectedSOPInstanceUID))
 
-        assoc = ae.associate(
-            "127.0.0.1",
-            rooms.cfg.scp.port,
-            ae_title=rooms.cfg.scp.ae_title,
-            max_pdu=64,
-            evt_handlers=[(evt.EVT_DIMSE_RECV, on_recv)],
-        )
-        assert assoc.is_established
-        try:
+        with rooms.scu(max_pdu=64, evt_handlers=[(evt.EVT_DIMSE_RECV, on_recv)]) as assoc:
             for msg_id, f in zip((11, 12), series.files, strict=True):
                 assert assoc.send_c_store(dcmread(f), msg_id=msg_id).Status == 0
-        finally:
-            assoc.release()
     finally:
         server.stop()
     assert answers == [

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 from pydicom import dcmread
-from pynetdicom import AE, evt
+from pynetdicom import evt
 from pynetdicom.dimse_messages import C_STORE_RQ, C_STORE_RSP
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import decode, encode
@@ -113,16 +113,7 @@ def test_a_real_scp_reads_and_answers_by_hand(tmp_path: Path, monkeypatch) -> No
         scp = StorageSCP(rooms.cfg, rooms.spool)
         scp.start()
         try:
-            ae = AE(ae_title="TESTSCU")
-            ae.add_requested_context(CT, "1.2.840.10008.1.2.1")
-            assoc = ae.associate(
-                "127.0.0.1",
-                rooms.cfg.scp.port,
-                ae_title=rooms.cfg.scp.ae_title,
-                evt_handlers=[(evt.EVT_DIMSE_RECV, on_recv)],
-            )
-            assert assoc.is_established
-            try:
+            with rooms.scu(evt_handlers=[(evt.EVT_DIMSE_RECV, on_recv)]) as assoc:
                 datasets = [dcmread(f) for f in series.files]
                 for ds, msg_id in zip(datasets, (7, 300, 0xFFFF), strict=True):
                     assert assoc.send_c_store(ds, msg_id=msg_id).Status == 0x0000
@@ -134,8 +125,6 @@ def test_a_real_scp_reads_and_answers_by_hand(tmp_path: Path, monkeypatch) -> No
                 bad.SOPInstanceUID = "1.2.3.4.5"
                 bad.add_new(0x00041130, "CS", "X")  # a DICOMDIR's group: refused
                 assert assoc.send_c_store(bad, msg_id=9).Status == 0xC000
-            finally:
-                assoc.release()
         finally:
             scp.stop()
         assert packed and all(packed)

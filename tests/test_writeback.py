@@ -9,15 +9,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from pydicom import dcmread
-from pynetdicom import AE
 
 import dicomgen
 import tools
 from ith_proxy.dicom import scp_stream
 from ith_proxy.dicom.scp import StorageSCP
 from worker_rooms import Rooms
-
-CT = "1.2.840.10008.5.1.4.1.1.2"
 
 
 def test_a_large_instance_is_written_back_as_it_arrives(tmp_path: Path) -> None:
@@ -37,16 +34,10 @@ def test_a_large_instance_is_written_back_as_it_arrives(tmp_path: Path) -> None:
     server = StorageSCP(rooms.cfg, rooms.spool)
     server.start()
     try:
-        ae = AE(ae_title="TESTSCU")
-        ae.add_requested_context(CT, "1.2.840.10008.1.2.1")
-        assoc = ae.associate("127.0.0.1", rooms.cfg.scp.port, ae_title=rooms.cfg.scp.ae_title)
-        assert assoc.is_established
-        try:
+        with rooms.scu() as assoc:
             assert assoc.send_c_store(dcmread(small.files[0])).Status == 0x0000
             assert kicks == []  # 10 KB: never
             assert assoc.send_c_store(dcmread(large.files[0])).Status == 0x0000
-        finally:
-            assoc.release()
     finally:
         server.stop()
     size = large.files[0].stat().st_size

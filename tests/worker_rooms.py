@@ -4,10 +4,13 @@ run_once(), plus the CLI run against the same site."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import tools
 from ith_proxy import config
@@ -66,6 +69,23 @@ class Rooms:
             health=health,
             **kwargs,
         )
+
+    @contextlib.contextmanager
+    def scu(self, **kwargs: Any) -> Iterator[Any]:
+        """A pynetdicom association (CT Image Storage, Explicit VR Little
+        Endian) from TESTSCU to this site's SCP, established, released after;
+        ``kwargs`` go to ``AE.associate`` (``evt_handlers``, ``max_pdu``)."""
+        from pynetdicom import AE
+
+        ae = AE(ae_title="TESTSCU")
+        ae.add_requested_context("1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.1.2.1")
+        cfg = self.cfg.scp
+        assoc = ae.associate("127.0.0.1", cfg.port, ae_title=cfg.ae_title, **kwargs)
+        assert assoc.is_established
+        try:
+            yield assoc
+        finally:
+            assoc.release()
 
     def drop(self, name: str, data: bytes) -> Path:
         path = self.spool.incoming / name

@@ -112,12 +112,15 @@ ALLOWED_ROOMS: dict[str, set[str] | None] = {
     "vault.stream": {"config", "fsio", "vault.keys"},
     "vault.rotate": {"config", "store.spool", "vault.keys", "vault.records", "vault.stream"},
     # deid/: one room, pure functions over data sets
-    "deid": {"config", "deid"},
+    # the de-identifier; deid.flat walks the flat elements of dicom.flat (issue 11's fast lane)
+    "deid": {"config", "deid", "dicom.flat"},
     # dicom/: every pynetdicom import; the files we read and write
     "dicom": set(),
     "dicom.files": {"config", "fsio", "dicom.fastread", "dicom.file_meta", "dicom.scu_wire"},
     # the header's raw elements as pydicom's read_dataset gives them, parsed with struct
     "dicom.fastread": set(),
+    # a header as flat elements, read and written without pydicom's Dataset (the fast lane)
+    "dicom.flat": {"dicom.file_meta", "dicom.files", "dicom.scu_wire"},
     "dicom.file_meta": set(),  # an output's file meta group, packed by hand (pydicom otherwise)
     "dicom.codestream": set(),  # marker segments of JPEG / JPEG 2000 (stdlib only)
     "dicom.wake": set(),  # reactor wake-ups, for every room that makes associations
@@ -196,12 +199,15 @@ ALLOWED_ROOMS: dict[str, set[str] | None] = {
         "dicom.codestream",
         "workers.index_checks",
         "workers.index_claim",
+        "workers.index_flat",
         "workers.index_watch",
     },
     # which files an indexer takes next: batches, suspects, buckets
     "workers.index_claim": {"config", "store.buckets", "store.spool"},
     # what the indexer refuses and how: checks, quarantine reasons, quarantine (not a worker)
     "workers.index_checks": {"deid", "dicom.files", "vault.stream"},
+    # the indexer's fast lane: checks, risk and de-identification of flat elements (not a worker)
+    "workers.index_flat": {"deid", "dicom.codestream", "dicom.files", "dicom.flat"},
     # the indexer's wake-up on incoming/: watchdog's inotify reader, parked while it works
     "workers.index_watch": set(),
     "workers.scheduler": {

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pydicom
+import pytest
 
 import dicomgen
 import tools
@@ -224,20 +225,35 @@ def test_burned_in_annotation_end_to_end(tmp_path: Path) -> None:
         assert listed.stdout.startswith(f"phi-risk  {data.name}  ")
 
 
-def test_an_unexpected_error_quarantines_that_file_only(rooms, tmp_path, caplog) -> None:
+@pytest.mark.parametrize("lane", ["pydicom", "fast"])
+def test_an_unexpected_error_quarantines_that_file_only(rooms, tmp_path, caplog, lane) -> None:
     """A bug hit by one file must not stop the batch (nor every later batch),
-    and its message, which may quote a value, is kept out of .json and logs."""
+    and its message, which may quote a value, is kept out of .json and logs:
+    on the pydicom path and in the fast lane (workers/index_flat.py) alike."""
     series = dicomgen.make_ct_series(tmp_path / "in", 3, rows=32, cols=32)
     for i, f in enumerate(series.files):
         rooms.drop(f"f{i}", f.read_bytes())
-    real = rooms.indexer.deid.apply
+    indexer = rooms.indexer
+    if lane == "pydicom":
+        indexer._flat = None
+        real = indexer.deid.apply
 
-    def buggy(ds, *args, **kwargs):
-        if ds.InstanceNumber == 2:
-            raise ValueError(f"cannot handle {ds.PatientName}")
-        return real(ds, *args, **kwargs)
+        def buggy(ds, *args, **kwargs):
+            if ds.InstanceNumber == 2:
+                raise ValueError(f"cannot handle {ds.PatientName}")
+            return real(ds, *args, **kwargs)
 
-    rooms.indexer.deid.apply = buggy
+        indexer.deid.apply = buggy
+    else:
+        assert indexer._flat is not None
+        real_flat = indexer._flat.apply
+
+        def buggy_flat(header):
+            if header.elements[0x00200013].value.strip() == b"2":  # InstanceNumber
+                raise ValueError(f"cannot handle {header.elements[0x00100010].value!r}")
+            return real_flat(header)
+
+        indexer._flat.apply = buggy_flat
     with caplog.at_level("INFO"):
         assert rooms.indexer.run_once() == 3
     assert len(stored_files(rooms.spool.root)) == 2

@@ -80,7 +80,7 @@ def _reference(fh: BinaryIO, path: Path | None) -> dicomfile.SplitFile:
     start = fh.tell()
     if start >= size:
         return dicomfile.SplitFile(path, header, size, size, None, size)
-    end = dicomfile._element_end(fh, start, implicit, little)
+    end = dicomfile.element_end(fh, start, implicit, little)
     if end > size:
         raise DicomFileError("pixel data is truncated")
     trailer = None

@@ -415,11 +415,15 @@ class Deidentifier:
             for elem in self._marker_elements():
                 ds[elem.tag] = elem
             return
-        key = (ts.is_implicit_VR, ts.is_little_endian)
+        for raw in self.marks_for(ts.is_implicit_VR, ts.is_little_endian):
+            ds[raw.tag] = raw
+
+    def marks_for(self, implicit: bool, little: bool) -> list[RawDataElement]:
+        """The marker elements encoded for one encoding, once."""
+        key = (implicit, little)
         if key not in self._marks:
             self._marks[key] = encode_raw(self._marker_elements(), *key)
-        for raw in self._marks[key]:
-            ds[raw.tag] = raw
+        return self._marks[key]
 
     def _marker_elements(self) -> list[DataElement]:
         active = [o for o in METHOD_CODES if o != "basic" and o in self.options]

@@ -236,7 +236,7 @@ class Profile:
         # from the table's: the engine names paths and levels by pydicom's)
         self._keywords = {tag: keyword_for_tag(tag) for tag in self.rules}
 
-    def rule(self, tag: BaseTag) -> Rule | None:
+    def rule(self, tag: BaseTag | int) -> Rule | None:
         rule = self.rules.get(int(tag))
         if rule is not None:
             return rule

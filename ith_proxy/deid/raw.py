@@ -74,7 +74,11 @@ def text_of(
     vr = vr_of(raw, tag)
     if vr not in TEXT_VRS:
         return None
-    value = raw.value
+    return vr, text_bytes(vr, raw.value, charset)
+
+
+def text_bytes(vr: str, value: bytes, charset: Callable[[], str | list[str]]) -> str:
+    """The text of a text VR's value bytes, less its padding."""
     if vr in _CHARSET_VRS and not (value.isascii() and b"\x1b" not in value):
         # not plain ASCII: the data set's character sets decide.  Plain ASCII
         # without an escape reads the same in every character set DICOM
@@ -83,7 +87,7 @@ def text_of(
         text = decode_bytes(value, charset(), _DELIMITERS)
     else:
         text = value.decode("ascii", "replace")
-    return vr, text.rstrip(" \x00")
+    return text.rstrip(" \x00")
 
 
 def read_text(ds: Dataset, tag: BaseTag) -> tuple[RawDataElement, str, str] | None:

@@ -63,7 +63,7 @@ class SplitFile:
         return str(self.header.file_meta.TransferSyntaxUID)
 
 
-def _element_end(fh: BinaryIO, start: int, implicit: bool, little: bool) -> int:
+def element_end(fh: BinaryIO, start: int, implicit: bool, little: bool) -> int:
     """Offset just past the (pixel data) element starting at ``start``."""
     e = "<" if little else ">"
     fh.seek(start)
@@ -208,7 +208,7 @@ def _read_split(fh: BinaryIO, path: Path | None) -> SplitFile:
         header.set_original_encoding(implicit, little, header._character_set)
     if start >= size:
         return SplitFile(path, header, size, size, None, size)
-    end = _element_end(fh, start, implicit, little)
+    end = element_end(fh, start, implicit, little)
     if end > size:
         raise DicomFileError("pixel data is truncated")
     trailer = None
@@ -227,7 +227,7 @@ def _read_split(fh: BinaryIO, path: Path | None) -> SplitFile:
     return SplitFile(path, header, start, end, trailer, size)
 
 
-def _copy_range(out: BinaryIO, src: BinaryIO, remaining: int) -> None:
+def copy_range(out: BinaryIO, src: BinaryIO, remaining: int) -> None:
     """Append ``remaining`` bytes from src's position to out; in the kernel when
     possible, or by the source's own bulk ``copy_to`` (a decrypting reader)."""
     copy_to = getattr(src, "copy_to", None)
@@ -264,11 +264,11 @@ def copy_raw(out: BinaryIO, source: Path | BinaryIO) -> None:
     """Copy a file (a path or a seekable file object) unchanged, in chunks."""
     if isinstance(source, (str, os.PathLike)):
         with open_read(source) as src:
-            _copy_range(out, src, os.fstat(src.fileno()).st_size)
+            copy_range(out, src, os.fstat(src.fileno()).st_size)
         return
     size = source.seek(0, 2)
     source.seek(0)
-    _copy_range(out, source, size)
+    copy_range(out, source, size)
 
 
 _LONG_VR_NAMES = {vr.decode() for vr in _LONG_VRS}
@@ -342,7 +342,7 @@ def write_joined(out: BinaryIO, split: SplitFile, src: BinaryIO | None = None) -
     head = file_meta.encode(split.header.file_meta)  # preamble zeroed, allowed elements only
     out.write(head + _encode_dataset(split.header, implicit, little))
     src.seek(split.pixel_start)
-    _copy_range(out, src, split.pixel_end - split.pixel_start)
+    copy_range(out, src, split.pixel_end - split.pixel_start)
     if split.trailer is not None and len(split.trailer):
         out.write(_encode_dataset(split.trailer, implicit, little))
 
@@ -369,7 +369,7 @@ MAIN_ATTRIBUTES: dict[str, tuple[tuple[str, str], ...]] = {
     "instance": (("instance_number", "InstanceNumber"), ("number_of_frames", "NumberOfFrames")),
 }
 _MAIN_TEXT_LIMIT = 1024  # a catalog column holds a short value, never a blob
-_MAIN_TAGS = tuple(
+MAIN_TAGS = tuple(
     (level, tuple((column, int(tag_for_keyword(kw) or 0)) for column, kw in pairs))
     for level, pairs in MAIN_ATTRIBUTES.items()
 )
@@ -398,10 +398,18 @@ def _main_value(ds: Dataset, tag: int) -> str:
         raw = elem.value
         if raw is None:
             return ""
-        if _PRINTABLE.fullmatch(raw):
-            return raw.decode("ascii").strip(" ")[:_MAIN_TEXT_LIMIT]
+        text = printable(raw)
+        if text is not None:
+            return text
         elem = ds[tag]
     return _main_text(elem.value)
+
+
+def printable(raw: bytes) -> str | None:
+    """A main attribute's printable ASCII bytes as the catalog keeps them, else None."""
+    if _PRINTABLE.fullmatch(raw):
+        return raw.decode("ascii").strip(" ")[:_MAIN_TEXT_LIMIT]
+    return None
 
 
 def main_attributes(ds: Dataset) -> dict[str, dict[str, str]]:
@@ -410,7 +418,7 @@ def main_attributes(ds: Dataset) -> dict[str, dict[str, str]]:
     A value that does not decode (a hostile header) is stored empty: the
     instance itself was already accepted."""
     out: dict[str, dict[str, str]] = {}
-    for level, pairs in _MAIN_TAGS:
+    for level, pairs in MAIN_TAGS:
         values = out.setdefault(level, {})
         for column, tag in pairs:
             try:

@@ -36,12 +36,16 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 from ith_proxy.config import Config
 from ith_proxy.deid import Deidentifier
+from ith_proxy.deid.engine import DeidResult
+from ith_proxy.deid.flat import FlatWalk
 from ith_proxy.deid.risk import phi_risk
 from ith_proxy.dicom import codestream
 from ith_proxy.dicom import files as dicomfile
@@ -51,6 +55,7 @@ from ith_proxy.vault import stream as vault_stream
 from ith_proxy.vault.records import Vault, VaultRecordError
 from ith_proxy.vault.stream import EncryptedFileError
 from ith_proxy.workers import index_checks as checks
+from ith_proxy.workers import index_flat
 from ith_proxy.workers.index_checks import Inconsistent, PhiRisk
 from ith_proxy.workers.index_claim import Claims
 from ith_proxy.workers.index_watch import Doorbell
@@ -85,6 +90,11 @@ class Indexer:
         # kills itself (SIGKILL) on a dataset whose ImageComments contain this
         # text.  Never set it in production.
         self._kill_marker = os.environ.get("ITH_PROXY_FAILPOINT_KILL", "")
+        # the fast lane, for the de-identifying indexer (not with the test failpoint)
+        flat_walk = FlatWalk(self.deid)
+        self._flat = (
+            flat_walk if cfg.deid.anonymize and flat_walk.ok and not self._kill_marker else None
+        )
         # One APSW connection, used by the processing thread (vault-record
         # lookups) and the commit thread: APSW refuses concurrent use
         # (ThreadingViolationError, which failed whole batches and duplicated
@@ -190,25 +200,78 @@ class Indexer:
             return self._process_open(path, src, received)
 
     def _process_open(self, path: Path, src, received: float) -> InstanceRow:
+        if self._flat is not None:  # the fast lane (index_flat.py); None: pydicom's path
+            prepared = index_flat.prepare(src, self._flat, self.cfg.deid.quarantine_burned_in)
+            if prepared is not None:
+                result = prepared.result
+                return self._file(
+                    result,
+                    lambda out: prepared.write(out, src),
+                    prepared.sop_class,
+                    prepared.modality,
+                    prepared.header.transfer_syntax,
+                    prepared.main,
+                    received,
+                )
         split = dicomfile.read_split(src, path)
         checks.check(split)
         ds = split.header
         if self._kill_marker and self._kill_marker in str(ds.get("ImageComments", "") or ""):
             os.kill(os.getpid(), signal.SIGKILL)  # test-only failpoint, see __init__
-        if self.anonymize:  # burned-in (deid/risk.py) and text in the JPEG codestream
-            risk = phi_risk(
-                ds, codestream.scan(src, split), burned_in=self.cfg.deid.quarantine_burned_in
+        if not self.anonymize:  # stored exactly as received (decrypted)
+            return self._file(
+                None,
+                lambda out: dicomfile.copy_raw(out, src),
+                str(ds.SOPClassUID),
+                str(ds.get("Modality", "") or ""),
+                split.transfer_syntax,
+                dicomfile.main_attributes(ds),
+                received,
+                (
+                    str(ds.StudyInstanceUID),
+                    str(ds.SeriesInstanceUID),
+                    str(ds.SOPInstanceUID),
+                    str(ds.get("PatientID", "") or ""),
+                    str(ds.get("PatientName", "") or ""),
+                ),
             )
-            if risk:
-                raise PhiRisk(risk)
-        if self.anonymize:
-            result = self.deid.apply(ds)
-            if split.trailer is not None:
-                self.deid.apply_fragment(split.trailer, result)
+        # burned-in (deid/risk.py) and text in the JPEG codestream
+        risk = phi_risk(
+            ds, codestream.scan(src, split), burned_in=self.cfg.deid.quarantine_burned_in
+        )
+        if risk:
+            raise PhiRisk(risk)
+        result = self.deid.apply(ds)
+        if split.trailer is not None:
+            self.deid.apply_fragment(split.trailer, result)
+        return self._file(
+            result,
+            lambda out: dicomfile.write_joined(out, split, src),
+            str(ds.SOPClassUID),
+            str(ds.get("Modality", "") or ""),
+            split.transfer_syntax,
+            dicomfile.main_attributes(ds),  # the de-identified header's (Q/R)
+            received,
+        )
+
+    def _file(
+        self,
+        result: DeidResult | None,
+        write: Callable[[BinaryIO], None],
+        sop_class: str,
+        modality: str,
+        transfer_syntax: str,
+        main: dict[str, dict[str, str]],
+        received: float,
+        kept: tuple[str, str, str, str, str] | None = None,
+    ) -> InstanceRow:
+        """Vault the originals (``result``; None: ``kept`` as received, no
+        de-identification), write the output, and make its catalog row."""
+        if result is not None:
             study, series, sop = result.study_uid, result.series_uid, result.sop_uid
             patient_id, patient_name = result.patient_id, result.patient_name
             known = self._known(study, series, sop)
-            offset = self._vault_put(
+            offset: int | None = self._vault_put(
                 known,
                 {
                     "v": 1,
@@ -220,36 +283,24 @@ class Indexer:
                 },
             )
         else:
-            study, series, sop = (
-                str(ds.StudyInstanceUID),
-                str(ds.SeriesInstanceUID),
-                str(ds.SOPInstanceUID),
-            )
-            patient_id = str(ds.get("PatientID", "") or "")
-            patient_name = str(ds.get("PatientName", "") or "")
+            assert kept is not None
+            study, series, sop, patient_id, patient_name = kept
             self._known(study, series, sop)
             offset = None
-        if self.anonymize:
-            self.spool.put_instance(
-                study, series, sop, lambda out: dicomfile.write_joined(out, split, src), sync=False
-            )
-        else:  # stored exactly as received (decrypted)
-            self.spool.put_instance(
-                study, series, sop, lambda out: dicomfile.copy_raw(out, src), sync=False
-            )
+        stored = self.spool.put_instance(study, series, sop, write, sync=False)
         return InstanceRow(
             patient_id=patient_id,
             patient_name=patient_name,
             study_uid=study,
             series_uid=series,
             sop_uid=sop,
-            sop_class_uid=str(ds.SOPClassUID),
-            modality=str(ds.get("Modality", "") or ""),
-            transfer_syntax=split.transfer_syntax,
-            size=self.spool.instance_path(study, series, sop).stat().st_size,
+            sop_class_uid=sop_class,
+            modality=modality,
+            transfer_syntax=transfer_syntax,
+            size=os.stat(stored).st_size,
             vault_offset=offset,
             received_at=received,
-            main=dicomfile.main_attributes(ds),  # the de-identified header's (Q/R)
+            main=main,
         )
 
     def _known(self, study: str, series: str, sop: str) -> int | None:

@@ -8,6 +8,7 @@ consistent without any lookup table.
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import hmac
 import re
@@ -33,7 +34,11 @@ def unpad_uid(value: bytes) -> str:
     return value.decode("latin-1")
 
 
+@functools.lru_cache(maxsize=256)
 def _digest(secret: bytes, domain: str, value: str) -> bytes:
+    """Kept for the last few hundred inputs: every instance of a series asks
+    again for its patient's pseudonym and its study's, series' and frame of
+    reference's UIDs (issue 11)."""
     return hmac.new(secret, f"{domain}\x00{value}".encode(), hashlib.sha256).digest()
 
 

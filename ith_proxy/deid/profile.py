@@ -205,6 +205,9 @@ def _parse_tag(text: str) -> tuple[int, int] | None:
         return None
 
 
+_OTHERS_MAX = 4096  # tags outside the table's rows whose pattern lookup is kept
+
+
 class Profile:
     """Per-tag actions for one set of active options, resolved once."""
 
@@ -235,15 +238,19 @@ class Profile:
         # pydicom's keyword of each row's tag, looked up once (it may differ
         # from the table's: the engine names paths and levels by pydicom's)
         self._keywords = {tag: keyword_for_tag(tag) for tag in self.rules}
+        self._others: dict[int, Rule | None] = {}  # rule() of tags outside self.rules
 
     def rule(self, tag: BaseTag | int) -> Rule | None:
-        rule = self.rules.get(int(tag))
+        tag = int(tag)
+        rule = self.rules.get(tag)
         if rule is not None:
             return rule
-        for mask, value, pattern_rule in self.patterns:
-            if int(tag) & mask == value:
-                return pattern_rule
-        return None
+        if tag in self._others:  # a tag no row names, seen before (issue 11)
+            return self._others[tag]
+        found = next((r for mask, value, r in self.patterns if tag & mask == value), None)
+        if len(self._others) < _OTHERS_MAX:  # bounded: a hostile peer may send any tags
+            self._others[tag] = found
+        return found
 
     def keyword(self, tag: BaseTag | int) -> str:
         """``pydicom.datadict.keyword_for_tag(tag)``, from a table built once for

@@ -32,7 +32,7 @@ from helpers import (
 from ith_proxy.dicom import files as dicomfile
 from ith_proxy.dicom.scp import StorageSCP
 from ith_proxy.vault import stream as vault_stream
-from ith_proxy.vault.keys import Keyring
+from ith_proxy.vault.keys import SEAL_JOINED, Keyring
 from worker_rooms import Rooms
 
 CHUNK = vault_stream.CHUNK
@@ -48,7 +48,9 @@ def _encrypted(keyring: Keyring, data: bytes, pieces: int = 1) -> bytes:
 # the file format
 # --------------------------------------------------------------------------
 
-SIZES = [0, 1, 4000, CHUNK - 1, CHUNK, CHUNK + 1, 3 * CHUNK + 5, 6 * CHUNK + 12345]
+# (a chunk up to SEAL_JOINED bytes is sealed in one AESGCM call, a larger one part by part)
+SIZES = [0, 1, 4000, SEAL_JOINED, SEAL_JOINED + 1, CHUNK - 1, CHUNK, CHUNK + 1, 3 * CHUNK + 5]
+SIZES += [6 * CHUNK + 12345]
 RECORD = CHUNK + 28  # nonce, AES-GCM ciphertext of a full chunk, tag
 H = vault_stream.HEADER_V2
 

@@ -49,6 +49,7 @@ STREAM_NONCE, STREAM_TAG = 12, 16  # a sealed chunk is nonce || ciphertext || ta
 STREAM_OVERHEAD = STREAM_NONCE + STREAM_TAG
 STREAM_KEY_ID = 8  # bytes of SHA-256(derived key) naming it in a header
 RECORD_PIECE = 1 << 20  # a large record goes through GCM in slices this size
+SEAL_JOINED = 1 << 16  # a stream chunk up to this size is joined and sealed in one call
 
 
 def _stream_key(key: bytes) -> tuple[bytes, bytes]:
@@ -133,12 +134,19 @@ class Keyring:
     def has_stream_key(self, key_id: bytes) -> bool:
         return key_id in self._streams
 
-    def seal_chunk(self, parts: Sequence[bytes | bytearray | memoryview], aad: bytes) -> bytearray:
+    def seal_chunk(
+        self, parts: Sequence[bytes | bytearray | memoryview], aad: bytes
+    ) -> bytes | bytearray:
         """nonce || AES-256-GCM(concatenated parts, aad) || tag under the first
-        key's stream key, with a fresh random 96-bit nonce.  GCM runs over the
-        parts in turn, so they are never joined into one buffer first."""
-        out = bytearray(STREAM_OVERHEAD + sum(len(p) for p in parts))
+        key's stream key, with a fresh random 96-bit nonce.  A small chunk is
+        joined and sealed in one call of the key's AESGCM (a GCM context set
+        up per chunk cost more than the sealing: issue 11); for a larger one
+        GCM runs over the parts in turn, so they are never joined."""
+        size = sum(len(p) for p in parts)
         nonce = os.urandom(STREAM_NONCE)
+        if size <= SEAL_JOINED:
+            return nonce + self._streams[self.stream_key_id].encrypt(nonce, b"".join(parts), aad)
+        out = bytearray(STREAM_OVERHEAD + size)
         out[:STREAM_NONCE] = nonce
         enc = Cipher(algorithms.AES(self._stream_secret), modes.GCM(nonce)).encryptor()
         enc.authenticate_additional_data(aad)

@@ -106,7 +106,7 @@ def encrypt_stream(
     index, fill = 0, 0
     held: list[bytes | memoryview] = []  # the parts of the chunk being filled
 
-    def sealed(last: bool) -> bytearray:
+    def sealed(last: bool) -> bytes | bytearray:
         return keyring.seal_chunk(held, header + _CHUNK_HEAD.pack(index, last))
 
     for piece in pieces:

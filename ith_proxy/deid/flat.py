@@ -65,9 +65,13 @@ def _no_charset() -> str:
     raise Fallback
 
 
+_NO_HEADER = Header(b"", {}, {}, False, "", 0, 0, 0, b"")
+
+
 class FlatWalk:
     def __init__(self, deid: Deidentifier) -> None:
         self.deid = deid
+        self.header = _NO_HEADER
         self.ok = deid.private is None and not deid._cleans_text
 
     def apply(self, header: Header) -> tuple[DeidResult, bytes]:
@@ -91,11 +95,14 @@ class FlatWalk:
         )
         result.shift = shift_days(deid.secret, key)
         state = deid._pass(result)
-        self.header = header
-        self._walk(elements, "", state, top=True)
-        for raw in deid.marks_for(header.implicit, True):
-            elements[raw.tag] = Elem(int(raw.tag), raw.VR or "", raw.value or b"")
-        return result, self._meta(header, result)
+        self.header = header  # where the elements' bytes are, for _decoded
+        try:
+            self._walk(elements, "", state, top=True)
+            for raw in deid.marks_for(header.implicit, True):
+                elements[raw.tag] = Elem(int(raw.tag), raw.VR or "", raw.value or b"")
+            return result, self._meta(header, result)
+        finally:
+            self.header = _NO_HEADER  # not kept until the next file
 
     # --- reading ---
 

@@ -201,7 +201,12 @@ class Indexer:
 
     def _process_open(self, path: Path, src, received: float) -> InstanceRow:
         if self._flat is not None:  # the fast lane (index_flat.py); None: pydicom's path
-            prepared = index_flat.prepare(src, self._flat, self.cfg.deid.quarantine_burned_in)
+            try:
+                prepared = index_flat.prepare(src, self._flat, self.cfg.deid.quarantine_burned_in)
+            except Exception as exc:  # a bug in the lane: the pydicom path decides
+                why = checks.internal_error(exc)
+                log.warning("fast lane failed (%s); reading the file again", why)
+                prepared = None
             if prepared is not None:
                 result = prepared.result
                 return self._file(

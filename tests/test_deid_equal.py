@@ -170,8 +170,14 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     ):
         s = dicomgen.make_series(root / f"ct{i}", 1, rows=8, cols=8, transfer_syntax=ts)
         files += [Path(p) for p in s.files]
+    return files + hard_cases(root)
+
+
+def hard_cases(root: Path) -> list[Path]:
+    """The corpus's files beyond plain series (also tests/test_flat_equal.py's):
+    the canary study, the UN cases, the odd files and the character sets."""
     study = canary.build_canary(root / "canary", series=(1,), rows=8, cols=8)
-    files += [i.path for i in study.instances]
+    files = [i.path for i in study.instances]
     deep = _deep_item(study)
     for i, case in enumerate(CASES):
         files.append(root / f"un-{i}.dcm")

@@ -27,7 +27,6 @@ import pydicom
 import pytest
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-import canary
 import dicomgen
 import vendor_ct
 from ith_proxy.config import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION
@@ -38,17 +37,7 @@ from ith_proxy.dicom import codestream
 from ith_proxy.dicom import files as dicomfile
 from ith_proxy.workers import index_checks, index_flat
 from test_burned_in import COM, _compress, _frames, _insert, _with_pixels
-from test_deid_equal import (
-    CASES,
-    CHARSETS,
-    ENCODINGS,
-    OPTION_SETS,
-    SITE_PRIVATE,
-    _charset_file,
-    _deep_item,
-    _odd,
-    write_case,
-)
+from test_deid_equal import OPTION_SETS, SITE_PRIVATE, hard_cases
 
 SECRET = b"0123456789abcdef0123456789abcdef-flat"
 LITTLE = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
@@ -133,17 +122,7 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[Path], list[P
                 common.append(scp)  # (an untyped private sequence is un.settle's)
         utf8 = root / f"{vendor}-utf8.dcm"
         files.append(vendor_ct.write_vendor_ct(utf8, vendor, LITTLE[0], 1, charset="ISO_IR 192"))
-    study = canary.build_canary(root / "canary", series=(1,), rows=8, cols=8)
-    files += [i.path for i in study.instances]
-    deep = _deep_item(study)
-    for i, case in enumerate(CASES):
-        files.append(root / f"un-{i}.dcm")
-        write_case(files[-1], case, i, deep)
-    for name, (ts, implicit, little) in ENCODINGS.items():
-        files.append(_odd(root / f"odd-{name}.dcm", ts, implicit, little))
-        for charset in CHARSETS:
-            path = root / f"{charset}-{name}.dcm"
-            files.append(_charset_file(path, charset, ts, implicit, little))
+    files += hard_cases(root)
     files += _hostile(root, common[0])
     # encapsulated pixel data: DCMTK's lossless JPEG (taken), and with a COM
     # segment in its codestream (a PHI risk: never taken)

@@ -2,7 +2,10 @@
 
 For each raw file in ``incoming/``: parse the header, de-identify it, append
 the original values to the vault, write the de-identified file under its new
-UIDs (pixel bytes streamed unchanged), and record it in the catalog.  Only
+UIDs (pixel bytes streamed unchanged), and record it in the catalog.  The
+common input takes the fast lane (``index_flat.py``: the same steps on the
+header's bytes, without pydicom's Dataset); anything it leaves, or any doubt,
+takes the pydicom path from the start.  Only
 when a whole batch is durable (vault fsynced, files fsynced, catalog
 committed) are the raw files deleted: one syncfs per batch makes the
 vault records and output files durable together.  A crash at any point leaves the raw
@@ -208,9 +211,8 @@ class Indexer:
                 log.warning("fast lane failed (%s); reading the file again", why)
                 prepared = None
             if prepared is not None:
-                result = prepared.result
                 return self._file(
-                    result,
+                    prepared.result,
                     lambda out: prepared.write(out, src),
                     prepared.sop_class,
                     prepared.modality,

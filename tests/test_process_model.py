@@ -120,10 +120,12 @@ def test_a_helper_indexer_runs_only_while_a_backlog_lasts(tmp_path) -> None:
             os.kill(first, signal.SIGCONT)
         wait_indexed(proxy.spool, 16)
         wait_until(lambda: procfs.gone(helper), 30, "the helper exits")
+        # its last lines travel to the service's log over a socket: written a moment later
+        stopped = f"indexer process {helper} stopped"
+        wait_until(lambda: stopped in _log(proxy), 10, "the helper's last log line")
         text = _log(proxy)
         assert f"indexer process {helper} started (zygote, indexer 1)" in text
         assert "indexer 1 stops: no backlog for" in text
-        assert f"indexer process {helper} stopped" in text
         assert "exited (code" not in text  # not a death: nothing restarted it
         assert proxy.health()[0] == 200
         assert procfs.children(zygote) == []

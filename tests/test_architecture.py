@@ -113,7 +113,8 @@ ALLOWED_ROOMS: dict[str, set[str] | None] = {
     "vault.rotate": {"config", "store.spool", "vault.keys", "vault.records", "vault.stream"},
     # deid/: one room, pure functions over data sets
     # the de-identifier; deid.flat walks the flat elements of dicom.flat (issue 11's fast lane)
-    "deid": {"config", "deid", "dicom.flat"},
+    # and packs the output's meta group with dicom.file_meta
+    "deid": {"config", "deid", "dicom.file_meta", "dicom.flat"},
     # dicom/: every pynetdicom import; the files we read and write
     "dicom": set(),
     "dicom.files": {"config", "fsio", "dicom.fastread", "dicom.file_meta", "dicom.scu_wire"},

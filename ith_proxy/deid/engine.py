@@ -12,6 +12,7 @@ is decided in one place, ``actions.replacement``, for both paths.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import cast
 
@@ -173,22 +174,29 @@ class Deidentifier:
     # --- the public entry points ---
 
     def apply(self, ds: Dataset) -> DeidResult:
-        key = patient_key(_text(ds, 0x00100020), _text(ds, 0x00100010), _text(ds, 0x00100030))
-        pseudo_id = patient_pseudonym(self.secret, key)
-        result = DeidResult(
-            patient_id=pseudo_id,
-            patient_name=f"ANON^{pseudo_id}",
-            study_uid=self._uid(_text(ds, 0x0020000D)),
-            series_uid=self._uid(_text(ds, 0x0020000E)),
-            sop_uid=self._uid(_text(ds, 0x00080018)),
-            dates=self.date_mode,
-        )
-        result.shift = shift_days(self.secret, key)
+        result = self.start(lambda tag: _text(ds, tag))
         result.identifiers = self._identifiers(ds) if self._cleans_text else []
         self._walk(ds, "", self._pass(result), top=True)
         self._mark(ds)
         if hasattr(ds, "file_meta"):
             self.rewrite_meta(ds.file_meta, result.sop_uid, result)
+        return result
+
+    def start(self, text: Callable[[int], str]) -> DeidResult:
+        """An instance's result before its walk (pseudonyms, its UIDs remapped,
+        its date shift), from ``text(tag)``: a top-level text value, "" if absent.
+        Both walks begin here (this one and deid/flat.py's)."""
+        key = patient_key(text(0x00100020), text(0x00100010), text(0x00100030))
+        pseudo_id = patient_pseudonym(self.secret, key)
+        result = DeidResult(
+            patient_id=pseudo_id,
+            patient_name=f"ANON^{pseudo_id}",
+            study_uid=self._uid(text(0x0020000D)),
+            series_uid=self._uid(text(0x0020000E)),
+            sop_uid=self._uid(text(0x00080018)),
+            dates=self.date_mode,
+        )
+        result.shift = shift_days(self.secret, key)
         return result
 
     def apply_fragment(self, ds: Dataset, result: DeidResult) -> None:

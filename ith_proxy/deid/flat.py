@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import io
 import re
-import struct
 from functools import lru_cache
 
 from pydicom.datadict import dictionary_has_tag, dictionary_keyword
@@ -31,19 +30,17 @@ from pydicom.dataelem import DataElement
 from pydicom.filereader import read_dataset
 
 from ith_proxy.deid.actions import KEEP, REMOVE, replacement
-from ith_proxy.deid.dates import shift_days
 from ith_proxy.deid.engine import Deidentifier, DeidResult, _original, _Pass
-from ith_proxy.deid.meta import _OURS, KEPT
+from ith_proxy.deid.meta import _OURS, KEPT, _encoded
 from ith_proxy.deid.profile import level_of
-from ith_proxy.deid.pseudo import patient_key, patient_pseudonym, valid_uid
-from ith_proxy.deid.raw import TEXT_VRS, text_bytes
+from ith_proxy.deid.pseudo import unpad_uid, valid_uid
+from ith_proxy.deid.raw import TEXT_VRS, padded, text_bytes
 from ith_proxy.deid.un import ITEM_LE
-from ith_proxy.dicom.flat import CHARSET, Elem, Header, uid_text
+from ith_proxy.dicom import file_meta
+from ith_proxy.dicom.flat import CHARSET, Elem, Header
 
-_SHORT = struct.Struct("<HH2sH")
 # one AE value of printable ASCII: pydicom reads it as its text, stripped
 _PLAIN_AE = re.compile(rb"[\x20-\x5b\x5d-\x7e]*")
-_META_TEXT = ((0x0002, "UI"), (0x0003, "UI"), (0x0010, "UI"), (0x0012, "UI"), (0x0013, "SH"))
 
 
 class Fallback(Exception):
@@ -79,21 +76,7 @@ class FlatWalk:
         if not self.ok:
             raise Fallback
         deid, elements = self.deid, header.elements
-        key = patient_key(
-            self._text(elements, 0x00100020),
-            self._text(elements, 0x00100010),
-            self._text(elements, 0x00100030),
-        )
-        pseudo_id = patient_pseudonym(deid.secret, key)
-        result = DeidResult(
-            patient_id=pseudo_id,
-            patient_name=f"ANON^{pseudo_id}",
-            study_uid=deid._uid(self._text(elements, 0x0020000D)),
-            series_uid=deid._uid(self._text(elements, 0x0020000E)),
-            sop_uid=deid._uid(self._text(elements, 0x00080018)),
-            dates=deid.date_mode,
-        )
-        result.shift = shift_days(deid.secret, key)
+        result = deid.start(lambda tag: self._text(elements, tag))
         state = deid._pass(result)
         self.header = header  # where the elements' bytes are, for _decoded
         try:
@@ -221,10 +204,7 @@ class FlatWalk:
                 raise Fallback
             if value != text:
                 self.deid._record(state.result, level, path, text)
-                data = value.encode("ascii")
-                if len(data) % 2:
-                    data += b"\x00" if elem.vr == "UI" else b" "
-                elements[tag] = Elem(tag, elem.vr, data)
+                elements[tag] = Elem(tag, elem.vr, padded(value, elem.vr))
             return
         decoded = self._decoded(elem)  # engine._act's general path
         original = _original(decoded)
@@ -260,16 +240,15 @@ class FlatWalk:
         ours: dict[int, str | bytes] = {}
         for tag, vr, value in (*_OURS, (0x00020003, "UI", result.sop_uid)):
             old = meta.get(int(tag))
-            data = value if isinstance(value, bytes) else _padded(value, vr)
             ours[int(tag)] = value
             if old is None:
                 raise Fallback  # pydicom's meta writer adds what is missing
-            if old.vr == vr and old.value == data:
+            if old.vr == vr and old.value == _encoded(vr, value):
                 continue  # as the SCP wrote it, byte for byte (meta._same_raw)
-            if old.vr == "UI" and valid_uid(uid_text(old.value)):  # reads as it is stored
-                if uid_text(old.value) != value:
+            if old.vr == "UI" and valid_uid(unpad_uid(old.value)):  # reads as it is stored
+                if unpad_uid(old.value) != value:
                     path = "FileMeta." + _name(int(tag), _keyword(int(tag)))
-                    self.deid._record(result, "instance", path, uid_text(old.value))
+                    self.deid._record(result, "instance", path, unpad_uid(old.value))
                 continue
             before = self._decoded(old, meta=True)
             if before.value == value:
@@ -277,30 +256,26 @@ class FlatWalk:
             if before.value not in (None, "", b""):
                 path = "FileMeta." + _name(int(tag), before.keyword)
                 self.deid._record(result, "instance", path, _original(before))
-        body = [struct.pack("<HH2s2xL", 0x0002, 0x0001, b"OB", 2), b"\x00\x01"]
-        for element, vr in _META_TEXT:
+        texts: dict[int, str] = {}
+        for element, vr in file_meta.TEXT:
             tag = 0x00020000 | element
             if tag in ours:
-                raw = _padded(str(ours[tag]), vr)
+                texts[element] = str(ours[tag])
             else:  # the SOP class and the transfer syntax: kept as they are
                 kept = meta.get(tag)
                 if kept is None or kept.vr != vr:
                     raise Fallback
-                raw = _padded(_meta_text(kept), vr)
-            body += [_SHORT.pack(0x0002, element, vr.encode(), len(raw)), raw]
-        group = b"".join(body)
-        return _SHORT.pack(0x0002, 0x0000, b"UL", 4) + struct.pack("<L", len(group)) + group
+                texts[element] = _meta_text(kept)
+        group = file_meta.pack(texts)
+        if group is None:
+            raise Fallback
+        return group
 
 
 def _meta_text(elem: Elem) -> str:
     """A single ASCII UI or SH value as pydicom reads it back (else Fallback)."""
     value = elem.value
-    text = uid_text(value) if elem.vr == "UI" else value.decode("latin-1").rstrip(" ")
+    text = unpad_uid(value) if elem.vr == "UI" else value.decode("latin-1").rstrip(" ")
     if not text or not text.isascii() or "\\" in text or text != text.strip():
         raise Fallback
     return text
-
-
-def _padded(text: str, vr: str) -> bytes:
-    data = text.encode("ascii")
-    return data + (b"\x00" if vr == "UI" else b" ") if len(data) % 2 else data

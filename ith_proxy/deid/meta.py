@@ -17,6 +17,7 @@ from pydicom.dataset import FileMetaDataset
 from pydicom.tag import BaseTag
 
 from ith_proxy.config import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION
+from ith_proxy.deid.raw import padded
 
 KEPT = frozenset((0x00020001, 0x00020002, 0x00020003, 0x00020010, 0x00020012, 0x00020013))
 _OURS = (
@@ -28,10 +29,7 @@ _OURS = (
 
 def _encoded(vr: str, value: str | bytes) -> bytes:
     """``value`` as an Explicit VR LE meta group holds it, padded to even."""
-    if isinstance(value, bytes):
-        return value
-    data = value.encode("ascii")
-    return data + (b"\x00" if vr == "UI" else b" ") if len(data) % 2 else data
+    return value if isinstance(value, bytes) else padded(value, vr)
 
 
 def _same_raw(old: DataElement | RawDataElement | None, vr: str, value: str | bytes) -> bool:

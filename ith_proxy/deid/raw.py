@@ -120,11 +120,16 @@ def plain_in_dict(tag: int) -> bool:
     return not (tag >> 16 & 1 or tag >> 16 == 0x7FE0)
 
 
+def padded(text: str, vr: str) -> bytes:
+    """An ASCII value's bytes padded to even length the DICOM way: a NUL for a
+    UI, a space for other text."""
+    data = text.encode("ascii")
+    return data + (b"\x00" if vr == "UI" else b" ") if len(data) % 2 else data
+
+
 def replace_text(ds: Dataset, raw: RawDataElement, vr: str, text: str) -> None:
     """Put an ASCII value in place of ``raw``, padded the DICOM way."""
-    data = text.encode("ascii")
-    if len(data) % 2:
-        data += b"\x00" if vr == "UI" else b" "
+    data = padded(text, vr)
     tag = raw.tag
     new = RawDataElement(tag, raw.VR, len(data), data, 0, raw.is_implicit_VR, raw.is_little_endian)
     if plain_in_dict(tag):

@@ -29,7 +29,8 @@ PREAMBLE = b"\x00" * 128 + b"DICM"  # zeroed (CVE-2019-11687)
 # sets their values (deid.meta.KEPT), anything else is never written.
 ALLOWED = (0x00020001, 0x00020002, 0x00020003, 0x00020010, 0x00020012, 0x00020013)
 _ALLOWED_SET = frozenset(ALLOWED)
-_TEXT = ((0x0002, "UI"), (0x0003, "UI"), (0x0010, "UI"), (0x0012, "UI"), (0x0013, "SH"))
+# the text elements of an output's meta, by element number, and their VRs
+TEXT = ((0x0002, "UI"), (0x0003, "UI"), (0x0010, "UI"), (0x0012, "UI"), (0x0013, "SH"))
 _SHORT = struct.Struct("<HH2sH")
 
 
@@ -52,11 +53,23 @@ def _packed(meta: FileMetaDataset) -> bytes | None:
     version = meta[0x00020001]
     if version.VR != "OB" or version.value != b"\x00\x01":
         return None
-    body = [struct.pack("<HH2s2xL", 0x0002, 0x0001, b"OB", 2), b"\x00\x01"]
-    for element, vr in _TEXT:
+    texts: dict[int, str] = {}
+    for element, vr in TEXT:
         elem = meta[0x00020000 | element]
-        value = elem.value
-        if vr != elem.VR or not isinstance(value, str) or not value or not value.isascii():
+        if vr != elem.VR or not isinstance(elem.value, str):
+            return None
+        texts[element] = elem.value
+    return pack(texts)
+
+
+def pack(texts: dict[int, str]) -> bytes | None:
+    """The group (its group length first) of version 00 01 and the five text
+    elements, given by element number (0002, 0003, 0010, 0012, 0013), as
+    pydicom writes them; None unless each is one non-empty ASCII value."""
+    body = [struct.pack("<HH2s2xL", 0x0002, 0x0001, b"OB", 2), b"\x00\x01"]
+    for element, vr in TEXT:
+        value = texts[element]
+        if not value or not value.isascii():
             return None
         raw = value.encode("ascii")
         if b"\\" in raw or len(raw) > 0xFFFE:

@@ -271,7 +271,7 @@ def copy_raw(out: BinaryIO, source: Path | BinaryIO) -> None:
     copy_range(out, source, size)
 
 
-_LONG_VR_NAMES = {vr.decode() for vr in _LONG_VRS}
+LONG_VR_NAMES = frozenset(vr.decode() for vr in _LONG_VRS)
 
 
 def _encode_dataset(ds: Dataset, implicit: bool, little: bool) -> bytes:
@@ -310,7 +310,7 @@ def _encode_dataset(ds: Dataset, implicit: bool, little: bool) -> bytes:
             if implicit:
                 parts += (implicit_head(group, element, len(value)), value)
                 continue
-            if vr in _LONG_VR_NAMES:
+            if vr in LONG_VR_NAMES:
                 parts += (long_(group, element, vr.encode(), len(value)), value)
                 continue
             if vr and len(value) <= 0xFFFF:
@@ -373,6 +373,7 @@ MAIN_TAGS = tuple(
     (level, tuple((column, int(tag_for_keyword(kw) or 0)) for column, kw in pairs))
     for level, pairs in MAIN_ATTRIBUTES.items()
 )
+NO_MAIN_TEXT = frozenset(("SQ", "UN", "OB", "OW"))  # VRs whose main attribute is stored empty
 _PRINTABLE = re.compile(rb"[\x20-\x7e]*")
 
 
@@ -392,7 +393,7 @@ def _main_value(ds: Dataset, tag: int) -> str:
     """One main attribute's text: printable ASCII bytes as they are (no pydicom
     conversion: ~20x cheaper), anything else through pydicom."""
     elem = ds.get_item(tag)
-    if elem is None or elem.VR in ("SQ", "UN", "OB", "OW"):  # no text: stored empty
+    if elem is None or elem.VR in NO_MAIN_TEXT:
         return ""
     if isinstance(elem, RawDataElement):
         raw = elem.value

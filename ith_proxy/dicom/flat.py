@@ -34,7 +34,7 @@ MAX_HEADER = 1 << 24  # a longer header is left to pydicom's reader
 MAX_DEPTH = 16  # sequences nested deeper are left to pydicom's reader
 PIXEL_TAGS = frozenset((0x7FE00008, 0x7FE00009, 0x7FE00010))
 CHARSET = 0x00080005
-_LONG = frozenset(("OB", "OW", "OF", "OD", "OL", "OV", "SQ", "UC", "UN", "UR", "UT", "SV", "UV"))
+_LONG = files.LONG_VR_NAMES
 _SHORT = frozenset(
     ("AE", "AS", "AT", "CS", "DA", "DS", "DT", "FL", "FD", "IS", "LO", "LT", "PN", "SH")
 )
@@ -108,14 +108,17 @@ def read(fh: BinaryIO) -> Header | None:
         ts = meta.get(0x00020010)
         if ts is None:
             raise _Unhandled
-        syntax = uid_text(ts.value)
+        syntax = _uid_text(ts.value)
         implicit = syntax == _LE_SYNTAXES[0]
         if syntax not in _LE_SYNTAXES:
             uid = UID(syntax)
-            if not uid.is_transfer_syntax or not uid.is_little_endian or uid.is_implicit_VR:
+            if (
+                not uid.is_transfer_syntax
+                or not uid.is_little_endian
+                or uid.is_implicit_VR
+                or uid.is_deflated
+            ):
                 raise _Unhandled  # big endian, deflated, private: pydicom's path
-            if uid.is_deflated:
-                raise _Unhandled
         body = fh.tell()
         want = READ_SIZE
         while True:  # a header longer than the first read is read again, whole
@@ -282,7 +285,7 @@ def _implicit_vr(tag: int) -> str:
     return vr
 
 
-def uid_text(value: bytes) -> str:
+def _uid_text(value: bytes) -> str:
     """A UI value as stored, less its one legal NUL pad (as deid.pseudo.unpad_uid)."""
     if value.endswith(b"\x00"):
         value = value[:-1]

@@ -19,15 +19,14 @@ from typing import BinaryIO
 from ith_proxy.deid import valid_uid
 from ith_proxy.deid.engine import DeidResult
 from ith_proxy.deid.flat import Fallback, FlatWalk
+from ith_proxy.deid.pseudo import unpad_uid
 from ith_proxy.deid.risk import SECONDARY_CAPTURE
 from ith_proxy.dicom import codestream, flat
 from ith_proxy.dicom import files as dicomfile
-from ith_proxy.dicom.flat import uid_text
 
 SOP_CLASS, SOP_INSTANCE, STUDY, SERIES = 0x00080016, 0x00080018, 0x0020000D, 0x0020000E
 MODALITY = 0x00080060
 _BURNED_IN = (0x00280301, 0x00280302)  # BurnedInAnnotation, RecognizableVisualFeatures
-_NO_TEXT = frozenset(("SQ", "UN", "OB", "OW"))
 
 
 @dataclass
@@ -48,7 +47,7 @@ def prepare(src: BinaryIO, walk: FlatWalk, burned_in: bool) -> Prepared | None:
     header = flat.read(src)
     if header is None or not _checked(header) or _risky(header, src, burned_in):
         return None
-    sop_class = uid_text(header.elements[SOP_CLASS].value)
+    sop_class = unpad_uid(header.elements[SOP_CLASS].value)
     try:
         result, meta = walk.apply(header)
         return Prepared(
@@ -68,11 +67,11 @@ def _checked(header: flat.Header) -> bool:
     elements, meta = header.elements, header.meta
     for tag in (SOP_CLASS, SOP_INSTANCE, STUDY, SERIES):
         elem = elements.get(tag)
-        if elem is None or elem.vr != "UI" or not valid_uid(uid_text(elem.value)):
+        if elem is None or elem.vr != "UI" or not valid_uid(unpad_uid(elem.value)):
             return False
     for meta_tag, tag in ((0x00020003, SOP_INSTANCE), (0x00020002, SOP_CLASS)):
         stored = meta.get(meta_tag)
-        if stored is not None and uid_text(stored.value) != uid_text(elements[tag].value):
+        if stored is not None and unpad_uid(stored.value) != unpad_uid(elements[tag].value):
             return False
     return header.pixel_start < header.size
 
@@ -84,7 +83,7 @@ def _risky(header: flat.Header, src: BinaryIO, burned_in: bool) -> bool:
             elem = header.elements.get(tag)
             if elem is not None and (not elem.value.isascii() or b"YES" in elem.value.upper()):
                 return True
-        if uid_text(header.elements[SOP_CLASS].value).startswith(SECONDARY_CAPTURE):
+        if unpad_uid(header.elements[SOP_CLASS].value).startswith(SECONDARY_CAPTURE):
             return True
     return bool(codestream.scan(src, header))
 
@@ -107,7 +106,7 @@ def _main_attributes(elements: dict[int, flat.Elem]) -> dict[str, dict[str, str]
         values = out.setdefault(level, {})
         for column, tag in pairs:
             elem = elements.get(tag)
-            if elem is None or elem.vr in _NO_TEXT:
+            if elem is None or elem.vr in dicomfile.NO_MAIN_TEXT:
                 values[column] = ""
                 continue
             text = dicomfile.printable(elem.value)

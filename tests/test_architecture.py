@@ -132,7 +132,7 @@ ALLOWED_ROOMS: dict[str, set[str] | None] = {
     # the one replacement of pynetdicom's C-STORE-RSP sending (command set packed by hand)
     "dicom.store_wire": {"dicom.find_wire", "dicom.scu_wire"},
     "dicom.ae": {"config", "dicom.get_stream", "dicom.pdu_read", "dicom.scp_stream", "dicom.wake"},
-    "dicom.pdu_read": set(),  # P-DATA-TF PDUs read by hand on the DUL thread
+    "dicom.pdu_read": {"dicom.wake"},  # PDUs read by hand; tells the DUL's wait of PDUs held
     "dicom.inflow": set(),  # C-STORE answers paced while the indexer drains a backlog
     # the SCP gets a stream-encryptor factory from the service; it imports no vault room
     "dicom.scp": {

@@ -125,6 +125,21 @@ def test_an_idle_reactor_pass_waits_longer_unless_woken(wired) -> None:
     assert time.monotonic() - t0 < assoc_wake.IDLE_WAIT * 0.9
 
 
+def test_dul_does_not_wait_while_a_pdu_read_ahead_is_held(wired) -> None:
+    """A whole PDU read ahead by pdu_read's Inbox is on no socket: the DUL's
+    wait returns at once, as for a TLS socket's pending bytes."""
+    assoc, _ = wired
+    held = [True]
+    setattr(assoc.dul, assoc_wake.HELD_ATTR, lambda: held[0])
+    t0 = time.monotonic()
+    assoc.dul._ith_wait(LONG)
+    assert time.monotonic() - t0 < LONG / 2
+    held[0] = False
+    t0 = time.monotonic()
+    assoc.dul._ith_wait(0.2)
+    assert time.monotonic() - t0 >= 0.19
+
+
 def test_threads_not_wired_get_the_real_sleep() -> None:
     assoc_wake.install()
     t0 = time.monotonic()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import socket
 import struct
+import threading
 from io import BytesIO
 from pathlib import Path
 
@@ -160,4 +161,121 @@ def test_command_and_data_set_in_one_pdu_and_a_malformed_pdv(tmp_path: Path, scp
     (name,) = rooms.spool.incoming_names()
     stored = rooms.spool.incoming_path(name).read_bytes()
     assert stored.endswith(buf.getvalue())  # the data set byte for byte, after our meta
+    assert not list(rooms.spool.tmp.iterdir())
+
+
+# --- several PDUs per recv (Inbox) ---
+
+
+def _pdu(kind: int, body: bytes) -> bytes:
+    return struct.pack(">BBL", kind, 0, len(body)) + body
+
+
+def test_the_inbox_never_writes_over_a_view_it_handed_out() -> None:
+    """Views taken stay as they were while later bytes arrive (a writer keeps
+    them until its chunk is sealed); a PDU longer than a buffer is read
+    whole; a buffer read to its end is let go; an end of the connection
+    mid-PDU is False."""
+    pdus = [_pdu(4, bytes([n]) * size) for n, size in enumerate((5000, 70000, 10, 300000, 16000))]
+    ours, peer = socket.socketpair()
+    with ours, peer:
+        sender = threading.Thread(target=peer.sendall, args=(b"".join(pdus),))
+        sender.start()
+        inbox, taken = pdu_read.Inbox(), []
+        for _ in pdus:
+            assert inbox.fill(ours, 6)
+            length = struct.unpack(">L", bytes(inbox.buf[inbox.start + 2 : inbox.start + 6]))[0]
+            assert inbox.fill(ours, 6 + length)
+            taken.append(inbox.take(6 + length))
+        sender.join()
+        assert [bytes(v) for v in taken] == pdus
+        assert inbox.buf is None and inbox.held() == 0 and not inbox.complete()
+        peer.sendall(_pdu(4, b"x" * 100)[:50])
+        peer.shutdown(socket.SHUT_WR)
+        assert inbox.fill(ours, 6) and not inbox.complete()
+        assert not inbox.fill(ours, 106)
+
+
+def _store_pdus(path: Path, message_id: int, max_pdu: int = 16384) -> tuple[bytes, bytes]:
+    """(the P-DATA-TF PDUs of one C-STORE-RQ of ``path``, the data set sent)."""
+    ds = dcmread(path)
+    primitive = C_STORE()
+    primitive.MessageID, primitive.AffectedSOPClassUID = message_id, CT
+    primitive.AffectedSOPInstanceUID, primitive.Priority = ds.SOPInstanceUID, 2
+    buf = DicomBytesIO()
+    buf.is_little_endian, buf.is_implicit_VR = True, False
+    write_dataset(buf, ds)
+    primitive.DataSet = BytesIO(buf.getvalue())
+    msg = C_STORE_RQ()
+    msg.primitive_to_message(primitive)
+    return b"".join(P_DATA_TF(p).encode() for p in msg.encode_msg(1, max_pdu)), buf.getvalue()
+
+
+def _answers(sock: socket.socket, count: int) -> list[tuple[int, bytes]]:
+    return [_read_pdu(sock) for _ in range(count)]
+
+
+def test_pdus_that_arrive_together_are_all_answered(tmp_path: Path, scp) -> None:
+    """Two whole C-STOREs (a peer that does not wait for the first answer)
+    and the A-RELEASE-RQ behind them, in one send: both are stored and
+    answered, and the release, which then waits in the Inbox and not on
+    the socket, is answered at once (the reactor must not wait for the
+    socket to turn readable, which it never would)."""
+    rooms, split = scp
+    series = dicomgen.make_small_series(tmp_path / "in", 2, rows=128, cols=128)
+    first, data1 = _store_pdus(series.files[0], 1, max_pdu=4096)
+    second, data2 = _store_pdus(series.files[1], 2, max_pdu=4096)
+    release = _pdu(5, bytes(4))
+    with socket.create_connection(("127.0.0.1", rooms.cfg.scp.port), timeout=5) as sock:
+        sock.sendall(associate_rq(CT, EXPLICIT, b"RAWPEER"))
+        assert _read_pdu(sock)[0] == 0x02
+        sock.sendall(first + second + release)
+        kinds = _answers(sock, 3)  # a timeout (5 s) here is the stall
+        assert [k for k, _ in kinds] == [0x04, 0x04, 0x06]  # two C-STORE-RSPs, A-RELEASE-RP
+        for _, body in kinds[:2]:
+            assert struct.pack("<HHLH", 0x0000, 0x0900, 2, 0x0000) in body  # Success
+        assert _read_pdu(sock)[0] == 0  # then the SCP closes
+    stored = sorted(rooms.spool.incoming_path(n).read_bytes() for n in rooms.spool.incoming_names())
+    assert len(stored) == 2
+    assert any(s.endswith(data1) for s in stored) and any(s.endswith(data2) for s in stored)
+    assert len(split) > 10  # the data sets went as many P-DATA-TFs, all split by hand
+
+
+def test_a_peer_that_sends_a_few_bytes_at_a_time(tmp_path: Path, scp) -> None:
+    """PDU headers and bodies cut anywhere across recvs: the same instance."""
+    rooms, _ = scp
+    series = dicomgen.make_small_series(tmp_path / "in", 1)
+    pdus, data = _store_pdus(series.files[0], 7, max_pdu=1024)
+    with socket.create_connection(("127.0.0.1", rooms.cfg.scp.port), timeout=5) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.sendall(associate_rq(CT, EXPLICIT, b"RAWPEER"))
+        assert _read_pdu(sock)[0] == 0x02
+        for at in range(0, len(pdus), 997):  # odd slices: cuts land inside headers too
+            sock.sendall(pdus[at : at + 997])
+        kind, body = _read_pdu(sock)
+        assert kind == 0x04 and struct.pack("<HHLH", 0x0000, 0x0900, 2, 0x0000) in body
+        sock.sendall(_pdu(5, bytes(4)))
+        assert _read_pdu(sock)[0] == 0x06
+    (name,) = rooms.spool.incoming_names()
+    assert rooms.spool.incoming_path(name).read_bytes().endswith(data)
+
+
+def test_a_malformed_pdu_among_held_ones_aborts_and_stores_nothing_after_it(
+    tmp_path: Path, scp
+) -> None:
+    """A P-DATA-TF with a broken PDV item in the middle of one send: the
+    association is aborted there; the PDUs held behind it are not read."""
+    rooms, _ = scp
+    series = dicomgen.make_small_series(tmp_path / "in", 2)
+    first, _ = _store_pdus(series.files[0], 1)
+    second, _ = _store_pdus(series.files[1], 2)
+    broken = _pdu(4, struct.pack(">LB", 1, 1))  # a PDV without its message control header
+    with socket.create_connection(("127.0.0.1", rooms.cfg.scp.port), timeout=5) as sock:
+        sock.sendall(associate_rq(CT, EXPLICIT, b"RAWPEER"))
+        assert _read_pdu(sock)[0] == 0x02
+        sock.sendall(first + broken + second)
+        kinds = [k for k, _ in _answers(sock, 2)]
+        assert kinds == [0x04, 0x07]  # the first answered, then A-ABORT
+        assert _read_pdu(sock)[0] == 0  # closed
+    assert len(rooms.spool.incoming_names()) == 1
     assert not list(rooms.spool.tmp.iterdir())

@@ -59,6 +59,7 @@ WRITTEN_FOR = "3.0.4"  # the pynetdicom whose internals this module patches
 REACTOR_PASS = 0.001  # 3.0.4's reactor sleep per idle pass (both loops; nothing else asks for it)
 IDLE_WAIT = 0.05  # what an idle pass waits instead, when work can wake it (below)
 _WAIT_ATTR = "_ith_wait"
+HELD_ATTR = "_ith_held"  # on a DUL: () -> bool, a whole PDU received waits outside the socket
 _FALLBACK_LOGGED = threading.Event()
 _FALLBACK_LOCK = threading.Lock()
 
@@ -200,6 +201,9 @@ def wake_on_work(assoc: Any) -> None:
             watched = fd
         if sock is not None and getattr(sock, "pending", lambda: 0)():
             return  # TLS: decrypted bytes already buffered, poll would not see them
+        held = getattr(dul, HELD_ATTR, None)
+        if held is not None and held():
+            return  # a PDU read ahead (pdu_read.py): poll would not see it either
         if fd >= 0 and seconds == REACTOR_PASS:
             seconds = IDLE_WAIT  # the socket or the doorbell wakes it (no socket: as asked)
         try:

@@ -127,24 +127,32 @@ def test_a_real_scp_reads_every_data_pdu_by_hand(tmp_path: Path, scp) -> None:
     assert len(split) == 3 * 2
 
 
-def test_command_and_data_set_in_one_pdu_and_a_malformed_pdv(tmp_path: Path, scp) -> None:
-    rooms, split = scp
-    series = dicomgen.make_small_series(tmp_path / "in", 1)
-    ds = dcmread(series.files[0])
+def _store_rq(path: Path, message_id: int, max_pdu: int) -> tuple[list[P_DATA_TF], bytes]:
+    """(the P-DATA-TF PDUs of one C-STORE-RQ of ``path``, the data set sent)."""
+    ds = dcmread(path)
     primitive = C_STORE()
-    primitive.MessageID, primitive.AffectedSOPClassUID = 5, CT
+    primitive.MessageID, primitive.AffectedSOPClassUID = message_id, CT
     primitive.AffectedSOPInstanceUID, primitive.Priority = ds.SOPInstanceUID, 2
-
     buf = DicomBytesIO()
     buf.is_little_endian, buf.is_implicit_VR = True, False
     write_dataset(buf, ds)
     primitive.DataSet = BytesIO(buf.getvalue())
     msg = C_STORE_RQ()
     msg.primitive_to_message(primitive)
-    pdvs = b"".join(
-        p.presentation_data_value_items[0].encode()
-        for p in (P_DATA_TF(x) for x in msg.encode_msg(1, 1024))
-    )
+    return [P_DATA_TF(p) for p in msg.encode_msg(1, max_pdu)], buf.getvalue()
+
+
+def _store_pdus(path: Path, message_id: int, max_pdu: int = 16384) -> tuple[bytes, bytes]:
+    """(the P-DATA-TF PDUs of one C-STORE-RQ of ``path``, encoded, the data set sent)."""
+    pdus, data = _store_rq(path, message_id, max_pdu)
+    return b"".join(p.encode() for p in pdus), data
+
+
+def test_command_and_data_set_in_one_pdu_and_a_malformed_pdv(tmp_path: Path, scp) -> None:
+    rooms, split = scp
+    series = dicomgen.make_small_series(tmp_path / "in", 1)
+    pdus, data = _store_rq(series.files[0], 5, 1024)
+    pdvs = b"".join(p.presentation_data_value_items[0].encode() for p in pdus)
     assert len(pdvs) < 16000  # one PDU of several PDVs: the command's, then the data set's
     with socket.create_connection(("127.0.0.1", rooms.cfg.scp.port), timeout=30) as sock:
         sock.sendall(associate_rq(CT, EXPLICIT, b"RAWPEER"))
@@ -160,7 +168,7 @@ def test_command_and_data_set_in_one_pdu_and_a_malformed_pdv(tmp_path: Path, scp
     assert len(split) == 2
     (name,) = rooms.spool.incoming_names()
     stored = rooms.spool.incoming_path(name).read_bytes()
-    assert stored.endswith(buf.getvalue())  # the data set byte for byte, after our meta
+    assert stored.endswith(data)  # the data set byte for byte, after our meta
     assert not list(rooms.spool.tmp.iterdir())
 
 
@@ -189,26 +197,11 @@ def test_the_inbox_never_writes_over_a_view_it_handed_out() -> None:
             taken.append(inbox.take(6 + length))
         sender.join()
         assert [bytes(v) for v in taken] == pdus
-        assert inbox.buf is None and inbox.held() == 0 and not inbox.complete()
+        assert not inbox.buf and inbox.held() == 0 and not inbox.complete()
         peer.sendall(_pdu(4, b"x" * 100)[:50])
         peer.shutdown(socket.SHUT_WR)
         assert inbox.fill(ours, 6) and not inbox.complete()
         assert not inbox.fill(ours, 106)
-
-
-def _store_pdus(path: Path, message_id: int, max_pdu: int = 16384) -> tuple[bytes, bytes]:
-    """(the P-DATA-TF PDUs of one C-STORE-RQ of ``path``, the data set sent)."""
-    ds = dcmread(path)
-    primitive = C_STORE()
-    primitive.MessageID, primitive.AffectedSOPClassUID = message_id, CT
-    primitive.AffectedSOPInstanceUID, primitive.Priority = ds.SOPInstanceUID, 2
-    buf = DicomBytesIO()
-    buf.is_little_endian, buf.is_implicit_VR = True, False
-    write_dataset(buf, ds)
-    primitive.DataSet = BytesIO(buf.getvalue())
-    msg = C_STORE_RQ()
-    msg.primitive_to_message(primitive)
-    return b"".join(P_DATA_TF(p).encode() for p in msg.encode_msg(1, max_pdu)), buf.getvalue()
 
 
 def _answers(sock: socket.socket, count: int) -> list[tuple[int, bytes]]:

@@ -100,7 +100,7 @@ class Inbox:
     __slots__ = ("buf", "end", "start")
 
     def __init__(self) -> None:
-        self.buf: bytearray | None = None
+        self.buf = bytearray()  # no room: the first fill makes a buffer
         self.start = self.end = 0
 
     def held(self) -> int:
@@ -109,26 +109,24 @@ class Inbox:
     def complete(self) -> bool:
         """A whole PDU is held."""
         held = self.end - self.start
-        if held < _HEAD.size or self.buf is None:
+        if held < _HEAD.size:
             return False
         return held >= _HEAD.size + _LENGTH.unpack_from(self.buf, self.start + 2)[0]
 
     def next_type(self) -> int:
         """The type of the held PDU that ``take`` returns next (-1: none held)."""
-        return self.buf[self.start] if self.buf is not None and self.end > self.start else -1
+        return self.buf[self.start] if self.end > self.start else -1
 
     def fill(self, sock: Any, need: int) -> bool:
         """Hold at least ``need`` bytes; False if the connection ends first."""
         held = self.end - self.start
         if held >= need:
             return True
-        buf = self.buf
-        if buf is None or len(buf) - self.end < max(need - held, RECV_MIN):
+        if len(self.buf) - self.end < max(need - held, RECV_MIN):
             fresh = bytearray(max(BUFFER, need))
-            if held:
-                fresh[:held] = memoryview(buf)[self.start : self.end]  # type: ignore[arg-type]
+            fresh[:held] = memoryview(self.buf)[self.start : self.end]
             self.buf, self.start, self.end = fresh, 0, held
-        view = memoryview(self.buf)  # type: ignore[arg-type]
+        view = memoryview(self.buf)
         while self.end - self.start < need:
             got = sock.recv_into(view[self.end :])
             if not got:
@@ -138,10 +136,10 @@ class Inbox:
 
     def take(self, n: int) -> memoryview:
         """The next ``n`` held bytes (``fill`` made sure they are)."""
-        view = memoryview(self.buf)[self.start : self.start + n]  # type: ignore[arg-type]
+        view = memoryview(self.buf)[self.start : self.start + n]
         self.start += n
         if self.start == self.end:  # read to its end: the views handed out keep it alive
-            self.buf, self.start, self.end = None, 0, 0
+            self.buf, self.start, self.end = bytearray(), 0, 0
         return view
 
 
@@ -166,7 +164,7 @@ def install(assoc: Any, max_pdu: int) -> None:
             try:
                 if not inbox.fill(raw, _HEAD.size):
                     raise ConnectionError
-                pdu_type, _, length = _HEAD.unpack_from(inbox.buf, inbox.start)  # type: ignore[arg-type]
+                pdu_type, _, length = _HEAD.unpack_from(inbox.buf, inbox.start)
                 if pdu_type not in _KNOWN:
                     log.error("unknown PDU type 0x%02X received", pdu_type)
                     dul.event_queue.put("Evt19")

@@ -34,13 +34,17 @@ CT = "1.2.840.10008.5.1.4.1.1.2"
 EXPLICIT = "1.2.840.10008.1.2.1"
 
 
+def _pdu(kind: int, body: bytes) -> bytes:
+    return struct.pack(">BBL", kind, 0, len(body)) + body
+
+
 def _pdv(context: int, control: int, data: bytes) -> bytes:
     return struct.pack(">LBB", len(data) + 2, context, control) + data
 
 
 def _stock_items(body: bytes) -> list[tuple[int, bytes]]:
     pdu = P_DATA_TF()
-    pdu.decode(struct.pack(">BBL", 4, 0, len(body)) + body)
+    pdu.decode(_pdu(4, body))
     return pdu.to_primitive().presentation_data_value_list
 
 
@@ -157,12 +161,12 @@ def test_command_and_data_set_in_one_pdu_and_a_malformed_pdv(tmp_path: Path, scp
     with socket.create_connection(("127.0.0.1", rooms.cfg.scp.port), timeout=30) as sock:
         sock.sendall(associate_rq(CT, EXPLICIT, b"RAWPEER"))
         assert _read_pdu(sock)[0] == 0x02  # A-ASSOCIATE-AC
-        sock.sendall(struct.pack(">BBL", 4, 0, len(pdvs)) + pdvs)
+        sock.sendall(_pdu(4, pdvs))
         kind, body = _read_pdu(sock)
         assert kind == 0x04  # the C-STORE-RSP
         assert struct.pack("<HHLH", 0x0000, 0x0900, 2, 0x0000) in body  # Status: Success
         # then a PDV that has no message control header: A-ABORT, connection closed
-        sock.sendall(struct.pack(">BBL", 4, 0, 5) + struct.pack(">LB", 1, 1))
+        sock.sendall(_pdu(4, struct.pack(">LB", 1, 1)))
         assert _read_pdu(sock)[0] == 0x07
         assert _read_pdu(sock)[0] == 0  # closed
     assert len(split) == 2
@@ -173,10 +177,6 @@ def test_command_and_data_set_in_one_pdu_and_a_malformed_pdv(tmp_path: Path, scp
 
 
 # --- several PDUs per recv (Inbox) ---
-
-
-def _pdu(kind: int, body: bytes) -> bytes:
-    return struct.pack(">BBL", kind, 0, len(body)) + body
 
 
 def test_the_inbox_never_writes_over_a_view_it_handed_out() -> None:

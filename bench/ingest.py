@@ -115,15 +115,32 @@ def run_proxy(
         if profile:
             rec = pyspy.Recorder(proc.pid, *profile, gil=gil)
             time.sleep(0.5)  # let py-spy attach
-        t0 = time.perf_counter()
+        t0, meter = time.perf_counter(), peers.MachineMeter()
         ack = peers.send_parallel(PROXY_AET, port, shares)
         e2e = peers.wait_indexed(work / "spool", n, t0)
         cpu = peers.cpu_seconds(peers.tree_pids(proc.pid)) - cpu0
+        cores, senders = meter.stop()
     finally:
         if rec:
             rec.stop()
         stop(proc)
-    return {"proxy ack": ack, "proxy e2e": e2e, "proxy cpu": 1000 * cpu / n}
+    return {
+        "proxy ack": ack,
+        "proxy e2e": e2e,
+        "proxy cpu": 1000 * cpu / n,
+        **machine("proxy", cores, senders, e2e, n),
+    }
+
+
+def machine(who: str, cores: float, senders: float, secs: float, n: int) -> dict[str, float]:
+    """The whole machine's figures of one run: cores busy on average, CPU
+    per instance of every process (senders and the bench's polling
+    included), and the storescu senders' own."""
+    return {
+        f"{who} cores": cores,
+        f"{who} machine cpu": 1000 * cores * secs / n,
+        f"{who} senders cpu": 1000 * senders / n,
+    }
 
 
 def run_storescp(work: Path, shares: list[Path], n: int, warm: float = 0.0) -> dict[str, float]:
@@ -142,15 +159,20 @@ def run_orthanc(work: Path, shares: list[Path], n: int, warm: float = 0.0) -> di
     proc, dicom_port, base = start_orthanc(work)
     try:
         time.sleep(warm)
-        cpu0 = peers.cpu_seconds([proc.pid])
+        cpu0, meter = peers.cpu_seconds([proc.pid]), peers.MachineMeter()
         secs = peers.send_parallel("ORTHANC", dicom_port, shares)
+        cores, senders = meter.stop()
         cpu = peers.cpu_seconds([proc.pid]) - cpu0
         got = peers.orthanc_count(base)
     finally:
         stop(proc)
     if got != n:
         raise BenchError(f"Orthanc stored {got}/{n} instances")
-    return {"Orthanc": secs, "Orthanc cpu": 1000 * cpu / n}
+    return {
+        "Orthanc": secs,
+        "Orthanc cpu": 1000 * cpu / n,
+        **machine("Orthanc", cores, senders, secs, n),
+    }
 
 
 def fmt_rate(secs: float, n: int, nbytes: int) -> str:
@@ -188,7 +210,7 @@ def throughput(root: Path, rows: list[Row], args, sizes: dict[str, tuple[int, in
                 os.sync()  # the earlier runs' dirty pages are not written back during this one
                 for fig, val in fn(work, shares, count, args.warm).items():
                     results[row].setdefault(fig, []).append(val)
-                    if not fig.endswith("cpu"):
+                    if fig in FIGURES:
                         print(
                             f"  {name} x{assoc:<3d} run {run}/{args.runs} {fig:10s}"
                             f"{fmt_rate(val, count, nbytes)}  ({load()})",
@@ -227,6 +249,7 @@ def report(results, sizes, runs: int) -> list[str]:
             f"{row[0]:9s} {row[1]:5d} {f:10s} {n / r:8.2f} {r:8.1f} "
             f"{r * nbytes / n / 1e6:7.1f} {ctext}"
         )
+    out.extend(cores_table(cpu))
     out.append(
         "\nRATIOS (proxy throughput / peer throughput; 1.00x = as fast as the peer; 'paired' ="
         " the median of each round's own ratio, the receivers of a round run back to back)"
@@ -256,7 +279,44 @@ def report(results, sizes, runs: int) -> list[str]:
             f"target small x4 e2e >= small x1 e2e: {'PASS' if four >= one else 'FAIL'} "
             f"({four:.1f} vs {one:.1f} inst/s)"
         )
+        out.extend(headroom(cpu, ("small", 1), ("small", 4)))
     return out
+
+
+def cores_table(cpu: dict) -> list[str]:
+    """CORES: how busy the whole machine was while each receiver took a set."""
+    out = [
+        f"\nCORES (the whole machine during each run, medians: cores busy on average, of"
+        f" {os.cpu_count()}; CPU per instance of every process, the senders included)"
+    ]
+    out.append(
+        f"{'data set':9s} {'assoc':>5s} {'receiver':10s} {'cores busy':>10s} "
+        f"{'machine ms/inst':>15s} {'senders ms/inst':>15s}"
+    )
+    for (row, f), busy in cpu.items():
+        if f.endswith(" cores"):
+            who = f.split()[0]
+            label = "proxy e2e" if who == "proxy" else who
+            out.append(
+                f"{row[0]:9s} {row[1]:5d} {label:10s} {busy:10.2f} "
+                f"{cpu[row, who + ' machine cpu']:15.2f} {cpu[row, who + ' senders cpu']:15.2f}"
+            )
+    return out
+
+
+def headroom(cpu: dict, one: Row, four: Row) -> list[str]:
+    """What x4 can gain over x1 on this machine: the rate is cores busy over
+    CPU per instance, so x4/x1 = (cores at x4 / cores at x1) x (CPU per
+    instance at x1 / at x4)."""
+    if (one, "proxy cores") not in cpu or (four, "proxy cores") not in cpu:
+        return []
+    c1, c4 = cpu[one, "proxy cores"], cpu[four, "proxy cores"]
+    m1, m4 = cpu[one, "proxy machine cpu"], cpu[four, "proxy machine cpu"]
+    return [
+        f"  (the floor: x1 kept {c1:.2f} of {os.cpu_count()} cores busy and x4 {c4:.2f}, "
+        f"{c4 / c1:.2f}x; the machine spent {m1:.2f} ms of CPU per instance at x1 and "
+        f"{m4:.2f} at x4, {m4 / m1:.2f}x)"
+    ]
 
 
 def run_memory(root: Path, refresher: dataset.Refresher, args) -> list[str]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import shutil
 import signal
 import socket
@@ -309,3 +310,30 @@ def cpu_times(pid: int) -> tuple[float, float]:
 def cpu_seconds(pids: list[int]) -> float:
     """utime + stime (all threads) of the live ``pids``, in seconds."""
     return sum(sum(cpu_times(pid)) for pid in pids)
+
+
+class MachineMeter:
+    """The whole machine's CPU over an interval, from ``/proc/stat``'s first
+    line, and the CPU of this process's reaped children (the storescu
+    senders; a receiver started by the bench is reaped only after it):
+    ``stop()`` -> (cores busy on average, senders' CPU seconds)."""
+
+    def __init__(self) -> None:
+        self._stat0, self._kids0 = self._stat(), self._kids()
+        self._t0 = time.monotonic()
+
+    @staticmethod
+    def _stat() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            ticks = [int(x) for x in f.readline().split()[1:]]
+        return sum(ticks), ticks[3] + ticks[4]  # all, idle + iowait
+
+    @staticmethod
+    def _kids() -> float:
+        use = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return use.ru_utime + use.ru_stime
+
+    def stop(self) -> tuple[float, float]:
+        (all1, idle1), (all0, idle0) = self._stat(), self._stat0
+        busy = 1 - (idle1 - idle0) / max(all1 - all0, 1)
+        return busy * (os.cpu_count() or 1), self._kids() - self._kids0

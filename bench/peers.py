@@ -320,7 +320,6 @@ class MachineMeter:
 
     def __init__(self) -> None:
         self._stat0, self._kids0 = self._stat(), self._kids()
-        self._t0 = time.monotonic()
 
     @staticmethod
     def _stat() -> tuple[int, int]:
